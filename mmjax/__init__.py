@@ -1,0 +1,2 @@
+"""mmjax: multimodal image-text pretraining in JAX/Flax."""
+__version__ = "0.1.0"

@@ -1,0 +1,94 @@
+"""BLIP-2 stage 1: frozen ViT + Q-Former trained with ITC, ITM and ITG.
+
+The forward pieces are methods so that the objectives can interleave them
+(ITM negatives are mined from the ITC similarities):
+
+- `itc_features(images, text)` -> dict: `image_feats` `[B, Q, E]` (normalized
+  query embeddings), `text_feat` `[B, E]` (normalized [CLS] embedding of the
+  text-only pass), `temp` (clamped to [0.001, 0.5]), `image_tokens` `[B, N, Dv]`.
+- `itm_logits(image_tokens [N, S, Dv], text [N, L])` -> `[N, 2]`: 2-way head on
+  every query output of the bidirectional pass, averaged over queries.
+- `itg_logits(image_tokens, text [B, L])` -> `[B, L, V]`: the first text token
+  is replaced by `dec_id`; queries see queries, text sees queries and earlier
+  text. Logits at text position i predict text token i + 1.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmjax.models.layers import default_kernel_init, l2_normalize, logical
+from mmjax.models.qformer import QFormer
+from mmjax.models.vit import ViT
+
+
+class Blip2Stage1(nn.Module):
+    """Fields: `image` (ViT kwargs), `qformer` (QFormer kwargs), `embed_dim`
+    (ITC space, 256), `dec_id` (the [DEC] token id), `pad_id`,
+    `temp_init` (0.07), `freeze_image` (stop gradients at the ViT output, as
+    BLIP-2 keeps the image encoder frozen)."""
+    image: dict
+    qformer: dict
+    embed_dim: int = 256
+    dec_id: int = 1
+    pad_id: int = 0
+    temp_init: float = 0.07
+    freeze_image: bool = True
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        self.image_tower = ViT(**{"dtype": self.dtype, **dict(self.image)})
+        self.qformer_module = QFormer(**{"dtype": self.dtype, **dict(self.qformer)})
+        dense = lambda n, names: nn.Dense(n, dtype=self.dtype,  # noqa: E731
+                                          kernel_init=logical(default_kernel_init, names),
+                                          bias_init=logical(nn.initializers.zeros, names[-1:]))
+        self.vision_proj = dense(self.embed_dim, ("embed", "proj"))
+        self.text_proj = dense(self.embed_dim, ("embed", "proj"))
+        self.itm_head = dense(2, ("embed", None))
+        self.temp = self.param("temp", nn.with_logical_partitioning(
+            lambda *_: jnp.asarray(self.temp_init, jnp.float32), ()), ())
+
+    def image_tokens(self, images):
+        """ViT tokens after its final LayerNorm: `[B, N, Dv]` (no gradient when frozen)."""
+        tokens = self.image_tower(images)[1]
+        return jax.lax.stop_gradient(tokens) if self.freeze_image else tokens
+
+    def encode_image(self, images):
+        """Normalized query embeddings `[B, Q, E]`."""
+        q = self.qformer_module(self.image_tokens(images), None)
+        return l2_normalize(self.vision_proj(q))
+
+    def encode_text(self, text):
+        """Normalized [CLS] embedding of the text-only pass `[B, E]`."""
+        h = self.qformer_module(None, text, pad_id=self.pad_id)
+        return l2_normalize(self.text_proj(h[:, 0]))
+
+    def itc_features(self, images, text):
+        tokens = self.image_tokens(images)
+        return {"image_feats": l2_normalize(self.vision_proj(self.qformer_module(tokens, None))),
+                "text_feat": self.encode_text(text),
+                "temp": jnp.clip(self.temp, 0.001, 0.5),
+                "image_tokens": tokens}
+
+    def itm_logits(self, image_tokens, text):
+        h = self.qformer_module(image_tokens, text, "bidirectional", pad_id=self.pad_id)
+        q = self.qformer_module.num_queries
+        return self.itm_head(h[:, :q]).astype(jnp.float32).mean(axis=1)
+
+    def itg_logits(self, image_tokens, text):
+        dec = text.at[:, 0].set(self.dec_id)
+        valid = text != self.pad_id
+        _, logits = self.qformer_module(image_tokens, dec, "causal", text_valid=valid,
+                                        lm_logits=True)
+        return logits[:, self.qformer_module.num_queries:]
+
+    def __call__(self, images, text):
+        """All three heads on matched pairs (used for init and tests)."""
+        out = self.itc_features(images, text)
+        out["itm_logits"] = self.itm_logits(out["image_tokens"], text)
+        out["itg_logits"] = self.itg_logits(out["image_tokens"], text)
+        return out
+

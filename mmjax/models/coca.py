@@ -1,0 +1,82 @@
+"""CoCa: contrastive + captioning image-text model (open_clip layout).
+
+`CoCa(...)(images [B, H, W, 3], text [B, L])` returns a dict with
+`zimg, ztxt` (`[B, E]` normalized), `scale`, and `logits` `[B, L, V]` of the
+multimodal decoder (position i predicts token i + 1).
+
+Image side: ViT tokens -> attentional pooler with 1 + `caption_queries`
+queries -> LayerNorm; query 0 is projected to the contrastive embedding, the
+rest are the decoder's image tokens. Text side: causal text encoder with EOS
+pooling for the contrastive embedding; its token outputs feed the decoder.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mmjax.models.layers import MAPHead, Norm, default_kernel_init, l2_normalize, logical
+from mmjax.models.text import CaptionDecoder, TextEncoder
+from mmjax.models.two_tower import _scalar
+from mmjax.models.vit import ViT
+
+
+class CoCa(nn.Module):
+    """Fields: `image` (ViT kwargs; its pool is forced to "none"), `text`
+    (TextEncoder kwargs), `decoder` (CaptionDecoder kwargs), `embed_dim`,
+    `caption_queries` (image tokens given to the decoder), `pooler_heads`."""
+    image: dict
+    text: dict
+    decoder: dict
+    embed_dim: int = 512
+    caption_queries: int = 256
+    pooler_heads: int = 8
+    max_log_scale: Optional[float] = math.log(100.0)
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        img = {"dtype": self.dtype, **dict(self.image), "pool": "none", "embed_dim": None}
+        self.image_tower = ViT(**img)
+        self.pooler = MAPHead(self.pooler_heads, num_queries=1 + self.caption_queries,
+                              use_mlp=False, dtype=self.dtype)
+        self.pool_norm = Norm(dtype=self.dtype)
+        self.image_proj = nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype,
+                                   kernel_init=logical(default_kernel_init, ("embed", "proj")))
+        self.text_tower = TextEncoder(**{"dtype": self.dtype, **dict(self.text),
+                                         "embed_dim": self.embed_dim})
+        self.text_decoder = CaptionDecoder(**{"dtype": self.dtype, **dict(self.decoder)})
+        self.log_scale = _scalar(self, "log_scale", math.log(1 / 0.07))
+
+    def _image(self, images):
+        _, tokens = self.image_tower(images)
+        pooled = self.pool_norm(self.pooler(tokens))
+        return self.image_proj(pooled[:, 0]).astype(jnp.float32), pooled[:, 1:]
+
+    def encode_image(self, images):
+        """`[B, H, W, 3]` -> projected, unnormalized `[B, E]`."""
+        return self._image(images)[0]
+
+    def encode_text(self, text):
+        """`[B, L]` -> projected, unnormalized `[B, E]`."""
+        return self.text_tower(text)[0].astype(jnp.float32)
+
+    def image_tokens(self, images):
+        """Decoder-side image tokens `[B, caption_queries, D]`."""
+        return self._image(images)[1]
+
+    def decode(self, text, image_tokens):
+        """Caption logits `[B, L, V]` for `text [B, L]` given `image_tokens`."""
+        _, tok = self.text_tower(text)
+        return self.text_decoder(tok, image_tokens, text != self.text_tower.pad_id)
+
+    def __call__(self, images, text):
+        zimg, img_tokens = self._image(images)
+        ztxt, tok = self.text_tower(text)
+        logits = self.text_decoder(tok, img_tokens, text != self.text_tower.pad_id)
+        t = self.log_scale
+        if self.max_log_scale is not None:
+            t = jnp.minimum(t, self.max_log_scale)
+        return {"zimg": l2_normalize(zimg), "ztxt": l2_normalize(ztxt.astype(jnp.float32)),
+                "scale": jnp.exp(t), "logits": logits}

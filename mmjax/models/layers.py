@@ -1,0 +1,393 @@
+"""Shared Transformer layers: attention, MLP, norms, position embeddings, pooling.
+
+Every parameter carries logical axis names (see `mmjax.train.sharding` for the
+table that maps them to mesh axes):
+
+  embed   model width            mlp    MLP hidden width
+  heads   attention heads        kv     per-head width
+  vocab   vocabulary             layers stacked (scanned) layers
+  proj    output projection      None   never sharded
+
+Shapes: B batch, T query length, S key length, D width, H heads, K head width.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+Array = jax.Array
+
+# Initializers used across mmjax (CLIP/BERT-style small normal inits).
+default_kernel_init = nn.initializers.xavier_uniform()
+normal_init = nn.initializers.normal
+
+
+def logical(init: Callable, names: Sequence[Optional[str]]) -> Callable:
+    """Attach logical axis `names` to a parameter initializer."""
+    return nn.with_logical_partitioning(init, tuple(names))
+
+
+def constrain(x: Array, names: Sequence[Optional[str]]) -> Array:
+    """Logical sharding constraint on an activation (no-op outside a mesh)."""
+    return nn.with_logical_constraint(x, tuple(names))
+
+
+# ----------------------------------------------------------------------------
+# Activations and norms
+# ----------------------------------------------------------------------------
+
+def quick_gelu(x: Array) -> Array:
+    """x * sigmoid(1.702 x), the activation of the original CLIP models."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "quick_gelu": quick_gelu,
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
+
+
+def get_activation(name: str) -> Callable[[Array], Array]:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"Unknown activation {name!r} (config key `act`); "
+                         f"choose one of {sorted(ACTIVATIONS)}.")
+    return ACTIVATIONS[name]
+
+
+class Norm(nn.Module):
+    """LayerNorm (`kind="layernorm"`) or RMSNorm (`kind="rmsnorm"`) over the last dim.
+
+    Statistics are computed in float32; the output is cast to `dtype`.
+    """
+    kind: str = "layernorm"
+    eps: float = 1e-5
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        d = x.shape[-1]
+        scale = self.param("scale", logical(nn.initializers.ones, ("embed",)), (d,))
+        xf = x.astype(jnp.float32)
+        if self.kind == "layernorm":
+            mean = xf.mean(-1, keepdims=True)
+            var = jnp.square(xf - mean).mean(-1, keepdims=True)
+            y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * scale
+            if self.use_bias:
+                y = y + self.param("bias", logical(nn.initializers.zeros, ("embed",)), (d,))
+        elif self.kind == "rmsnorm":
+            ms = jnp.square(xf).mean(-1, keepdims=True)
+            y = xf * jax.lax.rsqrt(ms + self.eps) * scale
+        else:
+            raise ValueError(f"Unknown norm {self.kind!r} (config key `norm`); "
+                             "choose 'layernorm' or 'rmsnorm'.")
+        return y.astype(self.dtype)
+
+
+# ----------------------------------------------------------------------------
+# Attention
+# ----------------------------------------------------------------------------
+
+def make_attention_mask(query_valid: Optional[Array], key_valid: Optional[Array],
+                        causal: bool = False, q_len: Optional[int] = None,
+                        k_len: Optional[int] = None) -> Optional[Array]:
+    """Boolean attention mask `[B, 1, T, S]` (True = attend), or None if nothing is masked.
+
+    Args:
+      query_valid: `[B, T]` bool or None (padding queries still attend; their
+        outputs are simply ignored downstream, so this is only used for shape).
+      key_valid: `[B, S]` bool or None: keys that may be attended.
+      causal: additionally forbid attending to later positions (T == S).
+    """
+    del query_valid
+    mask = None
+    if key_valid is not None:
+        mask = key_valid[:, None, None, :]
+    if causal:
+        t = q_len if q_len is not None else key_valid.shape[1]
+        s = k_len if k_len is not None else t
+        c = jnp.tril(jnp.ones((t, s), bool))[None, None]
+        mask = c if mask is None else jnp.logical_and(mask, c)
+    return mask
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, mask: Optional[Array] = None,
+                          implementation: Optional[str] = "xla") -> Array:
+    """Scaled dot-product attention via `jax.nn.dot_product_attention`.
+
+    Args:
+      q: `[B, T, H, K]`; k, v: `[B, S, H, K]`.
+      mask: bool, broadcastable to `[B, H, T, S]`, True = attend.
+      implementation: "xla" (any device), "cudnn" (GPU fused kernel) or None
+        (let JAX pick).
+    Returns: `[B, T, H, K]`.
+    """
+    if implementation not in ("xla", "cudnn", None):
+        raise ValueError(f"attention implementation {implementation!r} (config key "
+                         "`attention`): choose 'xla', 'cudnn' or None.")
+    if mask is not None:
+        b, t, h, _ = q.shape
+        mask = jnp.broadcast_to(mask, (b, mask.shape[1], t, k.shape[1]))
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+
+
+class Attention(nn.Module):
+    """Multi-head attention (self- or cross-) with separate q/k/v projections.
+
+    `__call__(x [B, T, D], context [B, S, Dc] | None, mask [B, 1|H, T, S] | None)`
+    returns `[B, T, D]`. With `context=None` it is self-attention.
+    """
+    num_heads: int
+    qkv_bias: bool = True
+    out_bias: bool = True
+    out_features: Optional[int] = None
+    implementation: Optional[str] = "xla"
+    dtype: Dtype = jnp.float32
+    kernel_init: Callable = default_kernel_init
+
+    @nn.compact
+    def __call__(self, x: Array, context: Optional[Array] = None,
+                 mask: Optional[Array] = None) -> Array:
+        d = x.shape[-1]
+        if d % self.num_heads:
+            raise ValueError(f"width {d} is not divisible by num_heads {self.num_heads} "
+                             "(config keys `width`, `heads`).")
+        head_dim = d // self.num_heads
+        context = x if context is None else context
+
+        def proj(name, inp):
+            return nn.DenseGeneral(
+                (self.num_heads, head_dim), use_bias=self.qkv_bias, dtype=self.dtype,
+                kernel_init=logical(self.kernel_init, ("embed", "heads", "kv")),
+                bias_init=logical(nn.initializers.zeros, ("heads", "kv")), name=name)(inp)
+
+        q, k, v = proj("query", x), proj("key", context), proj("value", context)
+        q = constrain(q, ("batch", "length", "heads", "kv"))
+        k = constrain(k, ("batch", "length", "heads", "kv"))
+        v = constrain(v, ("batch", "length", "heads", "kv"))
+        out = dot_product_attention(q, k, v, mask, self.implementation)
+        out = nn.DenseGeneral(
+            self.out_features or d, axis=(-2, -1), use_bias=self.out_bias, dtype=self.dtype,
+            kernel_init=logical(self.kernel_init, ("heads", "kv", "embed")),
+            bias_init=logical(nn.initializers.zeros, ("embed",)), name="out")(out)
+        return constrain(out, ("batch", "length", "embed"))
+
+
+# ----------------------------------------------------------------------------
+# MLP
+# ----------------------------------------------------------------------------
+
+class Mlp(nn.Module):
+    """Two-layer MLP, or gated SwiGLU when `act == "swiglu"`.
+
+    `[..., D] -> [..., D]` with hidden width `hidden`.
+    """
+    hidden: int
+    act: str = "gelu"
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    kernel_init: Callable = default_kernel_init
+
+    def _dense(self, features, names, name):
+        return nn.Dense(features, use_bias=self.use_bias, dtype=self.dtype,
+                        kernel_init=logical(self.kernel_init, names),
+                        bias_init=logical(nn.initializers.zeros, names[-1:]), name=name)
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        d = x.shape[-1]
+        if self.act == "swiglu":
+            h = jax.nn.silu(self._dense(self.hidden, ("embed", "mlp"), "gate")(x))
+            h = h * self._dense(self.hidden, ("embed", "mlp"), "fc1")(x)
+        else:
+            h = get_activation(self.act)(self._dense(self.hidden, ("embed", "mlp"), "fc1")(x))
+        h = constrain(h, ("batch", "length", "mlp"))
+        return self._dense(d, ("mlp", "embed"), "fc2")(h)
+
+
+# ----------------------------------------------------------------------------
+# Position embeddings
+# ----------------------------------------------------------------------------
+
+def sincos_2d(h: int, w: int, dim: int, temperature: float = 10000.0) -> np.ndarray:
+    """Fixed 2-D sin-cos position embedding `[h * w, dim]` (MAE / big_vision layout)."""
+    if dim % 4:
+        raise ValueError(f"sincos2d position embedding needs width % 4 == 0, got {dim}.")
+    y, x = np.mgrid[:h, :w]
+    omega = np.arange(dim // 4) / (dim // 4 - 1 if dim > 4 else 1)
+    omega = 1.0 / (temperature ** omega)
+    y = np.einsum("m,d->md", y.flatten(), omega)
+    x = np.einsum("m,d->md", x.flatten(), omega)
+    return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1).astype(np.float32)
+
+
+class PositionEmbedding(nn.Module):
+    """Adds a position embedding to `[B, N, D]`: `kind="learned"` or `"sincos2d"` (grid `hw`)."""
+    kind: str = "learned"
+    hw: Optional[tuple[int, int]] = None
+    init_std: float = 0.02
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        n, d = x.shape[1], x.shape[2]
+        if self.kind == "learned":
+            pe = self.param("embedding", logical(normal_init(self.init_std), (None, "embed")), (n, d))
+        elif self.kind == "sincos2d":
+            h, w = self.hw if self.hw is not None else (int(np.sqrt(n)),) * 2
+            if h * w != n:
+                raise ValueError(f"sincos2d grid {h}x{w} does not match {n} tokens.")
+            pe = jnp.asarray(sincos_2d(h, w, d))
+        elif self.kind == "none":
+            return x
+        else:
+            raise ValueError(f"Unknown position embedding {self.kind!r} (config key `posemb`); "
+                             "choose 'learned', 'sincos2d' or 'none'.")
+        return x + pe[None].astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------
+# Transformer blocks and the (optionally scanned) stack
+# ----------------------------------------------------------------------------
+
+class Block(nn.Module):
+    """Pre-norm Transformer block: x + attn(norm(x)) [+ cross-attn] + mlp(norm(x)).
+
+    `__call__(x [B, T, D], mask, context [B, S, Dc] | None, context_mask)`
+    returns `[B, T, D]`. Signature is scan-friendly: `(x, extras) -> (x, None)`.
+    """
+    num_heads: int
+    mlp_dim: int
+    act: str = "gelu"
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    cross_attention: bool = False
+    implementation: Optional[str] = "xla"
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, extras: tuple) -> tuple[Array, None]:
+        mask, context, context_mask = extras
+        norm = functools.partial(Norm, kind=self.norm, eps=self.norm_eps, dtype=self.dtype)
+        x = constrain(x, ("batch", "length", "embed"))
+        x = x + Attention(self.num_heads, implementation=self.implementation,
+                          dtype=self.dtype, name="attn")(norm(name="norm1")(x), mask=mask)
+        if self.cross_attention:
+            x = x + Attention(self.num_heads, implementation=self.implementation,
+                              dtype=self.dtype, name="cross_attn")(
+                norm(name="norm_cross")(x), context, context_mask)
+        x = x + Mlp(self.mlp_dim, self.act, dtype=self.dtype, name="mlp")(norm(name="norm2")(x))
+        return x, None
+
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_everything": jax.checkpoint_policies.everything_saveable,
+}
+
+
+def remat_policy(name: str):
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"Unknown remat policy {name!r} (config key `remat`); "
+                         f"choose one of {sorted(REMAT_POLICIES)}.")
+    return REMAT_POLICIES[name]
+
+
+def stacked(block_cls: type[nn.Module], depth: int, *, scan: bool, remat: str,
+            name: str = "layers", **block_kwargs) -> Callable:
+    """A stack of `depth` blocks applied as `fn(x, extras) -> x`.
+
+    With `scan=True` the blocks are one `nn.scan` over a leading `layers` axis
+    of the parameters (compile time flat in depth); otherwise they are named
+    `{name}_0 .. {name}_{depth-1}`. `remat` names a `jax.checkpoint` policy
+    applied per block ("none" disables rematerialization). Both layouts
+    compute the same numbers; `mmjax.models.layers.stack_layer_params`
+    converts between them.
+    """
+    cls = block_cls
+    if remat != "none":
+        cls = nn.remat(block_cls, policy=remat_policy(remat), prevent_cse=not scan)
+    if scan:
+        scanned = nn.scan(cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                          in_axes=nn.broadcast, length=depth,
+                          metadata_params={nn.PARTITION_NAME: "layers"})(name=name, **block_kwargs)
+
+        def run(x, extras):
+            return scanned(x, extras)[0]
+        return run
+
+    blocks = [cls(name=f"{name}_{i}", **block_kwargs) for i in range(depth)]
+
+    def run_unrolled(x, extras):
+        for blk in blocks:
+            x = blk(x, extras)[0]
+        return x
+    return run_unrolled
+
+
+def stack_layer_params(tree: dict, depth: int, name: str = "layers") -> dict:
+    """Unrolled params (`{name}_i`) -> scanned params (`{name}` with leading depth axis)."""
+    tree = dict(tree)
+    per_layer = [tree.pop(f"{name}_{i}") for i in range(depth)]
+    tree[name] = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
+    return tree
+
+
+def unstack_layer_params(tree: dict, depth: int, name: str = "layers") -> dict:
+    """Scanned params (`{name}` with leading depth axis) -> unrolled (`{name}_i`)."""
+    tree = dict(tree)
+    st = tree.pop(name)
+    for i in range(depth):
+        tree[f"{name}_{i}"] = jax.tree.map(lambda x, i=i: x[i], st)
+    return tree
+
+
+# ----------------------------------------------------------------------------
+# Attention pooling (MAP head)
+# ----------------------------------------------------------------------------
+
+class MAPHead(nn.Module):
+    """Multihead attention pooling: learned queries attend to the tokens.
+
+    `[B, N, D] -> [B, num_queries, D]` (SigLIP / big_vision MAP head:
+    y = attn(probe, x); y = y + mlp(norm(y))). With `mlp=False` only the
+    attention (CoCa's attentional pooler, followed by a norm outside).
+    """
+    num_heads: int
+    num_queries: int = 1
+    mlp_dim: Optional[int] = None
+    act: str = "gelu"
+    norm_eps: float = 1e-5
+    use_mlp: bool = True
+    implementation: Optional[str] = "xla"
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        b, _, d = x.shape
+        probe = self.param("probe", logical(nn.initializers.xavier_uniform(), (None, "embed")),
+                           (self.num_queries, d))
+        q = jnp.broadcast_to(probe[None].astype(self.dtype), (b, self.num_queries, d))
+        y = Attention(self.num_heads, implementation=self.implementation, dtype=self.dtype,
+                      name="attn")(q, x)
+        if self.use_mlp:
+            h = Norm(eps=self.norm_eps, dtype=self.dtype, name="norm")(y)
+            y = y + Mlp(self.mlp_dim or 4 * d, self.act, dtype=self.dtype, name="mlp")(h)
+        return y
+
+
+def l2_normalize(x: Array, axis: int = -1, eps: float = 1e-12) -> Array:
+    """x / max(||x||, eps) in float32."""
+    x = x.astype(jnp.float32)
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), eps)

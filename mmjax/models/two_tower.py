@@ -1,0 +1,83 @@
+"""Two-tower contrastive models: CLIP (softmax head), SigLIP (sigmoid head), LiT.
+
+`TwoTower(image=..., text=..., head=...)(images [B, H, W, 3], text [B, L])`
+returns a dict:
+  zimg, ztxt: `[B, E]` L2-normalized embeddings (float32)
+  scale:      scalar multiplier exp(t) (clamped to `max_log_scale` for softmax)
+  bias:       scalar logit bias (sigmoid head only)
+`encode_image` / `encode_text` return the projected, unnormalized embeddings.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mmjax.models.layers import l2_normalize
+from mmjax.models.text import TextEncoder
+from mmjax.models.vit import ViT
+
+HEADS = ("softmax", "sigmoid")
+
+
+def _scalar(module: nn.Module, name: str, value: float):
+    return module.param(name, nn.with_logical_partitioning(
+        lambda *_: jnp.asarray(value, jnp.float32), ()), ())
+
+
+class TwoTower(nn.Module):
+    """Image tower + text tower + contrastive head.
+
+    Fields:
+      image: keyword arguments of `ViT`.
+      text: keyword arguments of `TextEncoder`.
+      head: "softmax" (CLIP: log-scale init log(1/0.07), clamped to log 100)
+        or "sigmoid" (SigLIP: t = log 10, b = -10).
+      scale_init, bias_init: override the head's initial log-scale / bias.
+      max_log_scale: clamp of the log-scale (softmax head; None = no clamp).
+    """
+    image: dict
+    text: dict
+    head: str = "softmax"
+    scale_init: Optional[float] = None
+    bias_init: Optional[float] = None
+    max_log_scale: Optional[float] = math.log(100.0)
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        if self.head not in HEADS:
+            raise ValueError(f"Unknown contrastive head {self.head!r} (config key "
+                             f"`model.head`); choose one of {HEADS}.")
+        self.image_tower = ViT(**{"dtype": self.dtype, **dict(self.image)})
+        self.text_tower = TextEncoder(**{"dtype": self.dtype, **dict(self.text)})
+        default_scale = math.log(1 / 0.07) if self.head == "softmax" else math.log(10.0)
+        self.log_scale = _scalar(self, "log_scale",
+                                 default_scale if self.scale_init is None else self.scale_init)
+        if self.head == "sigmoid":
+            self.logit_bias = _scalar(self, "logit_bias",
+                                      -10.0 if self.bias_init is None else self.bias_init)
+
+    def encode_image(self, images):
+        """`[B, H, W, 3]` float32 -> projected, unnormalized `[B, E]`."""
+        return self.image_tower(images)[0].astype(jnp.float32)
+
+    def encode_text(self, text):
+        """`[B, L]` int32 -> projected, unnormalized `[B, E]`."""
+        return self.text_tower(text)[0].astype(jnp.float32)
+
+    def head_params(self):
+        """`(scale, bias)`: exp of the (clamped) log-scale, and the bias (or None)."""
+        t = self.log_scale
+        if self.head == "softmax" and self.max_log_scale is not None:
+            t = jnp.minimum(t, self.max_log_scale)
+        return jnp.exp(t), (self.logit_bias if self.head == "sigmoid" else None)
+
+    def __call__(self, images, text):
+        scale, bias = self.head_params()
+        out = {"zimg": l2_normalize(self.encode_image(images)),
+               "ztxt": l2_normalize(self.encode_text(text)), "scale": scale}
+        if bias is not None:
+            out["bias"] = bias
+        return out

@@ -1,0 +1,127 @@
+"""Vision Transformer (ViT) image encoder.
+
+`ViT(...)(images [B, H, W, 3]) -> (pooled [B, E], tokens [B, N, D])`
+
+Covers the CLIP (cls token, `ln_pre`, projection, quick_gelu), SigLIP (no cls,
+MAP head, no projection), big_vision (gap / map, sin-cos position
+embedding) and BLIP-2 (cls, all tokens normed) variants through config fields.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import einops
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mmjax.models.layers import (Block, MAPHead, Norm, PositionEmbedding, constrain,
+                                 default_kernel_init, logical, normal_init, stacked)
+
+
+class ViT(nn.Module):
+    """Vision Transformer.
+
+    Fields:
+      image_size, patch_size: input resolution and patch side (pixels).
+      width, depth, heads, mlp_dim: Transformer size.
+      act: MLP activation ("gelu", "gelu_tanh", "quick_gelu", "swiglu").
+      pool: "cls" (class token), "gap" (mean of patch tokens), "map"
+        (attention-pooling head) or "none" (pooled = None).
+      posemb: "learned" or "sincos2d".
+      ln_pre: LayerNorm after the embeddings (CLIP).
+      ln_post: final LayerNorm over all tokens.
+      patch_bias: bias in the patch embedding (CLIP has none).
+      embed_dim: output projection size; None for no projection.
+      proj_bias: bias of the output projection.
+      scan / remat: `nn.scan` over blocks and the `jax.checkpoint` policy name.
+      attention: `jax.nn.dot_product_attention` implementation.
+      dtype: compute dtype (params stay float32).
+
+    Returns `(pooled [B, E] or [B, D], tokens [B, N(+1), D])`; tokens are after
+    `ln_post` and include the class token first when `pool == "cls"`.
+    """
+    image_size: int = 224
+    patch_size: int = 16
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_dim: Optional[int] = None
+    act: str = "gelu"
+    norm_eps: float = 1e-5
+    pool: str = "cls"
+    posemb: str = "learned"
+    ln_pre: bool = False
+    ln_post: bool = True
+    patch_bias: bool = True
+    embed_dim: Optional[int] = None
+    proj_bias: bool = False
+    scan: bool = False
+    remat: str = "none"
+    attention: Optional[str] = "xla"
+    dtype: Any = jnp.float32
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @nn.compact
+    def __call__(self, images):
+        b, h, w, c = images.shape
+        p = self.patch_size
+        if h != self.image_size or w != self.image_size:
+            raise ValueError(f"ViT expects {self.image_size}x{self.image_size} images "
+                             f"(config key `image_size`), got {h}x{w}.")
+        if self.pool not in ("cls", "gap", "map", "none"):
+            raise ValueError(f"Unknown pool {self.pool!r} (config key `pool`); choose "
+                             "'cls', 'gap', 'map' or 'none'.")
+        x = images.astype(self.dtype)
+        # Patch embedding as one matmul over flattened patches (same math as a
+        # stride-p convolution whose kernel is [p, p, 3, D]).
+        kernel = self.param("patch_kernel", logical(default_kernel_init, (None, None, None, "embed")),
+                            (p, p, c, self.width))
+        patches = einops.rearrange(x, "b (gh p1) (gw p2) c -> b (gh gw) (p1 p2 c)", p1=p, p2=p)
+        x = patches @ kernel.reshape(p * p * c, self.width).astype(self.dtype)
+        if self.patch_bias:
+            x = x + self.param("patch_bias", logical(nn.initializers.zeros, ("embed",)),
+                               (self.width,)).astype(self.dtype)
+
+        if self.pool == "cls":
+            cls = self.param("cls", logical(normal_init(0.02), ("embed",)), (self.width,))
+            cls = jnp.broadcast_to(cls.astype(self.dtype), (b, 1, self.width))
+        if self.posemb == "learned":
+            # CLIP layout: the class token has its own position embedding.
+            if self.pool == "cls":
+                x = jnp.concatenate([cls, x], axis=1)
+            x = PositionEmbedding("learned", name="posemb")(x)
+        else:
+            x = PositionEmbedding(self.posemb, hw=(self.grid, self.grid), name="posemb")(x)
+            if self.pool == "cls":
+                x = jnp.concatenate([cls, x], axis=1)
+        x = constrain(x, ("batch", "length", "embed"))
+        if self.ln_pre:
+            x = Norm(eps=self.norm_eps, dtype=self.dtype, name="ln_pre")(x)
+
+        encoder = stacked(Block, self.depth, scan=self.scan, remat=self.remat, name="layers",
+                          num_heads=self.heads, mlp_dim=self.mlp_dim or 4 * self.width,
+                          act=self.act, norm_eps=self.norm_eps,
+                          implementation=self.attention, dtype=self.dtype)
+        x = encoder(x, (None, None, None))
+        if self.ln_post:
+            x = Norm(eps=self.norm_eps, dtype=self.dtype, name="ln_post")(x)
+
+        if self.pool == "cls":
+            pooled = x[:, 0]
+        elif self.pool == "gap":
+            pooled = x.mean(axis=1)
+        elif self.pool == "map":
+            pooled = MAPHead(self.heads, mlp_dim=self.mlp_dim or 4 * self.width, act=self.act,
+                             norm_eps=self.norm_eps, implementation=self.attention,
+                             dtype=self.dtype, name="map_head")(x)[:, 0]
+        else:
+            return None, x
+        if self.embed_dim is not None:
+            pooled = nn.Dense(self.embed_dim, use_bias=self.proj_bias, dtype=self.dtype,
+                              kernel_init=logical(default_kernel_init, ("embed", "proj")),
+                              bias_init=logical(nn.initializers.zeros, ("proj",)),
+                              name="proj")(pooled)
+        return pooled, x

@@ -1,0 +1,43 @@
+"""mmjax: multimodal (image-text) pretraining in JAX/Flax."""
+from setuptools import find_packages, setup
+
+PARITY = ["torch>=2.4", "transformers>=4.45"]
+
+setup(
+    name="mmjax",
+    version="0.1.0",
+    description="JAX/Flax pretraining and evaluation of image-text models "
+                "(CLIP, SigLIP, LiT, CoCa, BLIP-2).",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["mmjax", "mmjax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.6.0",
+        "flax>=0.10.4",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11.0",
+        "ml_collections>=1.0.0",
+        "einops>=0.8.0",
+        "numpy>=1.26",
+        "pillow>=10.0",
+        "safetensors>=0.4.3",
+        "grain>=0.2.10",
+        "fsspec>=2024.3.0",
+        "tokenizers>=0.19",
+        "sentencepiece>=0.2.0",
+        "tensorboardX>=2.6",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        # The test suite includes parity tests against Hugging Face transformers.
+        "test": ["pytest>=8.0", *PARITY],
+        "parity": PARITY,
+        "tfds": ["tensorflow-datasets>=4.9.6"],
+        "gpu": ["jax[cuda12]>=0.6.0"],
+        "tpu": ["jax[tpu]>=0.6.0"],
+        "remote": ["gcsfs>=2024.3.0", "s3fs>=2024.3.0", "aiohttp>=3.9"],
+    },
+    entry_points={"console_scripts": ["mmjax=mmjax.cli:main"]},
+    include_package_data=True,
+)
