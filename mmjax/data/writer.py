@@ -1,0 +1,377 @@
+"""Writing webdataset tar shards, and the ``mmjax shards`` command.
+
+A shard is a plain tar file whose members are grouped into samples by key:
+``{key}.jpg``, ``{key}.txt``, ``{key}.json``, ... Shards are named
+``{prefix}-000000.tar``, ``{prefix}-000001.tar``, ...; ``sizes.json`` beside
+them maps each shard file name to its sample count (readers use it to know
+the dataset size without opening every tar).
+
+Tar headers are deterministic (mtime 0, uid/gid 0, mode 0644, no user names),
+so writing the same samples twice gives byte-identical shards.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+import tarfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+SIZES_FILE = "sizes.json"
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+
+
+_FORMAT = tarfile.GNU_FORMAT
+_BLOCK = tarfile.BLOCKSIZE      # 512: headers and data are padded to blocks
+_RECORD = tarfile.RECORDSIZE    # 10240: a closed tar file is padded to records
+_END = 2 * _BLOCK               # two zero blocks end an archive
+
+
+def _member_info(name: str, size: int) -> tarfile.TarInfo:
+    """Deterministic tar header: no time, owner or user names."""
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def _member_size(info: tarfile.TarInfo) -> int:
+    """Bytes a member takes in the tar: its header block(s) + data padded to 512."""
+    header = len(info.tobuf(_FORMAT, "utf-8", "surrogateescape"))
+    return header + (info.size + _BLOCK - 1) // _BLOCK * _BLOCK
+
+
+def _file_size(member_bytes: int) -> int:
+    """Size on disk of a closed tar holding members of ``member_bytes`` in all."""
+    return (member_bytes + _END + _RECORD - 1) // _RECORD * _RECORD
+
+
+def _member_bytes(value: Any) -> bytes:
+    """Encodes one field of a sample as the bytes stored in the tar."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if isinstance(value, (bool, int)):
+        return str(int(value)).encode("utf-8")
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, ensure_ascii=False, sort_keys=True).encode("utf-8")
+    raise TypeError(f"cannot store a {type(value).__name__} in a shard; "
+                    "pass bytes, str, int, dict or list")
+
+
+class ShardWriter:
+    """Writes samples into numbered webdataset tar shards.
+
+    A new shard starts when the current one holds ``max_count`` samples or
+    when the next sample would make the shard file larger than ``max_bytes``
+    (tar padding included). A sample is never split, so a single sample larger
+    than ``max_bytes`` gets a shard of its own, the only case over the limit.
+    Shards are written as ``*.tar.tmp`` and renamed when complete, so a reader
+    never sees a half-written shard.
+
+    Args:
+      pattern_or_dir: a directory (shards ``{dir}/{prefix}-%06d.tar``) or a
+        pattern containing ``%06d``-style formatting, e.g. ``out/train-%06d.tar``.
+      max_count: most samples per shard.
+      max_bytes: most bytes of a shard file on disk.
+      prefix: shard name prefix when a directory is given.
+      start_index: number of the first shard.
+
+    Use as a context manager; ``close`` writes ``sizes.json``.
+    """
+
+    def __init__(self, pattern_or_dir: str, max_count: int = 10_000,
+                 max_bytes: int = 1 << 30, prefix: str = "shard", start_index: int = 0):
+        if max_count < 1 or max_bytes < 1:
+            raise ValueError(f"ShardWriter needs max_count >= 1 and max_bytes >= 1, "
+                             f"got max_count={max_count}, max_bytes={max_bytes}")
+        pattern_or_dir = os.fspath(pattern_or_dir)
+        if "%" in os.path.basename(pattern_or_dir):
+            self.pattern = pattern_or_dir
+        else:
+            self.pattern = os.path.join(pattern_or_dir, f"{prefix}-%06d.tar")
+        self.out_dir = os.path.dirname(os.path.abspath(self.pattern))
+        os.makedirs(self.out_dir, exist_ok=True)
+        self.max_count = int(max_count)
+        self.max_bytes = int(max_bytes)
+        self.next_index = int(start_index)
+        self.shards: list[str] = []          # completed shard paths, in order
+        self.counts: dict[str, int] = {}     # shard file name -> samples
+        self.total = 0
+        self._tar: tarfile.TarFile | None = None
+        self._path = ""
+        self._count = 0
+        self._bytes = 0
+
+    # -- shard lifecycle -------------------------------------------------------
+
+    def _open_next(self):
+        self._path = self.pattern % self.next_index
+        self.next_index += 1
+        self._tar = tarfile.open(self._path + ".tmp", "w", format=_FORMAT,
+                                 encoding="utf-8", errors="surrogateescape")
+        self._count = 0
+        self._bytes = 0
+
+    def _finish_current(self):
+        if self._tar is None:
+            return
+        self._tar.close()
+        os.replace(self._path + ".tmp", self._path)
+        self.shards.append(self._path)
+        self.counts[os.path.basename(self._path)] = self._count
+        self._tar = None
+
+    # -- writing ---------------------------------------------------------------
+
+    def write(self, sample: dict[str, Any]) -> None:
+        """Writes one sample: ``{"__key__": str, ext: bytes | str | int | dict, ...}``."""
+        key = sample.get("__key__")
+        if not key or not isinstance(key, str) or "/" in key:
+            raise ValueError(f"sample needs a '__key__' string without '/', got {key!r}")
+        members = []
+        for ext, value in sample.items():
+            if not ext.startswith("__"):
+                data = _member_bytes(value)
+                members.append((_member_info(f"{key}.{ext}", len(data)), data))
+        if not members:
+            raise ValueError(f"sample {key!r} has no fields to write")
+        size = sum(_member_size(info) for info, _ in members)
+        if self._tar is not None and (
+                self._count >= self.max_count or
+                _file_size(self._bytes + size) > self.max_bytes):
+            self._finish_current()
+        if self._tar is None:
+            self._open_next()
+        for info, data in members:
+            self._tar.addfile(info, io.BytesIO(data))
+        self._count += 1
+        self._bytes += size
+        self.total += 1
+
+    def close(self) -> None:
+        """Finishes the open shard and writes ``sizes.json`` (merged with entries
+        of other prefixes already there)."""
+        self._finish_current()
+        sizes_path = os.path.join(self.out_dir, SIZES_FILE)
+        sizes = {}
+        if os.path.exists(sizes_path):
+            try:
+                with open(sizes_path, encoding="utf-8") as f:
+                    sizes = json.load(f)
+            except (OSError, ValueError):
+                sizes = {}
+        stem = os.path.basename(self.pattern).split("%")[0]
+        sizes = {k: v for k, v in sizes.items() if not k.startswith(stem)}
+        sizes.update(self.counts)
+        tmp = sizes_path + f".tmp{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(dict(sorted(sizes.items())), f, indent=1)
+        os.replace(tmp, sizes_path)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close()
+        return False
+
+
+# ---- shards from a folder of images + a captions file -----------------------
+
+@dataclass
+class ShardReport:
+    """What ``shards_from_folder`` did: shard paths, samples written, rows skipped by reason."""
+    shards: list[str]
+    written: int
+    skipped: Counter = field(default_factory=Counter)
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        rate = self.written / max(self.seconds, 1e-9)
+        skipped = ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items()))
+        return (f"wrote {self.written} samples into {len(self.shards)} shards "
+                f"({rate:.0f} samples/s); skipped {sum(self.skipped.values())}"
+                + (f" ({skipped})" if skipped else ""))
+
+
+def _read_rows(captions_file: str) -> Iterator[dict | None]:
+    """Rows of a CSV (header row) or JSONL captions file; None for an unparseable line."""
+    if captions_file.endswith((".jsonl", ".json")):
+        with open(captions_file, encoding="utf-8") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    yield None
+                    continue
+                yield row if isinstance(row, dict) else None
+    else:
+        with open(captions_file, encoding="utf-8", newline="") as f:
+            for row in csv.DictReader(f):
+                yield row
+
+
+def _row_sample(row: dict | None, image_dir: str) -> tuple[dict | None, str]:
+    """(fields of a sample, "") for a good row, or (None, reason to skip)."""
+    if row is None:
+        return None, "unparseable row"
+    name = row.get("file") or row.get("image")
+    if not name or not isinstance(name, str):
+        return None, "no file/image field"
+    caption = row.get("caption")
+    if not isinstance(caption, str) or not caption.strip():
+        return None, "missing caption"
+    ext = os.path.splitext(name)[1].lower().lstrip(".")
+    if ext not in IMAGE_EXTS:
+        return None, "not an image extension"
+    path = name if os.path.isabs(name) else os.path.join(image_dir, name)
+    try:
+        with open(path, "rb") as f:
+            image = f.read()
+    except OSError:
+        return None, "missing image file"
+    meta = {k: v for k, v in row.items() if k not in ("image",) and v not in (None, "")}
+    meta["file"] = name
+    sample = {ext: image, "txt": caption, "json": meta}
+    label = row.get("label")
+    if label not in (None, ""):
+        try:
+            sample["cls"] = int(label)
+            meta["label"] = int(label)
+        except (TypeError, ValueError):
+            return None, "label is not an integer"
+    return sample, ""
+
+
+def shards_from_folder(image_dir: str, captions_file: str, out_dir: str,
+                       max_count: int = 10_000, max_bytes: int = 1 << 30,
+                       prefix: str = "shard", progress: bool = True) -> ShardReport:
+    """Packs images listed in a captions file into webdataset shards.
+
+    ``captions_file`` is CSV with a header (columns ``file`` or ``image``,
+    ``caption``, optional integer ``label``; other columns go into the json
+    member) or JSONL (one object per line with the same keys). Image bytes are
+    copied unchanged, stored under their own extension. Rows whose image is
+    missing, whose caption is empty, or that cannot be parsed are skipped and
+    counted by reason; the counts are printed at the end and returned.
+
+    Returns:
+      ShardReport with the shard paths, the number written and the skips.
+    """
+    from tqdm import tqdm
+
+    for path, what in ((image_dir, "image folder"), (captions_file, "captions file")):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{what} {path!r} does not exist")
+    start = time.perf_counter()
+    skipped: Counter = Counter()
+    n = 0
+    bar = tqdm(_read_rows(captions_file), unit="sample", disable=not progress,
+               desc="shards", file=sys.stderr)
+    with ShardWriter(out_dir, max_count=max_count, max_bytes=max_bytes,
+                     prefix=prefix) as writer:
+        for row in bar:
+            sample, reason = _row_sample(row, image_dir)
+            if sample is None:
+                skipped[reason] += 1
+                continue
+            sample["__key__"] = f"{n:09d}"
+            writer.write(sample)
+            n += 1
+    report = ShardReport(writer.shards, n, skipped, time.perf_counter() - start)
+    if progress:
+        print(report.summary(), file=sys.stderr)
+    return report
+
+
+# ---- the `mmjax shards` command ----------------------------------------------
+
+class _ArgError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        raise _ArgError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="mmjax shards", description=(
+        "Write webdataset tar shards, from a folder of images and a captions "
+        "file (CSV or JSONL), or from the built-in synthetic dataset."))
+    p.add_argument("--images", help="folder the captions file's image paths are relative to")
+    p.add_argument("--captions", help="CSV (file/image, caption[, label]) or JSONL file")
+    p.add_argument("--synthetic", action="store_true", help="write the built-in synthetic dataset")
+    p.add_argument("--split", default="train", help="synthetic split (train or test)")
+    p.add_argument("--num-samples", type=int, default=10_000, help="synthetic samples")
+    p.add_argument("--image-size", type=int, default=64, help="synthetic image side")
+    p.add_argument("--seed", type=int, default=0, help="synthetic seed")
+    p.add_argument("--out", required=True, help="output folder for the shards")
+    p.add_argument("--prefix", default=None,
+                   help="shard name prefix (default: shard, or the split)")
+    p.add_argument("--max-count", type=int, default=10_000, help="most samples per shard")
+    p.add_argument("--max-size-mb", type=float, default=1024.0, help="most MB per shard")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def shards_command(argv: list[str]) -> int:
+    """Runs ``mmjax shards`` with ``argv`` (without the subcommand); returns the exit code."""
+    try:
+        args = _parser().parse_args(argv)
+        if args.max_count < 1 or args.max_size_mb <= 0:
+            raise _ArgError("--max-count and --max-size-mb must be positive")
+        max_bytes = int(args.max_size_mb * 1024 * 1024)
+        if args.synthetic:
+            if args.images or args.captions:
+                raise _ArgError("--synthetic cannot be combined with --images/--captions")
+            if args.num_samples < 1:
+                raise _ArgError("--num-samples must be positive")
+            from mmjax.data.synthetic import write_synthetic_shards
+
+            start = time.perf_counter()
+            shards = write_synthetic_shards(
+                args.out, split=args.split, num_samples=args.num_samples,
+                image_size=args.image_size, samples_per_shard=args.max_count,
+                seed=args.seed, prefix=args.prefix)
+            print(f"wrote {args.num_samples} synthetic {args.split} samples into "
+                  f"{len(shards)} shards in {args.out} "
+                  f"({time.perf_counter() - start:.1f}s)", file=sys.stderr)
+            return 0
+        if not args.images or not args.captions:
+            raise _ArgError("give --images DIR and --captions FILE, or --synthetic")
+        if not os.path.isdir(args.images):
+            raise _ArgError(f"--images {args.images!r} is not a readable folder")
+        if not os.path.isfile(args.captions) or not os.access(args.captions, os.R_OK):
+            raise _ArgError(f"--captions {args.captions!r} is not a readable file")
+        report = shards_from_folder(args.images, args.captions, args.out,
+                                    max_count=args.max_count, max_bytes=max_bytes,
+                                    prefix=args.prefix or "shard", progress=not args.quiet)
+        if report.written == 0:
+            raise _ArgError(f"no sample written from {args.captions!r}: "
+                            f"{report.summary()}")
+        if args.quiet:
+            print(report.summary(), file=sys.stderr)
+        return 0
+    except _ArgError as e:
+        print(f"mmjax shards: error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as e:
+        print(f"mmjax shards: error: {e}", file=sys.stderr)
+        return 2
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+
