@@ -8,6 +8,9 @@ table that maps them to mesh axes):
   vocab   vocabulary             layers stacked (scanned) layers
   proj    output projection      None   never sharded
 
+Activations use the same names with an `act_` prefix (`act_batch`, `act_length`,
+`act_embed`, ...) so weights and activations are laid out independently.
+
 Shapes: B batch, T query length, S key length, D width, H heads, K head width.
 """
 from __future__ import annotations
@@ -171,15 +174,15 @@ class Attention(nn.Module):
                 bias_init=logical(nn.initializers.zeros, ("heads", "kv")), name=name)(inp)
 
         q, k, v = proj("query", x), proj("key", context), proj("value", context)
-        q = constrain(q, ("batch", "length", "heads", "kv"))
-        k = constrain(k, ("batch", "length", "heads", "kv"))
-        v = constrain(v, ("batch", "length", "heads", "kv"))
+        q = constrain(q, ("act_batch", "act_length", "act_heads", "act_kv"))
+        k = constrain(k, ("act_batch", "act_length", "act_heads", "act_kv"))
+        v = constrain(v, ("act_batch", "act_length", "act_heads", "act_kv"))
         out = dot_product_attention(q, k, v, mask, self.implementation)
         out = nn.DenseGeneral(
             self.out_features or d, axis=(-2, -1), use_bias=self.out_bias, dtype=self.dtype,
             kernel_init=logical(self.kernel_init, ("heads", "kv", "embed")),
             bias_init=logical(nn.initializers.zeros, ("embed",)), name="out")(out)
-        return constrain(out, ("batch", "length", "embed"))
+        return constrain(out, ("act_batch", "act_length", "act_embed"))
 
 
 # ----------------------------------------------------------------------------
@@ -210,7 +213,7 @@ class Mlp(nn.Module):
             h = h * self._dense(self.hidden, ("embed", "mlp"), "fc1")(x)
         else:
             h = get_activation(self.act)(self._dense(self.hidden, ("embed", "mlp"), "fc1")(x))
-        h = constrain(h, ("batch", "length", "mlp"))
+        h = constrain(h, ("act_batch", "act_length", "act_mlp"))
         return self._dense(d, ("mlp", "embed"), "fc2")(h)
 
 
@@ -277,7 +280,7 @@ class Block(nn.Module):
     def __call__(self, x: Array, extras: tuple) -> tuple[Array, None]:
         mask, context, context_mask = extras
         norm = functools.partial(Norm, kind=self.norm, eps=self.norm_eps, dtype=self.dtype)
-        x = constrain(x, ("batch", "length", "embed"))
+        x = constrain(x, ("act_batch", "act_length", "act_embed"))
         x = x + Attention(self.num_heads, implementation=self.implementation,
                           dtype=self.dtype, name="attn")(norm(name="norm1")(x), mask=mask)
         if self.cross_attention:

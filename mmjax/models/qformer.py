@@ -63,7 +63,7 @@ class _PostNormFFN(nn.Module):
         h = nn.Dense(self.mlp_dim, dtype=self.dtype, name="fc1",
                      kernel_init=logical(normal_init(0.02), ("embed", "mlp")),
                      bias_init=logical(nn.initializers.zeros, ("mlp",)))(x)
-        h = constrain(get_activation(self.act)(h), ("batch", "length", "mlp"))
+        h = constrain(get_activation(self.act)(h), ("act_batch", "act_length", "act_mlp"))
         h = nn.Dense(d, dtype=self.dtype, name="fc2",
                      kernel_init=logical(normal_init(0.02), ("mlp", "embed")),
                      bias_init=logical(nn.initializers.zeros, ("embed",)))(h)
@@ -221,7 +221,7 @@ class QFormer(nn.Module):
         h = Norm(eps=self.norm_eps, dtype=self.dtype, name="lm_norm")(get_activation(self.act)(h))
         bias = self.param("lm_bias", logical(nn.initializers.zeros, ("vocab",)), (self.vocab_size,))
         logits = word_embeddings.attend(h.astype(jnp.float32)) + bias
-        return x, constrain(logits, ("batch", "length", "vocab"))
+        return x, constrain(logits, ("act_batch", "act_length", "act_vocab"))
 
 
 def group_qformer_params(tree: dict, depth: int, freq: int) -> dict:

@@ -78,7 +78,7 @@ class TextEncoder(nn.Module):
         pos = self.param("posemb", logical(normal_init(0.01), (None, "embed")),
                          (self.max_len, self.width))
         x = x + pos[None, :l].astype(self.dtype)
-        x = constrain(x, ("batch", "length", "embed"))
+        x = constrain(x, ("act_batch", "act_length", "act_embed"))
         valid = ids != self.pad_id if self.mask_padding else None
         mask = make_attention_mask(None, valid, causal=self.causal, q_len=l, k_len=l)
 
@@ -145,4 +145,4 @@ class CaptionDecoder(nn.Module):
         logits = nn.Dense(self.vocab_size, use_bias=False, dtype=self.dtype,
                           kernel_init=logical(default_kernel_init, ("embed", "vocab")),
                           name="lm_head")(x)
-        return constrain(logits, ("batch", "length", "vocab"))
+        return constrain(logits, ("act_batch", "act_length", "act_vocab"))

@@ -97,7 +97,7 @@ class ViT(nn.Module):
             x = PositionEmbedding(self.posemb, hw=(self.grid, self.grid), name="posemb")(x)
             if self.pool == "cls":
                 x = jnp.concatenate([cls, x], axis=1)
-        x = constrain(x, ("batch", "length", "embed"))
+        x = constrain(x, ("act_batch", "act_length", "act_embed"))
         if self.ln_pre:
             x = Norm(eps=self.norm_eps, dtype=self.dtype, name="ln_pre")(x)
 

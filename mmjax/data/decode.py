@@ -1,0 +1,156 @@
+"""Image decoding and augmentation: PIL, JPEG draft mode, crops, normalization.
+
+The crop is chosen first, from the image header alone (size known before any
+pixel is decoded); then a JPEG is decoded in draft mode at the smallest DCT
+scale (1/2, 1/4, 1/8) that keeps the crop at least ``size`` pixels on each
+side, and only the crop box is resampled to ``size x size``. For web images
+that are several times the training resolution this skips most of the
+decode work, which dominates an input pipeline's CPU time.
+
+All randomness comes from a ``numpy.random.Generator`` passed in, which the
+pipeline derives per sample from (seed, epoch, shard, index), so decoding the
+same sample twice gives the same pixels.
+"""
+from __future__ import annotations
+
+import io
+import math
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+# CLIP's normalization constants (RGB, on a 0..1 scale).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+RESAMPLE = Image.BILINEAR
+
+
+class ImageTooLarge(ValueError):
+    """The image header declares more pixels than the configured limit."""
+
+
+def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
+                            scale: Sequence[float] = (0.08, 1.0),
+                            ratio: Sequence[float] = (3 / 4, 4 / 3),
+                            ) -> tuple[int, int, int, int]:
+    """Crop box ``(left, top, w, h)`` with torchvision RandomResizedCrop rules.
+
+    Up to 10 tries: area fraction uniform in ``scale``, aspect ratio
+    log-uniform in ``ratio``; the first box that fits is placed uniformly.
+    Otherwise a center crop at the nearest allowed aspect ratio.
+    """
+    area = width * height
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return left, top, w, h
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def center_crop_box(width: int, height: int) -> tuple[int, int, int, int]:
+    """The central square ``(left, top, side, side)``: resize-shorter-side then
+    center-crop, expressed as one box in source pixels."""
+    side = min(width, height)
+    return (width - side) // 2, (height - side) // 2, side, side
+
+
+def draft_factor(crop_w: int, crop_h: int, size: int) -> int:
+    """Largest JPEG DCT scale (1, 2, 4, 8) keeping the crop >= ``size`` px."""
+    for k in (8, 4, 2):
+        if crop_w // k >= size and crop_h // k >= size:
+            return k
+    return 1
+
+
+def open_image(data: bytes, max_pixels: int | None) -> Image.Image:
+    """Opens (does not decode) an image; checks the pixel count from its header."""
+    img = Image.open(io.BytesIO(data))
+    w, h = img.size
+    if max_pixels and w * h > max_pixels:
+        raise ImageTooLarge(f"image is {w}x{h} = {w * h} pixels, over the limit "
+                            f"{max_pixels} (data.train.max_pixels)")
+    return img
+
+
+def decode_and_crop(data: bytes, size: int, rng: np.random.Generator | None, *,
+                    augment: str = "rrc", scale: Sequence[float] = (0.9, 1.0),
+                    ratio: Sequence[float] = (3 / 4, 4 / 3), flip: bool = False,
+                    max_pixels: int | None = None, use_draft: bool = True,
+                    ) -> tuple[np.ndarray, int]:
+    """Decodes encoded image bytes into a ``[size, size, 3]`` uint8 crop.
+
+    Args:
+      data: encoded image (JPEG, PNG, WebP, ... anything PIL opens).
+      size: output side in pixels.
+      rng: source of randomness for "rrc" and flips (None: no flip, and
+        "rrc" is not allowed).
+      augment: "rrc" (random resized crop) or "center" (eval crop).
+      scale, ratio: RandomResizedCrop area-fraction and aspect ranges.
+      flip: random horizontal flip with probability 1/2.
+      max_pixels: skip images whose header declares more pixels.
+      use_draft: decode JPEGs in draft (DCT-scaled) mode when it helps.
+
+    Returns:
+      ``(image [size, size, 3] uint8, draft scale used)``.
+
+    Raises:
+      ImageTooLarge, or PIL/OSError errors for corrupt or truncated data.
+    """
+    img = open_image(data, max_pixels)
+    width, height = img.size
+    if augment == "rrc":
+        if rng is None:
+            raise ValueError("augment='rrc' needs an rng")
+        left, top, cw, ch = random_resized_crop_box(width, height, rng, scale, ratio)
+    elif augment == "center":
+        left, top, cw, ch = center_crop_box(width, height)
+    else:
+        raise ValueError(f"data.train.augment must be 'rrc' or 'center', got {augment!r}")
+    factor = 1
+    if use_draft and img.format == "JPEG":
+        k = draft_factor(cw, ch, size)
+        if k > 1:
+            # Requesting (W // k, H // k) makes PIL pick exactly scale k.
+            img.draft("RGB", (width // k, height // k))
+            factor = max(1, round(width / img.size[0]))
+    sx, sy = img.size[0] / width, img.size[1] / height
+    img = img.convert("RGB")
+    box = (left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)
+    out = img.resize((size, size), RESAMPLE, box=box)
+    if flip and rng is not None and rng.random() < 0.5:
+        out = out.transpose(Image.FLIP_LEFT_RIGHT)
+    return np.asarray(out, dtype=np.uint8), factor
+
+
+def normalize(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """uint8 ``[..., 3]`` -> float32 ``(x / 255 - mean) / std``, on the host."""
+    mean = np.asarray(mean, np.float32)
+    std = np.asarray(std, np.float32)
+    return ((images.astype(np.float32) * np.float32(1 / 255)) - mean) / std
+
+
+def normalize_on_device(images, mean: Sequence[float], std: Sequence[float]):
+    """uint8 ``[B, H, W, 3]`` jax array -> float32 normalized, on the device.
+
+    Use with ``output="uint8"``: the host ships 4x fewer bytes and the device
+    does this elementwise step (fused into the first conv/patch embedding).
+    """
+    import jax.numpy as jnp
+    mean = jnp.asarray(mean, jnp.float32)
+    std = jnp.asarray(std, jnp.float32)
+    return (images.astype(jnp.float32) * (1 / 255) - mean) / std
