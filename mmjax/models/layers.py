@@ -143,6 +143,44 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Optional[Array] = 
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
 
 
+class _HeadsIn(nn.Module):
+    """`[B, T, D] -> [B, T, H, K]` projection; kernel `[D, H, K]` (logical embed, heads, kv)."""
+    heads: int
+    head_dim: int
+    use_bias: bool
+    dtype: Dtype
+    kernel_init: Callable
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", logical(self.kernel_init, ("embed", "heads", "kv")),
+                            (x.shape[-1], self.heads, self.head_dim))
+        y = jnp.einsum("...d,dhk->...hk", x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            y = y + self.param("bias", logical(nn.initializers.zeros, ("heads", "kv")),
+                               (self.heads, self.head_dim)).astype(self.dtype)
+        return y
+
+
+class _HeadsOut(nn.Module):
+    """`[B, T, H, K] -> [B, T, D]` projection; kernel `[H, K, D]` (logical heads, kv, embed)."""
+    features: int
+    use_bias: bool
+    dtype: Dtype
+    kernel_init: Callable
+
+    @nn.compact
+    def __call__(self, x):
+        h, k = x.shape[-2:]
+        kernel = self.param("kernel", logical(self.kernel_init, ("heads", "kv", "embed")),
+                            (h, k, self.features))
+        y = jnp.einsum("...hk,hkd->...d", x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            y = y + self.param("bias", logical(nn.initializers.zeros, ("embed",)),
+                               (self.features,)).astype(self.dtype)
+        return y
+
+
 class Attention(nn.Module):
     """Multi-head attention (self- or cross-) with separate q/k/v projections.
 
@@ -168,20 +206,16 @@ class Attention(nn.Module):
         context = x if context is None else context
 
         def proj(name, inp):
-            return nn.DenseGeneral(
-                (self.num_heads, head_dim), use_bias=self.qkv_bias, dtype=self.dtype,
-                kernel_init=logical(self.kernel_init, ("embed", "heads", "kv")),
-                bias_init=logical(nn.initializers.zeros, ("heads", "kv")), name=name)(inp)
+            return _HeadsIn(self.num_heads, head_dim, self.qkv_bias, self.dtype,
+                            self.kernel_init, name=name)(inp)
 
         q, k, v = proj("query", x), proj("key", context), proj("value", context)
         q = constrain(q, ("act_batch", "act_length", "act_heads", "act_kv"))
         k = constrain(k, ("act_batch", "act_length", "act_heads", "act_kv"))
         v = constrain(v, ("act_batch", "act_length", "act_heads", "act_kv"))
         out = dot_product_attention(q, k, v, mask, self.implementation)
-        out = nn.DenseGeneral(
-            self.out_features or d, axis=(-2, -1), use_bias=self.out_bias, dtype=self.dtype,
-            kernel_init=logical(self.kernel_init, ("heads", "kv", "embed")),
-            bias_init=logical(nn.initializers.zeros, ("embed",)), name="out")(out)
+        out = _HeadsOut(self.out_features or d, self.out_bias, self.dtype, self.kernel_init,
+                        name="out")(out)
         return constrain(out, ("act_batch", "act_length", "act_embed"))
 
 

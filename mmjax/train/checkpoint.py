@@ -1,0 +1,96 @@
+"""Checkpoints: orbax train state (async) + per-process data iterator state.
+
+Layout of `workdir/`:
+  config.json                 the run's config (checked on resume)
+  checkpoints/<step>/state    orbax PyTree (params, opt_state, step, rng)
+  checkpoints/<step>/data     JSON: one data-iterator state per process
+Orbax writes each step into a temporary folder and renames it when complete,
+so an interrupted save is never listed; resume picks the latest complete step.
+Restoring takes the target shardings of the current mesh, so a run can
+resume on a different mesh.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+log = logging.getLogger("mmjax")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+class Checkpointer:
+    """Save / restore `(state, data_states)` under `workdir/checkpoints`."""
+
+    def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                                 enable_async_checkpointing=async_save),
+            item_names=("state", "data"))
+
+    def latest_step(self) -> Optional[int]:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state: dict, data_state: Optional[dict], force: bool = False) -> bool:
+        """Start saving `state` at `step` (async). Every process calls this.
+
+        `data_state` is this process's iterator state; the states of all
+        processes are gathered so each one can restore its own.
+        """
+        payload = {"process_count": jax.process_count()}
+        if jax.process_count() > 1:
+            import json
+            blob = json.dumps(data_state).encode()
+            lengths = multihost_utils.process_allgather(np.array([len(blob)], np.int64))
+            size = int(np.max(lengths))
+            padded = np.zeros(size, np.uint8)
+            padded[:len(blob)] = np.frombuffer(blob, np.uint8)
+            gathered = multihost_utils.process_allgather(padded)
+            payload["processes"] = [json.loads(bytes(gathered[i][:int(lengths[i][0])]).decode())
+                                    for i in range(jax.process_count())]
+        else:
+            payload["processes"] = [data_state]
+        return self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(payload)), force=force)
+
+    def restore(self, step: Optional[int], abstract_state: Any) -> tuple[dict, Optional[dict], int]:
+        """`(state, this process's data state, step)`; `step=None` = latest."""
+        steps = self.all_steps()
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise CheckpointError(f"no checkpoint in {self.directory}")
+        elif step not in steps:
+            raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; "
+                                  f"available steps: {steps or 'none'}")
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        data = restored["data"]
+        data_state = None
+        if data and data.get("process_count") == jax.process_count():
+            data_state = data["processes"][jax.process_index()]
+        elif data:
+            log.warning("checkpoint %d was written by %s processes, now %d: the data stream "
+                        "restarts from its seed instead of the exact position",
+                        step, data.get("process_count"), jax.process_count())
+        return restored["state"], data_state, step
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

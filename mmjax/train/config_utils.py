@@ -1,0 +1,130 @@
+"""Loading recipe configs and applying `--config.a.b=value` overrides.
+
+A recipe is a Python file with `get_config(arg: str | None) -> ConfigDict`;
+`path.py:arg` passes `arg` (e.g. `configs/clip_b16.py:tiny`). Configs are
+locked after overrides, so a mistyped key is an error that names it.
+"""
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import os
+from typing import Any, Sequence
+
+import ml_collections
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "configs")
+
+
+class ConfigError(ValueError):
+    """A config problem; the message names the key or file."""
+
+
+def resolve_config_path(spec: str) -> tuple[str, str | None]:
+    """`"configs/x.py:arg"` or a bare recipe name `"clip_tiny"` -> (path, arg)."""
+    path, _, arg = spec.partition(":")
+    if not path.endswith(".py") and os.sep not in path:
+        for base in (CONFIG_DIR, os.path.join(os.path.dirname(__file__), "..", "configs")):
+            cand = os.path.join(base, path + ".py")
+            if os.path.isfile(cand):
+                path = cand
+                break
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config {spec}: file {path!r} not found (give a path like "
+                          "configs/clip_tiny.py or a recipe name from configs/).")
+    return path, (arg or None)
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """Load a recipe and apply `a.b=value` overrides; returns a locked ConfigDict."""
+    path, arg = resolve_config_path(spec)
+    module_spec = importlib.util.spec_from_file_location(
+        "mmjax_recipe_" + os.path.basename(path)[:-3], path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path}: defines no get_config(arg).")
+    config = module.get_config(arg)
+    for item in overrides:
+        apply_override(config, item)
+    config.lock()
+    return config
+
+
+def _parse(text: str, current: Any) -> Any:
+    low = text.lower()
+    if isinstance(current, bool):
+        if low in ("true", "1", "yes"):
+            return True
+        if low in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"expected true/false, got {text!r}")
+    if low in ("none", "null"):
+        return None
+    if isinstance(current, int) and not isinstance(current, bool):
+        try:
+            return int(float(text)) if float(text).is_integer() else float(text)
+        except ValueError:
+            raise ConfigError(f"expected a number, got {text!r}") from None
+    if isinstance(current, float):
+        return float(text)
+    if isinstance(current, (list, tuple)) or text[:1] in "[(":
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = [t.strip() for t in text.split(",")]
+        return type(current)(value) if isinstance(current, (list, tuple)) else value
+    if current is None or isinstance(current, str):
+        return text
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
+    """Apply one `a.b.c=value` override (the `--config.` prefix already removed)."""
+    if "=" not in item:
+        raise ConfigError(f"--config.{item}: expected --config.KEY=VALUE.")
+    key, value = item.split("=", 1)
+    parts = key.split(".")
+    node = config
+    for i, part in enumerate(parts):
+        is_last = i == len(parts) - 1
+        if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
+            siblings = list(node.keys()) if hasattr(node, "keys") else []
+            close = difflib.get_close_matches(part, siblings, n=3)
+            hint = f"; did you mean {', '.join('.'.join(parts[:i] + [c]) for c in close)}?" if close \
+                else f"; valid keys here: {', '.join(sorted(siblings))}" if siblings else ""
+            raise ConfigError(f"unknown config key config.{'.'.join(parts[:i + 1])}{hint}")
+        if is_last:
+            try:
+                node[part] = _parse(value, node[part])
+            except ConfigError as e:
+                raise ConfigError(f"config.{key}: {e}") from None
+            except TypeError as e:
+                raise ConfigError(f"config.{key}={value!r}: {e}") from None
+        else:
+            node = node[part]
+
+
+def config_fingerprint(config: ml_collections.ConfigDict) -> dict:
+    """The parts of a config that must not change when a workdir is resumed."""
+    return {"model": config.model.to_dict(), "objectives": config.objectives.to_dict()}
+
+
+def first_difference(a: Any, b: Any, prefix: str = "config") -> str | None:
+    """Dotted path and both values of the first difference between two nested dicts."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if k not in a or k not in b:
+                return f"{prefix}.{k} (present in only one)"
+            d = first_difference(a[k], b[k], f"{prefix}.{k}")
+            if d:
+                return d
+        return None
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        a, b = list(a), list(b)
+    return None if a == b else f"{prefix}: {a!r} vs {b!r}"

@@ -1,0 +1,47 @@
+"""The base config every recipe starts from (all keys, with their defaults).
+
+Recipes in `configs/` call `base_config()` and fill in the model, data and
+objectives. Keys scripts rely on: `total_steps`, `log_every`,
+`checkpoint_every`, `data.train.shards`, `data.train.tokenizer`.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from mmjax.data.pipeline import default_data_config
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.total_steps = 1000
+    c.batch_size = 256                 # global batch
+    c.log_every = 50
+    c.checkpoint_every = 1000
+    c.keep_checkpoints = 3
+    c.peak_flops = None                # per-device peak FLOP/s for MFU (None: device table)
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+    c.model = ml_collections.ConfigDict()
+    c.objectives = ml_collections.ConfigDict()
+
+    c.optim = ml_collections.ConfigDict(dict(
+        lr=5e-4, warmup_steps=100, schedule="cosine", end_lr_frac=0.0,
+        b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2, clip_norm=1.0,
+        accum_steps=1, freeze=[]))
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train = default_data_config()
+    # Built-in data (used when data.train.shards == "synthetic").
+    c.synthetic = ml_collections.ConfigDict(dict(
+        train_samples=20000, test_samples=1000, image_size=64, samples_per_shard=2500))
+
+    c.evals = ml_collections.ConfigDict()
+    c.evals.every = 0                  # steps between periodic evals (0: only at the end)
+    c.evals.batch_size = 256
+    c.evals.zeroshot = ml_collections.ConfigDict(dict(
+        shards="synthetic",            # webdataset with `cls` labels, or "synthetic"
+        classnames="synthetic",        # file (one name per line), list, or "synthetic"
+        templates="simple",            # built-in set name, one "{}" template, or a file
+        max_samples=0))                # 0: all
+    return c

@@ -1,0 +1,96 @@
+"""Metrics output: progress line, `metrics.jsonl`, TensorBoard event files.
+
+Only process 0 writes. One JSON object per logged step with at least
+`step` and `loss`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from typing import Any, Mapping, Optional
+
+import jax
+
+log = logging.getLogger("mmjax")
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+        log.propagate = False
+    log.setLevel(level)
+
+
+class MetricsWriter:
+    """Writes scalars to `workdir/metrics.jsonl` and TensorBoard (process 0 only)."""
+
+    def __init__(self, workdir: str, tensorboard: bool = True):
+        self.enabled = jax.process_index() == 0
+        self.jsonl = None
+        self.tb = None
+        if not self.enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+                self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            except ImportError:  # pragma: no cover - tensorboardX is a dependency
+                log.warning("tensorboardX not installed; TensorBoard events are off")
+
+    def write(self, step: int, scalars: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (float(v) if v is not None else None) for k, v in scalars.items()}
+        self.jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for k, v in clean.items():
+                if v is not None and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.jsonl:
+            self.jsonl.close()
+        if self.tb:
+            self.tb.close()
+
+
+class Progress:
+    """Rate and ETA for the periodic log line."""
+
+    def __init__(self, first_step: int, total_steps: int):
+        self.total = total_steps
+        self.start_step = first_step
+        self.start = time.perf_counter()
+        self.last_step, self.last_time = first_step, self.start
+
+    def tick(self, step: int) -> dict:
+        now = time.perf_counter()
+        dt = (now - self.last_time) / max(step - self.last_step, 1)
+        self.last_step, self.last_time = step, now
+        rate = (step - self.start_step) / max(now - self.start, 1e-9)
+        eta = (self.total - step) / rate if rate > 0 else float("nan")
+        return {"step_time": dt, "eta_s": eta}
+
+
+def format_line(step: int, total: int, m: Mapping[str, Any], eta: float) -> str:
+    parts = [f"step {step}/{total}", f"loss {m['loss']:.4f}"]
+    parts += [f"{k[5:]} {v:.4f}" for k, v in m.items() if k.startswith("loss/")]
+    for key, fmt in (("lr", ".2e"), ("grad_norm", ".3f"), ("scale", ".2f"), ("bias", ".2f"),
+                     ("temp", ".4f"), ("samples_per_s", ".1f"), ("step_time", ".3f")):
+        if key in m and m[key] is not None:
+            parts.append(f"{key} {m[key]:{fmt}}")
+    if m.get("mfu") is not None:
+        parts.append(f"mfu {100 * m['mfu']:.1f}%")
+    if math.isfinite(eta):
+        parts.append(f"eta {int(eta // 60)}m{int(eta % 60):02d}s")
+    return " | ".join(parts)

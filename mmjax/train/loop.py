@@ -1,0 +1,216 @@
+"""The training loop shared by every recipe.
+
+Stages: distributed init -> config/workdir checks -> mesh -> model, optimizer,
+sharded state -> restore (state + data position) -> input -> loop
+(step, NaN guard, logs, checkpoints, evals) -> final checkpoint and evals.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from typing import Any, Optional
+
+import jax
+import numpy as np
+
+from mmjax.data.batch import make_global_batch
+from mmjax.data.pipeline import build_train_iterator
+from mmjax.models import build
+from mmjax.train import sharding as shd
+from mmjax.train.checkpoint import Checkpointer
+from mmjax.train.config_utils import ConfigError, config_fingerprint, first_difference
+from mmjax.train.flops import model_train_flops, peak_flops_per_device
+from mmjax.train.logging_utils import MetricsWriter, Progress, format_line, setup_logging
+from mmjax.train.objectives import check_objectives
+from mmjax.train.optimizer import build_optimizer
+from mmjax.train.step import Trainer
+
+log = logging.getLogger("mmjax")
+
+
+class TrainingError(RuntimeError):
+    """A run stopped for a reason the user must act on (message says which)."""
+
+
+def maybe_initialize_distributed() -> None:
+    """`jax.distributed.initialize()` when the environment describes several processes.
+
+    Explicit: MMJAX_COORDINATOR (host:port), MMJAX_NUM_PROCESSES, MMJAX_PROCESS_ID.
+    Auto-detected by JAX: SLURM (SLURM_NTASKS > 1), Cloud TPU pods, Open MPI.
+    """
+    env = os.environ
+    if jax.distributed.is_initialized():
+        return
+    if env.get("MMJAX_COORDINATOR"):
+        jax.distributed.initialize(env["MMJAX_COORDINATOR"], int(env["MMJAX_NUM_PROCESSES"]),
+                                   int(env["MMJAX_PROCESS_ID"]))
+    elif int(env.get("SLURM_NTASKS", "1")) > 1 or env.get("TPU_WORKER_HOSTNAMES", "").count(",") \
+            or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+        jax.distributed.initialize()
+
+
+def resolve_train_shards(config: Any) -> None:
+    """`data.train.shards = "synthetic"` -> write / reuse the built-in shards."""
+    d = config.data.train
+    if d.shards is None:
+        raise ConfigError("config.data.train.shards is not set: give a shard pattern like "
+                          "'/data/{00000..00099}.tar' or 'synthetic' for the built-in data.")
+    if d.shards == "synthetic":
+        from mmjax.data.synthetic import ensure_synthetic_shards
+        cache = os.environ.get("MMJAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mmjax"))
+        with config.unlocked():
+            d.shards = "::".join(ensure_synthetic_shards(
+                cache, "train", num_samples=int(config.synthetic.train_samples),
+                image_size=int(config.synthetic.image_size),
+                samples_per_shard=int(config.synthetic.samples_per_shard), seed=0))
+
+
+def check_workdir(config: Any, workdir: str) -> None:
+    """Refuse to resume a workdir created by a different model/objectives config."""
+    path = os.path.join(workdir, "config.json")
+    mine = config_fingerprint(config)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        diff = first_difference(saved.get("fingerprint", {}), json.loads(json.dumps(mine)))
+        if diff:
+            raise ConfigError(f"--workdir {workdir} holds a run of another config ({diff}); "
+                              "use a new --workdir or the original config.")
+    elif jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({"fingerprint": mine, "config": json.loads(config.to_json_best_effort())},
+                      f, indent=1)
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks after each step."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        log.info("SIGTERM received: saving a checkpoint after this step, then exiting")
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._old)
+
+
+def _nan_check(metrics: dict, step: int, objectives: list[str]) -> None:
+    bad = [k for k in ["loss"] + [f"loss/{o}" for o in objectives]
+           if k in metrics and not math.isfinite(float(metrics[k]))]
+    if bad:
+        which = [b[5:] for b in bad if b.startswith("loss/")] or ["total"]
+        raise TrainingError(f"non-finite loss at step {step} (objective: {', '.join(which)}); "
+                            "stopped without saving, the last checkpoint is the last good state. "
+                            "Lower config.optim.lr or enable config.optim.clip_norm.")
+
+
+def train(config: Any, workdir: str) -> dict:
+    """Train `config` in `workdir`, resuming from its latest checkpoint. Returns final metrics."""
+    setup_logging()
+    maybe_initialize_distributed()
+    workdir = os.path.abspath(workdir)
+    model = build(config.model)
+    check_objectives(model, config.objectives)
+    check_workdir(config, workdir)
+    resolve_train_shards(config)
+
+    mesh = shd.make_mesh(config.mesh)
+    local_batch = shd.local_batch_size(int(config.batch_size), mesh)
+    total = int(config.total_steps)
+    tx, schedule = build_optimizer(config.optim, total, None)
+    # Labels for frozen groups need the parameter tree: rebuild once shapes are known.
+    if config.optim.get("freeze"):
+        from mmjax.train.step import sample_inputs
+        shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *sample_inputs(config)))
+        import flax.linen as nn
+        tx, schedule = build_optimizer(config.optim, total, nn.meta.unbox(shapes["params"]))
+    trainer = Trainer(config, model, tx, schedule, mesh)
+    log.info("mesh %s | %d processes | global batch %d", shd.describe(mesh),
+             jax.process_count(), config.batch_size)
+
+    ckpt = Checkpointer(workdir, keep=int(config.keep_checkpoints))
+    data_state = None
+    if ckpt.latest_step() is not None:
+        state, data_state, start = ckpt.restore(None, trainer.abstract_state)
+        log.info("resumed from step %d in %s", start, ckpt.directory)
+    else:
+        state, start = trainer.init_state(int(config.seed)), 0
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
+    log.info("model %s: %.2fM parameters", config.model.name, n_params / 1e6)
+
+    data = build_train_iterator(config.data.train, local_batch)
+    if data_state is not None:
+        data.set_state(data_state)
+
+    flops = model_train_flops(config.model.to_dict(), int(config.batch_size),
+                              int(config.data.train.max_len))
+    peak = peak_flops_per_device(config.get("peak_flops"))
+    writer = MetricsWriter(workdir)
+    preempt = _Preemption()
+    progress = Progress(start, total)
+    objectives = list(config.objectives.keys())
+    evals_every = int(config.evals.get("every", 0) or 0)
+    last = {}
+    pending: Optional[tuple[int, dict]] = None
+    step = start
+    try:
+        while step < total:
+            local = next(data)
+            batch = make_global_batch({"image": local["image"], "text": local["text"]},
+                                      trainer.batch_sharding)
+            state, metrics = trainer.step(state, batch)
+            step += 1
+            # NaN guard with a one-step lag, so the host never stalls the device.
+            if pending is not None:
+                _nan_check(jax.device_get(pending[1]), pending[0], objectives)
+            pending = (step, metrics)
+            is_last = step == total
+            if step % int(config.log_every) == 0 or is_last:
+                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                _nan_check(m, step, objectives)
+                t = progress.tick(step)
+                m["step_time"] = t["step_time"]
+                m["samples_per_s"] = config.batch_size / t["step_time"]
+                m["mfu"] = flops / t["step_time"] / (peak * jax.device_count()) if peak else None
+                m["tflops_per_device"] = flops / t["step_time"] / jax.device_count() / 1e12
+                if jax.process_index() == 0:
+                    log.info(format_line(step, total, m, t["eta_s"]))
+                writer.write(step, m)
+                last = m
+            if step % int(config.checkpoint_every) == 0 or is_last or preempt.requested:
+                _nan_check(jax.device_get(metrics), step, objectives)
+                ckpt.save(step, state, data.get_state(), force=True)
+            if evals_every and step % evals_every == 0 and not is_last:
+                _run_evals(config, model, state, mesh, step, writer, workdir)
+            if preempt.requested:
+                ckpt.wait()
+                log.info("checkpoint at step %d written; exiting for preemption", step)
+                return last
+        ckpt.wait()
+        results = _run_evals(config, model, state, mesh, step, writer, workdir)
+        last.update(results)
+        return last
+    finally:
+        preempt.restore()
+        ckpt.close()
+        data.close()
+        writer.close()
+
+
+def _run_evals(config, model, state, mesh, step, writer, workdir) -> dict:
+    if not config.get("evals") or not config.evals.get("zeroshot"):
+        return {}
+    from mmjax.evaluate.runner import run_evals
+    results = run_evals(config, model, {"params": state["params"]}, mesh, step=step,
+                        workdir=workdir)
+    writer.write(step, {f"eval/{k}": v for k, v in results.items()
+                        if isinstance(v, (int, float))})
+    return results

@@ -1,0 +1,141 @@
+"""Train state creation (already sharded) and the jitted train step.
+
+State is a plain dict: `{"step": int32, "params", "opt_state", "rng": uint32[2]}`.
+It is created with `jax.eval_shape(init)` -> shardings from the logical
+rules -> `jax.jit(init, out_shardings=...)`, so no device ever holds a full
+replicated copy of a sharded parameter. The step is jitted with in/out
+shardings and the state is donated.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from mmjax.data.decode import normalize_on_device
+from mmjax.train import sharding as shd
+from mmjax.train.objectives import compute_losses
+
+
+def sample_inputs(config: Any, batch: int = 1) -> tuple[jax.Array, jax.Array]:
+    """Dummy `(images [b, S, S, 3], text [b, L])` used to initialize the model."""
+    s, l = int(config.data.train.image_size), int(config.data.train.max_len)
+    return jnp.zeros((batch, s, s, 3), jnp.float32), jnp.zeros((batch, l), jnp.int32)
+
+
+class Trainer:
+    """Holds the model, optimizer, mesh and the compiled functions of one run."""
+
+    def __init__(self, config: Any, model: nn.Module, tx: optax.GradientTransformation,
+                 schedule: Callable, mesh: jax.sharding.Mesh):
+        self.config, self.model, self.tx, self.schedule, self.mesh = config, model, tx, schedule, mesh
+        self.objectives = dict(config.objectives)
+        self.max_log_scale = getattr(model, "max_log_scale", None)
+        images, text = sample_inputs(config)
+
+        def init(rng):
+            params = nn.meta.unbox(model.init(rng, images, text)["params"])
+            return {"step": jnp.zeros((), jnp.int32), "params": params,
+                    "opt_state": tx.init(params),
+                    "rng": jax.random.key_data(jax.random.fold_in(rng, 1))}
+        self._init = init
+
+        with self.context():
+            boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), images, text))["params"]
+            param_sh = shd.state_shardings(boxed, mesh)
+            abstract = jax.eval_shape(init, jax.random.key(0))
+            repl = shd.replicated(mesh)
+            opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract["opt_state"], param_sh,
+                                           transform_non_params=lambda _: repl,
+                                           is_leaf=lambda x: isinstance(x, NamedSharding))
+        self.state_sharding = {"step": repl, "params": param_sh, "opt_state": opt_sh, "rng": repl}
+        self.abstract_state = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            abstract, self.state_sharding)
+        self.batch_sharding = shd.batch_sharding(mesh)
+        self._step = None
+
+    def context(self):
+        """Mesh + logical rules active while tracing (losses read the mesh)."""
+        import contextlib
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(shd.logical_rules_context())
+        return stack
+
+    def init_state(self, seed: int) -> dict:
+        with self.context():
+            return jax.jit(self._init, out_shardings=self.state_sharding)(jax.random.key(seed))
+
+    # ------------------------------------------------------------------
+    def _loss_and_grads(self, params, batch, rng):
+        fn = jax.value_and_grad(
+            lambda p, b: compute_losses(self.model, p, b, self.objectives, rng), has_aux=True)
+        accum = int(self.config.optim.get("accum_steps", 1) or 1)
+        if accum == 1:
+            (loss, metrics), grads = fn(params, batch)
+            return loss, metrics, grads
+        # Micro-batches: each takes an equal slice of every device's rows, so
+        # no data moves between devices. Contrastive negatives come from the
+        # micro-batch.
+        shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+
+        def split(x):
+            b = x.shape[0]
+            if b % (shards * accum):
+                raise ValueError(f"config.batch_size={b} must be divisible by data x fsdp x "
+                                 f"optim.accum_steps = {shards * accum}.")
+            x = x.reshape((shards, accum, b // (shards * accum)) + x.shape[1:])
+            x = jnp.swapaxes(x, 0, 1).reshape((accum, b // accum) + x.shape[3:])
+            return jax.lax.with_sharding_constraint(
+                x, NamedSharding(self.mesh, P(None, shd.BATCH_AXES)))
+        micro = jax.tree.map(split, batch)
+
+        def body(carry, mb):
+            (loss, metrics), grads = fn(params, mb)
+            acc = jax.tree.map(jnp.add, carry, (loss, metrics, grads))
+            return acc, None
+        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+            lambda: (lambda r: (r[0][0], r[0][1], r[1]))(fn(params, jax.tree.map(lambda x: x[0], micro)))))
+        total, _ = jax.lax.scan(body, zeros, micro)
+        return jax.tree.map(lambda x: x / accum, total)
+
+    def _train_step(self, state, batch):
+        batch = dict(batch)
+        if batch["image"].dtype == jnp.uint8:
+            d = self.config.data.train
+            batch["image"] = normalize_on_device(batch["image"], d.mean, d.std)
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+        loss, metrics, grads = self._loss_and_grads(state["params"], batch, rng)
+        updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        if self.max_log_scale is not None and "log_scale" in params:
+            params = dict(params)
+            params["log_scale"] = jnp.clip(params["log_scale"], 0.0, self.max_log_scale)
+        metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+                       lr=self.schedule(state["step"]))
+        new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
+                     "rng": state["rng"]}
+        return new_state, metrics
+
+    def compiled_step(self):
+        if self._step is None:
+            self._step = jax.jit(self._train_step,
+                                 in_shardings=(self.state_sharding, self.batch_sharding),
+                                 out_shardings=(self.state_sharding, shd.replicated(self.mesh)),
+                                 donate_argnums=(0,))
+        return self._step
+
+    def step(self, state: dict, batch: dict) -> tuple[dict, dict]:
+        """One optimizer step on a global batch (dict of sharded jax.Arrays)."""
+        with self.context():
+            return self.compiled_step()(state, batch)
+
+    def lower(self, batch_shapes: dict):
+        """AOT-lower the step for `batch_shapes` (name -> ShapeDtypeStruct)."""
+        with self.context():
+            return self.compiled_step().lower(self.abstract_state, batch_shapes)
