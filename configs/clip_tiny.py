@@ -12,10 +12,10 @@ from mmjax.train.defaults import base_config
 
 def get_config(arg=None):
     c = base_config()
-    c.total_steps = 500
+    c.total_steps = 400
     c.batch_size = 128
     c.log_every = 50
-    c.checkpoint_every = 250
+    c.checkpoint_every = 200
     c.optim.lr = 2e-3
     c.optim.warmup_steps = 50
     c.optim.weight_decay = 0.05
@@ -25,7 +25,7 @@ def get_config(arg=None):
     d = c.data.train
     d.shards = "synthetic"
     d.tokenizer = "bytes"
-    d.max_len = 64
+    d.max_len = 32
     d.image_size = 32
     d.augment = "center"
     d.workers = 1
@@ -33,9 +33,9 @@ def get_config(arg=None):
 
     c.model.name = "two_tower"
     c.model.head = "softmax"
-    c.model.image = dict(image_size=32, patch_size=4, width=128, depth=3, heads=4,
+    c.model.image = dict(image_size=32, patch_size=8, width=128, depth=2, heads=4,
                          embed_dim=128, pool="gap", posemb="learned", ln_pre=False)
-    c.model.text = dict(vocab_size=259, max_len=64, width=128, depth=3, heads=4,
+    c.model.text = dict(vocab_size=259, max_len=32, width=128, depth=2, heads=4,
                         embed_dim=128, causal=True, pool="eos", eos_id=2, pad_id=0)
     c.objectives.softmax_contrastive = 1.0
     if arg == "tiny":

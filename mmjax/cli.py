@@ -25,8 +25,24 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def _fail(msg: str) -> int:
-    print(f"mmjax: error: {msg}", file=sys.stderr)
+    print(f"mmjax: error: {msg}".splitlines()[0] if os.environ.get("MMJAX_DEBUG") is None
+          else f"mmjax: error: {msg}", file=sys.stderr)
     return 2
+
+
+def _user_errors() -> tuple:
+    """Exceptions that mean "fix your config / data / paths": shown as one line.
+
+    Set MMJAX_DEBUG=1 to get the full traceback instead.
+    """
+    if os.environ.get("MMJAX_DEBUG"):
+        return ()
+    from mmjax.data.pipeline import DataError
+    from mmjax.evaluate.runner import EvalError
+    from mmjax.train.config_utils import ConfigError
+    from mmjax.train.loop import TrainingError
+    return (ConfigError, TrainingError, EvalError, DataError, FileNotFoundError, ValueError,
+            KeyError)
 
 
 def train_main(argv: list[str]) -> int:
@@ -37,15 +53,15 @@ def train_main(argv: list[str]) -> int:
     p.add_argument("--workdir", default=None,
                    help="checkpoints and logs; default ./mmjax_runs/<recipe>")
     args = p.parse_args(rest)
-    from mmjax.train.config_utils import ConfigError, load_config
-    from mmjax.train.loop import TrainingError, train
+    from mmjax.train.config_utils import load_config
+    from mmjax.train.loop import train
     try:
         config = load_config(args.config, overrides)
         name = os.path.basename(args.config.split(":")[0]).removesuffix(".py")
         workdir = args.workdir or os.path.join("mmjax_runs", name)
         result = train(config, workdir)
-    except (ConfigError, TrainingError, FileNotFoundError) as e:
-        return _fail(str(e))
+    except _user_errors() as e:
+        return _fail(str(e).strip("'\""))
     if "zeroshot/top1" in result:
         print(f"zero-shot top-1 on held-out data: {100 * result['zeroshot/top1']:.1f}% "
               f"(top-5 {100 * result['zeroshot/top5']:.1f}%, chance "
@@ -61,12 +77,11 @@ def eval_main(argv: list[str]) -> int:
     p.add_argument("--step", type=int, default=None)
     p.add_argument("--hf", default=None, help="a Hugging Face CLIP/SigLIP folder instead")
     args = p.parse_args(rest)
-    from mmjax.evaluate.runner import EvalError, eval_command
-    from mmjax.train.config_utils import ConfigError
+    from mmjax.evaluate.runner import eval_command
     try:
         results = eval_command(args.config, args.workdir, args.step, args.hf, overrides)
-    except (EvalError, ConfigError, FileNotFoundError) as e:
-        return _fail(str(e))
+    except _user_errors() as e:
+        return _fail(str(e).strip("'\""))
     for k, v in sorted(results.items()):
         print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
     return 0

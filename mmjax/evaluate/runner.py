@@ -132,7 +132,7 @@ def eval_command(config_spec: Optional[str], workdir: Optional[str], step: Optio
             raise EvalError(f"{workdir}: no checkpoint in {ckpt_dir}; train first")
         model = build(config.model)
         mesh = shd.make_mesh(config.mesh)
-        tx, schedule = build_optimizer(config.optim, int(config.total_steps), None)
+        tx, schedule = build_optimizer(config.optim, int(config.total_steps))
         trainer = Trainer(config, model, tx, schedule, mesh)
         try:
             state, _, step = ckpt.restore(step, trainer.abstract_state)

@@ -45,3 +45,37 @@ def base_config() -> ml_collections.ConfigDict:
         templates="simple",            # built-in set name, one "{}" template, or a file
         max_samples=0))                # 0: all
     return c
+
+
+def make_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Shrink any recipe to a few-second CPU run on the built-in data (`:tiny` arg).
+
+    Keeps the recipe's structure (model kind, pooling, heads, objectives,
+    freezing) and only reduces sizes, steps and data.
+    """
+    c.total_steps, c.batch_size, c.log_every, c.checkpoint_every = 3, 8, 1, 3
+    c.optim.warmup_steps = 1
+    c.synthetic.update(dict(train_samples=64, test_samples=32, image_size=32,
+                            samples_per_shard=16))
+    d = c.data.train
+    d.update(dict(shards="synthetic", tokenizer="bytes", max_len=32, image_size=32,
+                  workers=0, shuffle_buffer=16))
+    c.evals.batch_size = 32
+    m = c.model
+    small = dict(width=64, depth=2, heads=4, mlp_dim=128)
+    if "image" in m:
+        m.image.update(dict(image_size=32, patch_size=8, **small))
+        if m.image.get("embed_dim"):
+            m.image.embed_dim = 32
+    if "text" in m:
+        m.text.update(dict(vocab_size=259, max_len=32, **small))
+        if m.text.get("embed_dim"):
+            m.text.embed_dim = 32
+    if "decoder" in m:
+        m.decoder.update(dict(vocab_size=259, **small))
+    if "qformer" in m:
+        m.qformer.update(dict(num_queries=4, max_len=32, vocab_size=260, **small))
+    for key, value in (("embed_dim", 32), ("caption_queries", 4), ("pooler_heads", 4)):
+        if key in m:
+            m[key] = value
+    return c

@@ -87,6 +87,18 @@ def check_workdir(config: Any, workdir: str) -> None:
                       f, indent=1)
 
 
+def check_tokenizer(config: Any, model: Any) -> None:
+    """The tokenizer's ids must fit the model's vocabulary (JAX would clamp silently)."""
+    from mmjax.data.tokenizers import build_tokenizer
+    tok = build_tokenizer(config.data.train.tokenizer, int(config.data.train.max_len))
+    m = config.model
+    vocab = m.qformer.vocab_size if "qformer" in m else m.text.vocab_size
+    if tok.vocab_size > vocab:
+        raise ConfigError(f"config.data.train.tokenizer={config.data.train.tokenizer!r} has "
+                          f"{tok.vocab_size} tokens but the model's vocab_size is {vocab}; "
+                          "raise config.model.text.vocab_size (or qformer.vocab_size).")
+
+
 class _Preemption:
     """Turns SIGTERM into a flag the loop checks after each step."""
 
@@ -121,17 +133,12 @@ def train(config: Any, workdir: str) -> dict:
     check_objectives(model, config.objectives)
     check_workdir(config, workdir)
     resolve_train_shards(config)
+    check_tokenizer(config, model)
 
     mesh = shd.make_mesh(config.mesh)
     local_batch = shd.local_batch_size(int(config.batch_size), mesh)
     total = int(config.total_steps)
-    tx, schedule = build_optimizer(config.optim, total, None)
-    # Labels for frozen groups need the parameter tree: rebuild once shapes are known.
-    if config.optim.get("freeze"):
-        from mmjax.train.step import sample_inputs
-        shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *sample_inputs(config)))
-        import flax.linen as nn
-        tx, schedule = build_optimizer(config.optim, total, nn.meta.unbox(shapes["params"]))
+    tx, schedule = build_optimizer(config.optim, total)
     trainer = Trainer(config, model, tx, schedule, mesh)
     log.info("mesh %s | %d processes | global batch %d", shd.describe(mesh),
              jax.process_count(), config.batch_size)
@@ -139,7 +146,12 @@ def train(config: Any, workdir: str) -> dict:
     ckpt = Checkpointer(workdir, keep=int(config.keep_checkpoints))
     data_state = None
     if ckpt.latest_step() is not None:
-        state, data_state, start = ckpt.restore(None, trainer.abstract_state)
+        try:
+            state, data_state, start = ckpt.restore(None, trainer.abstract_state)
+        except (ValueError, KeyError) as e:
+            first = str(e).strip().splitlines()[0][:300]
+            raise ConfigError(f"checkpoint in {ckpt.directory} does not fit the model of this "
+                              f"config ({first}); use a new --workdir.") from None
         log.info("resumed from step %d in %s", start, ckpt.directory)
     else:
         state, start = trainer.init_state(int(config.seed)), 0

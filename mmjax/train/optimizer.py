@@ -61,8 +61,8 @@ def frozen_labels(params: Any, freeze: list[str]) -> Any:
     return jax.tree_util.tree_map_with_path(label, params)
 
 
-def build_optimizer(optim: Any, total_steps: int, params: Any) -> tuple[optax.GradientTransformation, Any]:
-    """`(tx, schedule)` for `params` (an unboxed params pytree or its abstract shapes)."""
+def build_optimizer(optim: Any, total_steps: int) -> tuple[optax.GradientTransformation, Any]:
+    """`(tx, schedule)`: the optimizer for `config.optim` and its learning-rate schedule."""
     schedule = lr_schedule(optim, total_steps)
     parts = []
     if optim.get("clip_norm"):
@@ -73,11 +73,12 @@ def build_optimizer(optim: Any, total_steps: int, params: Any) -> tuple[optax.Gr
     tx = optax.chain(*parts)
     freeze = list(optim.get("freeze") or [])
     if freeze:
-        labels = frozen_labels(params, freeze)
-        matched = {l for l in jax.tree.leaves(labels)}
-        if "frozen" not in matched:
-            raise ValueError(f"config.optim.freeze={freeze} matches no parameter; top-level "
-                             f"names are {sorted(flax.core.unfreeze(params))}.")
+        def labels(params):
+            out = frozen_labels(params, freeze)
+            if "frozen" not in jax.tree.leaves(out):
+                raise ValueError(f"config.optim.freeze={freeze} matches no parameter; top-level "
+                                 f"names are {sorted(flax.core.unfreeze(params))}.")
+            return out
         tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
     return tx, schedule
 
