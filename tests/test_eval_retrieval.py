@@ -1,0 +1,165 @@
+"""Retrieval evaluation: batched embedding on 1, 2 and 8 devices, and BLIP-2
+ITM re-ranking vs a NumPy re-computation from the model's own heads."""
+import jax
+import numpy as np
+import pytest
+
+from mmjax.data.tokenizers import build_tokenizer
+from mmjax.evaluate.retrieval import (blip2_rerank_recall, embed_dataset, itc_similarity,
+                                      l2_normalize, model_method, retrieval_evaluate,
+                                      retrieval_recall)
+from mmjax.models import Blip2Stage1, TwoTower
+
+IMAGE, MAX_LEN = 16, 16
+VIT = dict(image_size=IMAGE, patch_size=8, width=32, depth=1, heads=2, mlp_dim=64)
+TEXT = dict(vocab_size=259, max_len=MAX_LEN, width=32, depth=1, heads=2, mlp_dim=64)
+KS = (1, 5, 10)
+
+
+def _brute_force(img, txt, t2i):
+    """Recall@k by sorting the full float64 cosine matrix (LAVIS style)."""
+    img = np.asarray(img, np.float64)
+    txt = np.asarray(txt, np.float64)
+    sim = (img / np.linalg.norm(img, axis=1, keepdims=True)) @ \
+        (txt / np.linalg.norm(txt, axis=1, keepdims=True)).T
+    i2t = [min((np.argsort(-sim[i]) == j).argmax() for j in np.flatnonzero(t2i == i))
+           for i in range(len(img))]
+    t2i_rank = [(np.argsort(-sim[:, j]) == t2i[j]).argmax() for j in range(len(txt))]
+    out = {f"i2t_r{k}": np.mean(np.array(i2t) < k) for k in KS}
+    out.update({f"t2i_r{k}": np.mean(np.array(t2i_rank) < k) for k in KS})
+    return out
+
+
+def _mesh(n):
+    return jax.make_mesh((n,), ("data",), devices=jax.devices()[:n])
+
+
+def _data(n_images, captions_per_image, seed=0):
+    rng = np.random.default_rng(seed)
+    images = rng.standard_normal((n_images, IMAGE, IMAGE, 3)).astype(np.float32)
+    tok = build_tokenizer("bytes", MAX_LEN)
+    words = ["red", "blue", "cat", "dog", "big", "small", "sky", "sea"]
+    caps = [" ".join(rng.choice(words, 3)) for _ in range(n_images * captions_per_image)]
+    return images, tok(caps)
+
+
+@pytest.fixture(scope="module")
+def two_tower():
+    model = TwoTower(image={**VIT, "embed_dim": 16}, text={**TEXT, "embed_dim": 16})
+    images, ids = _data(2, 1)
+    return model, jax.jit(model.init)(jax.random.key(0), images, ids)
+
+
+def test_embed_and_recall_same_on_1_2_8_devices(two_tower):
+    model, variables = two_tower
+    images, ids = _data(21, 2)
+    t2i = np.repeat(np.arange(21), 2)
+    # Batches of 6 (not a multiple of 8) and a short last one; last batch has padding rows.
+    img_batches = [dict(image=images[s:s + 6], valid=np.ones(len(images[s:s + 6]), bool))
+                   for s in range(0, 21, 6)]
+    img_batches[-1] = dict(image=np.concatenate([images[18:], np.zeros((3, IMAGE, IMAGE, 3),
+                                                                       np.float32)]),
+                           valid=np.arange(6) < 3)
+    txt_batches = [ids[s:s + 10] for s in range(0, 42, 10)]
+    expected_img = np.asarray(jax.jit(model_method(model, "encode_image"))(variables, images))
+    expected_txt = np.asarray(jax.jit(model_method(model, "encode_text"))(variables, ids))
+
+    results = {}
+    for n in (1, 2, 8):
+        mesh = None if n == 1 else _mesh(n)
+        img = embed_dataset(model_method(model, "encode_image"), img_batches, mesh,
+                            variables=variables)
+        txt = embed_dataset(model_method(model, "encode_text"), txt_batches, mesh,
+                            variables=variables)
+        np.testing.assert_allclose(img, expected_img, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(txt, expected_txt, rtol=1e-4, atol=1e-5)
+        results[n] = retrieval_recall(l2_normalize(img), l2_normalize(txt), t2i, KS, block=8)
+    assert results[1] == results[2] == results[8]
+    expected = _brute_force(expected_img, expected_txt, t2i)
+    for key, value in expected.items():
+        assert results[1][key] == pytest.approx(value), key
+    assert 0 < results[1]["t2i_r5"] < 1  # a non-trivial case
+
+
+def test_embed_dataset_on_mesh_with_closure_fn(two_tower):
+    model, variables = two_tower
+    images, _ = _data(10, 1, seed=3)
+    fn = lambda x: model.apply(variables, x, method="encode_image")  # noqa: E731
+    one = embed_dataset(fn, [images[:7], images[7:]])
+    eight = embed_dataset(fn, [images[:7], images[7:]], _mesh(8))
+    np.testing.assert_allclose(one, eight, rtol=1e-4, atol=1e-5)
+    assert one.shape == (10, 16)
+
+
+def test_retrieval_evaluate_several_captions_per_image(two_tower):
+    model, variables = two_tower
+    images, ids = _data(12, 3, seed=1)
+    text = ids.reshape(12, 3, MAX_LEN)
+    batches = [dict(image=images[s:s + 5], text=text[s:s + 5]) for s in range(0, 12, 5)]
+    got = retrieval_evaluate(model, variables, batches, mesh=_mesh(2), block=4)
+    expected = _brute_force(jax.jit(model_method(model, "encode_image"))(variables, images),
+                            jax.jit(model_method(model, "encode_text"))(variables, ids),
+                            np.repeat(np.arange(12), 3))
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value), key
+
+
+# ----------------------------------------------------------------- BLIP-2 re-ranking
+
+
+def _reference_rerank(itc, itm, t2i, k, ks, add_itc):
+    """LAVIS procedure in NumPy: per query, top-k ITC candidates rescored, others -inf."""
+    n, m = itc.shape
+    i2t_rank, t2i_rank = [], []
+    for i in range(n):
+        score = np.full(m, -np.inf)
+        cand = np.argsort(-itc[i])[:k]
+        score[cand] = itm[i, cand] + (itc[i, cand] if add_itc else 0)
+        order = np.argsort(-score)
+        i2t_rank.append(min((order == j).argmax() for j in np.flatnonzero(t2i == i)))
+    for j in range(m):
+        score = np.full(n, -np.inf)
+        cand = np.argsort(-itc[:, j])[:k]
+        score[cand] = itm[cand, j] + (itc[cand, j] if add_itc else 0)
+        t2i_rank.append((np.argsort(-score) == t2i[j]).argmax())
+    out = {f"i2t_r{q}": np.mean(np.array(i2t_rank) < q) for q in ks}
+    out.update({f"t2i_r{q}": np.mean(np.array(t2i_rank) < q) for q in ks})
+    return out
+
+
+@pytest.fixture(scope="module")
+def blip2_case():
+    """A tiny random BLIP-2, 6 images x 2 captions, and every pair's ITM logits."""
+    model = Blip2Stage1(image=VIT, qformer=dict(num_queries=4, width=32, depth=2, heads=2,
+                                                mlp_dim=64, vocab_size=259, max_len=MAX_LEN),
+                        embed_dim=16)
+    images, ids = _data(6, 2, seed=2)
+    variables = jax.jit(model.init)(jax.random.key(1), images[:2], ids[:2])
+    run = lambda method, *args: np.asarray(  # noqa: E731
+        jax.jit(model_method(model, method))(variables, *args))
+    tokens = run("image_tokens", images)
+    itc = itc_similarity(run("encode_image", images), run("encode_text", ids), block=4)
+    n, m = itc.shape
+    pairs_i, pairs_t = np.repeat(np.arange(n), m), np.tile(np.arange(m), n)
+    logits = run("itm_logits", tokens[pairs_i], ids[pairs_t]).astype(np.float64)
+    return model, variables, tokens, ids, itc, logits.reshape(n, m, 2)
+
+
+@pytest.mark.parametrize("k,itm_score,add_itc", [(3, "prob", True), (20, "logit", False)])
+def test_blip2_rerank_vs_numpy(blip2_case, k, itm_score, add_itc):
+    model, variables, tokens, ids, itc, logits = blip2_case
+    t2i = np.repeat(np.arange(6), 2)
+    if itm_score == "prob":
+        e = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        itm = e[..., 1] / e.sum(axis=-1)
+    else:
+        itm = logits[..., 1]
+    ks = (1, 3) if k == 3 else KS
+    got = blip2_rerank_recall(model, variables, tokens, ids, itc, t2i, k=k, ks=ks,
+                              itm_score=itm_score, add_itc=add_itc, batch_size=8,
+                              mesh=_mesh(2))
+    expected = _reference_rerank(itc.astype(np.float64), itm, t2i, k, ks, add_itc)
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value), key
+    with pytest.raises(ValueError, match="raise k"):
+        blip2_rerank_recall(model, variables, tokens, ids, itc, t2i, k=2, ks=(1, 5))
