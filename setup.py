@@ -28,6 +28,7 @@ setup(
         "sentencepiece>=0.2.0",
         "tensorboardX>=2.6",
         "tqdm>=4.66",
+        "pycocoevalcap>=1.2",
     ],
     extras_require={
         # The test suite includes parity tests against Hugging Face transformers.

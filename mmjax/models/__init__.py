@@ -19,6 +19,9 @@ from mmjax.models.two_tower import TwoTower
 from mmjax.models.vit import ViT
 
 MODELS = {"two_tower": TwoTower, "coca": CoCa, "blip2_stage1": Blip2Stage1}
+SUBMODULES = {"two_tower": {"image": ViT, "text": TextEncoder},
+              "coca": {"image": ViT, "text": TextEncoder, "decoder": CaptionDecoder},
+              "blip2_stage1": {"image": ViT, "qformer": QFormer}}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 __all__ = ["ViT", "TextEncoder", "CaptionDecoder", "QFormer", "TwoTower", "CoCa",
@@ -47,7 +50,7 @@ def build(model_config: Mapping) -> Any:
     name = cfg.pop("name", None)
     if name not in MODELS:
         raise ValueError(f"config key `model.name` is {name!r}; choose one of {sorted(MODELS)}.")
-    if "dtype" in cfg:
+    if isinstance(cfg.get("dtype"), str):
         if cfg["dtype"] not in DTYPES:
             raise ValueError(f"config key `model.dtype` is {cfg['dtype']!r}; choose one of "
                              f"{sorted(DTYPES)}.")
@@ -58,4 +61,10 @@ def build(model_config: Mapping) -> Any:
     if unknown:
         raise ValueError(f"config keys {['model.' + k for k in unknown]} are not fields of "
                          f"{cls.__name__}; valid keys: {sorted(fields)}.")
+    for key, sub_cls in SUBMODULES.get(name, {}).items():
+        allowed = set(sub_cls.__dataclass_fields__) - {"parent", "name"}
+        bad = sorted(set(cfg.get(key) or {}) - allowed)
+        if bad:
+            raise ValueError(f"config keys {[f'model.{key}.{k}' for k in bad]} are not fields of "
+                             f"{sub_cls.__name__}; valid keys: {sorted(allowed)}.")
     return cls(**cfg)

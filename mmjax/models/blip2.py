@@ -79,7 +79,7 @@ class Blip2Stage1(nn.Module):
         return self.itm_head(h[:, :q]).astype(jnp.float32).mean(axis=1)
 
     def itg_logits(self, image_tokens, text):
-        dec = text.at[:, 0].set(self.dec_id)
+        dec = jnp.asarray(text).at[:, 0].set(self.dec_id)
         valid = text != self.pad_id
         _, logits = self.qformer_module(image_tokens, dec, "causal", text_valid=valid,
                                         lm_logits=True)

@@ -139,6 +139,7 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Optional[Array] = 
                          "`attention`): choose 'xla', 'cudnn' or None.")
     if mask is not None:
         b, t, h, _ = q.shape
+        mask = jnp.reshape(mask, (1,) * (4 - jnp.ndim(mask)) + jnp.shape(mask))  # [T, S] -> 4-D
         mask = jnp.broadcast_to(mask, (b, mask.shape[1], t, k.shape[1]))
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
 

@@ -45,12 +45,15 @@ class MetricsWriter:
             except ImportError:  # pragma: no cover - tensorboardX is a dependency
                 log.warning("tensorboardX not installed; TensorBoard events are off")
 
-    def write(self, step: int, scalars: Mapping[str, Any]) -> None:
+    def write(self, step: int, scalars: Mapping[str, Any], jsonl: bool = True) -> None:
+        """Log scalars; `jsonl=False` sends them to TensorBoard only (eval results,
+        which have their own `eval/step_<N>.json`)."""
         if not self.enabled:
             return
         clean = {k: (float(v) if v is not None else None) for k, v in scalars.items()}
-        self.jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
-        self.jsonl.flush()
+        if jsonl:
+            self.jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
+            self.jsonl.flush()
         if self.tb is not None:
             for k, v in clean.items():
                 if v is not None and math.isfinite(v):

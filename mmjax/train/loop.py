@@ -224,5 +224,5 @@ def _run_evals(config, model, state, mesh, step, writer, workdir) -> dict:
     results = run_evals(config, model, {"params": state["params"]}, mesh, step=step,
                         workdir=workdir)
     writer.write(step, {f"eval/{k}": v for k, v in results.items()
-                        if isinstance(v, (int, float))})
+                        if isinstance(v, (int, float))}, jsonl=False)
     return results

@@ -61,6 +61,14 @@ def frozen_labels(params: Any, freeze: list[str]) -> Any:
     return jax.tree_util.tree_map_with_path(label, params)
 
 
+def check_freeze(optim: Any, params: Any) -> None:
+    """Every `config.optim.freeze` prefix must name at least one parameter."""
+    for prefix in list(optim.get("freeze") or []):
+        if "frozen" not in jax.tree.leaves(frozen_labels(params, [prefix])):
+            raise ValueError(f"config.optim.freeze: {prefix!r} matches no parameter; top-level "
+                             f"names are {sorted(flax.core.unfreeze(params))}.")
+
+
 def build_optimizer(optim: Any, total_steps: int) -> tuple[optax.GradientTransformation, Any]:
     """`(tx, schedule)`: the optimizer for `config.optim` and its learning-rate schedule."""
     schedule = lr_schedule(optim, total_steps)
@@ -73,13 +81,8 @@ def build_optimizer(optim: Any, total_steps: int) -> tuple[optax.GradientTransfo
     tx = optax.chain(*parts)
     freeze = list(optim.get("freeze") or [])
     if freeze:
-        def labels(params):
-            out = frozen_labels(params, freeze)
-            if "frozen" not in jax.tree.leaves(out):
-                raise ValueError(f"config.optim.freeze={freeze} matches no parameter; top-level "
-                                 f"names are {sorted(flax.core.unfreeze(params))}.")
-            return out
-        tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
+        tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()},
+                                   lambda params: frozen_labels(params, freeze))
     return tx, schedule
 
 

@@ -117,6 +117,30 @@ def state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
                         is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
+def follow_params(abstract_tree: Any, params: Any, param_shardings: Any, mesh: Mesh) -> Any:
+    """Shardings for a tree that embeds params-shaped subtrees (optimizer state).
+
+    A leaf whose key path ends with a parameter's path, and whose shape equals
+    that parameter's, gets the parameter's sharding (Adam moments); every
+    other leaf (counts, masked-out placeholders) is replicated.
+    """
+    def names(path):
+        return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+    shapes = {names(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(params)}
+    by_path = {names(p): sh for p, sh in jax.tree_util.tree_leaves_with_path(
+        param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))}
+    repl = NamedSharding(mesh, P())
+
+    def one(path, leaf):
+        full = names(path)
+        for start in range(len(full)):
+            key = full[start:]
+            if key in by_path and shapes[key] == getattr(leaf, "shape", None):
+                return by_path[key]
+        return repl
+    return jax.tree_util.tree_map_with_path(one, abstract_tree)
+
+
 def logical_rules_context():
     """Context under which `nn.with_logical_constraint` uses LOGICAL_RULES."""
     return nn.logical_axis_rules(LOGICAL_RULES)

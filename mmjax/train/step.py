@@ -19,6 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from mmjax.data.decode import normalize_on_device
 from mmjax.train import sharding as shd
 from mmjax.train.objectives import compute_losses
+from mmjax.train.optimizer import check_freeze
 
 
 def sample_inputs(config: Any, batch: int = 1) -> tuple[jax.Array, jax.Array]:
@@ -47,11 +48,11 @@ class Trainer:
         with self.context():
             boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), images, text))["params"]
             param_sh = shd.state_shardings(boxed, mesh)
+            check_freeze(config.optim, jax.tree.map(
+                lambda x: x.value, boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)))
             abstract = jax.eval_shape(init, jax.random.key(0))
             repl = shd.replicated(mesh)
-            opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract["opt_state"], param_sh,
-                                           transform_non_params=lambda _: repl,
-                                           is_leaf=lambda x: isinstance(x, NamedSharding))
+            opt_sh = shd.follow_params(abstract["opt_state"], abstract["params"], param_sh, mesh)
         self.state_sharding = {"step": repl, "params": param_sh, "opt_state": opt_sh, "rng": repl}
         self.abstract_state = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
