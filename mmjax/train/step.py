@@ -96,13 +96,14 @@ class Trainer:
                 x, NamedSharding(self.mesh, P(None, shd.BATCH_AXES)))
         micro = jax.tree.map(split, batch)
 
-        def body(carry, mb):
+        def run(mb):
             (loss, metrics), grads = fn(params, mb)
-            acc = jax.tree.map(jnp.add, carry, (loss, metrics, grads))
-            return acc, None
-        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-            lambda: (lambda r: (r[0][0], r[0][1], r[1]))(fn(params, jax.tree.map(lambda x: x[0], micro)))))
-        total, _ = jax.lax.scan(body, zeros, micro)
+            return loss, metrics, grads
+
+        def body(acc, mb):
+            return jax.tree.map(jnp.add, acc, run(mb)), None
+        first = run(jax.tree.map(lambda x: x[0], micro))
+        total, _ = jax.lax.scan(body, first, jax.tree.map(lambda x: x[1:], micro))
         return jax.tree.map(lambda x: x / accum, total)
 
     def _train_step(self, state, batch):
