@@ -3,8 +3,9 @@
 Nothing here needs gcloud, SLURM or Kubernetes: the TPU and SLURM scripts are run
 with their dry-run switches, the JobSet is read as YAML, and every training
 command found is parsed back and fed through mmjax's own CLI up to the point
-where training would start. The SLURM preemption path runs the real script
-with stand-ins for srun/scancel/scontrol/mmjax on PATH.
+where training would start. The scripts' real (non-dry) paths run too, with
+stand-ins on PATH for what is not here: gcloud (its "TPU VM" is a temporary
+$HOME on this machine), srun/scancel/scontrol, pip and the training process.
 """
 from __future__ import annotations
 
@@ -156,6 +157,74 @@ def test_tpu_pod_rejects_bad_config_and_extra_args():
     assert proc.returncode == 2 and "--batch_size=3" in proc.stderr
 
 
+def _write_scripts(directory, scripts: dict) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, body in scripts.items():
+        path = directory / name
+        path.write_text("#!/usr/bin/env bash\n" + body + "\n")
+        path.chmod(0o755)
+
+
+def _fake_tpu_vm(tmp_path):
+    """A `gcloud` whose TPU VM is this machine: scp copies into $HOME, ssh runs the
+    command there. pip and `mmjax` are stand-ins that log what they are asked to do."""
+    home, events = tmp_path / "home", tmp_path / "events"
+    home.mkdir()
+    _write_scripts(tmp_path / "bin", {"gcloud": f"""
+printf '%q ' "$@" >> {events}; echo >> {events}
+case $4 in
+  describe) [[ -n $FAKE_STATE ]] || exit 1; echo "$FAKE_STATE" ;;
+  scp) cp "$5" "$HOME/${{6#*:}}" ;;
+  ssh) for a in "$@"; do [[ $a == --command=* ]] && cmd=${{a#--command=}}; done
+       cd "$HOME" && PATH="{tmp_path}/vm_bin:$PATH" bash -c "$cmd" ;;
+esac"""})
+    _write_scripts(tmp_path / "vm_bin", {"python3": f'echo "python3 $* in $PWD" >> {events}'})
+    # Where a user-level `pip install` puts the entry point; the start command adds it to PATH.
+    _write_scripts(home / ".local" / "bin", {"mmjax": f"""
+trap 'echo "mmjax checkpoint $$" >> {events}; exit 0' TERM
+printf 'mmjax started %s' $$ >> {events}; printf ' %q' "$@" >> {events}; echo >> {events}
+for _ in $(seq 600); do sleep 0.1; done  # never outlives the test by long"""})
+    env = {"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "HOME": str(home),
+           "TMPDIR": str(tmp_path)}
+    return home, events, env
+
+
+def test_tpu_pod_runs_and_stops_on_a_fake_vm(tmp_path):
+    home, events, env = _fake_tpu_vm(tmp_path)
+    args = [a for a in TPU_ARGS if a != "--dry-run"]
+    args.insert(args.index("--"), "--no-follow")
+    try:
+        for state, verbs in [("PREEMPTED", ["describe", "delete", "create"]),
+                             ("READY", ["describe"])]:
+            events.write_text("")
+            run_script(["bash", "launch/tpu_pod.sh", *args], env={**env, "FAKE_STATE": state})
+            _wait_for(events, "mmjax started")
+            lines = events.read_text().splitlines()
+            gcloud = [shlex.split(ln)[3] for ln in lines if ln.startswith("compute ")]
+            assert gcloud == verbs + ["scp", "ssh", "ssh"], lines
+            # The checkout was unpacked on the "worker" and installed from there.
+            assert (home / "mmjax" / "launch" / "tpu_pod.sh").is_file()
+            assert f"python3 -m pip install -q -e .[tpu,remote] in {home / 'mmjax'}" in lines
+            (line,) = [ln for ln in lines if ln.startswith("mmjax started")]
+            pid, *argv = shlex.split(line)[2:]
+            assert argv == ["train", "--config", "configs/clip_b16.py", "--workdir", "gs://b/run",
+                            *TPU_ARGS[TPU_ARGS.index("--") + 1:]]
+            assert (home / "mmjax_train.pid").read_text().strip() == pid
+            # --stop reaches that very process: it checkpoints and exits.
+            run_script(["bash", "launch/tpu_pod.sh", "--name", "pod1", "--zone", "z", "--stop"],
+                       env=env)
+            _wait_for(events, f"mmjax checkpoint {pid}")
+    finally:  # whatever happened, no stand-in outlives the test
+        text = events.read_text()
+        for line in text.splitlines():
+            pid = line.split()[2] if line.startswith("mmjax started") else None
+            if pid and f"mmjax checkpoint {pid}" not in text:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
 # ---------------------------------------------------------------------------- SLURM
 
 SBATCH = os.path.join(LAUNCH, "slurm_gpu.sbatch")
@@ -214,7 +283,6 @@ def test_slurm_one_process_per_gpu_leaves_devices_to_jax():
 def _fake_slurm(tmp_path):
     """srun/scancel/scontrol/mmjax stand-ins; they log what they are asked to do."""
     bin_dir, log = tmp_path / "bin", tmp_path / "events"
-    bin_dir.mkdir()
     scripts = {
         # srun: drop its own options, then become the task (its pid is the step's).
         "srun": f'while [[ $1 == -* ]]; do shift; done\necho $$ > {tmp_path}/step.pid\nexec "$@"',
@@ -222,12 +290,9 @@ def _fake_slurm(tmp_path):
         "scontrol": f'echo "scontrol $*" >> {log}',
         # mmjax: like `mmjax train`, checkpoint and exit 0 on SIGTERM.
         "mmjax": f'trap \'echo "mmjax checkpoint $*" >> {log}; exit 0\' TERM\n'
-                 f'echo "mmjax started" >> {log}\nwhile true; do sleep 0.1; done',
+                 f'echo "mmjax started" >> {log}\nfor _ in $(seq 600); do sleep 0.1; done',
     }
-    for name, body in scripts.items():
-        path = bin_dir / name
-        path.write_text("#!/usr/bin/env bash\n" + body + "\n")
-        path.chmod(0o755)
+    _write_scripts(bin_dir, scripts)
     return bin_dir, log
 
 
@@ -252,10 +317,14 @@ def test_slurm_signal_checkpoints_then_requeues(tmp_path, sig, requeued):
         _wait_for(log, "mmjax started")
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=20)
-    finally:
+    finally:  # whatever happened, neither the script nor the stand-in outlives the test
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+            try:
+                os.kill(int((tmp_path / "step.pid").read_text()), signal.SIGKILL)
+            except (FileNotFoundError, ValueError, ProcessLookupError):
+                pass
     events = log.read_text().splitlines()
     assert proc.returncode == 0, err
     assert "scancel --signal=TERM 4242" in events

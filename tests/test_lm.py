@@ -65,17 +65,19 @@ IDS = np.random.RandomState(0).randint(3, VOCAB, (4, 10)).astype(np.int64)
 MASK = np.array([[1] * 10, [1] * 6 + [0] * 4, [0] * 3 + [1] * 7, [1] * 2 + [0] * 8])
 
 
-@pytest.mark.parametrize("tied", [False, True])
-@pytest.mark.parametrize("scan", [False, True])
-def test_llama_parity(llama_dirs, tied, scan):
+@pytest.mark.parametrize("tied,scan,remat", [(False, False, "none"), (True, False, "none"),
+                                              (False, True, "none"), (True, True, "full")])
+def test_llama_parity(llama_dirs, tied, scan, remat):
     path, ref = llama_dirs[tied]
     model, variables = load_llama(path, scan=scan)
+    model = model.clone(remat=remat)
     assert model.tie_embeddings == tied and model.num_kv_heads == 2 and model.rope_theta == 500.0
     assert ("lm_head" in variables["params"]) != tied
 
     with torch.no_grad():
         want = ref(torch.from_numpy(IDS)).logits.numpy()
-    got = np.asarray(model.apply(variables, jnp.asarray(IDS, jnp.int32)))
+    apply = jax.jit(lambda ids, **kw: model.apply(variables, ids, **kw))
+    got = np.asarray(apply(jnp.asarray(IDS, jnp.int32)))
     np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
 
     # Padded batch: pass the same mask and positions to both; compare real tokens.
@@ -83,20 +85,19 @@ def test_llama_parity(llama_dirs, tied, scan):
     with torch.no_grad():
         want = ref(torch.from_numpy(IDS), attention_mask=torch.from_numpy(MASK),
                    position_ids=torch.from_numpy(positions)).logits.numpy()
-    got = np.asarray(model.apply(variables, jnp.asarray(IDS, jnp.int32),
-                                 positions=jnp.asarray(positions, jnp.int32),
-                                 attention_mask=jnp.asarray(MASK)))
+    got = np.asarray(apply(jnp.asarray(IDS, jnp.int32), positions=jnp.asarray(positions, jnp.int32),
+                           attention_mask=jnp.asarray(MASK)))
     real = MASK.astype(bool)
     np.testing.assert_allclose(got[real], want[real], atol=TOL, rtol=0)
 
 
 def test_inputs_embeds_match_ids(lm):
-    model, variables, _, _ = lm
+    model, variables, forward, _ = lm
     ids = jnp.asarray(IDS[:2], jnp.int32)
-    emb = model.apply(variables, ids, method="embed")
+    emb = jax.jit(lambda i: model.apply(variables, i, method="embed"))(ids)
     assert emb.shape == (2, 10, 64)
-    np.testing.assert_allclose(model.apply(variables, inputs_embeds=emb),
-                               model.apply(variables, ids), atol=1e-6)
+    from_embeds = jax.jit(lambda e: model.apply(variables, inputs_embeds=e))(emb)
+    np.testing.assert_allclose(from_embeds, forward(ids, jnp.ones_like(ids)), atol=1e-6)
     with pytest.raises(ValueError, match="exactly one"):
         model.apply(variables)
 

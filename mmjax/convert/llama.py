@@ -14,9 +14,6 @@ from typing import Optional
 import jax.numpy as jnp
 import numpy as np
 
-# Imported as a module (attributes read at call time) so that `hf` may in turn
-# re-export `load_llama` without a circular-import failure.
-from mmjax.convert import hf as _hf
 from mmjax.models.layers import stack_layer_params
 from mmjax.models.lm import DecoderLM
 
@@ -66,6 +63,7 @@ def llama_model_kwargs(config: dict, path: str = "checkpoint") -> dict:
 
 def _llama_rules(kw: dict) -> list:
     """HF tensor name <-> unrolled `DecoderLM` parameter path."""
+    from mmjax.convert import hf as _hf  # at call time: `hf` re-exports load_llama
     Rule, linear, norm, heads_in = _hf.Rule, _hf._linear, _hf._norm, _hf._heads_in
     h, hkv, k = kw["num_heads"], kw["num_kv_heads"], kw["head_dim"]
     rules = [Rule("model.embed_tokens.weight", ("token_embedding", "embedding")),
@@ -100,6 +98,7 @@ def load_llama(path: str, *, scan: bool = False, dtype=jnp.float32) -> tuple[Dec
     Tied checkpoints (`tie_word_embeddings`) carry no `lm_head.weight`; the
     model then projects with the token embedding.
     """
+    from mmjax.convert import hf as _hf  # at call time: `hf` re-exports load_llama
     config, state = _hf.read_hf_checkpoint(path)
     kw = llama_model_kwargs(config, path)
     model = DecoderLM(**kw, scan=scan, dtype=dtype)

@@ -20,6 +20,7 @@ import ml_collections
 
 from mmjax.data.pipeline import build_eval_iterator
 from mmjax.data.tokenizers import build_tokenizer
+from mmjax.train import workdir as wd
 from mmjax.evaluate.zeroshot import zero_shot_classifier, zero_shot_evaluate
 
 log = logging.getLogger("mmjax")
@@ -91,10 +92,8 @@ def run_evals(config: Any, model: Any, variables: Any, mesh: Any = None, *, step
     log.info("eval step %d: zero-shot top-1 %.2f%% top-5 %.2f%% on %d images (%d classes)",
              step, 100 * metrics["top1"], 100 * metrics["top5"], metrics["n"], len(classnames))
     if workdir and jax.process_index() == 0:
-        out = os.path.join(workdir, "eval")
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, f"step_{step}.json"), "w", encoding="utf-8") as f:
-            json.dump({"step": step, **results}, f, indent=1)
+        wd.write_text(wd.join(workdir, "eval", f"step_{step}.json"),
+                      json.dumps({"step": step, **results}, indent=1))
     return results
 
 
@@ -106,12 +105,11 @@ def eval_command(config_spec: Optional[str], workdir: Optional[str], step: Optio
         return _eval_hf(hf_path, config_spec, overrides)
     if not workdir:
         raise EvalError("give --workdir DIR (a training run) or --hf PATH")
-    saved = os.path.join(workdir, "config.json")
+    saved = wd.join(workdir, "config.json")
     if config_spec is None:
-        if not os.path.exists(saved):
+        if not wd.exists(saved):
             raise EvalError(f"{workdir}: no config.json; pass --config configs/X.py")
-        with open(saved, encoding="utf-8") as f:
-            config = ml_collections.ConfigDict(json.load(f)["config"])
+        config = ml_collections.ConfigDict(json.loads(wd.read_text(saved))["config"])
         from mmjax.train.config_utils import apply_override
         for o in overrides:
             apply_override(config, o)
@@ -123,8 +121,8 @@ def eval_command(config_spec: Optional[str], workdir: Optional[str], step: Optio
     from mmjax.train.checkpoint import CheckpointError, Checkpointer
     from mmjax.train.optimizer import build_optimizer
     from mmjax.train.step import Trainer
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(ckpt_dir):
+    ckpt_dir = wd.join(workdir, "checkpoints")
+    if not wd.isdir(ckpt_dir):
         raise EvalError(f"{workdir}: no checkpoints (looked in {ckpt_dir}); train first")
     ckpt = Checkpointer(workdir, async_save=False)
     try:

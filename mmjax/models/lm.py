@@ -177,6 +177,8 @@ class DecoderLM(nn.Module):
       attention: "xla", "cudnn" or None (see `layers.dot_product_attention`).
       dtype: compute dtype (params stay float32; logits are float32).
       decode, cache_len: KV-cache mode and its buffer length (None = max_len).
+        The caller keeps every row's tokens within cache_len: inside jit a
+        write past the end cannot be detected (`generate` sizes it itself).
     """
     vocab_size: int = 32000
     width: int = 4096
@@ -416,9 +418,10 @@ def generate(model: DecoderLM, variables: dict, prompt_ids, prompt_lengths,
     if prompt_ids.ndim != 2:
         raise ValueError(f"generate: prompt_ids must be [B, P], got shape {prompt_ids.shape}.")
     lengths = np.asarray(prompt_lengths)
-    if lengths.shape != prompt_ids.shape[:1] or lengths.min() < 1 or lengths.max() > prompt_ids.shape[1]:
+    width = prompt_ids.shape[1]
+    if lengths.shape != prompt_ids.shape[:1] or lengths.min() < 1 or lengths.max() > width:
         raise ValueError(f"generate: prompt_lengths {lengths.tolist()} must be [B] with values in "
-                         f"1..{prompt_ids.shape[1]} (the padded prompt width).")
+                         f"1..{width} (the padded prompt width).")
     if max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}.")
     if method == "beam" and not 1 <= beam_size <= model.vocab_size:

@@ -20,6 +20,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from mmjax.train import workdir as wd
+
 log = logging.getLogger("mmjax")
 
 
@@ -31,7 +33,7 @@ class Checkpointer:
     """Save / restore `(state, data_states)` under `workdir/checkpoints`."""
 
     def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.directory = wd.join(wd.resolve(workdir), "checkpoints")
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,

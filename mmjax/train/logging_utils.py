@@ -15,6 +15,8 @@ from typing import Any, Mapping, Optional
 
 import jax
 
+from mmjax.train import workdir as wd
+
 log = logging.getLogger("mmjax")
 
 
@@ -34,14 +36,21 @@ class MetricsWriter:
         self.enabled = jax.process_index() == 0
         self.jsonl = None
         self.tb = None
+        self.remote_lines: list[str] | None = None
         if not self.enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
-        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+        path = wd.join(workdir, "metrics.jsonl")
+        if wd.is_remote(workdir):
+            # Object stores cannot append: keep the lines and rewrite the file.
+            self.remote_path = path
+            self.remote_lines = wd.read_text(path).splitlines(True) if wd.exists(path) else []
+        else:
+            os.makedirs(workdir, exist_ok=True)
+            self.jsonl = open(path, "a", encoding="utf-8")
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
-                self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+                self.tb = SummaryWriter(wd.join(workdir, "tensorboard"))
             except ImportError:  # pragma: no cover - tensorboardX is a dependency
                 log.warning("tensorboardX not installed; TensorBoard events are off")
 
@@ -52,8 +61,13 @@ class MetricsWriter:
             return
         clean = {k: (float(v) if v is not None else None) for k, v in scalars.items()}
         if jsonl:
-            self.jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
-            self.jsonl.flush()
+            line = json.dumps({"step": int(step), **clean}) + "\n"
+            if self.remote_lines is not None:
+                self.remote_lines.append(line)
+                wd.write_text(self.remote_path, "".join(self.remote_lines))
+            else:
+                self.jsonl.write(line)
+                self.jsonl.flush()
         if self.tb is not None:
             for k, v in clean.items():
                 if v is not None and math.isfinite(v):

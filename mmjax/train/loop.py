@@ -21,6 +21,7 @@ from mmjax.data.batch import make_global_batch
 from mmjax.data.pipeline import build_train_iterator
 from mmjax.models import build
 from mmjax.train import sharding as shd
+from mmjax.train import workdir as wd
 from mmjax.train.checkpoint import Checkpointer
 from mmjax.train.config_utils import ConfigError, config_fingerprint, first_difference
 from mmjax.train.flops import model_train_flops, peak_flops_per_device
@@ -71,20 +72,19 @@ def resolve_train_shards(config: Any) -> None:
 
 def check_workdir(config: Any, workdir: str) -> None:
     """Refuse to resume a workdir created by a different model/objectives config."""
-    path = os.path.join(workdir, "config.json")
+    path = wd.join(workdir, "config.json")
     mine = config_fingerprint(config)
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
+    if wd.exists(path):
+        saved = json.loads(wd.read_text(path))
         diff = first_difference(saved.get("fingerprint", {}), json.loads(json.dumps(mine)))
         if diff:
             raise ConfigError(f"--workdir {workdir} holds a run of another config ({diff}); "
                               "use a new --workdir or the original config.")
     elif jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump({"fingerprint": mine, "config": json.loads(config.to_json_best_effort())},
-                      f, indent=1)
+        wd.makedirs(workdir)
+        wd.write_text(path, json.dumps({"fingerprint": mine,
+                                        "config": json.loads(config.to_json_best_effort())},
+                                       indent=1))
 
 
 def check_tokenizer(config: Any, model: Any) -> None:
@@ -128,7 +128,7 @@ def train(config: Any, workdir: str) -> dict:
     """Train `config` in `workdir`, resuming from its latest checkpoint. Returns final metrics."""
     setup_logging()
     maybe_initialize_distributed()
-    workdir = os.path.abspath(workdir)
+    workdir = wd.resolve(workdir)
     model = build(config.model)
     check_objectives(model, config.objectives)
     check_workdir(config, workdir)

@@ -1,0 +1,119 @@
+"""Train-step speed on this CPU: mmjax vs Hugging Face `transformers` CLIPModel (PyTorch).
+
+The same small CLIP on both sides (ViT width 256, depth 6, patch 16, 112 px;
+text width 256, depth 6, length 32; projection 256; batch 64; AdamW; CLIP
+softmax loss). Rounds alternate between the two frameworks so that load from
+other processes affects both alike; the median step time of each side is
+reported with the ratio of samples/s (mmjax / PyTorch).
+
+    python benchmarks/cpu_train_step.py [--dtype float32|bfloat16] [--rounds 5] [--steps 5]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+B, IMG, PATCH, WIDTH, DEPTH, HEADS, TXT_LEN, VOCAB, PROJ = 64, 112, 16, 256, 6, 4, 32, 49408, 256
+
+
+def torch_step_fn(dtype: str):
+    import torch
+    import transformers
+    torch.manual_seed(0)
+    cfg = transformers.CLIPConfig(
+        text_config=dict(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=4 * WIDTH,
+                         num_hidden_layers=DEPTH, num_attention_heads=HEADS,
+                         max_position_embeddings=TXT_LEN, hidden_act="gelu"),
+        vision_config=dict(image_size=IMG, patch_size=PATCH, hidden_size=WIDTH,
+                           intermediate_size=4 * WIDTH, num_hidden_layers=DEPTH,
+                           num_attention_heads=HEADS, hidden_act="gelu"),
+        projection_dim=PROJ)
+    model = transformers.CLIPModel(cfg).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-6,
+                            weight_decay=0.2)
+    pixels = torch.randn(B, 3, IMG, IMG)
+    ids = torch.randint(3, VOCAB - 1, (B, TXT_LEN))
+    ids[:, -1] = VOCAB - 1  # EOT = highest id (legacy CLIP pooling)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            out = model(input_ids=ids, pixel_values=pixels, return_loss=True)
+        out.loss.backward()
+        opt.step()
+        return float(out.loss)
+    return step
+
+
+def jax_step_fn(dtype: str):
+    import jax
+    import numpy as np
+    from mmjax.models import build
+    from mmjax.train import sharding as shd
+    from mmjax.train.defaults import base_config
+    from mmjax.train.optimizer import build_optimizer
+    from mmjax.train.step import Trainer
+
+    c = base_config()
+    c.batch_size = B
+    c.optim.update(dict(lr=1e-4, warmup_steps=0, schedule="const", clip_norm=None))
+    c.data.train.image_size, c.data.train.max_len = IMG, TXT_LEN
+    c.model.name, c.model.head, c.model.dtype = "two_tower", "softmax", dtype
+    c.model.image = dict(image_size=IMG, patch_size=PATCH, width=WIDTH, depth=DEPTH,
+                         heads=HEADS, pool="cls", ln_pre=True, patch_bias=False,
+                         embed_dim=PROJ, act="gelu")
+    c.model.text = dict(vocab_size=VOCAB, max_len=TXT_LEN, width=WIDTH, depth=DEPTH,
+                        heads=HEADS, embed_dim=PROJ, causal=True, pool="eos",
+                        eos_id=VOCAB - 1, pad_id=0, act="gelu")
+    c.objectives.softmax_contrastive = 1.0
+    mesh = shd.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    tx, schedule = build_optimizer(c.optim, 1000)
+    trainer = Trainer(c, build(c.model), tx, schedule, mesh)
+    state = {"s": trainer.init_state(0)}
+    rng = np.random.RandomState(0)
+    ids = rng.randint(3, VOCAB - 1, (B, TXT_LEN)).astype(np.int32)
+    ids[:, -1] = VOCAB - 1
+    batch = jax.device_put({"image": rng.randn(B, IMG, IMG, 3).astype(np.float32),
+                            "text": ids}, trainer.batch_sharding)
+
+    def step():
+        state["s"], metrics = trainer.step(state["s"], batch)
+        return float(metrics["loss"])
+    return step
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=5)
+    args = p.parse_args(argv)
+    import torch
+    torch.set_num_threads(os.cpu_count())
+    sides = {"pytorch": torch_step_fn(args.dtype), "mmjax": jax_step_fn(args.dtype)}
+    for fn in sides.values():  # compile / warm up
+        fn(), fn()
+    times = {k: [] for k in sides}
+    for _ in range(args.rounds):
+        for name, fn in sides.items():
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                fn()
+            times[name].append((time.perf_counter() - t0) / args.steps)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"| side | dtype | median step (s) | samples/s |")
+    print(f"|---|---|---:|---:|")
+    for k in sides:
+        print(f"| {k} | {args.dtype} | {med[k]:.3f} | {B / med[k]:.1f} |")
+    print(f"\nratio mmjax / pytorch samples/s: {med['pytorch'] / med['mmjax']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
