@@ -81,6 +81,9 @@ def test_every_recipe_runs_tiny(path, tmp_path):
     for name in config.objectives:
         assert np.isfinite(lines[-1][f"loss/{name}"])
     assert 0.0 <= result["zeroshot/top1"] <= 1.0
+    assert 0.0 <= result["retrieval/t2i_r1"] <= result["retrieval/t2i_r5"] <= 1.0
+    if config.model.name in ("coca", "blip2_stage1"):
+        assert result["captioning/n"] == 8 and result["captioning/bleu4"] >= 0.0
     assert os.path.exists(tmp_path / "eval" / "step_3.json")
     # Frozen groups provably do not change; the rest does.
     frozen = list(config.optim.freeze)

@@ -496,3 +496,9 @@ def load_blip2_qformer(path: str, *, scan: bool = False, dtype=jnp.float32,
 def _blip2_inputs(model: Blip2Stage1):
     s = model.image["image_size"]
     return jnp.zeros((1, s, s, 3), jnp.float32), jnp.ones((1, 4), jnp.int32)
+
+
+def load_llama(path: str, **kwargs):
+    """Hugging Face `LlamaForCausalLM` folder -> `(DecoderLM, variables)`; see `mmjax.convert.llama`."""
+    from mmjax.convert.llama import load_llama as _load
+    return _load(path, **kwargs)

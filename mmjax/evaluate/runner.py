@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 import jax
 import ml_collections
+import numpy as np
 
 from mmjax.data.pipeline import build_eval_iterator
 from mmjax.data.tokenizers import build_tokenizer
@@ -34,64 +35,113 @@ def _cache_dir() -> str:
     return os.environ.get("MMJAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mmjax"))
 
 
-def _zeroshot_data(config: Any) -> tuple[Any, list[str]]:
-    """(eval data config, classnames) for `config.evals.zeroshot`."""
-    zs = config.evals.zeroshot
+def _eval_data(config: Any, shards: str) -> Any:
+    """Eval data config: the train data's decoding with `shards` ("synthetic" =
+    the held-out built-in split), read once in order with center crops."""
     data = ml_collections.ConfigDict(config.data.train.to_dict())
     data.workers = 0
-    if zs.shards == "synthetic":
+    if shards == "synthetic":
         from mmjax.data import synthetic
         data.shards = "::".join(synthetic.ensure_synthetic_shards(
             _cache_dir(), "test", num_samples=int(config.synthetic.test_samples),
             image_size=int(config.synthetic.image_size),
             samples_per_shard=int(config.synthetic.samples_per_shard), seed=0))
     else:
-        data.shards = zs.shards
-    if zs.classnames == "synthetic":
+        data.shards = shards
+    return data
+
+
+def _classnames(spec: Any) -> list[str]:
+    if spec == "synthetic":
         from mmjax.data.synthetic import CLASSNAMES
-        classnames = list(CLASSNAMES)
-    else:
-        from mmjax.evaluate.templates import resolve_classnames
-        classnames = resolve_classnames(zs.classnames)
-    return data, classnames
+        return list(CLASSNAMES)
+    from mmjax.evaluate.templates import resolve_classnames
+    return resolve_classnames(spec)
+
+
+def _batches(config: Any, section: Any):
+    """Eval batches of `section.shards`, stopping after `section.max_samples` (0 = all)."""
+    it = build_eval_iterator(_eval_data(config, section.shards), int(config.evals.batch_size))
+    limit, seen = int(section.get("max_samples", 0) or 0), 0
+    try:
+        for batch in it:
+            yield batch
+            seen += int(np.sum(batch.get("valid", np.ones(len(batch["text"]), bool))))
+            if limit and seen >= limit:
+                return
+    finally:
+        it.close()
+
+
+def _zeroshot(config, model, variables, tokenizer) -> dict:
+    zs = config.evals.zeroshot
+    classnames = _classnames(zs.classnames)
+    classifier = zero_shot_classifier(model, variables, classnames, zs.templates, tokenizer,
+                                      batch_size=int(config.evals.batch_size))
+    m = zero_shot_evaluate(model, variables, classifier, _batches(config, zs))
+    log.info("zero-shot top-1 %.2f%% top-5 %.2f%% on %d images (%d classes)",
+             100 * m["top1"], 100 * m["top5"], m["n"], len(classnames))
+    return {"zeroshot/top1": m["top1"], "zeroshot/top5": m["top5"],
+            "zeroshot/mean_per_class_recall": m["mean_per_class_recall"],
+            "zeroshot/n": m["n"], "zeroshot/num_classes": len(classnames), "top1": m["top1"]}
+
+
+def _retrieval(config, model, variables) -> dict:
+    from mmjax.evaluate.retrieval import retrieval_evaluate
+    m = retrieval_evaluate(model, variables, _batches(config, config.evals.retrieval))
+    log.info("retrieval i2t R@1 %.2f%% t2i R@1 %.2f%% over %d images",
+             100 * m["i2t_r1"], 100 * m["t2i_r1"], m["n_images"])
+    return {f"retrieval/{k}": v for k, v in m.items()}
+
+
+def _captioning(config, model, variables, tokenizer) -> dict:
+    from mmjax.evaluate import captioning
+    from mmjax.evaluate.metrics import caption_scores
+    from mmjax.models import Blip2Stage1, CoCa
+    cap = config.evals.captioning
+    make = {CoCa: captioning.coca_logits_fn, Blip2Stage1: captioning.blip2_itg_logits_fn}
+    if type(model) not in make:
+        raise EvalError(f"config.evals.captioning: {type(model).__name__} has no captioning "
+                        "head; use a CoCa or BLIP-2 recipe or set evals.captioning.shards=''.")
+    preds, refs = {}, {}
+    for batch in _batches(config, cap):
+        valid = np.asarray(batch.get("valid", np.ones(len(batch["text"]), bool)), bool)
+        images = np.asarray(batch["image"])
+        texts = captioning.generate_captions(
+            make[type(model)](model, variables, images), len(images), tokenizer,
+            int(cap.max_len), beam_size=int(cap.beam_size))
+        for i in np.flatnonzero(valid):
+            key = len(preds)
+            preds[key] = texts[i]
+            refs[key] = [tokenizer.decode(np.asarray(batch["text"][i]))]
+    m = caption_scores(preds, refs)
+    log.info("captioning BLEU-4 %.3f CIDEr %.3f on %d images; e.g. %r", m["bleu4"], m["cider"],
+             len(preds), preds.get(0))
+    return {"captioning/bleu4": m["bleu4"], "captioning/cider": m["cider"],
+            "captioning/n": len(preds)}
 
 
 def run_evals(config: Any, model: Any, variables: Any, mesh: Any = None, *, step: int = 0,
               workdir: Optional[str] = None) -> dict:
-    """Run the configured evaluators; returns flat `{name: value}` (and writes files)."""
+    """Run the evaluators enabled in `config.evals` (a section is on when its
+    `shards` is set); returns flat `{name: value}` and writes
+    `workdir/eval/step_<N>.json`."""
     if jax.process_count() > 1:
         log.warning("evals inside a multi-process job are not run; use `mmjax eval` on the "
                     "checkpoint from one process")
         return {}
-    zs = config.evals.zeroshot
-    data_cfg, classnames = _zeroshot_data(config)
     tokenizer = build_tokenizer(config.data.train.tokenizer, int(config.data.train.max_len))
     # Evaluate on this process's devices; parameters are replicated for eval.
     variables = jax.device_get(variables)
-    classifier = zero_shot_classifier(model, variables, classnames, zs.templates, tokenizer,
-                                      batch_size=int(config.evals.batch_size))
-    batches = build_eval_iterator(data_cfg, int(config.evals.batch_size))
-    try:
-        limit = int(zs.get("max_samples", 0) or 0)
-        seen = 0
-
-        def limited():
-            nonlocal seen
-            for b in batches:
-                yield b
-                seen += len(b["label"])
-                if limit and seen >= limit:
-                    return
-        metrics = zero_shot_evaluate(model, variables, classifier, limited())
-    finally:
-        batches.close()
-    results = {"zeroshot/top1": metrics["top1"], "zeroshot/top5": metrics["top5"],
-               "zeroshot/mean_per_class_recall": metrics["mean_per_class_recall"],
-               "zeroshot/n": metrics["n"], "zeroshot/num_classes": len(classnames),
-               "top1": metrics["top1"]}
-    log.info("eval step %d: zero-shot top-1 %.2f%% top-5 %.2f%% on %d images (%d classes)",
-             step, 100 * metrics["top1"], 100 * metrics["top5"], metrics["n"], len(classnames))
-    if workdir and jax.process_index() == 0:
+    ev = config.evals
+    results: dict = {}
+    if ev.zeroshot.get("shards"):
+        results.update(_zeroshot(config, model, variables, tokenizer))
+    if ev.get("retrieval") and ev.retrieval.get("shards"):
+        results.update(_retrieval(config, model, variables))
+    if ev.get("captioning") and ev.captioning.get("shards"):
+        results.update(_captioning(config, model, variables, tokenizer))
+    if workdir and jax.process_index() == 0 and results:
         wd.write_text(wd.join(workdir, "eval", f"step_{step}.json"),
                       json.dumps({"step": step, **results}, indent=1))
     return results

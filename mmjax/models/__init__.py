@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from mmjax.models.blip2 import Blip2Stage1
 from mmjax.models.coca import CoCa
+from mmjax.models.lm import DecoderLM
 from mmjax.models.layers import MAPHead, Mlp, Norm, Attention, Block
 from mmjax.models.qformer import QFormer
 from mmjax.models.text import CaptionDecoder, TextEncoder
@@ -25,7 +26,7 @@ SUBMODULES = {"two_tower": {"image": ViT, "text": TextEncoder},
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 __all__ = ["ViT", "TextEncoder", "CaptionDecoder", "QFormer", "TwoTower", "CoCa",
-           "Blip2Stage1", "MAPHead", "Mlp", "Norm", "Attention", "Block", "build", "MODELS"]
+           "Blip2Stage1", "DecoderLM", "MAPHead", "Mlp", "Norm", "Attention", "Block", "build", "MODELS"]
 
 
 def _plain(x: Any) -> Any:

@@ -337,6 +337,8 @@ def _aot_command(args, overrides: list[str], argv: list[str]) -> int:
                              f"with simulated CPU devices; unset XLA_FLAGS and JAX_PLATFORMS.")
         # The device count is fixed when jax starts: run again with N CPU devices.
         env = dict(os.environ, JAX_PLATFORMS="cpu", **{_CHILD_ENV: "1"})
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
         flags = [f for f in env.get("XLA_FLAGS", "").split()
                  if not f.startswith("--xla_force_host_platform_device_count")]
         env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={wanted}"])

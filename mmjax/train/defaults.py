@@ -44,6 +44,11 @@ def base_config() -> ml_collections.ConfigDict:
         classnames="synthetic",        # file (one name per line), list, or "synthetic"
         templates="simple",            # built-in set name, one "{}" template, or a file
         max_samples=0))                # 0: all
+    # Image-text retrieval (Recall@1/5/10) on shards with one caption per image.
+    c.evals.retrieval = ml_collections.ConfigDict(dict(shards="", max_samples=0))
+    # Captioning (CoCa, BLIP-2): greedy (beam_size=1) or beam search; BLEU-4, CIDEr.
+    c.evals.captioning = ml_collections.ConfigDict(dict(
+        shards="", max_samples=256, beam_size=1, max_len=32))
     return c
 
 
@@ -61,6 +66,9 @@ def make_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     d.update(dict(shards="synthetic", tokenizer="bytes", max_len=32, image_size=32,
                   workers=0, shuffle_buffer=16))
     c.evals.batch_size = 32
+    c.evals.retrieval.shards = "synthetic"
+    if c.model.name in ("coca", "blip2_stage1"):
+        c.evals.captioning.update(dict(shards="synthetic", max_samples=8, max_len=8))
     m = c.model
     small = dict(width=64, depth=2, heads=4, mlp_dim=128)
     if "image" in m:
