@@ -55,6 +55,8 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
 
 def _parse(text: str, current: Any) -> Any:
     low = text.lower()
+    if isinstance(current, str):
+        return text  # string fields stay strings ("none" is e.g. a remat policy name)
     if isinstance(current, bool):
         if low in ("true", "1", "yes"):
             return True
