@@ -65,3 +65,40 @@ def test_missing_step_is_one_line(trained, capsys):
 def test_workdir_without_checkpoint_is_one_line(tmp_path, capsys):
     msg = _one_line_error(["eval", "--config", "clip_tiny", "--workdir", str(tmp_path)], capsys)
     assert "no checkpoint" in msg and str(tmp_path) in msg
+
+
+def test_eval_hf_clip_folder(tmp_path, capsys):
+    """`mmjax eval --hf` on a transformers CLIP folder gives the zero-shot accuracy
+    that mmjax's own evaluators compute for the same imported weights."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from mmjax.convert.hf import load_clip
+    from mmjax.data.synthetic import CLASSNAMES
+    from mmjax.data.tokenizers import build_tokenizer
+    from mmjax.evaluate.runner import _batches
+    from mmjax.evaluate.zeroshot import zero_shot_classifier, zero_shot_evaluate
+    from mmjax.train.defaults import base_config
+
+    torch.manual_seed(0)
+    cfg = transformers.CLIPConfig(
+        text_config=dict(vocab_size=300, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=4,
+                         max_position_embeddings=32, eos_token_id=2, pad_token_id=0),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=1, num_attention_heads=4), projection_dim=16)
+    transformers.CLIPModel(cfg).save_pretrained(str(tmp_path))
+    overrides = ["synthetic.test_samples=48", "synthetic.image_size=32",
+                 "synthetic.samples_per_shard=24"]
+    assert cli.main(["eval", "--hf", str(tmp_path)] + [f"--config.{o}" for o in overrides]) == 0
+    out = capsys.readouterr().out
+    # The same numbers by hand.
+    model, variables = load_clip(str(tmp_path))
+    config = base_config()
+    config.data.train.image_size, config.data.train.max_len = 32, 32
+    config.synthetic.update(dict(test_samples=48, image_size=32, samples_per_shard=24))
+    tok = build_tokenizer("bytes", 32)
+    classifier = zero_shot_classifier(model, variables, list(CLASSNAMES), "simple", tok)
+    want = zero_shot_evaluate(model, variables, classifier,
+                              _batches(config, config.evals.zeroshot))
+    assert want["n"] == 48
+    assert f"top1: {want['top1']:.4f}" in out

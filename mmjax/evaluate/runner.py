@@ -213,4 +213,10 @@ def _eval_hf(path: str, config_spec: Optional[str], overrides: list[str]) -> dic
         config.data.train.std = (0.5, 0.5, 0.5)
     for o in overrides:
         apply_override(config, o)
+    tokenizer = build_tokenizer(config.data.train.tokenizer, int(config.data.train.max_len))
+    if tokenizer.vocab_size > model.text["vocab_size"]:
+        raise EvalError(f"{path}: tokenizer {config.data.train.tokenizer!r} has "
+                        f"{tokenizer.vocab_size} tokens but the model only "
+                        f"{model.text['vocab_size']}; put the model's tokenizer.json in the "
+                        "folder or pass --config.data.train.tokenizer=hf:PATH")
     return run_evals(config, model, variables, step=0, workdir=None)
