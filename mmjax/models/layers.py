@@ -145,22 +145,35 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Optional[Array] = 
 
 
 class _HeadsIn(nn.Module):
-    """`[B, T, D] -> [B, T, H, K]` projection; kernel `[D, H, K]` (logical embed, heads, kv)."""
+    """`[B, T, Din] -> [B, T, H, K]` projection; kernel `[Din, H, K]` (logical embed, heads, kv)."""
+    in_features: int
     heads: int
     head_dim: int
     use_bias: bool
     dtype: Dtype
     kernel_init: Callable
 
-    @nn.compact
+    def setup(self):
+        self.kernel = self.param("kernel", logical(self.kernel_init, ("embed", "heads", "kv")),
+                                 (self.in_features, self.heads, self.head_dim))
+        self.bias = (self.param("bias", logical(nn.initializers.zeros, ("heads", "kv")),
+                                (self.heads, self.head_dim)) if self.use_bias else None)
+
     def __call__(self, x):
-        kernel = self.param("kernel", logical(self.kernel_init, ("embed", "heads", "kv")),
-                            (x.shape[-1], self.heads, self.head_dim))
-        y = jnp.einsum("...d,dhk->...hk", x.astype(self.dtype), kernel.astype(self.dtype))
-        if self.use_bias:
-            y = y + self.param("bias", logical(nn.initializers.zeros, ("heads", "kv")),
-                               (self.heads, self.head_dim)).astype(self.dtype)
-        return y
+        y = jnp.einsum("...d,dhk->...hk", x.astype(self.dtype), self.kernel.astype(self.dtype))
+        return y + self.bias.astype(self.dtype) if self.use_bias else y
+
+
+def _fused_qkv(x: Array, projs: Sequence[_HeadsIn], dtype: Dtype) -> list[Array]:
+    """q, k, v of self-attention as ONE matmul against the concatenated kernels
+    (same parameters and numbers as three projections; fewer, larger matmuls
+    run faster, notably on CPU)."""
+    kernel = jnp.concatenate([p.kernel for p in projs], axis=1).astype(dtype)
+    y = jnp.einsum("...d,dhk->...hk", x.astype(dtype), kernel)
+    if projs[0].use_bias:
+        y = y + jnp.concatenate([p.bias for p in projs], axis=0).astype(dtype)
+    h = projs[0].heads
+    return [y[..., i * h:(i + 1) * h, :] for i in range(3)]
 
 
 class _HeadsOut(nn.Module):
@@ -206,11 +219,13 @@ class Attention(nn.Module):
         head_dim = d // self.num_heads
         context = x if context is None else context
 
-        def proj(name, inp):
-            return _HeadsIn(self.num_heads, head_dim, self.qkv_bias, self.dtype,
-                            self.kernel_init, name=name)(inp)
-
-        q, k, v = proj("query", x), proj("key", context), proj("value", context)
+        projs = [_HeadsIn(inp.shape[-1], self.num_heads, head_dim, self.qkv_bias, self.dtype,
+                          self.kernel_init, name=name)
+                 for name, inp in (("query", x), ("key", context), ("value", context))]
+        if context is x:
+            q, k, v = _fused_qkv(x, projs, self.dtype)
+        else:
+            q, k, v = projs[0](x), projs[1](context), projs[2](context)
         q = constrain(q, ("act_batch", "act_length", "act_heads", "act_kv"))
         k = constrain(k, ("act_batch", "act_length", "act_heads", "act_kv"))
         v = constrain(v, ("act_batch", "act_length", "act_heads", "act_kv"))
