@@ -91,7 +91,8 @@ class GQAttention(nn.Module):
     @nn.compact
     def __call__(self, x, mask, positions, write_index):
         def proj(heads, name):
-            return _HeadsIn(heads, self.head_dim, False, self.dtype, self.kernel_init, name=name)(x)
+            return _HeadsIn(x.shape[-1], heads, self.head_dim, False, self.dtype,
+                            self.kernel_init, name=name)(x)
 
         names = ("act_batch", "act_length", "act_heads", "act_kv")
         q = constrain(proj(self.num_heads, "query"), names)
