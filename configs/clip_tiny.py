@@ -7,7 +7,7 @@ Expect (2 CPU cores): about 3 minutes, final contrastive loss well below
 its start (ln 128 ~ 4.85), and zero-shot top-1 on 1,000 held-out built-in
 images printed at the end, far above chance (1/24 = 4.2%; see README).
 """
-from mmjax.train.defaults import base_config
+from mmjax.train.defaults import base_config, make_tiny
 
 
 def get_config(arg=None):
@@ -38,11 +38,4 @@ def get_config(arg=None):
     c.model.text = dict(vocab_size=259, max_len=32, width=128, depth=2, heads=4,
                         embed_dim=128, causal=True, pool="eos", eos_id=2, pad_id=0)
     c.objectives.softmax_contrastive = 1.0
-    if arg == "tiny":
-        c.total_steps = 3
-        c.batch_size = 16
-        c.log_every = 1
-        c.synthetic.train_samples = 200
-        c.synthetic.test_samples = 64
-        c.synthetic.samples_per_shard = 50
-    return c
+    return make_tiny(c) if arg == "tiny" else c

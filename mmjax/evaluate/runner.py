@@ -65,8 +65,12 @@ def _batches(config: Any, section: Any):
     limit, seen = int(section.get("max_samples", 0) or 0), 0
     try:
         for batch in it:
+            valid = np.asarray(batch.get("valid", np.ones(len(batch["text"]), bool)), bool)
+            if limit:  # keep exactly `limit` real rows
+                valid = valid & (np.cumsum(valid) + seen <= limit)
+            batch = dict(batch, valid=valid)
+            seen += int(valid.sum())
             yield batch
-            seen += int(np.sum(batch.get("valid", np.ones(len(batch["text"]), bool))))
             if limit and seen >= limit:
                 return
     finally:
