@@ -16,7 +16,6 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
-import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -81,13 +80,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def _rules_dict() -> dict:
-    return dict(LOGICAL_RULES)
-
-
 def param_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:
     """PartitionSpec of one parameter from its logical names and shape."""
-    rules = _rules_dict()
+    rules = dict(LOGICAL_RULES)
     spec: list[Any] = []
     for name, dim in zip(names, shape):
         axis = rules.get(name) if name is not None else None
@@ -160,8 +155,3 @@ def local_batch_size(global_batch: int, mesh: Mesh) -> int:
         raise ValueError(f"config.batch_size={global_batch} must be divisible by the process "
                          f"count {jax.process_count()}.")
     return global_batch // jax.process_count()
-
-
-def to_host(x: Any) -> Any:
-    """Fully replicated / addressable arrays -> numpy (for logging and eval)."""
-    return jax.tree.map(lambda a: np.asarray(jax.device_get(a)), x)

@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from mmjax.data.decode import normalize_on_device
 from mmjax.train import sharding as shd
 from mmjax.train.objectives import compute_losses
-from mmjax.train.optimizer import check_freeze
+from mmjax.train.optimizer import check_freeze, clamp_head_params
 
 
 def sample_inputs(config: Any, batch: int = 1) -> tuple[jax.Array, jax.Array]:
@@ -115,9 +115,7 @@ class Trainer:
         loss, metrics, grads = self._loss_and_grads(state["params"], batch, rng)
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        if self.max_log_scale is not None and "log_scale" in params:
-            params = dict(params)
-            params["log_scale"] = jnp.clip(params["log_scale"], 0.0, self.max_log_scale)
+        params = clamp_head_params(params, self.max_log_scale)
         metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
                        lr=self.schedule(state["step"]))
         new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
