@@ -125,6 +125,17 @@ def _pre_norm_layer(hf: str, path: tuple, heads: int) -> list[Rule]:
             + _linear(f"{hf}.mlp.fc2", path + ("mlp", "fc2")))
 
 
+def _two_tower_layers(config: dict) -> list[Rule]:
+    """Encoder layers of both towers of a CLIP-layout checkpoint (CLIP, SigLIP)."""
+    rules = []
+    for hf_tower, ours, cfg in (("vision_model", "image_tower", config["vision_config"]),
+                                ("text_model", "text_tower", config["text_config"])):
+        for i in range(cfg["num_hidden_layers"]):
+            rules += _pre_norm_layer(f"{hf_tower}.encoder.layers.{i}", (ours, f"layers_{i}"),
+                                     cfg["num_attention_heads"])
+    return rules
+
+
 def _patch(hf: str, path: tuple) -> Rule:
     """torch Conv2d [D, 3, p, p] -> mmjax patch kernel [p, p, 3, D]."""
     return Rule(hf, path, lambda w: w.transpose(2, 3, 1, 0), lambda k: k.transpose(3, 2, 0, 1))
@@ -210,7 +221,6 @@ def _act(name: str) -> str:
 
 
 def _clip_rules(config: dict) -> list[Rule]:
-    v, t = config["vision_config"], config["text_config"]
     img, txt = ("image_tower",), ("text_tower",)
     rules = [Rule("vision_model.embeddings.class_embedding", img + ("cls",)),
              _patch("vision_model.embeddings.patch_embedding.weight", img + ("patch_kernel",)),
@@ -223,13 +233,7 @@ def _clip_rules(config: dict) -> list[Rule]:
              *_norm("text_model.final_layer_norm", txt + ("ln_final",)),
              *_linear("text_projection", txt + ("proj",), bias=False),
              Rule("logit_scale", ("log_scale",), lambda x: x.reshape(()), lambda x: x.reshape(()))]
-    for i in range(v["num_hidden_layers"]):
-        rules += _pre_norm_layer(f"vision_model.encoder.layers.{i}", img + (f"layers_{i}",),
-                                 v["num_attention_heads"])
-    for i in range(t["num_hidden_layers"]):
-        rules += _pre_norm_layer(f"text_model.encoder.layers.{i}", txt + (f"layers_{i}",),
-                                 t["num_attention_heads"])
-    return rules
+    return rules + _two_tower_layers(config)
 
 
 def _maybe_scan(params: dict, config_pairs: list[tuple[str, int]], scan: bool) -> dict:
@@ -314,7 +318,7 @@ def save_clip(path: str, model: TwoTower, variables: dict) -> None:
 # ----------------------------------------------------------------------------
 
 def _siglip_rules(config: dict) -> list[Rule]:
-    v, t = config["vision_config"], config["text_config"]
+    v = config["vision_config"]
     img, txt, head = ("image_tower",), ("text_tower",), ("image_tower", "map_head")
     d = v["hidden_size"]
 
@@ -346,13 +350,7 @@ def _siglip_rules(config: dict) -> list[Rule]:
                           head + ("attn", name, "kernel"), in_proj(idx, "weight")))
         rules.append(Rule("vision_model.head.attention.in_proj_bias",
                           head + ("attn", name, "bias"), in_proj(idx, "bias")))
-    for i in range(v["num_hidden_layers"]):
-        rules += _pre_norm_layer(f"vision_model.encoder.layers.{i}", img + (f"layers_{i}",),
-                                 v["num_attention_heads"])
-    for i in range(t["num_hidden_layers"]):
-        rules += _pre_norm_layer(f"text_model.encoder.layers.{i}", txt + (f"layers_{i}",),
-                                 t["num_attention_heads"])
-    return rules
+    return rules + _two_tower_layers(config)
 
 
 def load_siglip(path: str, *, scan: bool = False, dtype=jnp.float32) -> tuple[TwoTower, dict]:
