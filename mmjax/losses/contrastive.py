@@ -15,7 +15,6 @@ Distributed modes (chosen from the ambient mesh set by `jax.set_mesh`):
   and sending the text-block gradient along with the block, so per-device
   memory is O(b*b + b*D) in forward and backward for any number of devices.
 """
-import functools
 
 import jax
 import jax.numpy as jnp

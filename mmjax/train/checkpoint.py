@@ -12,7 +12,6 @@ resume on a different mesh.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Optional
 
 import jax

@@ -11,7 +11,7 @@ MFU = training FLOPs per step / (step time × peak FLOP/s of all devices).
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 

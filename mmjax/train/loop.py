@@ -11,7 +11,6 @@ import logging
 import math
 import os
 import signal
-import time
 from typing import Any, Optional
 
 import jax
