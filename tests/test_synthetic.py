@@ -8,10 +8,12 @@ import tarfile
 import threading
 
 import numpy as np
+import pytest
 from PIL import Image
 
-from mmjax.data.synthetic import (CLASSNAMES, COLORS, SHAPES, ensure_synthetic_shards,
-                                  make_batch, make_sample, write_synthetic_shards)
+from mmjax.data.synthetic import (ANSWERS_BY_TYPE, CLASSNAMES, COLORS, QUESTIONS, SHAPES,
+                                  ensure_synthetic_shards, majority_answer_baselines,
+                                  make_batch, make_sample, sample_qa, write_synthetic_shards)
 
 RELATIONS = {"above": (0, -1), "below": (0, 1), "to the left of": (-1, 0),
              "to the right of": (1, 0)}  # (dx, dy) sign of class object vs second
@@ -112,6 +114,59 @@ def test_caption_and_label_match_pixels():
     assert n_pairs > 50 and n_rel > 30
 
 
+def test_qa_answers_match_drawing():
+    colour_names = list(COLORS)
+    n_where = 0
+    orders = set()
+    for i in range(200):
+        s = make_sample(i, "test", 64)
+        qa = s["qa"]
+        assert qa == sample_qa(i, "test") == make_sample(i, "test", 16)["qa"]
+        orders.add(tuple(q["type"] for q in qa))
+        assert sorted(q["type"] for q in qa) == sorted(QUESTIONS)
+        ans = {q["type"]: q["answer"] for q in qa}
+        for q in qa:
+            assert q["question"] == QUESTIONS[q["type"]]
+            assert q["answer"] in ANSWERS_BY_TYPE[q["type"]], q
+        colour, shape = s["classname"].split()
+        assert ans["color"] == colour and ans["shape"] == shape
+        named = [w for w in s["caption"].split() if w in COLORS]
+        lab = _pixel_colour_labels(s["image"])
+        counts = np.bincount(lab[lab >= 0], minlength=len(COLORS))
+        if len(named) == 1:
+            assert (ans["count"], ans["small_color"], ans["where"]) == ("one", "none", "none"), i
+            continue
+        assert ans["count"] == "two" and ans["small_color"] == named[1], (i, s["caption"])
+        small = colour_names.index(named[1])
+        assert counts[small] > 10
+        # The small object's centroid lies on the answered side of the big one's.
+        y1, x1 = np.argwhere(lab == colour_names.index(colour)).mean(0)
+        y2, x2 = np.argwhere(lab == small).mean(0)
+        side = {"above": y1 - y2, "below": y2 - y1, "left": x1 - x2, "right": x2 - x1}
+        assert side[ans["where"]] > 0, (i, s["caption"], ans["where"])
+        n_where += 1
+    assert n_where > 80
+    assert len(orders) > 20  # the question order is shuffled per sample
+
+
+def test_qa_baselines():
+    got = majority_answer_baselines("train", num_samples=300)
+    # Independent count over the rendered samples' own QA lists.
+    answers = [(q["type"], q["answer"]) for i in range(300)
+               for q in make_sample(i, "train", 8)["qa"]]
+    words = [a for _, a in answers]
+    top = max(set(words), key=words.count)
+    prior = sum(max(sum(1 for u, a in answers if u == t and a == w) for w in ANSWERS_BY_TYPE[t])
+                for t in QUESTIONS) / len(answers)
+    assert got["majority_answer"] == top == "none"
+    assert got["majority_accuracy"] == pytest.approx(words.count(top) / len(answers))
+    assert got["per_type_prior_accuracy"] == pytest.approx(prior)
+    # "none" answers small_color and where when there is one object (40%): ~0.16.
+    assert 0.1 < got["majority_accuracy"] < 0.3
+    # Priors 1/6, 1/4, 0.6, 0.4, 0.4: ~0.36.
+    assert got["majority_accuracy"] < got["per_type_prior_accuracy"] < 0.5
+
+
 def test_learnable_from_raw_pixels():
     """Softmax regression on 16x16 pixels (float64 NumPy) is far above chance (1/24)."""
     xtr, ytr, _ = make_batch(range(2000), "train", 32)
@@ -163,7 +218,8 @@ def test_write_shards_png_exact_and_jpg_close(tmp_path):
         assert np.array_equal(np.asarray(Image.open(io.BytesIO(s["png"]))), ref["image"])
         assert s["txt"].decode() == ref["caption"] and int(s["cls"]) == ref["label"]
         assert json.loads(s["json"]) == {"caption": ref["caption"], "label": ref["label"],
-                                         "classname": CLASSNAMES[ref["label"]]}
+                                         "classname": CLASSNAMES[ref["label"]],
+                                         "qa": ref["qa"]}
     jpg = _read_samples(write_synthetic_shards(str(tmp_path / "jpg"), "train", 3, 24))
     decoded = np.asarray(Image.open(io.BytesIO(jpg["000000001"]["jpg"]))).astype(float)
     ref = make_sample(1, "train", 24)["image"].astype(float)

@@ -42,6 +42,7 @@ import ml_collections
 import numpy as np
 
 from mmjax.data import decode as decode_lib
+from mmjax.data.dialog import dialog_from_members
 from mmjax.data import sources as sources_lib
 from mmjax.data.tario import IMAGE_EXTS, ShardReadError, iter_tar_samples, sample_fields
 
@@ -60,6 +61,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.shards = None            # required: pattern, "::"-joined patterns, or list; {000..099} / {a,b}
     c.weights = None           # None, or one sampling weight per pattern (needs resampled=True)
     c.caption_key = "txt"      # caption member: "txt", or "json:FIELD" for a JSON field
+    c.text_format = "caption"  # "caption", or "dialog": caption_key names JSON Q/A turns
+                               # (mmjax.data.dialog); batches gain loss_mask [B, L]
+    c.image_token_id = None    # dialog: id that "<image>" in a question becomes (None: dropped)
     c.tokenizer = "bytes"      # "bytes" | "sentencepiece:PATH" | "hf:PATH"
     c.max_len = 32             # text length L of the int32 [B, L] token ids
     c.image_size = 224         # output side in pixels
@@ -237,6 +241,13 @@ class _ShardStream:
             self.counters.bad("no_caption", path,
                               f"sample {key!r} has no caption ({self.o['caption_key']})")
             return None
+        if self.o["text_format"] == "dialog":
+            tokens, why = dialog_from_members(members, self.o["caption_key"], self.tokenize,
+                                              self.o["max_len"], self.o["image_token_id"])
+            if tokens is None:
+                self.counters.bad("no_dialog", path, f"sample {key!r}: {why}")
+                return None
+            return image, tokens, label
         tokens = np.asarray(self.tokenize([caption])[0], np.int32)
         return image, tokens, label
 
@@ -370,8 +381,11 @@ def _stack(rows: list, o: dict) -> dict:
     images = np.stack([r[0] for r in rows])
     if o["output"] == "float32":
         images = decode_lib.normalize(images, o["mean"], o["std"])
-    return {"image": images, "text": np.stack([r[1] for r in rows]).astype(np.int32),
-            "label": np.asarray([r[2] for r in rows], np.int32)}
+    text = np.stack([r[1] for r in rows]).astype(np.int32)
+    out = {"image": images, "label": np.asarray([r[2] for r in rows], np.int32)}
+    if text.ndim == 3:  # dialog: rows of (ids, loss_mask)
+        return dict(out, text=text[:, 0], loss_mask=text[:, 1])
+    return dict(out, text=text)
 
 
 def _make_tokenizer(opts: dict) -> Callable:
@@ -611,6 +625,9 @@ def _options(cfg, *, mode: str, process_index, process_count, seed, tokenizer) -
             f"data.train.shards has {n} shards but {process_count} processes x {num_workers} "
             f"workers need at least {process_count * num_workers} (one shard per worker per "
             "epoch); lower data.train.workers, use more shards, or set data.train.resampled=True.")
+    if get("text_format") not in ("caption", "dialog"):
+        raise ValueError(f"data.train.text_format must be 'caption' or 'dialog', got "
+                         f"{get('text_format')!r}")
     if get("output") not in ("float32", "uint8"):
         raise ValueError(f"data.train.output must be 'float32' or 'uint8', got {get('output')!r}")
     return {
@@ -620,6 +637,7 @@ def _options(cfg, *, mode: str, process_index, process_count, seed, tokenizer) -
         "process_index": int(process_index), "process_count": int(process_count),
         "workers": workers, "num_workers": num_workers,
         "caption_key": get("caption_key"), "tokenizer": tokenizer or get("tokenizer"),
+        "text_format": get("text_format"), "image_token_id": _cfg_get(cfg, "image_token_id"),
         "max_len": int(get("max_len")), "image_size": int(get("image_size")),
         "augment": "center" if mode == "eval" else get("augment"),
         "crop_scale": tuple(get("crop_scale")), "crop_ratio": tuple(get("crop_ratio")),

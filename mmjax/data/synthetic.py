@@ -8,6 +8,11 @@ with a relation word, in one of several phrasings, e.g.
 ``"a large red circle above a small blue square"``. Sizes, positions, shades,
 background grey level and pixel noise vary per sample.
 
+Each sample also carries five questions about its image (``QUESTIONS``: colour
+and shape of the big object, number of objects, colour of the small one and
+where it is relative to the big one), with one-word answers from
+``ANSWERS_BY_TYPE``, in a per-sample random order.
+
 The class is determined by what is drawn (colour and shape of the largest
 object), so a tiny CLIP learns it in minutes on a CPU and its zero-shot
 accuracy with prompts like ``"a photo of a red circle."`` is far above chance
@@ -18,6 +23,7 @@ random stream, so "train" and "test" never share a sample.
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import json
@@ -29,7 +35,7 @@ import zlib
 import numpy as np
 
 # Bump when the generator changes, so cached shards are rebuilt.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (215, 35, 35),
@@ -58,6 +64,24 @@ _PAIR_TEMPLATES = (
     "{m} with {s} {inv} it", "a picture of {m} {rel} {s}", "{m} next to {s}",
 )
 _SUPERSAMPLE = 2  # render at 2x and average: smooth edges without a drawing library
+
+QUESTIONS: dict[str, str] = {  # question type -> question text
+    "color": "colour of the big shape?",
+    "shape": "shape of the big one?",
+    "count": "how many shapes?",
+    "small_color": "colour of the small shape?",
+    "where": "where is the small shape?",
+}
+_WHERE = {"above": "above", "below": "below", "to the left of": "left",
+          "to the right of": "right"}
+ANSWERS_BY_TYPE: dict[str, tuple[str, ...]] = {  # question type -> every possible answer
+    "color": tuple(COLORS),
+    "shape": SHAPES,
+    "count": ("one", "two"),
+    "small_color": tuple(COLORS) + ("none",),
+    "where": tuple(_WHERE.values()) + ("none",),
+}
+_QA_STREAM = 1  # extra seed word of the stream that orders the questions
 
 
 def _article(phrase: str) -> str:
@@ -109,25 +133,69 @@ def _layout(rng: np.random.Generator, two: bool):
     return (s1, a1, b1), (s2, a2, b2), rel
 
 
+def _sample_rng(index: int, split: str, seed: int) -> np.random.Generator:
+    if index < 0:
+        raise ValueError(f"sample index must be >= 0, got {index}")
+    return np.random.default_rng([int(seed), _split_stream(split), int(index)])
+
+
+def _draw_objects(rng: np.random.Generator):
+    """First draws of a sample: (color1, shape1, two, color2, shape2, obj1, obj2, rel)."""
+    color1 = int(rng.integers(len(COLORS)))
+    shape1 = int(rng.integers(len(SHAPES)))
+    two = bool(rng.uniform() < 0.6)
+    color2 = int((color1 + rng.integers(1, len(COLORS))) % len(COLORS))  # another colour
+    shape2 = int(rng.integers(len(SHAPES)))
+    obj1, obj2, rel = _layout(rng, two)
+    return color1, shape1, two, color2, shape2, obj1, obj2, rel
+
+
+def _make_qa(index: int, split: str, seed: int, color1: int, shape1: int, two: bool,
+             color2: int, rel: str | None) -> list[dict]:
+    """The five question/answer dicts of a sample, shuffled.
+
+    The order comes from its own stream (seeded by ``(seed, split, index)``),
+    so it never shifts the draws of the image and caption.
+    """
+    answers = {
+        "color": _COLOR_NAMES[color1],
+        "shape": SHAPES[shape1],
+        "count": "two" if two else "one",
+        "small_color": _COLOR_NAMES[color2] if two else "none",
+        # `rel` relates the class object to the second one; its inverse places
+        # the small object relative to the big one.
+        "where": _WHERE[_RELATIONS[rel]] if two else "none",
+    }
+    qa = [{"question": QUESTIONS[t], "answer": a, "type": t} for t, a in answers.items()]
+    order = np.random.default_rng(
+        [int(seed), _split_stream(split), int(index), _QA_STREAM]).permutation(len(qa))
+    return [qa[i] for i in order]
+
+
+def sample_qa(index: int, split: str = "train", seed: int = 0) -> list[dict]:
+    """Question/answer list of sample ``index`` without rendering its image.
+
+    Returns:
+      the same list as ``make_sample(index, split, ..., seed)["qa"]`` (it does
+      not depend on the image size): 5 dicts ``{"question", "answer", "type"}``.
+    """
+    color1, shape1, two, color2, _, _, _, rel = _draw_objects(_sample_rng(index, split, seed))
+    return _make_qa(index, split, seed, color1, shape1, two, color2, rel)
+
+
 def make_sample(index: int, split: str = "train", image_size: int = 64,
                 seed: int = 0) -> dict:
     """One synthetic sample, deterministic in ``(seed, split, index)``.
 
     Returns:
       dict with ``image`` uint8 ``[H, W, 3]`` (H = W = image_size),
-      ``caption`` str, ``label`` int in ``[0, 24)``, ``classname`` str.
+      ``caption`` str, ``label`` int in ``[0, 24)``, ``classname`` str and
+      ``qa``: 5 dicts ``{"question", "answer", "type"}`` (see ``QUESTIONS``).
     """
-    if index < 0:
-        raise ValueError(f"sample index must be >= 0, got {index}")
     if image_size < 8:
         raise ValueError(f"image_size must be >= 8, got {image_size}")
-    rng = np.random.default_rng([int(seed), _split_stream(split), int(index)])
-    color1 = int(rng.integers(len(COLORS)))
-    shape1 = int(rng.integers(len(SHAPES)))
-    two = rng.uniform() < 0.6
-    color2 = int((color1 + rng.integers(1, len(COLORS))) % len(COLORS))  # another colour
-    shape2 = int(rng.integers(len(SHAPES)))
-    obj1, obj2, rel = _layout(rng, two)
+    rng = _sample_rng(index, split, seed)
+    color1, shape1, two, color2, shape2, obj1, obj2, rel = _draw_objects(rng)
 
     n = image_size * _SUPERSAMPLE
     coords = (np.arange(n) + 0.5) / n
@@ -159,7 +227,37 @@ def make_sample(index: int, split: str = "train", image_size: int = 64,
         template = _SINGLE_TEMPLATES[rng.integers(len(_SINGLE_TEMPLATES))]
         caption = template.format(m=_article(m))
     label = color1 * len(SHAPES) + shape1
-    return dict(image=image, caption=caption, label=label, classname=CLASSNAMES[label])
+    qa = _make_qa(index, split, seed, color1, shape1, two, color2, rel)
+    return dict(image=image, caption=caption, label=label, classname=CLASSNAMES[label], qa=qa)
+
+
+def majority_answer_baselines(split: str = "train", num_samples: int = 10_000,
+                              image_size: int = 64, seed: int = 0) -> dict:
+    """Accuracy of answer-prior baselines on the questions of samples ``0 .. num_samples-1``.
+
+    Args:
+      image_size: accepted for symmetry with the other helpers; the answers do
+        not depend on it (no image is rendered).
+
+    Returns:
+      ``{"majority_answer": str, "majority_accuracy": float,
+      "per_type_prior_accuracy": float}``: the single most frequent answer over
+      all questions and its accuracy, and the accuracy of answering every
+      question with the most frequent answer of its type.
+    """
+    del image_size
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    overall, per_type = collections.Counter(), collections.defaultdict(collections.Counter)
+    for i in range(num_samples):
+        for q in sample_qa(i, split, seed):
+            overall[q["answer"]] += 1
+            per_type[q["type"]][q["answer"]] += 1
+    total = sum(overall.values())
+    answer, hits = overall.most_common(1)[0]
+    prior_hits = sum(c.most_common(1)[0][1] for c in per_type.values())
+    return {"majority_answer": answer, "majority_accuracy": hits / total,
+            "per_type_prior_accuracy": prior_hits / total}
 
 
 def make_batch(indices, split: str = "train", image_size: int = 64, seed: int = 0):
@@ -193,7 +291,7 @@ def write_synthetic_shards(out_dir: str, split: str = "train", num_samples: int 
 
     Members per sample: ``{key}.{jpg|png}``, ``{key}.txt`` (caption),
     ``{key}.cls`` (label) and ``{key}.json`` ({"caption", "label",
-    "classname"}); ``sizes.json`` lists the shards. Shards are named
+    "classname", "qa"}); ``sizes.json`` lists the shards. Shards are named
     ``{prefix or split}-000000.tar``, ...
 
     Returns:
@@ -214,7 +312,7 @@ def write_synthetic_shards(out_dir: str, split: str = "train", num_samples: int 
                 "txt": s["caption"],
                 "cls": s["label"],
                 "json": {"caption": s["caption"], "label": s["label"],
-                         "classname": s["classname"]},
+                         "classname": s["classname"], "qa": s["qa"]},
             })
     return writer.shards
 

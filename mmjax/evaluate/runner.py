@@ -35,10 +35,11 @@ def _cache_dir() -> str:
     return os.environ.get("MMJAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mmjax"))
 
 
-def _eval_data(config: Any, shards: str) -> Any:
+def _eval_data(config: Any, shards: str, **overrides) -> Any:
     """Eval data config: the train data's decoding with `shards` ("synthetic" =
     the held-out built-in split), read once in order with center crops."""
     data = ml_collections.ConfigDict(config.data.train.to_dict())
+    data.update(overrides)
     data.workers = 0
     if shards == "synthetic":
         from mmjax.data import synthetic
@@ -59,9 +60,10 @@ def _classnames(spec: Any) -> list[str]:
     return resolve_classnames(spec)
 
 
-def _batches(config: Any, section: Any):
+def _batches(config: Any, section: Any, **overrides):
     """Eval batches of `section.shards`, stopping after `section.max_samples` (0 = all)."""
-    it = build_eval_iterator(_eval_data(config, section.shards), int(config.evals.batch_size))
+    it = build_eval_iterator(_eval_data(config, section.shards, **overrides),
+                             int(config.evals.batch_size))
     limit, seen = int(section.get("max_samples", 0) or 0), 0
     try:
         for batch in it:
@@ -98,12 +100,52 @@ def _retrieval(config, model, variables) -> dict:
     return {f"retrieval/{k}": v for k, v in m.items()}
 
 
+def _vqa(config, model, variables, tokenizer) -> dict:
+    from mmjax.evaluate.vqa import vqa_evaluate
+    from mmjax.models import VisionLM
+    section = config.evals.vqa
+    if not isinstance(model, VisionLM):
+        raise EvalError(f"config.evals.vqa: {type(model).__name__} does not generate text; use "
+                        "a VisionLM recipe (llava, blip2_stage2) or set evals.vqa.shards=''.")
+    types, baseline = None, None
+    if section.shards == "synthetic":
+        from mmjax.data import synthetic
+        types = {q: t for t, q in synthetic.QUESTIONS.items()}
+        baseline = synthetic.majority_answer_baselines(
+            "train", num_samples=int(config.synthetic.train_samples))["majority_answer"]
+    m = vqa_evaluate(model, variables, _batches(config, section, text_format="dialog",
+                                                caption_key=section.text_key),
+                     tokenizer, max_new_tokens=int(section.max_new_tokens),
+                     question_types=types, baseline_answer=baseline,
+                     chunk=int(config.evals.batch_size))
+    log.info("VQA accuracy %.2f%% on %d questions%s; e.g. %s", 100 * m["vqa_accuracy"],
+             m["count"], "" if baseline is None else
+             f" (majority answer {baseline!r}: {100 * m['baseline_accuracy']:.2f}%)",
+             m["examples"][:2])
+    return {f"vqa/{k}" if not k.startswith("vqa") else k: v for k, v in m.items()}
+
+
+def _vlm_captions(model, variables, images, tokenizer, max_len: int) -> list[str]:
+    import jax
+    from mmjax.evaluate.vqa import answer_questions
+    emb = np.asarray(jax.jit(lambda v, im: model.apply(v, im, method="image_embeds"))(
+        variables, images))
+    start = [tokenizer.bos_id] if tokenizer.bos_id is not None else [tokenizer.pad_id]
+    return answer_questions(model, variables, emb, [start] * len(images), tokenizer,
+                            max_new_tokens=max_len, width=1, chunk=len(images))
+
+
 def _captioning(config, model, variables, tokenizer) -> dict:
     from mmjax.evaluate import captioning
     from mmjax.evaluate.metrics import caption_scores
-    from mmjax.models import Blip2Stage1, CoCa
+    from mmjax.models import Blip2Stage1, CoCa, VisionLM
     cap = config.evals.captioning
     make = {CoCa: captioning.coca_logits_fn, Blip2Stage1: captioning.blip2_itg_logits_fn}
+    if isinstance(model, VisionLM):
+        if int(cap.beam_size) != 1:
+            raise EvalError("config.evals.captioning.beam_size: VisionLM captioning is greedy; "
+                            "set it to 1.")
+        make[VisionLM] = None
     if type(model) not in make:
         raise EvalError(f"config.evals.captioning: {type(model).__name__} has no captioning "
                         "head; use a CoCa or BLIP-2 recipe or set evals.captioning.shards=''.")
@@ -111,9 +153,12 @@ def _captioning(config, model, variables, tokenizer) -> dict:
     for batch in _batches(config, cap):
         valid = np.asarray(batch.get("valid", np.ones(len(batch["text"]), bool)), bool)
         images = np.asarray(batch["image"])
-        texts = captioning.generate_captions(
-            make[type(model)](model, variables, images), len(images), tokenizer,
-            int(cap.max_len), beam_size=int(cap.beam_size))
+        if isinstance(model, VisionLM):
+            texts = _vlm_captions(model, variables, images, tokenizer, int(cap.max_len))
+        else:
+            texts = captioning.generate_captions(
+                make[type(model)](model, variables, images), len(images), tokenizer,
+                int(cap.max_len), beam_size=int(cap.beam_size))
         for i in np.flatnonzero(valid):
             key = len(preds)
             preds[key] = texts[i]
@@ -139,12 +184,14 @@ def run_evals(config: Any, model: Any, variables: Any, mesh: Any = None, *, step
     variables = jax.device_get(variables)
     ev = config.evals
     results: dict = {}
-    if ev.zeroshot.get("shards"):
+    if ev.zeroshot.get("shards") and type(model).__name__ != "VisionLM":
         results.update(_zeroshot(config, model, variables, tokenizer))
     if ev.get("retrieval") and ev.retrieval.get("shards"):
         results.update(_retrieval(config, model, variables))
     if ev.get("captioning") and ev.captioning.get("shards"):
         results.update(_captioning(config, model, variables, tokenizer))
+    if ev.get("vqa") and ev.vqa.get("shards"):
+        results.update(_vqa(config, model, variables, tokenizer))
     if workdir and jax.process_index() == 0 and results:
         wd.write_text(wd.join(workdir, "eval", f"step_{step}.json"),
                       json.dumps({"step": step, **results}, indent=1))
@@ -187,7 +234,7 @@ def eval_command(config_spec: Optional[str], workdir: Optional[str], step: Optio
         tx, schedule = build_optimizer(config.optim, int(config.total_steps))
         trainer = Trainer(config, model, tx, schedule, mesh)
         try:
-            state, _, step = ckpt.restore(step, trainer.abstract_state)
+            state, _, step = trainer.restore(ckpt, step)
         except CheckpointError as e:
             raise EvalError(str(e)) from None
     finally:

@@ -18,15 +18,18 @@ from mmjax.models.qformer import QFormer
 from mmjax.models.text import CaptionDecoder, TextEncoder
 from mmjax.models.two_tower import TwoTower
 from mmjax.models.vit import ViT
+from mmjax.models.vlm import VisionLM
 
-MODELS = {"two_tower": TwoTower, "coca": CoCa, "blip2_stage1": Blip2Stage1}
+MODELS = {"two_tower": TwoTower, "coca": CoCa, "blip2_stage1": Blip2Stage1,
+          "vision_lm": VisionLM}
 SUBMODULES = {"two_tower": {"image": ViT, "text": TextEncoder},
               "coca": {"image": ViT, "text": TextEncoder, "decoder": CaptionDecoder},
-              "blip2_stage1": {"image": ViT, "qformer": QFormer}}
+              "blip2_stage1": {"image": ViT, "qformer": QFormer},
+              "vision_lm": {"image": ViT, "qformer": QFormer, "lm": DecoderLM}}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 __all__ = ["ViT", "TextEncoder", "CaptionDecoder", "QFormer", "TwoTower", "CoCa",
-           "Blip2Stage1", "DecoderLM", "MAPHead", "Mlp", "Norm", "Attention", "Block", "build", "MODELS"]
+           "Blip2Stage1", "DecoderLM", "VisionLM", "MAPHead", "Mlp", "Norm", "Attention", "Block", "build", "MODELS"]
 
 
 def _plain(x: Any) -> Any:
@@ -43,7 +46,8 @@ def _plain(x: Any) -> Any:
 def build(model_config: Mapping) -> Any:
     """Build a model from `config.model`.
 
-    `model_config.name` picks the class (`two_tower`, `coca`, `blip2_stage1`);
+    `model_config.name` picks the class (`two_tower`, `coca`, `blip2_stage1`,
+    `vision_lm`);
     every other key is a constructor field (nested dicts for towers).
     `dtype` may be given as a string ("float32", "bfloat16").
     """

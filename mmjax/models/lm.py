@@ -328,11 +328,14 @@ def _nucleus_sample(logits: Array, key: Array, temperature: Array, top_p: Array)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def _prefill(dec: DecoderLM, params, prompt_ids, prompt_lengths, batch_rows, cache_len):
+def _prefill(dec: DecoderLM, params, prompt_ids, prompt_embeds, prompt_lengths, batch_rows,
+             cache_len):
     cache = init_cache(dec, batch_rows, cache_len)
-    mask = jnp.arange(prompt_ids.shape[1])[None] < prompt_lengths[:, None]
+    width = (prompt_ids if prompt_embeds is None else prompt_embeds).shape[1]
+    mask = jnp.arange(width)[None] < prompt_lengths[:, None]
     logits, state = dec.apply({"params": params, "cache": cache}, prompt_ids,
-                              attention_mask=mask, mutable=["cache"])
+                              attention_mask=mask, inputs_embeds=prompt_embeds,
+                              mutable=["cache"])
     last = logits[jnp.arange(batch_rows), prompt_lengths - 1]  # [B, V]
     return last, state["cache"]
 
@@ -345,11 +348,12 @@ def _step(dec: DecoderLM, params, cache, tokens):
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "method", "beam_size",
                                              "eos_id", "pad_id"))
-def _generate(model, params, prompt_ids, prompt_lengths, rng, temperature, top_p, *,
-              max_new_tokens, method, beam_size, eos_id, pad_id):
-    b, p = prompt_ids.shape
+def _generate(model, params, prompt_ids, prompt_embeds, prompt_lengths, rng, temperature, top_p,
+              *, max_new_tokens, method, beam_size, eos_id, pad_id):
+    b, p = (prompt_ids if prompt_embeds is None else prompt_embeds).shape[:2]
     dec = model.clone(decode=True, cache_len=p + max_new_tokens)
-    last, cache = _prefill(dec, params, prompt_ids, prompt_lengths, b, p + max_new_tokens)
+    last, cache = _prefill(dec, params, prompt_ids, prompt_embeds, prompt_lengths, b,
+                           p + max_new_tokens)
     is_eos = (lambda t: t == eos_id) if eos_id is not None else (lambda t: jnp.zeros_like(t, bool))
 
     if method in ("greedy", "sample"):
@@ -400,11 +404,14 @@ def _generate(model, params, prompt_ids, prompt_lengths, rng, temperature, top_p
 def generate(model: DecoderLM, variables: dict, prompt_ids, prompt_lengths,
              max_new_tokens: int, *, method: str = "greedy", temperature: float = 1.0,
              top_p: float = 1.0, beam_size: int = 4, eos_id: Optional[int] = None,
-             pad_id: int = 0, rng: Optional[Array] = None) -> Array:
+             pad_id: int = 0, rng: Optional[Array] = None,
+             prompt_embeds: Optional[Array] = None) -> Array:
     """Generate `max_new_tokens` tokens after each prompt -> int32 `[B, max_new_tokens]`.
 
     Args:
-      prompt_ids: int32 `[B, P]`, RIGHT-padded (any pad value).
+      prompt_ids: int32 `[B, P]`, RIGHT-padded (any pad value); or None with
+        `prompt_embeds [B, P, D]` (e.g. image tokens + question embeddings
+        from `VisionLM.inputs`, valid positions a prefix of each row).
       prompt_lengths: int32 `[B]`, 1 <= length <= P.
       method: "greedy", "sample" (temperature, nucleus `top_p`) or "beam"
         (`beam_size` beams, best summed log-probability returned).
@@ -415,12 +422,23 @@ def generate(model: DecoderLM, variables: dict, prompt_ids, prompt_lengths,
     """
     if method not in ("greedy", "sample", "beam"):
         raise ValueError(f"generate: method {method!r}; choose 'greedy', 'sample' or 'beam'.")
-    prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
-    if prompt_ids.ndim != 2:
-        raise ValueError(f"generate: prompt_ids must be [B, P], got shape {prompt_ids.shape}.")
+    if (prompt_ids is None) == (prompt_embeds is None):
+        raise ValueError("generate: pass exactly one of prompt_ids [B, P] and "
+                         "prompt_embeds [B, P, D].")
+    if prompt_ids is not None:
+        prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
+        if prompt_ids.ndim != 2:
+            raise ValueError(f"generate: prompt_ids must be [B, P], got shape {prompt_ids.shape}.")
+        shape = prompt_ids.shape
+    else:
+        prompt_embeds = jnp.asarray(prompt_embeds)
+        if prompt_embeds.ndim != 3:
+            raise ValueError("generate: prompt_embeds must be [B, P, D], got shape "
+                             f"{prompt_embeds.shape}.")
+        shape = prompt_embeds.shape
     lengths = np.asarray(prompt_lengths)
-    width = prompt_ids.shape[1]
-    if lengths.shape != prompt_ids.shape[:1] or lengths.min() < 1 or lengths.max() > width:
+    width = shape[1]
+    if lengths.shape != shape[:1] or lengths.min() < 1 or lengths.max() > width:
         raise ValueError(f"generate: prompt_lengths {lengths.tolist()} must be [B] with values in "
                          f"1..{width} (the padded prompt width).")
     if max_new_tokens < 1:
@@ -430,7 +448,8 @@ def generate(model: DecoderLM, variables: dict, prompt_ids, prompt_lengths,
     if method == "sample" and rng is None:
         raise ValueError("generate: method='sample' needs `rng` (a jax.random key).")
     rng = jax.random.key(0) if rng is None else rng
-    return _generate(model, variables["params"], prompt_ids, jnp.asarray(lengths, jnp.int32),
+    return _generate(model, variables["params"], prompt_ids, prompt_embeds,
+                     jnp.asarray(lengths, jnp.int32),
                      rng, jnp.float32(temperature), jnp.float32(top_p),
                      max_new_tokens=int(max_new_tokens), method=method,
                      beam_size=int(beam_size) if method == "beam" else 1,

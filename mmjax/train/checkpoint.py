@@ -2,8 +2,10 @@
 
 Layout of `workdir/`:
   config.json                 the run's config (checked on resume)
-  checkpoints/<step>/state    orbax PyTree (params, opt_state, step, rng)
-  checkpoints/<step>/data     JSON: one data-iterator state per process
+  checkpoints/<step>/state    orbax PyTree (params, opt_state, step, rng); frozen
+                              parameters loaded from `config.init` sources are left out
+  checkpoints/<step>/data     JSON: one data-iterator state per process, and the
+                              `frozen_sources` those parameters come from
 Orbax writes each step into a temporary folder and renames it when complete,
 so an interrupted save is never listed; resume picks the latest complete step.
 Restoring takes the target shardings of the current mesh, so a run can
@@ -45,13 +47,16 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
-    def save(self, step: int, state: dict, data_state: Optional[dict], force: bool = False) -> bool:
+    def save(self, step: int, state: dict, data_state: Optional[dict], force: bool = False,
+             frozen_sources: Optional[dict] = None) -> bool:
         """Start saving `state` at `step` (async). Every process calls this.
 
         `data_state` is this process's iterator state; the states of all
         processes are gathered so each one can restore its own.
+        `frozen_sources` (prefix -> `config.init` source) records where the
+        parameters left out of `state` come from.
         """
-        payload = {"process_count": jax.process_count()}
+        payload = {"process_count": jax.process_count(), "frozen_sources": frozen_sources or {}}
         if jax.process_count() > 1:
             import json
             blob = json.dumps(data_state).encode()
@@ -67,8 +72,8 @@ class Checkpointer:
         return self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(payload)), force=force)
 
-    def restore(self, step: Optional[int], abstract_state: Any) -> tuple[dict, Optional[dict], int]:
-        """`(state, this process's data state, step)`; `step=None` = latest."""
+    def resolve_step(self, step: Optional[int]) -> int:
+        """`step`, or the latest one when None; CheckpointError when absent."""
         steps = self.all_steps()
         if step is None:
             step = self.latest_step()
@@ -77,6 +82,30 @@ class Checkpointer:
         elif step not in steps:
             raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; "
                                   f"available steps: {steps or 'none'}")
+        return step
+
+    def restore_params_to_host(self, step: Optional[int]) -> tuple[dict, int]:
+        """`(params as numpy, step)`: only the parameters, on the host, whatever
+        mesh wrote them (used to start another run from this one)."""
+        step = self.resolve_step(step)
+        reader = ocp.CheckpointManager(self.directory, item_names=("state", "data"), item_handlers={
+            "state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
+        try:
+            meta = reader.item_metadata(step)["state"]
+            meta = getattr(meta, "tree", meta)
+            cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+            target = {"params": jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=cpu), meta["params"])}
+            restored = reader.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                partial_restore=True)))
+        finally:
+            reader.close()
+        return jax.tree.map(np.asarray, restored["state"]["params"]), step
+
+    def restore(self, step: Optional[int], abstract_state: Any) -> tuple[dict, Optional[dict], int]:
+        """`(state, this process's data state, step)`; `step=None` = latest."""
+        step = self.resolve_step(step)
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
         data = restored["data"]

@@ -28,7 +28,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim = ml_collections.ConfigDict(dict(
         lr=5e-4, warmup_steps=100, schedule="cosine", end_lr_frac=0.0,
         b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2, clip_norm=1.0,
-        accum_steps=1, freeze=[]))
+        accum_steps=1, freeze=[],
+        frozen_dtype=None))            # e.g. "bfloat16": store frozen weights (a frozen LM) smaller
+    # Parameter prefix -> source ("workdir:DIR[@STEP][#SUBTREE]", "hf_llama:PATH", ...);
+    # see mmjax/train/init_sources.py. Frozen sourced parameters are not checkpointed.
+    c.init = ml_collections.ConfigDict()
 
     c.data = ml_collections.ConfigDict()
     c.data.train = default_data_config()
@@ -49,6 +53,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Captioning (CoCa, BLIP-2): greedy (beam_size=1) or beam search; BLEU-4, CIDEr.
     c.evals.captioning = ml_collections.ConfigDict(dict(
         shards="", max_samples=256, beam_size=1, max_len=32))
+    # VQA accuracy (VisionLM): every question of dialog samples (JSON `text_key`), greedy.
+    c.evals.vqa = ml_collections.ConfigDict(dict(
+        shards="", text_key="json:qa", max_samples=256, max_new_tokens=8))
     return c
 
 
@@ -69,6 +76,14 @@ def make_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.evals.retrieval.shards = "synthetic"
     if c.model.name in ("coca", "blip2_stage1"):
         c.evals.captioning.update(dict(shards="synthetic", max_samples=8, max_len=8))
+    if c.model.name == "vision_lm":
+        c.evals.zeroshot.shards = c.evals.retrieval.shards = ""
+        c.init = ml_collections.ConfigDict()  # random frozen parts at tiny size
+        if d.get("text_format") == "dialog":
+            d.update(dict(caption_key="json:qa", max_len=192))
+            c.evals.vqa.update(dict(shards="synthetic", max_samples=4, max_new_tokens=4))
+        else:
+            c.evals.captioning.update(dict(shards="synthetic", max_samples=8, max_len=8))
     m = c.model
     small = dict(width=64, depth=2, heads=4, mlp_dim=128)
     if "image" in m:
@@ -83,6 +98,9 @@ def make_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         m.decoder.update(dict(vocab_size=259, **small))
     if "qformer" in m:
         m.qformer.update(dict(num_queries=4, max_len=32, vocab_size=260, **small))
+    if "lm" in m:
+        m.lm.update(dict(vocab_size=259, width=64, depth=2, num_heads=4, mlp_dim=128,
+                         max_len=256, remat="none"))
     for key, value in (("embed_dim", 32), ("caption_queries", 4), ("pooler_heads", 4)):
         if key in m:
             m[key] = value

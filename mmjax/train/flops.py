@@ -71,8 +71,10 @@ def text_flops(c: dict, length: int) -> float:
     return f
 
 
-def model_train_flops(model_cfg: dict, batch: int, text_len: int) -> float:
-    """Training FLOPs of one step over a global batch (see module docstring)."""
+def model_train_flops(model_cfg: dict, batch: int, text_len: int,
+                      frozen: tuple = ("image_tower", "lm_module")) -> float:
+    """Training FLOPs of one step over a global batch (see module docstring).
+    `frozen`: the `optim.freeze` prefixes (used by VisionLM)."""
     name = model_cfg["name"]
     img = dict(model_cfg.get("image", {}))
     if name == "two_tower":
@@ -108,4 +110,32 @@ def model_train_flops(model_cfg: dict, batch: int, text_len: int) -> float:
             + 2 * text_len * w * vocab
         return batch * vit_flops({**img, "embed_dim": None}) + 3 * batch * per \
             + 3 * 2 * batch * qformer(nq + text_len)
+    if name == "vision_lm":
+        return vision_lm_train_flops(model_cfg, batch, text_len, frozen)
     raise ValueError(f"no FLOP formula for model.name={name!r}")
+
+
+def vision_lm_train_flops(model_cfg: dict, batch: int, text_len: int,
+                          frozen: tuple = ("image_tower", "lm_module")) -> float:
+    """VisionLM: frozen ViT 1x forward; connector 3x; LM 2x forward when frozen
+    (activation gradients only) else 3x; T = text_len + image tokens."""
+    img, lm = dict(model_cfg["image"]), dict(model_cfg["lm"])
+    n = (img["image_size"] // img["patch_size"]) ** 2
+    d, dv = lm["width"], img["width"]
+    heads = lm["num_heads"]
+    kv = (lm.get("num_kv_heads") or heads) * (lm.get("head_dim") or d // heads)
+    if model_cfg.get("connector", "mlp") == "qformer":
+        qc = dict(model_cfg["qformer"])
+        w, p = qc.get("width", 768), qc.get("num_queries", 32)
+        depth, freq = qc.get("depth", 12), qc.get("cross_attention_freq", 2)
+        n_ctx = n + (1 if img.get("pool", "cls") == "cls" else 0)
+        conn = depth * _layer(p, w, qc.get("mlp_dim", 3072)) + (depth // freq) * (
+            2 * p * 2 * w * w + 2 * n_ctx * 2 * dv * w + 4 * p * n_ctx * w) + 2 * p * w * d
+    else:
+        p = n
+        conn = 2 * p * dv * d + 2 * p * d * d
+    t = text_len + p
+    layer = 2 * t * (2 * d * d + 2 * d * kv) + 2 * t * d * lm["mlp_dim"] * 3 + 2 * t * t * d
+    lm_fwd = lm["depth"] * layer + 2 * t * d * lm["vocab_size"]
+    lm_factor = 2 if "lm_module" in frozen else 3
+    return batch * (vit_flops({**img, "embed_dim": None}) + 3 * conn + lm_factor * lm_fwd)

@@ -23,6 +23,7 @@ from mmjax.train import sharding as shd
 from mmjax.train import workdir as wd
 from mmjax.train.checkpoint import Checkpointer
 from mmjax.train.config_utils import ConfigError, config_fingerprint, first_difference
+from mmjax.train.init_sources import init_entries
 from mmjax.train.flops import model_train_flops, peak_flops_per_device
 from mmjax.train.logging_utils import MetricsWriter, Progress, format_line, setup_logging
 from mmjax.train.objectives import check_objectives
@@ -91,11 +92,12 @@ def check_tokenizer(config: Any, model: Any) -> None:
     from mmjax.data.tokenizers import build_tokenizer
     tok = build_tokenizer(config.data.train.tokenizer, int(config.data.train.max_len))
     m = config.model
-    vocab = m.qformer.vocab_size if "qformer" in m else m.text.vocab_size
+    vocab = (m.lm.vocab_size if "lm" in m else
+             m.qformer.vocab_size if "qformer" in m else m.text.vocab_size)
     if tok.vocab_size > vocab:
         raise ConfigError(f"config.data.train.tokenizer={config.data.train.tokenizer!r} has "
                           f"{tok.vocab_size} tokens but the model's vocab_size is {vocab}; "
-                          "raise config.model.text.vocab_size (or qformer.vocab_size).")
+                          "raise config.model.text.vocab_size (or qformer/lm.vocab_size).")
 
 
 class _Preemption:
@@ -146,7 +148,9 @@ def train(config: Any, workdir: str) -> dict:
     data_state = None
     if ckpt.latest_step() is not None:
         try:
-            state, data_state, start = ckpt.restore(None, trainer.abstract_state)
+            state, data_state, start = trainer.restore(ckpt)
+        except ConfigError:
+            raise
         except (ValueError, KeyError) as e:
             first = str(e).strip().splitlines()[0][:300]
             raise ConfigError(f"checkpoint in {ckpt.directory} does not fit the model of this "
@@ -162,7 +166,8 @@ def train(config: Any, workdir: str) -> dict:
         data.set_state(data_state)
 
     flops = model_train_flops(config.model.to_dict(), int(config.batch_size),
-                              int(config.data.train.max_len))
+                              int(config.data.train.max_len),
+                              frozen=tuple(config.optim.get("freeze") or ()))
     peak = peak_flops_per_device(config.get("peak_flops"))
     writer = MetricsWriter(workdir)
     preempt = _Preemption()
@@ -175,8 +180,8 @@ def train(config: Any, workdir: str) -> dict:
     try:
         while step < total:
             local = next(data)
-            batch = make_global_batch({"image": local["image"], "text": local["text"]},
-                                      trainer.batch_sharding)
+            batch = make_global_batch({k: local[k] for k in ("image", "text", "loss_mask")
+                                       if k in local}, trainer.batch_sharding)
             state, metrics = trainer.step(state, batch)
             step += 1
             # NaN guard with a one-step lag, so the host never stalls the device.
@@ -198,7 +203,8 @@ def train(config: Any, workdir: str) -> dict:
                 last = m
             if step % int(config.checkpoint_every) == 0 or is_last or preempt.requested:
                 _nan_check(jax.device_get(metrics), step, objectives)
-                ckpt.save(step, state, data.get_state(), force=True)
+                ckpt.save(step, trainer.checkpoint_view(state), data.get_state(), force=True,
+                          frozen_sources=init_entries(config))
             if evals_every and step % evals_every == 0 and not is_last:
                 _run_evals(config, model, state, mesh, step, writer, workdir)
             if preempt.requested:

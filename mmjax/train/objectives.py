@@ -5,6 +5,7 @@
   SigLIP   {"sigmoid_contrastive": 1.0}
   CoCa     {"softmax_contrastive": 1.0, "caption": 2.0}
   BLIP-2   {"itc": 1.0, "itm": 1.0, "itg": 1.0}
+  BLIP-2 stage 2 / LLaVA   {"lm": 1.0}  (next-token loss on answer/caption tokens)
 The train step calls `compute_losses`; it never branches on the recipe.
 """
 from __future__ import annotations
@@ -15,12 +16,14 @@ import jax
 import jax.numpy as jnp
 
 from mmjax import losses
-from mmjax.models import Blip2Stage1, CoCa, TwoTower
+from mmjax.models import Blip2Stage1, CoCa, TwoTower, VisionLM
+from mmjax.models.vlm import vlm_targets
 
 VALID = {
     TwoTower: ("softmax_contrastive", "sigmoid_contrastive"),
     CoCa: ("softmax_contrastive", "sigmoid_contrastive", "caption"),
     Blip2Stage1: ("itc", "itm", "itg"),
+    VisionLM: ("lm",),
 }
 
 
@@ -40,7 +43,7 @@ def check_objectives(model: Any, objectives: Mapping[str, float]) -> None:
 
 
 def text_pad_id(model: Any) -> int:
-    if isinstance(model, Blip2Stage1):
+    if isinstance(model, (Blip2Stage1, VisionLM)):
         return model.pad_id
     return int(dict(model.text).get("pad_id", 0))
 
@@ -51,7 +54,8 @@ def compute_losses(model: Any, params: Any, batch: Mapping[str, jax.Array],
     """Weighted total loss and metrics for one (micro-)batch.
 
     Args:
-      batch: `image` `[B, H, W, 3]` float, `text` `[B, L]` int32.
+      batch: `image` `[B, H, W, 3]` float, `text` `[B, L]` int32, optional
+        `loss_mask` `[B, L]` (VisionLM: 1 on answer/caption tokens).
       objectives: name -> weight.
       rng: key for stochastic parts (BLIP-2 ITM negative sampling).
     Returns: `(total, metrics)` with `loss/<name>` per objective and the
@@ -62,7 +66,11 @@ def compute_losses(model: Any, params: Any, batch: Mapping[str, jax.Array],
     pad = text_pad_id(model)
     terms: dict[str, jax.Array] = {}
     extra: dict[str, jax.Array] = {}
-    if isinstance(model, Blip2Stage1):
+    if isinstance(model, VisionLM):
+        out = model.apply(v, images, text)
+        targets, weights = vlm_targets(text, batch.get("loss_mask"), out["text_index"], pad)
+        terms["lm"] = losses.caption_loss(out["logits"][:, :-1], targets, weights)
+    elif isinstance(model, Blip2Stage1):
         f = model.apply(v, images, text, method="itc_features")
         extra["temp"] = f["temp"]
         itc, sim = losses.blip2_itc_loss(f["image_feats"], f["text_feat"], f["temp"])

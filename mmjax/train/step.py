@@ -19,7 +19,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from mmjax.data.decode import normalize_on_device
 from mmjax.train import sharding as shd
 from mmjax.train.objectives import compute_losses
-from mmjax.train.optimizer import check_freeze, clamp_head_params
+from mmjax.train import init_sources
+from mmjax.train.optimizer import check_freeze, clamp_head_params, frozen_labels
+
+DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
 
 
 def sample_inputs(config: Any, batch: int = 1) -> tuple[jax.Array, jax.Array]:
@@ -36,10 +39,19 @@ class Trainer:
         self.config, self.model, self.tx, self.schedule, self.mesh = config, model, tx, schedule, mesh
         self.objectives = dict(config.objectives)
         self.max_log_scale = getattr(model, "max_log_scale", None)
+        self.freeze = list(config.optim.get("freeze") or [])
+        frozen_dtype = config.optim.get("frozen_dtype")
+        if frozen_dtype and frozen_dtype not in DTYPES:
+            raise ValueError(f"config.optim.frozen_dtype={frozen_dtype!r}; choose one of "
+                             f"{sorted(DTYPES)} or None.")
         images, text = sample_inputs(config)
 
         def init(rng):
             params = nn.meta.unbox(model.init(rng, images, text)["params"])
+            if frozen_dtype and self.freeze:  # frozen weights stored in a smaller dtype
+                params = jax.tree.map(
+                    lambda p, lab: p.astype(DTYPES[frozen_dtype]) if lab == "frozen" else p,
+                    params, frozen_labels(params, self.freeze))
             return {"step": jnp.zeros((), jnp.int32), "params": params,
                     "opt_state": tx.init(params),
                     "rng": jax.random.key_data(jax.random.fold_in(rng, 1))}
@@ -69,13 +81,50 @@ class Trainer:
         return stack
 
     def init_state(self, seed: int) -> dict:
+        """Fresh state: random init, then the `config.init` sources."""
         with self.context():
-            return jax.jit(self._init, out_shardings=self.state_sharding)(jax.random.key(seed))
+            state = jax.jit(self._init, out_shardings=self.state_sharding)(jax.random.key(seed))
+        state["params"] = init_sources.apply_init(state["params"], self.config)
+        return state
+
+    def referenced_keys(self) -> set:
+        """Parameter paths left out of checkpoints (frozen, from `config.init`)."""
+        return init_sources.referenced_keys(self.abstract_state["params"], self.config)
+
+    def checkpoint_view(self, state: dict) -> dict:
+        """What a checkpoint stores of `state` (see `init_sources`)."""
+        return init_sources.strip_referenced(state, self.referenced_keys())
+
+    def restore(self, ckpt: Any, step: Any = None) -> tuple[dict, Any, int]:
+        """`(state, data_state, step)` from `ckpt`; parameters the checkpoint
+        references instead of storing are reloaded from their sources."""
+        refs = self.referenced_keys()
+        abstract = init_sources.strip_referenced(self.abstract_state, refs)
+        restored, data_state, step = ckpt.restore(step, abstract)
+        if refs:
+            fresh = self.init_state(int(self.config.seed))
+            restored = dict(restored, params=init_sources.merge_params(fresh["params"],
+                                                                       restored["params"]))
+        return restored, data_state, step
 
     # ------------------------------------------------------------------
     def _loss_and_grads(self, params, batch, rng):
-        fn = jax.value_and_grad(
-            lambda p, b: compute_losses(self.model, p, b, self.objectives, rng), has_aux=True)
+        # Gradients only for trained parameters: frozen ones (optim.freeze)
+        # are closed over, so no backward work or memory goes to them.
+        flat = init_sources.flat(params)
+        labels = init_sources.flat(frozen_labels(params, self.freeze))
+        frozen = {k: v for k, v in flat.items() if labels[k] == "frozen"}
+        trained = {k: v for k, v in flat.items() if labels[k] != "frozen"}
+
+        def loss_fn(t, b):
+            full = init_sources.nested({**frozen, **t})
+            return compute_losses(self.model, full, b, self.objectives, rng)
+        value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+
+        def fn(p, b):
+            out, g = value_and_grad(trained, b)
+            g = {**{k: jnp.zeros_like(v) for k, v in frozen.items()}, **g}
+            return out, init_sources.nested(g)
         accum = int(self.config.optim.get("accum_steps", 1) or 1)
         if accum == 1:
             (loss, metrics), grads = fn(params, batch)

@@ -1,0 +1,236 @@
+"""Question/answer text encoding for visual question answering and instruction tuning.
+
+A dialog is a list of ``(question, answer)`` pairs. One turn is the text
+``"Q: {question} A:"`` (the prompt) followed by ``" {answer}"`` and EOS; a
+row is BOS (when the tokenizer has one), the turns one after the other, then
+pad. Only the answer tokens and their EOS are trained on (``loss_mask`` 1).
+
+The text ``"<image>"`` inside a question marks where the image goes: it
+becomes one id (``image_token_id``), or is removed when there is none.
+"""
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Sequence
+
+import numpy as np
+
+IMAGE_PLACEHOLDER = "<image>"
+QUESTION_PREFIX = "Q: "  # template of one turn: "Q: {question} A:" then " {answer}" + EOS
+ANSWER_PREFIX = " A:"
+
+_HUMAN_ROLES = ("human", "user")
+_ASSISTANT_ROLES = ("gpt", "assistant")
+
+
+def _text(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a string, got {type(value).__name__}: {value!r}")
+    return value
+
+
+def _turns_from_conversations(turns: list) -> list[tuple[str, str]]:
+    if len(turns) % 2:
+        raise ValueError(
+            f"conversations has {len(turns)} turns; it must alternate human, gpt, ... "
+            "and end with a gpt turn (an even count).")
+    pairs = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise ValueError(f"conversations[{i}] must be a dict with keys 'from' and "
+                             f"'value', got {turn!r}")
+        roles = _HUMAN_ROLES if i % 2 == 0 else _ASSISTANT_ROLES
+        if turn["from"] not in roles:
+            raise ValueError(
+                f"conversations[{i}] has from={turn['from']!r}; expected one of "
+                f"{list(roles)} (turns alternate human, gpt, ... starting with human).")
+        text = _text(turn["value"], f"conversations[{i}]['value']")
+        if i % 2 == 0:
+            question = text
+        else:
+            pairs.append((question, text))
+    return pairs
+
+
+def _pair_from_dict(item: Any, what: str) -> tuple[str, str]:
+    if not isinstance(item, dict) or "question" not in item or "answer" not in item:
+        raise ValueError(f"{what} must be a dict with keys 'question' and 'answer', "
+                         f"got {item!r}")
+    return (_text(item["question"], f"{what}['question']"),
+            _text(item["answer"], f"{what}['answer']"))
+
+
+def turns_from_json(value) -> list[tuple[str, str]]:
+    """Question/answer pairs from parsed JSON.
+
+    Accepts (a) LLaVA ``conversations``: a list of ``{"from": "human"|"user",
+    "value": str}`` / ``{"from": "gpt"|"assistant", "value": str}`` dicts
+    alternating human, gpt, ...; also a record holding such a list under the
+    key ``"conversations"``; (b) a list of ``{"question": str, "answer": str}``
+    dicts; (c) one such dict. A ``str``/``bytes`` value is parsed as JSON first.
+
+    Returns:
+      ``[(question, answer), ...]``, at least one pair.
+
+    Raises:
+      ValueError: malformed input (wrong roles or order, missing keys, empty
+        list, non-string texts, invalid JSON text).
+    """
+    if isinstance(value, (str, bytes)):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"question/answer text is not valid JSON: {e}") from e
+    if isinstance(value, dict):
+        if "conversations" in value:
+            value = value["conversations"]
+            if not isinstance(value, list):
+                raise ValueError("'conversations' must be a list of turns, got "
+                                 f"{type(value).__name__}")
+        else:
+            return [_pair_from_dict(value, "question/answer dict")]
+    if not isinstance(value, list):
+        raise ValueError(
+            "question/answer JSON must be a list of turns ({'from', 'value'}), a list of "
+            f"{{'question', 'answer'}} dicts, or one such dict; got {type(value).__name__}")
+    if not value:
+        raise ValueError("question/answer list is empty; need at least one pair")
+    if isinstance(value[0], dict) and "from" in value[0]:
+        return _turns_from_conversations(value)
+    return [_pair_from_dict(item, f"question/answer list[{i}]") for i, item in enumerate(value)]
+
+
+def _prompt_content(tokenizer, question: str, image_token_id: int | None) -> list[int]:
+    """Ids of ``"Q: {question} A:"`` without specials; the placeholder handled."""
+    question = _text(question, "question")
+    if image_token_id is None:
+        # Drop the placeholder and the whitespace around it, keeping one space
+        # between words it separated.
+        question = re.sub(rf"\s*{re.escape(IMAGE_PLACEHOLDER)}\s*", " ", question).strip()
+        pieces = [QUESTION_PREFIX + question + ANSWER_PREFIX]
+    else:
+        pieces = (QUESTION_PREFIX + question + ANSWER_PREFIX).split(IMAGE_PLACEHOLDER)
+    encoded = tokenizer._encode_content([p for p in pieces if p])
+    ids, k = [], 0
+    for i, piece in enumerate(pieces):
+        if i:
+            ids.append(int(image_token_id))
+        if piece:
+            ids.extend(int(t) for t in encoded[k])
+            k += 1
+    return ids
+
+
+def encode_prompt(tokenizer, question: str, image_token_id: int | None = None) -> list[int]:
+    """Ids of ``[BOS] + "Q: {question} A:"`` (no EOS, no padding).
+
+    ``"<image>"`` inside the question becomes the single id ``image_token_id``;
+    when that is None the placeholder is removed together with the whitespace
+    around it (words it separated keep one space).
+    """
+    prefix = [] if tokenizer.bos_id is None else [int(tokenizer.bos_id)]
+    return prefix + _prompt_content(tokenizer, question, image_token_id)
+
+
+def encode_dialog(tokenizer, pairs: Sequence[tuple[str, str]], max_len: int,
+                  image_token_id: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids and loss mask of a dialog.
+
+    Layout: ``[BOS]`` + for each pair the prompt ``"Q: q A:"`` (mask 0) then
+    ``" a"`` + ``[EOS]`` (mask 1), then ``tokenizer.pad_id`` (mask 0). The
+    first pair's prompt part equals ``encode_prompt(tokenizer, q, image_token_id)``.
+    Pairs that do not fit entirely are dropped from the end; when even the first
+    one does not fit, its answer is cut so that EOS lands at ``max_len - 1``.
+
+    Args:
+      pairs: ``[(question, answer), ...]``, e.g. from ``turns_from_json``.
+      max_len: row length L.
+
+    Returns:
+      ``ids`` int32 ``[L]`` and ``loss_mask`` int32 ``[L]``.
+
+    Raises:
+      ValueError: no pairs, a malformed pair, or a first prompt too long for
+        ``max_len`` (config key ``data.train.max_len``).
+    """
+    pairs = list(pairs)
+    if not pairs:
+        raise ValueError("encode_dialog needs at least one (question, answer) pair")
+    ids = [] if tokenizer.bos_id is None else [int(tokenizer.bos_id)]
+    mask = [0] * len(ids)
+    eos = int(tokenizer.eos_id)
+    for i, pair in enumerate(pairs):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise ValueError(f"pairs[{i}] must be a (question, answer) pair, got {pair!r}")
+        question, answer = pair
+        prompt = _prompt_content(tokenizer, question, image_token_id)
+        reply = [int(t) for t in tokenizer._encode_content(
+            [" " + _text(answer, f"pairs[{i}] answer")])[0]]
+        room = max_len - len(ids) - len(prompt) - 1  # answer tokens that fit before EOS
+        if room < len(reply):
+            if i:
+                break
+            if room < 0:
+                raise ValueError(
+                    f"the first prompt takes {len(ids) + len(prompt)} tokens (with BOS), "
+                    f"which leaves no room for EOS within max_len={max_len}; raise "
+                    "data.train.max_len or shorten the question.")
+            reply = reply[:room]
+        ids += prompt + reply + [eos]
+        mask += [0] * len(prompt) + [1] * (len(reply) + 1)
+    out_ids = np.full((max_len,), tokenizer.pad_id, np.int32)
+    out_mask = np.zeros((max_len,), np.int32)
+    out_ids[:len(ids)] = ids
+    out_mask[:len(mask)] = mask
+    return out_ids, out_mask
+
+
+def dialog_from_members(members: dict, text_key: str, tokenizer, max_len: int,
+                        image_token_id: int | None = None) -> tuple[np.ndarray | None, str]:
+    """Encode one webdataset sample's dialog: ``(int32 [2, max_len], "")`` with
+    rows (ids, loss_mask), or ``(None, reason)`` when the sample has none.
+
+    ``text_key`` is ``"json:FIELD"`` (dots for nesting; ``"json"`` alone = the
+    whole JSON) holding any form ``turns_from_json`` accepts.
+    """
+    ext, _, field = text_key.partition(":")
+    raw = members.get(ext)
+    if raw is None:
+        return None, f"no {ext!r} member"
+    try:
+        value = json.loads(raw)
+        for part in filter(None, field.split(".")):
+            value = value[part]
+        pairs = turns_from_json(value)
+        ids, mask = encode_dialog(tokenizer, pairs, max_len, image_token_id)
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        return None, f"{text_key}: {e}"
+    return np.stack([ids, mask]).astype(np.int32), ""
+
+
+def split_dialog(ids: Sequence[int], loss_mask: Sequence[int], bos_id: int | None,
+                 eos_id: int) -> list[tuple[list[int], list[int]]]:
+    """Inverse of ``encode_dialog`` on ids: ``[(prompt_ids, answer_ids), ...]``.
+
+    Each prompt comes back as a first-turn prompt (BOS + "Q: ... A:", the
+    ids ``encode_prompt`` gives); answers exclude EOS. Used to ask every
+    question of an evaluation dialog on its own.
+    """
+    ids, mask = list(map(int, ids)), list(map(int, loss_mask))
+    start = 1 if bos_id is not None and ids and ids[0] == bos_id else 0
+    head = [bos_id] if start else []
+    pairs, prompt, answer, i = [], [], [], start
+    while i < len(ids):
+        if mask[i]:
+            if ids[i] == eos_id:
+                pairs.append((head + prompt, answer))
+                prompt, answer = [], []
+            else:
+                answer.append(ids[i])
+        elif answer:  # a cut answer without EOS ends the dialog
+            break
+        else:
+            prompt.append(ids[i])
+        i += 1
+    return [(p, a) for p, a in pairs if len(p) > len(head)]

@@ -1,0 +1,199 @@
+"""Start parts of a model from other weights, and keep frozen sources out of checkpoints.
+
+`config.init` maps a parameter prefix of the model to a source:
+
+    c.init = {"image_tower": "workdir:/runs/blip2_s1#image_tower",
+              "qformer_module": "workdir:/runs/blip2_s1#qformer_module",
+              "lm_module": "hf_llama:/models/llama-1b"}
+
+Source forms (`#SUBTREE` picks a '/'-separated subtree of the source's params):
+  workdir:DIR[@STEP]   the params of an mmjax run (latest or given step), with
+                       that run's own `init` sources filled in.
+  hf_llama:PATH        `mmjax.convert.hf.load_llama` (Llama-architecture LM).
+  hf_clip:PATH, hf_siglip:PATH, hf_blip2:PATH
+                       the other importers of `mmjax.convert.hf`.
+Every parameter under the target prefix must exist in the source with the
+same shape (extra source parameters are ignored); values are cast to the
+target's dtype and placed with the target's sharding.
+
+Checkpoints: parameters that are frozen (`optim.freeze`) AND come from an
+`init` source are not written; the checkpoint's data item records the
+sources instead (`frozen_sources`), and restoring reloads them. A stage-2 run
+over a frozen 7B LM thus checkpoints only the connector and its optimizer
+state.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Mapping, Optional
+
+import jax
+import ml_collections
+import numpy as np
+from flax import traverse_util
+
+from mmjax.train import workdir as wd
+from mmjax.train.config_utils import ConfigError
+from mmjax.train.optimizer import frozen_labels
+
+log = logging.getLogger("mmjax")
+SEP = "/"
+
+
+class InitError(ConfigError):
+    """A `config.init` entry that cannot be applied (message names the key)."""
+
+
+def flat(tree: Any) -> dict:
+    """Nested params -> `{"a/b/c": leaf}`."""
+    return traverse_util.flatten_dict(dict(tree), sep=SEP) if tree else {}
+
+
+def nested(flat_tree: Mapping) -> dict:
+    return traverse_util.unflatten_dict(dict(flat_tree), sep=SEP)
+
+
+def _under(path: str, prefix: str) -> bool:
+    prefix = prefix.strip(SEP)
+    return path == prefix or path.startswith(prefix + SEP)
+
+
+def init_entries(config: Any) -> dict[str, str]:
+    init = config.get("init") if hasattr(config, "get") else None
+    if not init:
+        return {}
+    return {str(k): str(v) for k, v in dict(init).items()}
+
+
+# ----------------------------------------------------------------------------
+# Sources
+# ----------------------------------------------------------------------------
+
+def _parse(spec: str, key: str) -> tuple[str, str, Optional[int], str]:
+    kind, sep, rest = spec.partition(":")
+    if not sep or kind not in ("workdir", "hf_llama", "hf_clip", "hf_siglip", "hf_blip2"):
+        raise InitError(f"config.init.{key}={spec!r}: expected 'workdir:DIR[@STEP][#SUBTREE]' "
+                        "or 'hf_llama|hf_clip|hf_siglip|hf_blip2:PATH[#SUBTREE]'.")
+    rest, _, subtree = rest.partition("#")
+    step = None
+    if kind == "workdir" and "@" in rest:
+        rest, _, s = rest.rpartition("@")
+        try:
+            step = int(s)
+        except ValueError:
+            raise InitError(f"config.init.{key}={spec!r}: step after '@' must be an integer.") \
+                from None
+    return kind, rest, step, subtree.strip(SEP)
+
+
+def restore_run_params(workdir: str, step: Optional[int] = None) -> tuple[Any, dict, int]:
+    """`(config, params, step)` of an mmjax run: checkpointed params on the
+    host (numpy), completed with the run's own `init` sources."""
+    from mmjax.train.checkpoint import Checkpointer, CheckpointError
+    path = wd.join(workdir, "config.json")
+    if not wd.exists(path):
+        raise CheckpointError(f"{workdir}: no config.json (not an mmjax run directory)")
+    config = ml_collections.ConfigDict(json.loads(wd.read_text(path))["config"])
+    ckpt = Checkpointer(workdir, async_save=False)
+    try:
+        host, step = ckpt.restore_params_to_host(step)
+    finally:
+        ckpt.close()
+    params = flat(host)
+    for prefix, spec in init_entries(config).items():
+        src = load_source(spec, prefix)
+        for rel, value in flat(src).items():
+            full = f"{prefix}{SEP}{rel}" if rel else prefix
+            params.setdefault(full, value)
+    return config, nested(params), step
+
+
+def load_source(spec: str, key: str = "?", scan: Optional[bool] = None) -> dict:
+    """Host params (numpy, nested) of one `config.init` source, subtree applied."""
+    kind, path, step, subtree = _parse(spec, key)
+    if kind == "workdir":
+        params = restore_run_params(path, step)[1]
+    else:
+        from mmjax.convert import hf
+        loader = {"hf_llama": hf.load_llama, "hf_clip": hf.load_clip,
+                  "hf_siglip": hf.load_siglip, "hf_blip2": hf.load_blip2_qformer}[kind]
+        try:
+            params = loader(path, scan=bool(scan))[1]["params"]
+        except FileNotFoundError as e:
+            raise InitError(f"config.init.{key}={spec!r}: {e}") from None
+        params = jax.tree.map(np.asarray, params)
+    if subtree:
+        sub = {k[len(subtree) + 1:]: v for k, v in flat(params).items() if _under(k, subtree)}
+        if not sub:
+            raise InitError(f"config.init.{key}={spec!r}: the source has no subtree {subtree!r}; "
+                            f"top-level names are {sorted(params)}.")
+        params = nested(sub)
+    return params
+
+
+def apply_init(params: Any, config: Any) -> Any:
+    """Overwrite the parameters under each `config.init` prefix with its source.
+
+    `params` are the (sharded) initial parameters; returns the same tree with
+    the sourced leaves replaced (same shapes, dtypes and shardings).
+    """
+    entries = init_entries(config)
+    if not entries:
+        return params
+    target = flat(params)
+    for prefix, spec in entries.items():
+        keys = [k for k in target if _under(k, prefix)]
+        if not keys:
+            raise InitError(f"config.init.{prefix}: the model has no parameters under {prefix!r}; "
+                            f"top-level names are {sorted(params)}.")
+        rel_keys = {k: k[len(prefix.strip(SEP)) + 1:] for k in keys}
+        scanned = any(r.startswith("layers" + SEP) for r in rel_keys.values())
+        src = flat(load_source(spec, prefix, scan=scanned))
+        missing = [r for r in rel_keys.values() if r not in src]
+        if missing:
+            raise InitError(f"config.init.{prefix}={spec!r}: the source lacks {len(missing)} "
+                            f"parameters, e.g. {missing[:4]}; it has e.g. {sorted(src)[:4]} "
+                            "(check the #SUBTREE and the scan/unrolled layout).")
+        for k, r in rel_keys.items():
+            dst, value = target[k], src[r]
+            if tuple(value.shape) != tuple(dst.shape):
+                raise InitError(f"config.init.{prefix}={spec!r}: parameter {r!r} has shape "
+                                f"{tuple(value.shape)} in the source but {tuple(dst.shape)} in "
+                                "the model; make the model config match the source.")
+            value = np.asarray(value).astype(dst.dtype)
+            target[k] = jax.make_array_from_callback(dst.shape, dst.sharding,
+                                                     lambda idx, v=value: v[idx])
+        log.info("init: %d parameters under %r from %s (%d source parameters unused)",
+                 len(keys), prefix, spec, len(src) - len(keys))
+    return nested(target)
+
+
+# ----------------------------------------------------------------------------
+# Checkpoint contents
+# ----------------------------------------------------------------------------
+
+def referenced_keys(params: Any, config: Any) -> set[str]:
+    """Flat paths that are frozen and come from an `init` source (not checkpointed)."""
+    entries = init_entries(config)
+    freeze = list(config.optim.get("freeze") or [])
+    if not entries or not freeze:
+        return set()
+    labels = flat(frozen_labels(params, freeze))
+    return {k for k, lab in labels.items()
+            if lab == "frozen" and any(_under(k, p) for p in entries)}
+
+
+def strip_referenced(state: dict, refs: set[str]) -> dict:
+    """The state as checkpointed: `params` without the referenced leaves."""
+    if not refs:
+        return state
+    return dict(state, params=nested({k: v for k, v in flat(state["params"]).items()
+                                      if k not in refs}))
+
+
+def merge_params(full: Any, partial: Any) -> Any:
+    """`full` params with every leaf present in `partial` replaced."""
+    out = flat(full)
+    out.update(flat(partial))
+    return nested(out)
