@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.models.layers import default_kernel_init, logical
+from mmjax.models.layers import constrain, default_kernel_init, logical
 from mmjax.models.lm import DecoderLM
 from mmjax.models.qformer import QFormer
 from mmjax.models.vit import ViT
@@ -55,6 +55,12 @@ def splice_image_tokens(text_embeds: Array, image_embeds: Array, text: Array, va
     b, l, _ = text_embeds.shape
     p = image_embeds.shape[1]
     t = l + p
+    if placeholder_id is None:  # image first: a concatenation, no gather
+        out_valid = jnp.concatenate([jnp.ones((b, p), bool), valid], axis=1)
+        index = jnp.broadcast_to(jnp.arange(-p, l, dtype=jnp.int32), (b, t))
+        embeds = jnp.concatenate([image_embeds.astype(text_embeds.dtype), text_embeds], axis=1)
+        return {"embeds": jnp.where(out_valid[..., None], embeds, 0), "valid": out_valid,
+                "text_index": jnp.where(index < 0, -1, index)}
     if placeholder_id is None:
         has = jnp.zeros((b,), bool)
         start = jnp.zeros((b,), jnp.int32)
@@ -90,8 +96,9 @@ class VisionLM(nn.Module):
         tokens always go first). It must be < lm.vocab_size (never predicted:
         it carries no loss).
       pad_id: text padding id.
-      freeze_image: stop gradients at the ViT output (the tower is also
-        excluded from the optimizer by `optim.freeze`).
+      freeze_image: stop gradients at the ViT output. Off by default: a
+        tower listed in `optim.freeze` gets no gradient work at all (the
+        train step differentiates trained parameters only).
     """
     image: dict
     lm: dict
@@ -99,7 +106,7 @@ class VisionLM(nn.Module):
     connector: str = "mlp"
     image_token_id: Optional[int] = None
     pad_id: int = 0
-    freeze_image: bool = True
+    freeze_image: bool = False
     dtype: Any = jnp.float32
 
     def setup(self):
@@ -133,8 +140,12 @@ class VisionLM(nn.Module):
 
     def splice(self, image_embeds: Array, text: Array) -> dict:
         """Spliced LM inputs (see `splice_image_tokens`) from `image_embeds [B, P, D]`."""
-        return splice_image_tokens(self.lm_module.embed(text), image_embeds, text,
-                                   text != self.pad_id, self.image_token_id)
+        names = ("act_batch", "act_length", "act_embed")
+        out = splice_image_tokens(constrain(self.lm_module.embed(text), names),
+                                  constrain(image_embeds, names), text,
+                                  text != self.pad_id, self.image_token_id)
+        out["embeds"] = constrain(out["embeds"], names)
+        return out
 
     def inputs(self, images: Array, text: Array) -> dict:
         """Spliced LM inputs for images `[B, H, W, 3]` and text `[B, L]`."""

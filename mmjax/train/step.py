@@ -41,6 +41,7 @@ class Trainer:
         self.max_log_scale = getattr(model, "max_log_scale", None)
         self.freeze = list(config.optim.get("freeze") or [])
         frozen_dtype = config.optim.get("frozen_dtype")
+        frozen_dtype = None if frozen_dtype in ("None", "none", "") else frozen_dtype
         if frozen_dtype and frozen_dtype not in DTYPES:
             raise ValueError(f"config.optim.frozen_dtype={frozen_dtype!r}; choose one of "
                              f"{sorted(DTYPES)} or None.")
