@@ -86,6 +86,10 @@ def _parse(text: str, current: Any) -> Any:
         return text
 
 
+# `config.init.<prefix>=<source>` and `config.objectives.<name>=<weight>` may add entries.
+OPEN_SECTIONS = {"init": str, "objectives": float}
+
+
 def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
     """Apply one `a.b.c=value` override (the `--config.` prefix already removed)."""
     if "=" not in item:
@@ -93,6 +97,15 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
     key, value = item.split("=", 1)
     parts = key.split(".")
     node = config
+    if len(parts) == 2 and parts[0] in OPEN_SECTIONS and parts[1] not in config[parts[0]]:
+        # Sections that map free names to values: a new name is a new entry.
+        try:
+            with config.unlocked():
+                config[parts[0]][parts[1]] = OPEN_SECTIONS[parts[0]](value)
+        except ValueError:
+            raise ConfigError(f"config.{key}={value!r}: expected a "
+                              f"{OPEN_SECTIONS[parts[0]].__name__}") from None
+        return
     for i, part in enumerate(parts):
         is_last = i == len(parts) - 1
         if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
