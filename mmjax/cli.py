@@ -4,6 +4,7 @@
     mmjax eval --config configs/X.py --workdir DIR [--step N]
     mmjax eval --hf PATH [--config.evals.zeroshot.shards=...]
     mmjax shards --images DIR --captions FILE --out DIR | --synthetic ...
+    mmjax generate --workdir DIR --image PATH [--prompt "question"] [--step N]
 """
 from __future__ import annotations
 
@@ -40,9 +41,10 @@ def _user_errors() -> tuple:
     from mmjax.data.pipeline import DataError
     from mmjax.evaluate.runner import EvalError
     from mmjax.train.config_utils import ConfigError
+    from mmjax.train.checkpoint import CheckpointError
     from mmjax.train.loop import TrainingError
-    return (ConfigError, TrainingError, EvalError, DataError, FileNotFoundError, ValueError,
-            KeyError)
+    return (ConfigError, TrainingError, EvalError, DataError, CheckpointError,
+            FileNotFoundError, ValueError, KeyError)
 
 
 def train_main(argv: list[str]) -> int:
@@ -89,7 +91,8 @@ def eval_main(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"train": train_main, "eval": eval_main, "shards": _shards, "bench": _bench}
+    commands = {"train": train_main, "eval": eval_main, "shards": _shards, "bench": _bench,
+                "generate": _generate}
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
@@ -102,6 +105,14 @@ def main(argv: list[str] | None = None) -> int:
 def _shards(argv):
     from mmjax.data.writer import shards_command
     return shards_command(argv)
+
+
+def _generate(argv):
+    from mmjax.evaluate.generate import generate_command
+    try:
+        return generate_command(argv)
+    except _user_errors() as e:
+        return _fail(str(e).strip("'\""))
 
 
 def _bench(argv):

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mmjax import cli
 from mmjax.data.dialog import encode_dialog
 from mmjax.data.pipeline import build_train_iterator, default_data_config
 from mmjax.data.tokenizers import build_tokenizer
@@ -187,6 +188,25 @@ def test_stage2_checkpoint_holds_only_trained_parts(tmp_path):
     assert any(not np.array_equal(a, b) for a, b in zip(q_now, q_s1))
     for a, b in zip(jax.tree.leaves(full["projector"]), jax.tree.leaves(saved["projector"])):
         np.testing.assert_array_equal(a, b)
+
+    # `mmjax generate` rebuilds the same model from the workdir (sources included).
+    from PIL import Image
+    from mmjax.data.decode import normalize
+    from mmjax.data.dialog import encode_prompt
+    from mmjax.data.synthetic import make_sample
+    from mmjax.evaluate.generate import generate_answer
+    image = make_sample(0, "test", 32)["image"]
+    Image.fromarray(image).save(tmp_path / "x.png")
+    got = generate_answer(s2, str(tmp_path / "x.png"), "colour?", max_new_tokens=6)
+    tok = build_tokenizer("bytes", 32)
+    d = config.data.train
+    variables = {"params": full}
+    emb = model.apply(variables, jnp.asarray(normalize(image[None], d.mean, d.std)),
+                      method="image_embeds")
+    want = answer_questions(model, variables, np.asarray(emb), [encode_prompt(tok, "colour?")],
+                            tok, max_new_tokens=6, chunk=1)[0]
+    assert got == want
+    assert cli.main(["generate", "--workdir", str(tmp_path / "none"), "--image", "x"]) == 2
 
 
 def test_init_errors_name_the_key(tmp_path):

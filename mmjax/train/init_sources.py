@@ -101,8 +101,18 @@ def restore_run_params(workdir: str, step: Optional[int] = None) -> tuple[Any, d
     finally:
         ckpt.close()
     params = flat(host)
-    for prefix, spec in init_entries(config).items():
-        src = load_source(spec, prefix)
+    entries = init_entries(config)
+    if entries:
+        import flax.linen as nn
+        from mmjax.models import build
+        from mmjax.train.step import sample_inputs
+        model = build(config.model)
+        shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *sample_inputs(config)))
+        layout = flat(nn.meta.unbox(shapes["params"]))
+    for prefix, spec in entries.items():
+        scanned = any(_under(k, f"{prefix.strip(SEP)}{SEP}layers") and not
+                      _under(k, f"{prefix.strip(SEP)}{SEP}layers_0") for k in layout)
+        src = load_source(spec, prefix, scan=scanned)
         for rel, value in flat(src).items():
             full = f"{prefix}{SEP}{rel}" if rel else prefix
             params.setdefault(full, value)

@@ -1,0 +1,69 @@
+"""`mmjax generate`: a VisionLM run answers a question about an image.
+
+    mmjax generate --workdir DIR --image photo.jpg --prompt "colour of the big shape?"
+    mmjax generate --workdir DIR --image photo.jpg            # no prompt: a caption
+
+The run's config (`DIR/config.json`) gives the model, tokenizer and image
+preprocessing (center crop, the config's mean/std); its latest (or `--step`)
+checkpoint gives the trained weights and its `init` sources the frozen ones.
+The prompt uses the training dialog template (`mmjax.data.dialog`).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional
+
+import jax.numpy as jnp
+import numpy as np
+
+
+def generate_answer(workdir: str, image_path: str, prompt: Optional[str] = None,
+                    step: Optional[int] = None, max_new_tokens: int = 32) -> str:
+    """The model's answer (or caption when `prompt` is empty) for one image file."""
+    from mmjax.data.decode import decode_and_crop, normalize
+    from mmjax.data.dialog import encode_prompt
+    from mmjax.data.tokenizers import build_tokenizer
+    from mmjax.evaluate.runner import EvalError
+    from mmjax.evaluate.vqa import answer_questions
+    from mmjax.models import VisionLM, build
+    from mmjax.train.init_sources import restore_run_params
+
+    config, params, _ = restore_run_params(workdir, step)
+    model = build(config.model)
+    if not isinstance(model, VisionLM):
+        raise EvalError(f"{workdir}: model {config.model.name!r} does not generate text; "
+                        "`mmjax generate` needs a VisionLM run (configs/llava.py, "
+                        "configs/blip2_stage2.py).")
+    d = config.data.train
+    try:
+        with open(image_path, "rb") as f:
+            data = f.read()
+        image, _ = decode_and_crop(data, int(d.image_size), None, augment="center",
+                                   max_pixels=d.get("max_pixels"))
+    except OSError as e:
+        raise EvalError(f"--image {image_path}: cannot read it as an image ({e})") from None
+    images = normalize(image[None], d.mean, d.std)
+    tokenizer = build_tokenizer(d.tokenizer, int(d.max_len))
+    if prompt:
+        ids = encode_prompt(tokenizer, prompt, config.model.get("image_token_id"))
+    else:
+        ids = [tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.pad_id]
+    variables = {"params": params}
+    emb = model.apply(variables, jnp.asarray(images), method="image_embeds")
+    return answer_questions(model, variables, np.asarray(emb), [ids], tokenizer,
+                            max_new_tokens=max_new_tokens, chunk=1)[0]
+
+
+def generate_command(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="mmjax generate",
+                                description="Answer a question about an image (VisionLM runs).")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--image", required=True)
+    p.add_argument("--prompt", default="", help="question; empty = caption")
+    p.add_argument("--step", type=int, default=None)
+    p.add_argument("--max_new_tokens", type=int, default=32)
+    args = p.parse_args(argv)
+    print(generate_answer(args.workdir, args.image, args.prompt, args.step, args.max_new_tokens))
+    sys.stdout.flush()
+    return 0
