@@ -248,3 +248,17 @@ def test_dialog_batches_and_bad_dialogs(tmp_path):
         np.testing.assert_array_equal(row, ids)
         np.testing.assert_array_equal(m, mask)
     assert stats["no_dialog"] == 1 and stats["ok"] >= 5
+
+
+def test_llava_cpu_recipe_trains_on_dialogs_and_reports_vqa(tmp_path):
+    """`configs/llava.py:cpu` at tiny size: dialog batches feed the step and
+    the VQA evaluator asks all 5 questions of each held-out image."""
+    config = load_config("configs/llava.py:cpu,tiny")
+    assert config.data.train.text_format == "dialog"
+    result = train(config, str(tmp_path))
+    assert result["vqa/count"] == 4 * 5
+    assert 0.0 <= result["vqa_accuracy"] <= 1.0 and np.isfinite(result["loss/lm"])
+    assert set(result) >= {f"vqa_accuracy/{t}" for t in
+                           ("color", "shape", "count", "small_color", "where")}
+    saved = json.load(open(tmp_path / "eval" / "step_3.json"))
+    assert saved["vqa/baseline_accuracy"] == result["vqa/baseline_accuracy"]
