@@ -163,3 +163,36 @@ def test_blip2_rerank_vs_numpy(blip2_case, k, itm_score, add_itc):
         assert got[key] == pytest.approx(value), key
     with pytest.raises(ValueError, match="raise k"):
         blip2_rerank_recall(model, variables, tokens, ids, itc, t2i, k=2, ks=(1, 5))
+
+
+def test_json_caption_lists_from_shards(two_tower, tmp_path):
+    """`text_format="captions"`: each image's JSON list (1 to 3 captions here)
+    becomes its caption set; missing rows are padding and are left out."""
+    import json
+    from mmjax.data.pipeline import build_eval_iterator, default_data_config
+    from _shards import make_image, write_tar
+    model, variables = two_tower
+    rng = np.random.default_rng(3)
+    words = ["red", "blue", "cat", "dog", "big", "small", "sky", "sea"]
+    caps = [[" ".join(rng.choice(words, 3)) for _ in range(1 + i % 3)] for i in range(10)]
+    members = []
+    for i, c in enumerate(caps):
+        members += [(f"{i:03d}.jpg", make_image(i)),
+                    (f"{i:03d}.json", json.dumps({"captions": c}).encode())]
+    write_tar(tmp_path / "s.tar", members)
+    cfg = default_data_config()
+    cfg.update(dict(shards=str(tmp_path / "s.tar"), text_format="captions",
+                    caption_key="json:captions", num_captions=3, max_len=MAX_LEN,
+                    image_size=IMAGE, workers=0))
+    batches = list(build_eval_iterator(cfg, 4, process_index=0, process_count=1))
+    assert batches[0]["text"].shape == (4, 3, MAX_LEN)
+    got = retrieval_evaluate(model, variables, batches, pad_id=0, block=4)
+    valid = np.concatenate([b["valid"] for b in batches])
+    images = np.concatenate([b["image"] for b in batches])[valid]
+    tok = build_tokenizer("bytes", MAX_LEN)
+    flat = [c for cs in caps for c in cs]
+    expected = _brute_force(jax.jit(model_method(model, "encode_image"))(variables, images),
+                            jax.jit(model_method(model, "encode_text"))(variables, tok(flat)),
+                            np.repeat(np.arange(10), [len(c) for c in caps]))
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value), key

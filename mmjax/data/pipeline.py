@@ -44,7 +44,8 @@ import numpy as np
 from mmjax.data import decode as decode_lib
 from mmjax.data.dialog import dialog_from_members
 from mmjax.data import sources as sources_lib
-from mmjax.data.tario import IMAGE_EXTS, ShardReadError, iter_tar_samples, sample_fields
+from mmjax.data.tario import (IMAGE_EXTS, ShardReadError, caption_list, iter_tar_samples,
+                              sample_fields)
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,10 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.shards = None            # required: pattern, "::"-joined patterns, or list; {000..099} / {a,b}
     c.weights = None           # None, or one sampling weight per pattern (needs resampled=True)
     c.caption_key = "txt"      # caption member: "txt", or "json:FIELD" for a JSON field
-    c.text_format = "caption"  # "caption", or "dialog": caption_key names JSON Q/A turns
-                               # (mmjax.data.dialog); batches gain loss_mask [B, L]
+    c.text_format = "caption"  # "caption"; "captions": text [B, num_captions, L] from a JSON
+                               # list (retrieval evals); "dialog": caption_key names JSON Q/A
+                               # turns (mmjax.data.dialog), batches gain loss_mask [B, L]
+    c.num_captions = 5         # "captions": rows per image (missing ones are all pad)
     c.image_token_id = None    # dialog: id that "<image>" in a question becomes (None: dropped)
     c.tokenizer = "bytes"      # "bytes" | "sentencepiece:PATH" | "hf:PATH"
     c.max_len = 32             # text length L of the int32 [B, L] token ids
@@ -241,6 +244,16 @@ class _ShardStream:
             self.counters.bad("no_caption", path,
                               f"sample {key!r} has no caption ({self.o['caption_key']})")
             return None
+        if self.o["text_format"] == "captions":  # [C, L]: up to C captions, pad rows after
+            captions = caption_list(members, self.o["caption_key"])[:self.o["num_captions"]]
+            if not captions:
+                self.counters.bad("no_caption", path, f"sample {key!r} has no caption "
+                                  f"({self.o['caption_key']})")
+                return None
+            tokens = np.zeros((self.o["num_captions"], self.o["max_len"]), np.int32)
+            tokens[:] = getattr(self.tokenize, "pad_id", 0)
+            tokens[:len(captions)] = self.tokenize(captions)
+            return image, tokens, label
         if self.o["text_format"] == "dialog":
             tokens, why = dialog_from_members(members, self.o["caption_key"], self.tokenize,
                                               self.o["max_len"], self.o["image_token_id"])
@@ -383,7 +396,7 @@ def _stack(rows: list, o: dict) -> dict:
         images = decode_lib.normalize(images, o["mean"], o["std"])
     text = np.stack([r[1] for r in rows]).astype(np.int32)
     out = {"image": images, "label": np.asarray([r[2] for r in rows], np.int32)}
-    if text.ndim == 3:  # dialog: rows of (ids, loss_mask)
+    if o["text_format"] == "dialog":  # rows of (ids, loss_mask)
         return dict(out, text=text[:, 0], loss_mask=text[:, 1])
     return dict(out, text=text)
 
@@ -625,8 +638,8 @@ def _options(cfg, *, mode: str, process_index, process_count, seed, tokenizer) -
             f"data.train.shards has {n} shards but {process_count} processes x {num_workers} "
             f"workers need at least {process_count * num_workers} (one shard per worker per "
             "epoch); lower data.train.workers, use more shards, or set data.train.resampled=True.")
-    if get("text_format") not in ("caption", "dialog"):
-        raise ValueError(f"data.train.text_format must be 'caption' or 'dialog', got "
+    if get("text_format") not in ("caption", "captions", "dialog"):
+        raise ValueError(f"data.train.text_format must be 'caption', 'captions' or 'dialog', got "
                          f"{get('text_format')!r}")
     if get("output") not in ("float32", "uint8"):
         raise ValueError(f"data.train.output must be 'float32' or 'uint8', got {get('output')!r}")
@@ -638,6 +651,7 @@ def _options(cfg, *, mode: str, process_index, process_count, seed, tokenizer) -
         "workers": workers, "num_workers": num_workers,
         "caption_key": get("caption_key"), "tokenizer": tokenizer or get("tokenizer"),
         "text_format": get("text_format"), "image_token_id": _cfg_get(cfg, "image_token_id"),
+        "num_captions": int(get("num_captions")),
         "max_len": int(get("max_len")), "image_size": int(get("image_size")),
         "augment": "center" if mode == "eval" else get("augment"),
         "crop_scale": tuple(get("crop_scale")), "crop_ratio": tuple(get("crop_ratio")),

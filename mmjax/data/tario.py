@@ -153,3 +153,22 @@ def sample_fields(members: dict[str, bytes], caption_key: str = "txt",
         except (ValueError, UnicodeDecodeError):
             label = -1
     return image, caption, label
+
+
+def caption_list(members: dict[str, bytes], caption_key: str) -> list[str]:
+    """Every caption of a sample: the ``caption_key`` value when it is a JSON
+    list of strings (e.g. ``"json:captions"``, COCO-style 5 captions), else
+    the single caption ``sample_fields`` finds. Empty entries are dropped."""
+    ext, _, field = caption_key.partition(":")
+    raw = members.get(ext)
+    if field and raw is not None:
+        try:
+            value = json.loads(raw)
+            for part in field.split("."):
+                value = value[part]
+        except (ValueError, KeyError, TypeError):
+            value = None
+        if isinstance(value, list):
+            return [str(v).strip() for v in value if isinstance(v, str) and v.strip()]
+    caption = sample_fields(members, caption_key)[1]
+    return [caption] if caption else []

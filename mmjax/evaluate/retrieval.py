@@ -289,7 +289,7 @@ def retrieval_recall(image_emb, text_emb, text_to_image, ks: Sequence[int] = (1,
 
 def retrieval_evaluate(model: Any, variables: Any, batches: Iterable,
                        mesh: Optional[Mesh] = None, ks: Sequence[int] = (1, 5, 10),
-                       block: int = 1024) -> dict:
+                       block: int = 1024, pad_id: Optional[int] = None) -> dict:
     """Embeds an image-caption set and returns `retrieval_recall`'s dict.
 
     Args:
@@ -299,6 +299,8 @@ def retrieval_evaluate(model: Any, variables: Any, batches: Iterable,
         caption per image) or `[b, C, L]` (C captions per image), optional
         "valid" `[b]` bool.
       mesh: optional mesh with a "data" axis for the batch.
+      pad_id: with `[b, C, L]` text, caption rows made only of `pad_id` are
+        missing captions (images with fewer than C) and are left out.
     """
     run_img = BatchRunner(model_method(model, "encode_image"), mesh, variables)
     run_txt = BatchRunner(model_method(model, "encode_text"), mesh, run_img.variables)
@@ -314,8 +316,10 @@ def retrieval_evaluate(model: Any, variables: Any, batches: Iterable,
             text = text[:, None]
         b, c = text.shape[:2]
         imgs.append(run_img(images))
-        txts.append(run_txt(text.reshape(b * c, -1)))
-        owners.append(np.repeat(np.arange(n, n + b), c))
+        flat = text.reshape(b * c, -1)
+        keep = np.ones(b * c, bool) if pad_id is None else (flat != pad_id).any(-1)
+        txts.append(np.asarray(run_txt(flat))[keep])
+        owners.append(np.repeat(np.arange(n, n + b), c)[keep])
         n += b
     if not imgs:
         raise ValueError("retrieval_evaluate: the data yielded no valid samples.")

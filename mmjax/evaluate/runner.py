@@ -92,9 +92,15 @@ def _zeroshot(config, model, variables, tokenizer) -> dict:
             "zeroshot/n": m["n"], "zeroshot/num_classes": len(classnames), "top1": m["top1"]}
 
 
-def _retrieval(config, model, variables) -> dict:
+def _retrieval(config, model, variables, tokenizer) -> dict:
     from mmjax.evaluate.retrieval import retrieval_evaluate
-    m = retrieval_evaluate(model, variables, _batches(config, config.evals.retrieval))
+    section = config.evals.retrieval
+    key = section.get("caption_key") or config.data.train.caption_key
+    # A plain member ("txt") holds one caption: no pad rows to embed.
+    per_image = int(section.get("num_captions") or 5) if ":" in key else 1
+    batches = _batches(config, section, text_format="captions", caption_key=key,
+                       num_captions=per_image)
+    m = retrieval_evaluate(model, variables, batches, pad_id=tokenizer.pad_id)
     log.info("retrieval i2t R@1 %.2f%% t2i R@1 %.2f%% over %d images",
              100 * m["i2t_r1"], 100 * m["t2i_r1"], m["n_images"])
     return {f"retrieval/{k}": v for k, v in m.items()}
@@ -187,7 +193,7 @@ def run_evals(config: Any, model: Any, variables: Any, mesh: Any = None, *, step
     if ev.zeroshot.get("shards") and type(model).__name__ != "VisionLM":
         results.update(_zeroshot(config, model, variables, tokenizer))
     if ev.get("retrieval") and ev.retrieval.get("shards"):
-        results.update(_retrieval(config, model, variables))
+        results.update(_retrieval(config, model, variables, tokenizer))
     if ev.get("captioning") and ev.captioning.get("shards"):
         results.update(_captioning(config, model, variables, tokenizer))
     if ev.get("vqa") and ev.vqa.get("shards"):

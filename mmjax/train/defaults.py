@@ -48,8 +48,11 @@ def base_config() -> ml_collections.ConfigDict:
         classnames="synthetic",        # file (one name per line), list, or "synthetic"
         templates="simple",            # built-in set name, one "{}" template, or a file
         max_samples=0))                # 0: all
-    # Image-text retrieval (Recall@1/5/10) on shards with one caption per image.
-    c.evals.retrieval = ml_collections.ConfigDict(dict(shards="", max_samples=0))
+    # Image-text retrieval (Recall@1/5/10). caption_key "" = data.train.caption_key; a JSON
+    # list field (e.g. "json:captions", COCO / Flickr30k style) gives several captions per
+    # image, up to num_captions; an image-to-text hit is any of its captions.
+    c.evals.retrieval = ml_collections.ConfigDict(dict(shards="", max_samples=0, caption_key="",
+                                                       num_captions=5))
     # Captioning (CoCa, BLIP-2): greedy (beam_size=1) or beam search; BLEU-4, CIDEr.
     c.evals.captioning = ml_collections.ConfigDict(dict(
         shards="", max_samples=256, beam_size=1, max_len=32))
