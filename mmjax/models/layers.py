@@ -125,7 +125,8 @@ def make_attention_mask(query_valid: Optional[Array], key_valid: Optional[Array]
 
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Optional[Array] = None,
                           implementation: Optional[str] = "xla") -> Array:
-    """Scaled dot-product attention via `jax.nn.dot_product_attention`.
+    """Scaled dot-product attention: `_xla_attention` for "xla", else
+    `jax.nn.dot_product_attention` (cuDNN's fused kernel, or JAX's choice).
 
     Args:
       q: `[B, T, H, K]`; k, v: `[B, S, H, K]`.
@@ -141,7 +142,30 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Optional[Array] = 
         b, t, h, _ = q.shape
         mask = jnp.reshape(mask, (1,) * (4 - jnp.ndim(mask)) + jnp.shape(mask))  # [T, S] -> 4-D
         mask = jnp.broadcast_to(mask, (b, mask.shape[1], t, k.shape[1]))
+    if implementation == "xla":
+        return _xla_attention(q, k, v, mask)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+
+
+def _xla_attention(q: Array, k: Array, v: Array, mask: Optional[Array]) -> Array:
+    """The math of `jax.nn.dot_product_attention(implementation="xla")` (float32
+    logits and softmax, masked logits at the dtype's most negative value,
+    grouped-query heads), with heads moved before the sequence axes so each
+    einsum is a plain batched matmul: on CPU this runs the forward 2.5x and
+    the backward 2.4x faster ([64, 50, 4, 64]: 8.7 vs 21 ms per gradient)."""
+    b, t, n, d = q.shape
+    s, kv = k.shape[1], k.shape[2]
+    g = n // kv
+    qh = q.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4)  # [B, KV, G, T, D]
+    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, S, D]
+    logits = jnp.einsum("bkgtd,bksd->bkgts", qh, kh, preferred_element_type=jnp.float32)
+    logits = logits * (1.0 / np.sqrt(d))
+    if mask is not None:
+        m = mask.reshape(b, kv, g, t, s) if mask.shape[1] == n else mask[:, :, None]
+        logits = jnp.where(m, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bksd->bkgtd", probs, vh)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, d)
 
 
 class _HeadsIn(nn.Module):
@@ -160,8 +184,24 @@ class _HeadsIn(nn.Module):
                                 (self.heads, self.head_dim)) if self.use_bias else None)
 
     def __call__(self, x):
-        y = jnp.einsum("...d,dhk->...hk", x.astype(self.dtype), self.kernel.astype(self.dtype))
+        y = matmul_2d(x.astype(self.dtype), self.kernel.astype(self.dtype), 1)
         return y + self.bias.astype(self.dtype) if self.use_bias else y
+
+
+def matmul_2d(x: Array, kernel: Array, in_dims: int) -> Array:
+    """`x [..., *kernel.shape[:in_dims]] @ kernel` computed as ONE 2-D matmul
+    `[N, In] @ [In, Out]` (N = product of x's leading dims).
+
+    Same numbers as the einsum, but XLA's CPU backend runs the backward pass
+    of the 2-D form about 2x faster than that of a rank-3 dot_general
+    (measured: [64, 50, 256] x [256, 1024], 21 vs 48 ms); merging the leading
+    (batch-sharded) dims is free under SPMD.
+    """
+    lead = x.shape[:x.ndim - in_dims]
+    k_in, k_out = kernel.shape[:in_dims], kernel.shape[in_dims:]
+    n_in, n_out = int(np.prod(k_in)), int(np.prod(k_out))
+    y = x.reshape((-1, n_in)) @ kernel.reshape((n_in, n_out))
+    return y.reshape(lead + k_out)
 
 
 def _fused_qkv(x: Array, projs: Sequence[_HeadsIn], dtype: Dtype) -> list[Array]:
@@ -169,7 +209,7 @@ def _fused_qkv(x: Array, projs: Sequence[_HeadsIn], dtype: Dtype) -> list[Array]
     (same parameters and numbers as three projections; fewer, larger matmuls
     run faster, notably on CPU)."""
     kernel = jnp.concatenate([p.kernel for p in projs], axis=1).astype(dtype)
-    y = jnp.einsum("...d,dhk->...hk", x.astype(dtype), kernel)
+    y = matmul_2d(x.astype(dtype), kernel, 1)
     if projs[0].use_bias:
         y = y + jnp.concatenate([p.bias for p in projs], axis=0).astype(dtype)
     h = projs[0].heads
@@ -188,7 +228,7 @@ class _HeadsOut(nn.Module):
         h, k = x.shape[-2:]
         kernel = self.param("kernel", logical(self.kernel_init, ("heads", "kv", "embed")),
                             (h, k, self.features))
-        y = jnp.einsum("...hk,hkd->...d", x.astype(self.dtype), kernel.astype(self.dtype))
+        y = matmul_2d(x.astype(self.dtype), kernel.astype(self.dtype), 2)
         if self.use_bias:
             y = y + self.param("bias", logical(nn.initializers.zeros, ("embed",)),
                                (self.features,)).astype(self.dtype)
@@ -257,14 +297,17 @@ class Mlp(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        d = x.shape[-1]
+        d, lead = x.shape[-1], x.shape[:-1]
+        x = x.reshape((-1, d))  # 2-D matmuls: see `matmul_2d`
         if self.act == "swiglu":
             h = jax.nn.silu(self._dense(self.hidden, ("embed", "mlp"), "gate")(x))
             h = h * self._dense(self.hidden, ("embed", "mlp"), "fc1")(x)
         else:
             h = get_activation(self.act)(self._dense(self.hidden, ("embed", "mlp"), "fc1")(x))
-        h = constrain(h, ("act_batch", "act_length", "act_mlp"))
-        return self._dense(d, ("mlp", "embed"), "fc2")(h)
+        if len(lead) == 2:
+            h = constrain(h.reshape(lead + (self.hidden,)), ("act_batch", "act_length", "act_mlp"))
+        return self._dense(d, ("mlp", "embed"), "fc2")(h.reshape((-1, self.hidden))).reshape(
+            lead + (d,))
 
 
 # ----------------------------------------------------------------------------
