@@ -14,9 +14,6 @@ import argparse
 import sys
 from typing import Optional
 
-import jax.numpy as jnp
-import numpy as np
-
 
 def generate_answer(workdir: str, image_path: str, prompt: Optional[str] = None,
                     step: Optional[int] = None, max_new_tokens: int = 32) -> str:
@@ -25,7 +22,7 @@ def generate_answer(workdir: str, image_path: str, prompt: Optional[str] = None,
     from mmjax.data.dialog import encode_prompt
     from mmjax.data.tokenizers import build_tokenizer
     from mmjax.evaluate.runner import EvalError
-    from mmjax.evaluate.vqa import answer_questions
+    from mmjax.evaluate.vqa import answer_questions, caption_prompt, image_embeds
     from mmjax.models import VisionLM, build
     from mmjax.train.init_sources import restore_run_params
 
@@ -45,14 +42,11 @@ def generate_answer(workdir: str, image_path: str, prompt: Optional[str] = None,
         raise EvalError(f"--image {image_path}: cannot read it as an image ({e})") from None
     images = normalize(image[None], d.mean, d.std)
     tokenizer = build_tokenizer(d.tokenizer, int(d.max_len))
-    if prompt:
-        ids = encode_prompt(tokenizer, prompt, config.model.get("image_token_id"))
-    else:
-        ids = [tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.pad_id]
+    ids = (encode_prompt(tokenizer, prompt, config.model.get("image_token_id")) if prompt
+           else caption_prompt(tokenizer))
     variables = {"params": params}
-    emb = model.apply(variables, jnp.asarray(images), method="image_embeds")
-    return answer_questions(model, variables, np.asarray(emb), [ids], tokenizer,
-                            max_new_tokens=max_new_tokens, chunk=1)[0]
+    return answer_questions(model, variables, image_embeds(model, variables, images), [ids],
+                            tokenizer, max_new_tokens=max_new_tokens, chunk=1)[0]
 
 
 def generate_command(argv: list[str]) -> int:

@@ -132,12 +132,9 @@ def _vqa(config, model, variables, tokenizer) -> dict:
 
 
 def _vlm_captions(model, variables, images, tokenizer, max_len: int) -> list[str]:
-    import jax
-    from mmjax.evaluate.vqa import answer_questions
-    emb = np.asarray(jax.jit(lambda v, im: model.apply(v, im, method="image_embeds"))(
-        variables, images))
-    start = [tokenizer.bos_id] if tokenizer.bos_id is not None else [tokenizer.pad_id]
-    return answer_questions(model, variables, emb, [start] * len(images), tokenizer,
+    from mmjax.evaluate.vqa import answer_questions, caption_prompt, image_embeds
+    return answer_questions(model, variables, image_embeds(model, variables, images),
+                            [caption_prompt(tokenizer)] * len(images), tokenizer,
                             max_new_tokens=max_len, width=1, chunk=len(images))
 
 
@@ -147,12 +144,10 @@ def _captioning(config, model, variables, tokenizer) -> dict:
     from mmjax.models import Blip2Stage1, CoCa, VisionLM
     cap = config.evals.captioning
     make = {CoCa: captioning.coca_logits_fn, Blip2Stage1: captioning.blip2_itg_logits_fn}
-    if isinstance(model, VisionLM):
-        if int(cap.beam_size) != 1:
-            raise EvalError("config.evals.captioning.beam_size: VisionLM captioning is greedy; "
-                            "set it to 1.")
-        make[VisionLM] = None
-    if type(model) not in make:
+    if isinstance(model, VisionLM) and int(cap.beam_size) != 1:
+        raise EvalError("config.evals.captioning.beam_size: VisionLM captioning is greedy; "
+                        "set it to 1.")
+    if type(model) not in make and not isinstance(model, VisionLM):
         raise EvalError(f"config.evals.captioning: {type(model).__name__} has no captioning "
                         "head; use a CoCa or BLIP-2 recipe or set evals.captioning.shards=''.")
     preds, refs = {}, {}
@@ -190,7 +185,8 @@ def run_evals(config: Any, model: Any, variables: Any, mesh: Any = None, *, step
     variables = jax.device_get(variables)
     ev = config.evals
     results: dict = {}
-    if ev.zeroshot.get("shards") and type(model).__name__ != "VisionLM":
+    from mmjax.models import VisionLM
+    if ev.zeroshot.get("shards") and not isinstance(model, VisionLM):
         results.update(_zeroshot(config, model, variables, tokenizer))
     if ev.get("retrieval") and ev.retrieval.get("shards"):
         results.update(_retrieval(config, model, variables, tokenizer))

@@ -149,6 +149,18 @@ def answer_questions(model, variables, image_embeds, prompts: Sequence[Sequence[
     return out
 
 
+def caption_prompt(tokenizer) -> list[int]:
+    """The prompt that asks a VisionLM for a caption: BOS alone (pad without BOS)."""
+    return [tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.pad_id]
+
+
+def image_embeds(model, variables, images) -> np.ndarray:
+    """`model.apply(..., method="image_embeds")` jitted: `[B, H, W, 3]` -> `[B, P, D]`."""
+    import jax
+    return np.asarray(jax.jit(lambda v, im: model.apply(v, im, method="image_embeds"))(
+        variables, images))
+
+
 def vqa_evaluate(model, variables, batches, tokenizer, *, max_new_tokens: int = 16,
                  question_types: dict | None = None, baseline_answer: str | None = None,
                  chunk: int = 64) -> dict:
@@ -160,13 +172,11 @@ def vqa_evaluate(model, variables, batches, tokenizer, *, max_new_tokens: int = 
     `baseline_answer` adds the score of always giving that answer.
     Returns `vqa_scores(...)` plus `examples` (first few Q/A/prediction).
     """
-    import jax
     from mmjax.data.dialog import split_dialog
-    embed = jax.jit(lambda v, im: model.apply(v, im, method="image_embeds"))
     preds, refs, types, questions = [], [], [], []
     for batch in batches:
         valid = np.asarray(batch.get("valid", np.ones(len(batch["text"]), bool)), bool)
-        emb = np.asarray(embed(variables, batch["image"]))
+        emb = image_embeds(model, variables, batch["image"])
         rows, prompts = [], []
         for i in np.flatnonzero(valid):
             for prompt, answer in split_dialog(batch["text"][i], batch["loss_mask"][i],

@@ -61,13 +61,9 @@ def splice_image_tokens(text_embeds: Array, image_embeds: Array, text: Array, va
         embeds = jnp.concatenate([image_embeds.astype(text_embeds.dtype), text_embeds], axis=1)
         return {"embeds": jnp.where(out_valid[..., None], embeds, 0), "valid": out_valid,
                 "text_index": jnp.where(index < 0, -1, index)}
-    if placeholder_id is None:
-        has = jnp.zeros((b,), bool)
-        start = jnp.zeros((b,), jnp.int32)
-    else:
-        hit = (text == placeholder_id) & valid
-        has = hit.any(axis=1)
-        start = jnp.where(has, jnp.argmax(hit, axis=1), 0).astype(jnp.int32)
+    hit = (text == placeholder_id) & valid
+    has = hit.any(axis=1)
+    start = jnp.where(has, jnp.argmax(hit, axis=1), 0).astype(jnp.int32)
     j = jnp.arange(t, dtype=jnp.int32)[None, :]
     start_, skip = start[:, None], has.astype(jnp.int32)[:, None]
     in_image = (j >= start_) & (j < start_ + p)

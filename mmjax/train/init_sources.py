@@ -59,6 +59,17 @@ def _under(path: str, prefix: str) -> bool:
     return path == prefix or path.startswith(prefix + SEP)
 
 
+def _relative(paths, prefix: str) -> dict[str, str]:
+    """`{path: path relative to prefix}` for the paths under `prefix`."""
+    cut = len(prefix.strip(SEP)) + 1
+    return {k: k[cut:] for k in paths if _under(k, prefix)}
+
+
+def _scanned(relative_paths) -> bool:
+    """True when a subtree holds its layers scanned (`layers/...`, not `layers_0/...`)."""
+    return any(r.startswith("layers" + SEP) for r in relative_paths)
+
+
 def init_entries(config: Any) -> dict[str, str]:
     init = config.get("init") if hasattr(config, "get") else None
     if not init:
@@ -110,9 +121,7 @@ def restore_run_params(workdir: str, step: Optional[int] = None) -> tuple[Any, d
         shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *sample_inputs(config)))
         layout = flat(nn.meta.unbox(shapes["params"]))
     for prefix, spec in entries.items():
-        scanned = any(_under(k, f"{prefix.strip(SEP)}{SEP}layers") and not
-                      _under(k, f"{prefix.strip(SEP)}{SEP}layers_0") for k in layout)
-        src = load_source(spec, prefix, scan=scanned)
+        src = load_source(spec, prefix, scan=_scanned(_relative(layout, prefix).values()))
         for rel, value in flat(src).items():
             full = f"{prefix}{SEP}{rel}" if rel else prefix
             params.setdefault(full, value)
@@ -134,7 +143,8 @@ def load_source(spec: str, key: str = "?", scan: Optional[bool] = None) -> dict:
             raise InitError(f"config.init.{key}={spec!r}: {e}") from None
         params = jax.tree.map(np.asarray, params)
     if subtree:
-        sub = {k[len(subtree) + 1:]: v for k, v in flat(params).items() if _under(k, subtree)}
+        flat_params = flat(params)
+        sub = {r: flat_params[k] for k, r in _relative(flat_params, subtree).items()}
         if not sub:
             raise InitError(f"config.init.{key}={spec!r}: the source has no subtree {subtree!r}; "
                             f"top-level names are {sorted(params)}.")
@@ -153,13 +163,11 @@ def apply_init(params: Any, config: Any) -> Any:
         return params
     target = flat(params)
     for prefix, spec in entries.items():
-        keys = [k for k in target if _under(k, prefix)]
-        if not keys:
+        rel_keys = _relative(target, prefix)
+        if not rel_keys:
             raise InitError(f"config.init.{prefix}: the model has no parameters under {prefix!r}; "
                             f"top-level names are {sorted(params)}.")
-        rel_keys = {k: k[len(prefix.strip(SEP)) + 1:] for k in keys}
-        scanned = any(r.startswith("layers" + SEP) for r in rel_keys.values())
-        src = flat(load_source(spec, prefix, scan=scanned))
+        src = flat(load_source(spec, prefix, scan=_scanned(rel_keys.values())))
         missing = [r for r in rel_keys.values() if r not in src]
         if missing:
             raise InitError(f"config.init.{prefix}={spec!r}: the source lacks {len(missing)} "
@@ -175,7 +183,7 @@ def apply_init(params: Any, config: Any) -> Any:
             target[k] = jax.make_array_from_callback(dst.shape, dst.sharding,
                                                      lambda idx, v=value: v[idx])
         log.info("init: %d parameters under %r from %s (%d source parameters unused)",
-                 len(keys), prefix, spec, len(src) - len(keys))
+                 len(rel_keys), prefix, spec, len(src) - len(rel_keys))
     return nested(target)
 
 

@@ -112,18 +112,17 @@ class Trainer:
     def _loss_and_grads(self, params, batch, rng):
         # Gradients only for trained parameters: frozen ones (optim.freeze)
         # are closed over, so no backward work or memory goes to them.
-        flat = init_sources.flat(params)
         labels = init_sources.flat(frozen_labels(params, self.freeze))
-        frozen = {k: v for k, v in flat.items() if labels[k] == "frozen"}
-        trained = {k: v for k, v in flat.items() if labels[k] != "frozen"}
-
-        def loss_fn(t, b):
-            full = init_sources.nested({**frozen, **t})
-            return compute_losses(self.model, full, b, self.objectives, rng)
-        value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
 
         def fn(p, b):
-            out, g = value_and_grad(trained, b)
+            flat = init_sources.flat(p)
+            frozen = {k: v for k, v in flat.items() if labels[k] == "frozen"}
+            trained = {k: v for k, v in flat.items() if labels[k] != "frozen"}
+
+            def loss_fn(t):
+                full = init_sources.nested({**frozen, **t})
+                return compute_losses(self.model, full, b, self.objectives, rng)
+            out, g = jax.value_and_grad(loss_fn, has_aux=True)(trained)
             g = {**{k: jnp.zeros_like(v) for k, v in frozen.items()}, **g}
             return out, init_sources.nested(g)
         accum = int(self.config.optim.get("accum_steps", 1) or 1)
