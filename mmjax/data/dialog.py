@@ -16,6 +16,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from mmjax.data.tario import json_field
+
 IMAGE_PLACEHOLDER = "<image>"
 QUESTION_PREFIX = "Q: "  # template of one turn: "Q: {question} A:" then " {answer}" + EOS
 ANSWER_PREFIX = " A:"
@@ -199,10 +201,7 @@ def dialog_from_members(members: dict, text_key: str, tokenizer, max_len: int,
     if raw is None:
         return None, f"no {ext!r} member"
     try:
-        value = json.loads(raw)
-        for part in filter(None, field.split(".")):
-            value = value[part]
-        pairs = turns_from_json(value)
+        pairs = turns_from_json(json_field(raw, field))
         ids, mask = encode_dialog(tokenizer, pairs, max_len, image_token_id)
     except (ValueError, KeyError, TypeError, IndexError) as e:
         return None, f"{text_key}: {e}"

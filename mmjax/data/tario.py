@@ -121,6 +121,16 @@ def iter_tar_samples(fileobj, keep: Callable[[int], bool] | None = None,
         tar.close()
 
 
+def json_field(raw: bytes, field: str):
+    """The value at ``field`` (dots for nesting, "" = the whole document) of a
+    JSON member. Raises ValueError, KeyError, TypeError or IndexError when the
+    bytes are not JSON or the path does not exist."""
+    value = json.loads(raw)
+    for part in filter(None, field.split(".")):
+        value = value[part]
+    return value
+
+
 def sample_fields(members: dict[str, bytes], caption_key: str = "txt",
                   ) -> tuple[bytes | None, str | None, int]:
     """``{ext: bytes}`` -> (image bytes, caption, label) of one sample.
@@ -138,9 +148,7 @@ def sample_fields(members: dict[str, bytes], caption_key: str = "txt",
     if raw is not None:
         try:
             if field:
-                value = json.loads(raw)
-                for part in field.split("."):
-                    value = value[part]
+                value = json_field(raw, field)
                 caption = str(value).strip() if value is not None else None
             else:
                 caption = raw.decode("utf-8", errors="replace").strip()
@@ -163,9 +171,7 @@ def caption_list(members: dict[str, bytes], caption_key: str) -> list[str]:
     raw = members.get(ext)
     if field and raw is not None:
         try:
-            value = json.loads(raw)
-            for part in field.split("."):
-                value = value[part]
+            value = json_field(raw, field)
         except (ValueError, KeyError, TypeError):
             value = None
         if isinstance(value, list):
