@@ -21,6 +21,7 @@ setup(
         "einops>=0.8.0",
         "numpy>=1.26",
         "pillow>=10.0",
+        "opencv-python-headless>=4.8",
         "safetensors>=0.4.3",
         "grain>=0.2.10",
         "fsspec>=2024.3.0",
@@ -32,7 +33,7 @@ setup(
     ],
     extras_require={
         # The test suite includes parity tests against Hugging Face transformers.
-        "test": ["pytest>=8.0", *PARITY],
+        "test": ["pytest>=8.0", "tensorflow-datasets>=4.9.6", *PARITY],
         "parity": PARITY,
         "tfds": ["tensorflow-datasets>=4.9.6"],
         "gpu": ["jax[cuda12]>=0.6.0"],

@@ -227,6 +227,31 @@ def test_draft_decode_of_large_jpeg_matches_full_decode():
     assert factor == 1 and small.shape == (64, 64, 3)
 
 
+def test_warp_resample_matches_antialiased_resize_and_flips():
+    # Smooth content plus a sharp square: the bilinear warp (shrink < 2) must
+    # land on the same geometry as Pillow's antialiased filter; a box shifted by
+    # one source pixel must not.
+    y, x = np.mgrid[0:300, 0:280]
+    arr = np.stack([128 + 90 * np.sin(x / 17), 128 + 90 * np.cos(y / 13),
+                    128 + 50 * np.sin((x - y) / 23)], -1)
+    arr[100:160, 90:150] = 255
+    img = Image.fromarray(arr.astype(np.uint8))
+    box = (12.5, 20.25, 12.5 + 250.0, 20.25 + 262.0)  # shrink 1.12 x 1.17 to 224
+    assert decode._cv2() is not None  # opencv-python-headless is a dependency
+    warped = decode.resample_box(img, box, 224).astype(np.float64)
+    ref = np.asarray(img.resize((224, 224), decode.RESAMPLE, box=box), np.float64)
+    moved = np.asarray(img.resize((224, 224), decode.RESAMPLE,
+                                  box=(box[0] + 1, box[1], box[2] + 1, box[3])), np.float64)
+    err = np.abs(warped - ref).mean()
+    assert err < 0.5 and err * 5 < np.abs(warped - moved).mean()
+    flipped = decode.resample_box(img, box, 224, flip=True)
+    assert np.abs(flipped[:, ::-1].astype(np.float64) - warped).max() <= 1
+    # A shrink over MAX_LINEAR_SHRINK goes through Pillow's antialiased filter.
+    big = (0, 0, 280, 300)
+    assert np.array_equal(decode.resample_box(img, big, 64),
+                          np.asarray(img.resize((64, 64), decode.RESAMPLE, box=big)))
+
+
 def test_rrc_and_center_shapes_and_determinism():
     data = make_image(1, 300, 200)
     png = make_image(1, 300, 200, fmt="PNG")

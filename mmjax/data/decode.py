@@ -3,9 +3,11 @@
 The crop is chosen first, from the image header alone (size known before any
 pixel is decoded); then a JPEG is decoded in draft mode at the smallest DCT
 scale (1/2, 1/4, 1/8) that keeps the crop at least ``size`` pixels on each
-side, and only the crop box is resampled to ``size x size``. For web images
-that are several times the training resolution this skips most of the
-decode work, which dominates an input pipeline's CPU time.
+side, and only the crop box is resampled to ``size x size`` (one OpenCV
+bilinear warp when the remaining shrink is below 2, else Pillow's
+antialiased filter). For web images that are several times the training
+resolution this skips most of the decode work, which dominates an input
+pipeline's CPU time.
 
 All randomness comes from a ``numpy.random.Generator`` passed in, which the
 pipeline derives per sample from (seed, epoch, shard, index), so decoding the
@@ -129,12 +131,62 @@ def decode_and_crop(data: bytes, size: int, rng: np.random.Generator | None, *,
             img.draft("RGB", (width // k, height // k))
             factor = max(1, round(width / img.size[0]))
     sx, sy = img.size[0] / width, img.size[1] / height
-    img = img.convert("RGB")
+    if img.mode != "RGB":
+        img = img.convert("RGB")
     box = (left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)
-    out = img.resize((size, size), RESAMPLE, box=box)
-    if flip and rng is not None and rng.random() < 0.5:
+    # Draw the flip before resampling (same random stream as flipping after).
+    flipped = bool(flip and rng is not None and rng.random() < 0.5)
+    return resample_box(img, box, size, flip=flipped), factor
+
+
+def resample_box(img: Image.Image, box: Sequence[float], size: int, *,
+                 flip: bool = False) -> np.ndarray:
+    """Resamples the sub-pixel ``box`` (left, top, right, bottom) of an RGB
+    image to ``[size, size, 3]`` uint8, optionally mirrored left-right.
+
+    When the box shrinks by at most ``MAX_LINEAR_SHRINK`` per axis (the
+    usual case after a draft decode, whose DCT scaling already low-passed
+    the image), one OpenCV bilinear warp does it: 5-6x faster than Pillow's
+    two-pass antialiased resize, and within ~0.6 dB PSNR of it against a
+    Lanczos reference (benchmarks/input_pipeline.py). Larger shrinks, or no
+    OpenCV, use Pillow's antialiased bilinear filter.
+    """
+    left, top, right, bottom = box
+    fx, fy = (right - left) / size, (bottom - top) / size
+    cv2 = _cv2()
+    if cv2 is not None and max(fx, fy) <= MAX_LINEAR_SHRINK:
+        # Inverse map: output pixel centre (u + 0.5) -> source left + (u + 0.5) * fx
+        # in pixel-edge coordinates, i.e. minus 0.5 in OpenCV's centre coordinates.
+        if flip:
+            m = [[-fx, 0.0, right - 0.5 * fx - 0.5], [0.0, fy, top + 0.5 * fy - 0.5]]
+        else:
+            m = [[fx, 0.0, left + 0.5 * fx - 0.5], [0.0, fy, top + 0.5 * fy - 0.5]]
+        return cv2.warpAffine(np.asarray(img), np.asarray(m, np.float32), (size, size),
+                              flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                              borderMode=cv2.BORDER_REPLICATE)
+    out = img.resize((size, size), RESAMPLE, box=tuple(box))
+    if flip:
         out = out.transpose(Image.FLIP_LEFT_RIGHT)
-    return np.asarray(out, dtype=np.uint8), factor
+    return np.asarray(out, dtype=np.uint8)
+
+
+# A plain bilinear warp reads 2 source pixels per output pixel and axis, so
+# it only stays alias-free for shrinks below 2; draft decoding leaves < 2.
+MAX_LINEAR_SHRINK = 2.0
+_CV2: list = []
+
+
+def _cv2():
+    """OpenCV, imported once and limited to one thread (the pipeline's
+    parallelism is its worker processes); None when it is not installed."""
+    if not _CV2:
+        try:
+            import cv2
+            cv2.setNumThreads(1)
+            _CV2.append(cv2)
+        except ImportError:
+            _CV2.append(None)
+    return _CV2[0]
 
 
 def normalize(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
