@@ -111,6 +111,37 @@ class TfdsEvalSource:
             yield images, labels
 
 
+def parse_tfds_spec(spec: str) -> tuple[str, str]:
+    """``"tfds:NAME[@SPLIT]"`` -> ``(NAME, SPLIT)``; SPLIT defaults to "test".
+
+    NAME is what ``tfds.builder`` takes (``cifar10``, ``cifar10:3.0.2``,
+    ``imagenet2012``); SPLIT any TFDS split expression (``validation``,
+    ``test[:1000]``).
+    """
+    if not spec.startswith("tfds:") or len(spec) <= 5:
+        raise ValueError(f"TFDS source {spec!r} must look like 'tfds:NAME' or "
+                         "'tfds:NAME@SPLIT' (e.g. tfds:cifar10@test)")
+    name, _, split = spec[5:].partition("@")
+    return name, split or "test"
+
+
+def tfds_batches(source: TfdsEvalSource, *, output: str = "float32",
+                 mean=None, std=None) -> Iterator[dict]:
+    """Eval batches in the layout of mmjax's shard iterator.
+
+    Yields ``{"image": [b, S, S, 3] (float32 normalized by mean/std, or uint8),
+    "label": int32 [b], "text": int32 [b, 1] (zeros: TFDS classification sets
+    have no captions), "valid": bool [b]}``.
+    """
+    from mmjax.data.decode import normalize
+    for images, labels in source:
+        if output == "float32":
+            images = normalize(images, mean, std)
+        n = len(labels)
+        yield {"image": images, "label": labels, "text": np.zeros((n, 1), np.int32),
+               "valid": np.ones(n, bool)}
+
+
 def tfds_eval_source(name: str, split: str = "test", data_dir: str | None = None,
                      image_size: int = 224, batch_size: int = 256, **kwargs) -> TfdsEvalSource:
     """Zero-shot evaluation batches from a prepared TFDS dataset.

@@ -24,6 +24,23 @@ from mmjax.evaluate.retrieval import BatchRunner, l2_normalize, model_method
 from mmjax.evaluate.templates import resolve_classnames, resolve_templates
 
 
+def class_prompts(classnames: Union[str, Sequence[str]],
+                  templates: Union[str, Sequence[str]]) -> tuple[list[str], int]:
+    """The C*T prompts of a prompt-ensembled classifier, class-major (prompt
+    `c * T + t` is template t of class c), and C. Arguments as in
+    `zero_shot_classifier`."""
+    classnames = resolve_classnames(classnames)
+    templates = resolve_templates(templates)
+    return [t.format(c) for c in classnames for t in templates], len(classnames)
+
+
+def prompt_ensemble(prompt_emb: np.ndarray, num_classes: int) -> np.ndarray:
+    """Class embeddings `[C, E]` from the `[C*T, E]` embeddings of `class_prompts`:
+    per class the mean of the T L2-normalized rows, re-normalized."""
+    emb = l2_normalize(prompt_emb)
+    return l2_normalize(emb.reshape(num_classes, emb.shape[0] // num_classes, -1).mean(axis=1))
+
+
 def zero_shot_classifier(model: Any, variables: Any, classnames: Union[str, Sequence[str]],
                          templates: Union[str, Sequence[str]], tokenizer: Callable,
                          batch_size: int = 256, mesh: Optional[Mesh] = None) -> np.ndarray:
@@ -43,17 +60,14 @@ def zero_shot_classifier(model: Any, variables: Any, classnames: Union[str, Sequ
       float32 NumPy `[C, E]`: per class, mean of the T normalized template
       embeddings, re-normalized.
     """
-    classnames = resolve_classnames(classnames)
-    templates = resolve_templates(templates)
-    prompts = [t.format(c) for c in classnames for t in templates]  # class-major
-    runner = BatchRunner(model_method(model, "encode_text"), mesh, variables)
+    prompts, num_classes = class_prompts(classnames, templates)
+    runner = BatchRunner(model_method(model, "encode_text"), mesh, variables,
+                         rows=min(batch_size, len(prompts)))
     embs = []
     for start in range(0, len(prompts), batch_size):
         ids = np.asarray(tokenizer(prompts[start:start + batch_size]), np.int32)
         embs.append(runner(ids))
-    emb = l2_normalize(np.concatenate(embs))
-    emb = emb.reshape(len(classnames), len(templates), -1).mean(axis=1)
-    return l2_normalize(emb)
+    return prompt_ensemble(np.concatenate(embs), num_classes)
 
 
 def zero_shot_scores(image_emb: jax.Array, classifier: jax.Array) -> jax.Array:
@@ -83,6 +97,31 @@ def _topk_fn(model: Any, k: int) -> Callable:
     return _TOPK_FNS[key][1]
 
 
+def zero_shot_predictions(model: Any, variables: Any, classifier, batches: Iterable,
+                          mesh: Optional[Mesh] = None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k class ids and labels of the valid rows of `batches`.
+
+    Arguments as in `zero_shot_evaluate`. Returns `(topk int32 [n, K], labels
+    int32 [n])` with K = min(5, C), rows in batch order; n = 0 when the data
+    yields nothing.
+    """
+    classifier = jnp.asarray(classifier, jnp.float32)
+    k = min(5, classifier.shape[0])
+    runner = BatchRunner(_topk_fn(model, k), mesh, (variables, classifier))
+    preds, labels = [np.zeros((0, k), np.int32)], [np.zeros((0,), np.int32)]
+    for batch in batches:
+        if "label" not in batch:
+            raise KeyError(f"zero-shot batches need a 'label' field; got {sorted(batch)}.")
+        topk = runner(np.asarray(batch["image"]))
+        label = np.asarray(batch["label"])
+        if batch.get("valid") is not None:
+            valid = np.asarray(batch["valid"], bool)
+            topk, label = topk[valid], label[valid]
+        preds.append(np.asarray(topk, np.int32))
+        labels.append(np.asarray(label, np.int32))
+    return np.concatenate(preds), np.concatenate(labels)
+
+
 def zero_shot_evaluate(model: Any, variables: Any, classifier, batches: Iterable,
                        mesh: Optional[Mesh] = None) -> dict:
     """Top-1 / top-5 accuracy and mean per-class recall of a zero-shot classifier.
@@ -100,20 +139,13 @@ def zero_shot_evaluate(model: Any, variables: Any, classifier, batches: Iterable
       dict(top1, top5, mean_per_class_recall, n): fractions in [0, 1] and the
       number of evaluated images.
     """
-    classifier = jnp.asarray(classifier, jnp.float32)
-    num_classes = classifier.shape[0]
-    runner = BatchRunner(_topk_fn(model, min(5, num_classes)), mesh, (variables, classifier))
-    preds, labels = [], []
-    for batch in batches:
-        if "label" not in batch:
-            raise KeyError(f"zero-shot batches need a 'label' field; got {sorted(batch)}.")
-        topk = runner(np.asarray(batch["image"]))
-        label = np.asarray(batch["label"])
-        if batch.get("valid") is not None:
-            valid = np.asarray(batch["valid"], bool)
-            topk, label = topk[valid], label[valid]
-        preds.append(topk)
-        labels.append(label)
-    if not preds:
+    seen = []
+
+    def counted(it):
+        for batch in it:
+            seen.append(1)
+            yield batch
+    topk, labels = zero_shot_predictions(model, variables, classifier, counted(batches), mesh)
+    if not seen:
         raise ValueError("zero_shot_evaluate: the data yielded no batches.")
-    return classification_metrics(np.concatenate(preds), np.concatenate(labels), num_classes)
+    return classification_metrics(topk, labels, int(np.shape(classifier)[0]))

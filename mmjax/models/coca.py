@@ -8,6 +8,12 @@ Image side: ViT tokens -> attentional pooler with 1 + `caption_queries`
 queries -> LayerNorm; query 0 is projected to the contrastive embedding, the
 rest are the decoder's image tokens. Text side: causal text encoder with EOS
 pooling for the contrastive embedding; its token outputs feed the decoder.
+
+Incremental caption decoding: `model.clone(decode=True, cache_len=S)` gives
+the text tower and the decoder key/value caches (the `cache` collection, see
+`mmjax.models.text`); `decode(text [B, T], image_tokens | None)` then appends
+T tokens per call and returns their logits `[B, T, V]`. The image tokens are
+needed on the first call only (their cross-attention keys/values are kept).
 """
 from __future__ import annotations
 
@@ -26,7 +32,9 @@ from mmjax.models.vit import ViT
 class CoCa(nn.Module):
     """Fields: `image` (ViT kwargs; its pool is forced to "none"), `text`
     (TextEncoder kwargs), `decoder` (CaptionDecoder kwargs), `embed_dim`,
-    `caption_queries` (image tokens given to the decoder), `pooler_heads`."""
+    `caption_queries` (image tokens given to the decoder), `pooler_heads`,
+    `decode`/`cache_len` (KV-cache mode of the text path and its length,
+    None = the text tower's max_len)."""
     image: dict
     text: dict
     decoder: dict
@@ -35,6 +43,8 @@ class CoCa(nn.Module):
     pooler_heads: int = 8
     max_log_scale: Optional[float] = math.log(100.0)
     dtype: Any = jnp.float32
+    decode: bool = False
+    cache_len: Optional[int] = None
 
     def setup(self):
         img = {"dtype": self.dtype, **dict(self.image), "pool": "none", "embed_dim": None}
@@ -45,8 +55,11 @@ class CoCa(nn.Module):
         self.image_proj = nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype,
                                    kernel_init=logical(default_kernel_init, ("embed", "proj")))
         self.text_tower = TextEncoder(**{"dtype": self.dtype, **dict(self.text),
-                                         "embed_dim": self.embed_dim})
-        self.text_decoder = CaptionDecoder(**{"dtype": self.dtype, **dict(self.decoder)})
+                                         "embed_dim": self.embed_dim, "decode": self.decode,
+                                         "cache_len": self.cache_len})
+        self.text_decoder = CaptionDecoder(**{
+            "dtype": self.dtype, **dict(self.decoder), "decode": self.decode,
+            "cache_len": self.cache_len or self.text_tower.max_len})
         self.log_scale = _scalar(self, "log_scale", math.log(1 / 0.07))
 
     def _image(self, images):
@@ -67,7 +80,11 @@ class CoCa(nn.Module):
         return self._image(images)[1]
 
     def decode(self, text, image_tokens):
-        """Caption logits `[B, L, V]` for `text [B, L]` given `image_tokens`."""
+        """Caption logits `[B, L, V]` for `text [B, L]` given `image_tokens [B, N, D]`.
+
+        In decode mode: logits of the `L` new tokens appended to the cache;
+        `image_tokens` only on the first call (None afterwards).
+        """
         _, tok = self.text_tower(text)
         return self.text_decoder(tok, image_tokens, text != self.text_tower.pad_id)
 

@@ -235,11 +235,24 @@ class _HeadsOut(nn.Module):
         return y
 
 
+KV_CACHE_KINDS = (None, "self", "context")
+
+
 class Attention(nn.Module):
     """Multi-head attention (self- or cross-) with separate q/k/v projections.
 
     `__call__(x [B, T, D], context [B, S, Dc] | None, mask [B, 1|H, T, S] | None)`
     returns `[B, T, D]`. With `context=None` it is self-attention.
+
+    Optional key/value cache for incremental decoding (`kv_cache`, variables in
+    the `cache` collection; the non-cached path is unchanged):
+      "self"     self-attention; the keys/values of `x` are written into
+                 `[B, cache_len, H, K]` buffers at each row's `write_index [B]`
+                 and the queries attend to the whole buffer (S = cache_len;
+                 `mask` must hide the slots not written yet).
+      "context"  cross-attention whose context is fixed during decoding: a call
+                 with `context` stores its keys/values `[B, S, H, K]`, a call
+                 with `context=None` attends to the stored ones.
     """
     num_heads: int
     qkv_bias: bool = True
@@ -248,24 +261,53 @@ class Attention(nn.Module):
     implementation: Optional[str] = "xla"
     dtype: Dtype = jnp.float32
     kernel_init: Callable = default_kernel_init
+    kv_cache: Optional[str] = None
+    cache_len: int = 0
 
     @nn.compact
     def __call__(self, x: Array, context: Optional[Array] = None,
-                 mask: Optional[Array] = None) -> Array:
+                 mask: Optional[Array] = None, write_index: Optional[Array] = None) -> Array:
         d = x.shape[-1]
         if d % self.num_heads:
             raise ValueError(f"width {d} is not divisible by num_heads {self.num_heads} "
                              "(config keys `width`, `heads`).")
+        if self.kv_cache not in KV_CACHE_KINDS:
+            raise ValueError(f"Attention kv_cache {self.kv_cache!r}: choose one of "
+                             f"{KV_CACHE_KINDS}.")
         head_dim = d // self.num_heads
-        context = x if context is None else context
 
-        projs = [_HeadsIn(inp.shape[-1], self.num_heads, head_dim, self.qkv_bias, self.dtype,
-                          self.kernel_init, name=name)
-                 for name, inp in (("query", x), ("key", context), ("value", context))]
-        if context is x:
-            q, k, v = _fused_qkv(x, projs, self.dtype)
+        def heads_in(name, inp):
+            return _HeadsIn(inp.shape[-1], self.num_heads, head_dim, self.qkv_bias, self.dtype,
+                            self.kernel_init, name=name)
+
+        if self.kv_cache == "context":
+            q = heads_in("query", x)(x)
+            if context is not None:
+                k, v = heads_in("key", context)(context), heads_in("value", context)(context)
+                for name, new in (("cached_key", k), ("cached_value", v)):
+                    var = self.variable("cache", name, jnp.zeros, new.shape, self.dtype)
+                    var.value = new.astype(self.dtype)
+            elif not self.has_variable("cache", "cached_key"):
+                raise ValueError("cross-attention with kv_cache='context' got context=None "
+                                 "before any call stored the context's keys/values: pass the "
+                                 "context (e.g. image tokens) on the first (prefill) call.")
+            else:
+                k = self.get_variable("cache", "cached_key")
+                v = self.get_variable("cache", "cached_value")
         else:
-            q, k, v = projs[0](x), projs[1](context), projs[2](context)
+            context = x if context is None else context
+            projs = [heads_in(name, inp)
+                     for name, inp in (("query", x), ("key", context), ("value", context))]
+            if context is x:
+                q, k, v = _fused_qkv(x, projs, self.dtype)
+            else:
+                q, k, v = projs[0](x), projs[1](context), projs[2](context)
+            if self.kv_cache == "self":
+                if write_index is None:
+                    raise ValueError("self-attention with kv_cache='self' needs `write_index` "
+                                     "[B] (each row's first cache slot for this call).")
+                k, v = (self._write_cache(name, new, write_index)
+                        for name, new in (("cached_key", k), ("cached_value", v)))
         q = constrain(q, ("act_batch", "act_length", "act_heads", "act_kv"))
         k = constrain(k, ("act_batch", "act_length", "act_heads", "act_kv"))
         v = constrain(v, ("act_batch", "act_length", "act_heads", "act_kv"))
@@ -273,6 +315,15 @@ class Attention(nn.Module):
         out = _HeadsOut(self.out_features or d, self.out_bias, self.dtype, self.kernel_init,
                         name="out")(out)
         return constrain(out, ("act_batch", "act_length", "act_embed"))
+
+    def _write_cache(self, name: str, new: Array, write_index: Array) -> Array:
+        """Writes `new [B, T, H, K]` into the `[B, cache_len, H, K]` buffer `name`
+        at each row's `write_index`; returns the whole buffer."""
+        b, _, h, k = new.shape
+        buf = self.variable("cache", name, jnp.zeros, (b, self.cache_len, h, k), self.dtype)
+        write = jax.vmap(lambda row, upd, i: jax.lax.dynamic_update_slice(row, upd, (i, 0, 0)))
+        buf.value = write(buf.value, new.astype(self.dtype), write_index)
+        return buf.value
 
 
 # ----------------------------------------------------------------------------
@@ -357,8 +408,14 @@ class PositionEmbedding(nn.Module):
 class Block(nn.Module):
     """Pre-norm Transformer block: x + attn(norm(x)) [+ cross-attn] + mlp(norm(x)).
 
-    `__call__(x [B, T, D], mask, context [B, S, Dc] | None, context_mask)`
-    returns `[B, T, D]`. Signature is scan-friendly: `(x, extras) -> (x, None)`.
+    `__call__(x [B, T, D], extras)` returns `[B, T, D]`; `extras` is
+    `(mask, context [B, S, Dc] | None, context_mask)`, plus `write_index [B]`
+    in decode mode. Signature is scan-friendly: `(x, extras) -> (x, None)`.
+
+    `decode=True`: the self-attention keeps a `cache_len` key/value cache
+    (`mask [B, 1, T, cache_len]` over its slots) and the cross-attention keeps
+    the context's keys/values (pass `context=None` after the first call); see
+    `Attention.kv_cache`.
     """
     num_heads: int
     mlp_dim: int
@@ -368,17 +425,23 @@ class Block(nn.Module):
     cross_attention: bool = False
     implementation: Optional[str] = "xla"
     dtype: Dtype = jnp.float32
+    decode: bool = False
+    cache_len: int = 0
 
     @nn.compact
     def __call__(self, x: Array, extras: tuple) -> tuple[Array, None]:
-        mask, context, context_mask = extras
+        mask, context, context_mask, *rest = extras
+        write_index = rest[0] if rest else None
         norm = functools.partial(Norm, kind=self.norm, eps=self.norm_eps, dtype=self.dtype)
         x = constrain(x, ("act_batch", "act_length", "act_embed"))
         x = x + Attention(self.num_heads, implementation=self.implementation,
-                          dtype=self.dtype, name="attn")(norm(name="norm1")(x), mask=mask)
+                          dtype=self.dtype, kv_cache="self" if self.decode else None,
+                          cache_len=self.cache_len, name="attn")(
+            norm(name="norm1")(x), mask=mask, write_index=write_index)
         if self.cross_attention:
             x = x + Attention(self.num_heads, implementation=self.implementation,
-                              dtype=self.dtype, name="cross_attn")(
+                              dtype=self.dtype, kv_cache="context" if self.decode else None,
+                              name="cross_attn")(
                 norm(name="norm_cross")(x), context, context_mask)
         x = x + Mlp(self.mlp_dim, self.act, dtype=self.dtype, name="mlp")(norm(name="norm2")(x))
         return x, None
@@ -409,13 +472,15 @@ def stacked(block_cls: type[nn.Module], depth: int, *, scan: bool, remat: str,
     `{name}_0 .. {name}_{depth-1}`. `remat` names a `jax.checkpoint` policy
     applied per block ("none" disables rematerialization). Both layouts
     compute the same numbers; `mmjax.models.layers.stack_layer_params`
-    converts between them.
+    converts between them. With `block_kwargs["decode"]` true (a KV cache in
+    the `cache` collection) the scanned cache gets a leading `layers` axis too.
     """
     cls = block_cls
     if remat != "none":
         cls = nn.remat(block_cls, policy=remat_policy(remat), prevent_cse=not scan)
     if scan:
-        scanned = nn.scan(cls, variable_axes={"params": 0}, split_rngs={"params": True},
+        axes = {"params": 0, "cache": 0} if block_kwargs.get("decode") else {"params": 0}
+        scanned = nn.scan(cls, variable_axes=axes, split_rngs={"params": True},
                           in_axes=nn.broadcast, length=depth,
                           metadata_params={nn.PARTITION_NAME: "layers"})(name=name, **block_kwargs)
 

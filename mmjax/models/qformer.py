@@ -12,6 +12,14 @@ A BERT-style post-norm Transformer over `[queries ; text]`:
 
 `QFormer(...)(image_feats [B, N, Dv] | None, text_ids [B, L] | None, mask_mode)`
 returns hidden states `[B, Q + L, D]` (Q = 0 when `image_feats` is None).
+
+Incremental decoding of the causal mode (BLIP-2's ITG head):
+`decode=True, cache_len=S` keeps per layer a self-attention key/value buffer
+`[B, Q + S, H, K]` in the `cache` collection: slots 0..Q-1 hold the query
+tokens' keys/values, written once by the first call (the prefill, the only
+call given `image_feats`), text slot j lives at Q + j. As queries never see
+text, their states (and the cross-attention to the image) are final after
+the prefill; later calls pass text only and run the text rows alone.
 """
 from __future__ import annotations
 
@@ -24,6 +32,7 @@ import jax.numpy as jnp
 
 from mmjax.models.layers import (Attention, Norm, constrain, get_activation, logical,
                                  normal_init, remat_policy)
+from mmjax.models.text import decode_slots
 
 MASK_MODES = ("unimodal", "bidirectional", "causal")
 
@@ -71,21 +80,30 @@ class _PostNormFFN(nn.Module):
 
 
 class _PostNormAttention(nn.Module):
-    """BERT attention sub-layer: LN(x + Attn(x, context))."""
+    """BERT attention sub-layer: LN(x + Attn(x, context)); `kv_cache`/`cache_len`
+    as in `layers.Attention`."""
     heads: int
     norm_eps: float
     attention: Optional[str]
     dtype: Any
+    kv_cache: Optional[str] = None
+    cache_len: int = 0
 
     @nn.compact
-    def __call__(self, x, context=None, mask=None):
+    def __call__(self, x, context=None, mask=None, write_index=None):
         y = Attention(self.heads, implementation=self.attention, dtype=self.dtype,
-                      kernel_init=normal_init(0.02), name="attn")(x, context, mask)
+                      kernel_init=normal_init(0.02), kv_cache=self.kv_cache,
+                      cache_len=self.cache_len, name="attn")(x, context, mask, write_index)
         return Norm(eps=self.norm_eps, dtype=self.dtype, name="norm")(x + y)
 
 
 class QFormerLayer(nn.Module):
-    """One Q-Former layer. `num_queries` leading positions are queries."""
+    """One Q-Former layer. `num_queries` leading positions are queries.
+
+    `extras` is `(mask, image_feats)`, plus `write_index [B]` in decode mode
+    (`cache_len` > 0: the self-attention keeps a key/value cache of that
+    many slots, queries' included).
+    """
     heads: int
     mlp_dim: int
     num_queries: int
@@ -94,14 +112,17 @@ class QFormerLayer(nn.Module):
     norm_eps: float = 1e-12
     attention: Optional[str] = "xla"
     dtype: Any = jnp.float32
+    cache_len: int = 0
 
     @nn.compact
     def __call__(self, x, extras):
-        mask, image_feats = extras
+        mask, image_feats, *rest = extras
+        write_index = rest[0] if rest else None
         sub = functools.partial(_PostNormAttention, self.heads, self.norm_eps, self.attention,
                                 self.dtype)
         ffn = functools.partial(_PostNormFFN, self.mlp_dim, self.act, self.norm_eps, self.dtype)
-        x = sub(name="self_attn")(x, mask=mask)
+        x = sub(kv_cache="self" if self.cache_len else None, cache_len=self.cache_len,
+                name="self_attn")(x, mask=mask, write_index=write_index)
         q, t = x[:, :self.num_queries], x[:, self.num_queries:]
         parts = []
         if self.num_queries:
@@ -135,6 +156,8 @@ class QFormer(nn.Module):
     With `scan=True` the layers are scanned in groups of `cross_attention_freq`
     (requires depth % freq == 0); params live under `groups` with a leading
     axis, otherwise under `layers_i`.
+    `decode`/`cache_len` (None = max_len): KV-cache mode of the causal text
+    path (module docstring).
     """
     num_queries: int = 32
     width: int = 768
@@ -150,24 +173,31 @@ class QFormer(nn.Module):
     remat: str = "none"
     attention: Optional[str] = "xla"
     dtype: Any = jnp.float32
+    decode: bool = False
+    cache_len: Optional[int] = None
 
     def _layers(self, num_queries: int):
         kw = dict(heads=self.heads, mlp_dim=self.mlp_dim, num_queries=num_queries, act=self.act,
                   norm_eps=self.norm_eps, attention=self.attention, dtype=self.dtype)
+        # Decoding computes no gradients: no rematerialization there.
+        remat = "none" if self.decode else self.remat
+        if self.decode:
+            kw["cache_len"] = self.num_queries + (self.cache_len or self.max_len)
         f = self.cross_attention_freq
         if self.scan:
             if self.depth % f:
                 raise ValueError(f"Q-Former scan needs depth ({self.depth}) divisible by "
                                  f"cross_attention_freq ({f}); set `scan=False`.")
             cls = _QFormerGroup
-            if self.remat != "none":
-                cls = nn.remat(cls, policy=remat_policy(self.remat))
-            scanned = nn.scan(cls, variable_axes={"params": 0}, split_rngs={"params": True},
+            if remat != "none":
+                cls = nn.remat(cls, policy=remat_policy(remat))
+            axes = {"params": 0, "cache": 0} if self.decode else {"params": 0}
+            scanned = nn.scan(cls, variable_axes=axes, split_rngs={"params": True},
                               in_axes=nn.broadcast, length=self.depth // f,
                               metadata_params={nn.PARTITION_NAME: "layers"})
             return [scanned(freq=f, layer_kwargs=kw, name="groups")]
         cls = QFormerLayer
-        if self.remat != "none":
+        if remat != "none":
             cls = nn.remat(cls, policy=remat_policy(self.remat))
         return [cls(cross_attention=(i % f == 0), name=f"layers_{i}", **kw)
                 for i in range(self.depth)]
@@ -186,6 +216,10 @@ class QFormer(nn.Module):
             (BERT prediction head: dense, act, LayerNorm, embeddings^T + bias).
         Returns: hidden `[B, Q + L, D]` (Q = num_queries if image_feats is given,
           else 0), or `(hidden, logits)` with `lm_logits=True`.
+
+        In decode mode only `mask_mode="causal"` applies; `image_feats` must be
+        given on the first call (cache index 0) and only there, and `text_ids`
+        on every call (the new tokens).
         """
         query_tokens = self.param("query_tokens", logical(normal_init(0.02), (None, "embed")),
                                   (self.num_queries, self.width))
@@ -207,12 +241,20 @@ class QFormer(nn.Module):
                 raise ValueError(f"text length {l} exceeds Q-Former max_len {self.max_len}.")
             if text_valid is None:
                 text_valid = text_ids != pad_id
-            parts.append(word_embeddings(text_ids) + position_embeddings[None, :l])
+        if self.decode:
+            extras, pos = self._decode_extras(q, text_ids, text_valid, mask_mode, b)
+        else:
+            extras = (qformer_mask(q, text_valid, mask_mode, b), image_feats)
+            pos = None if text_ids is None else position_embeddings[None, :text_ids.shape[1]]
+        if text_ids is not None:
+            pos = position_embeddings[pos] if self.decode else pos
+            parts.append(word_embeddings(text_ids) + pos)
         x = jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
         x = Norm(eps=self.norm_eps, dtype=self.dtype, name="embed_norm")(x.astype(self.dtype))
-        mask = qformer_mask(q, text_valid, mask_mode, b)
+        if self.decode:
+            extras = (extras[0], image_feats, extras[1])
         for layer in self._layers(q):
-            x, _ = layer(x, (mask, image_feats))
+            x, _ = layer(x, extras)
         if not lm_logits:
             return x
         h = nn.Dense(self.width, dtype=self.dtype, name="lm_transform",

@@ -6,16 +6,48 @@
 `CaptionDecoder(...)(text [B, L, D], image_tokens [B, N, Dv]) -> logits [B, L, V]`
   the CoCa multimodal decoder: causal self-attention, cross-attention to the
   image tokens in every block, vocabulary projection.
+
+Incremental decoding (both modules): `decode=True, cache_len=S` keeps per
+layer fixed-size key/value buffers `[B, S, H, K]` in the `cache` collection,
+one write index per row and the validity of every written key (pad keys stay
+masked, as in a full pass). Each call appends its tokens at each row's index
+(learned positions follow the index) and attends to everything written
+before; the decoder's cross-attention keys/values of the image tokens are
+computed on the first call and kept (pass `image_tokens=None` after it). See
+`mmjax.models.lm` for the same design in the Llama decoder.
 """
 from __future__ import annotations
 
 from typing import Any, Optional
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from mmjax.models.layers import (Block, Norm, constrain, default_kernel_init, logical,
                                  make_attention_mask, normal_init, stacked)
+from mmjax.models.lm import CacheIndex
+
+
+def decode_slots(module: nn.Module, key_valid: Optional[jax.Array], batch: int, length: int,
+                 cache_len: int):
+    """Cache bookkeeping of one decode-mode call of `module` (inside its compact method).
+
+    Advances the module's per-row cache index (`cache/cache_index/index [B]`)
+    by `length`, records which of the new keys may be attended
+    (`cache/key_valid [B, S]`, from `key_valid [B, T]`, None = all) and
+    returns `(mask [B, 1, T, S], start [B], slots [B, T])`: the causal mask
+    over the cache slots (a token sees the valid slots up to its own), each
+    row's first slot and the slot of every new token.
+    """
+    start = CacheIndex(name="cache_index")(batch, jnp.full((batch,), length, jnp.int32))
+    slots = start[:, None] + jnp.arange(length, dtype=jnp.int32)
+    valid = module.variable("cache", "key_valid", jnp.zeros, (batch, cache_len), bool)
+    new = jnp.ones((batch, length), bool) if key_valid is None else key_valid.astype(bool)
+    write = jax.vmap(lambda row, upd, i: jax.lax.dynamic_update_slice(row, upd, (i,)))
+    valid.value = write(valid.value, new, start)
+    mask = (jnp.arange(cache_len)[None, None] <= slots[:, :, None]) & valid.value[:, None]
+    return mask[:, None], start, slots
 
 
 def eos_positions(ids, eos_id: Optional[int], pad_id: int):
@@ -42,6 +74,9 @@ class TextEncoder(nn.Module):
       pool: "eos", "last", "cls" (first token) or "none".
       eos_id, pad_id: token ids used for pooling and padding masks.
       embed_dim / proj_bias: output projection (None = none).
+      decode, cache_len: KV-cache mode (causal only; see the module docstring)
+        and its length (None = max_len). In decode mode no pooling is done:
+        the call returns `(None, tokens [B, T, D])` for the new tokens.
     """
     vocab_size: int = 49408
     max_len: int = 77
@@ -62,6 +97,8 @@ class TextEncoder(nn.Module):
     remat: str = "none"
     attention: Optional[str] = "xla"
     dtype: Any = jnp.float32
+    decode: bool = False
+    cache_len: Optional[int] = None
 
     def setup(self):
         self.embedding = nn.Embed(self.vocab_size, self.width,
@@ -77,18 +114,34 @@ class TextEncoder(nn.Module):
         x = self.embedding(ids).astype(self.dtype)
         pos = self.param("posemb", logical(normal_init(0.01), (None, "embed")),
                          (self.max_len, self.width))
-        x = x + pos[None, :l].astype(self.dtype)
-        x = constrain(x, ("act_batch", "act_length", "act_embed"))
         valid = ids != self.pad_id if self.mask_padding else None
-        mask = make_attention_mask(None, valid, causal=self.causal, q_len=l, k_len=l)
+        cache_kw = {}
+        if self.decode:
+            cache_len = self.cache_len or self.max_len
+            if not self.causal or cache_len > self.max_len:
+                raise ValueError(f"TextEncoder decode mode needs `causal=True` and cache_len "
+                                 f"({cache_len}) <= max_len ({self.max_len}).")
+            mask, start, slots = decode_slots(self, valid, b, l, cache_len)
+            x = x + pos[slots].astype(self.dtype)
+            extras = (mask, None, None, start)
+            cache_kw = dict(decode=True, cache_len=cache_len)
+        else:
+            x = x + pos[None, :l].astype(self.dtype)
+            mask = make_attention_mask(None, valid, causal=self.causal, q_len=l, k_len=l)
+            extras = (mask, None, None)
+        x = constrain(x, ("act_batch", "act_length", "act_embed"))
 
-        encoder = stacked(Block, self.depth, scan=self.scan, remat=self.remat, name="layers",
+        # Decoding computes no gradients: no rematerialization there.
+        encoder = stacked(Block, self.depth, scan=self.scan,
+                          remat="none" if self.decode else self.remat, name="layers",
                           num_heads=self.heads, mlp_dim=self.mlp_dim or 4 * self.width,
                           act=self.act, norm_eps=self.norm_eps,
-                          implementation=self.attention, dtype=self.dtype)
-        x = encoder(x, (mask, None, None))
+                          implementation=self.attention, dtype=self.dtype, **cache_kw)
+        x = encoder(x, extras)
         x = Norm(eps=self.norm_eps, dtype=self.dtype, name="ln_final")(x)
 
+        if self.decode:
+            return None, x
         if self.pool == "eos":
             pooled = x[jnp.arange(b), eos_positions(ids, self.eos_id, self.pad_id)]
         elif self.pool == "last":
@@ -119,6 +172,9 @@ class CaptionDecoder(nn.Module):
     `image_tokens [B, N, Dv]` the image side's tokens; `text_valid [B, L]`
     (optional) masks padding keys. Each block: causal self-attention,
     cross-attention to the image tokens, MLP (all pre-norm).
+
+    `decode=True, cache_len=S`: incremental decoding (module docstring);
+    `image_tokens` are needed on the first call only (None afterwards).
     """
     vocab_size: int = 49408
     width: int = 512
@@ -131,16 +187,30 @@ class CaptionDecoder(nn.Module):
     remat: str = "none"
     attention: Optional[str] = "xla"
     dtype: Any = jnp.float32
+    decode: bool = False
+    cache_len: Optional[int] = None
 
     @nn.compact
     def __call__(self, text, image_tokens, text_valid=None):
         b, l, _ = text.shape
-        mask = make_attention_mask(None, text_valid, causal=True, q_len=l, k_len=l)
-        decoder = stacked(Block, self.depth, scan=self.scan, remat=self.remat, name="layers",
+        context = None if image_tokens is None else image_tokens.astype(self.dtype)
+        cache_kw = {}
+        if self.decode:
+            if not self.cache_len:
+                raise ValueError("CaptionDecoder decode mode needs `cache_len` (the longest "
+                                 "caption, prefix included).")
+            mask, start, _ = decode_slots(self, text_valid, b, l, self.cache_len)
+            extras = (mask, context, None, start)
+            cache_kw = dict(decode=True, cache_len=self.cache_len)
+        else:
+            mask = make_attention_mask(None, text_valid, causal=True, q_len=l, k_len=l)
+            extras = (mask, context, None)
+        decoder = stacked(Block, self.depth, scan=self.scan,
+                          remat="none" if self.decode else self.remat, name="layers",
                           num_heads=self.heads, mlp_dim=self.mlp_dim or 4 * self.width,
                           act=self.act, norm_eps=self.norm_eps, cross_attention=True,
-                          implementation=self.attention, dtype=self.dtype)
-        x = decoder(text.astype(self.dtype), (mask, image_tokens.astype(self.dtype), None))
+                          implementation=self.attention, dtype=self.dtype, **cache_kw)
+        x = decoder(text.astype(self.dtype), extras)
         x = Norm(eps=self.norm_eps, dtype=self.dtype, name="ln_final")(x)
         logits = nn.Dense(self.vocab_size, use_bias=False, dtype=self.dtype,
                           kernel_init=logical(default_kernel_init, ("embed", "vocab")),
