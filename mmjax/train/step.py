@@ -103,9 +103,16 @@ class Trainer:
         abstract = init_sources.strip_referenced(self.abstract_state, refs)
         restored, data_state, step = ckpt.restore(step, abstract)
         if refs:
-            fresh = self.init_state(int(self.config.seed))
-            restored = dict(restored, params=init_sources.merge_params(fresh["params"],
-                                                                       restored["params"]))
+            # Only the sourced leaves are materialized (into the abstract tree's
+            # shardings); no random init and no optimizer state is built.
+            sourced = init_sources.apply_init(self.abstract_state["params"], self.config)
+            params = init_sources.merge_params(sourced, restored["params"])
+            left = [k for k, v in init_sources.flat(params).items()
+                    if isinstance(v, jax.ShapeDtypeStruct)]
+            if left:
+                raise RuntimeError(f"restore: parameters neither in the checkpoint nor in a "
+                                   f"config.init source: {left[:4]}")
+            restored = dict(restored, params=params)
         return restored, data_state, step
 
     # ------------------------------------------------------------------
