@@ -1,17 +1,26 @@
 """Caption decoding (greedy and beam search) for CoCa and BLIP-2 stage 1.
 
-A *logits function* maps a token buffer `[n, L]` int32 to logits
-`[n, L, V]`, where logits at position t predict token t + 1. `n` is a multiple
-of the batch size B: with beam search the rows are the beams, grouped by
-image (row r belongs to image r // (n // B)). `coca_logits_fn` and
-`blip2_itg_logits_fn` build one for a batch of images.
+Decoding reads next-token logits from one of two kinds of source:
 
-Decoding keeps a fixed-size buffer `[B, max_len]` (prefix, then pad) and
-compiles once: every step re-runs the model on the whole buffer and reads
-the logits at position t. There is no key/value cache, so a caption of L
-tokens costs O(L^2) token positions of compute instead of O(L); that is the
-price of one simple, shape-static program. This is exact because the
-decoders are causal: position t never sees the pad tokens after it.
+- A *logits function* maps a token buffer `[n, L]` int32 to logits
+  `[n, L, V]`, where logits at position t predict token t + 1. Decoding keeps
+  a fixed-size buffer `[n, max_len]` (prefix, then pad) and re-runs the
+  function on the whole buffer at every step, reading position t: O(L^2)
+  token positions for a caption of L tokens, exact because the decoders are
+  causal (position t never sees the pad after it). Any plain Python function
+  (or `jax.tree_util.Partial`) serves; tests use hand-made ones.
+- A *caption step function* (`CaptionStepFn`, built by `coca_logits_fn` and
+  `blip2_itg_logits_fn`) decodes with a key/value cache: one prefill call
+  runs the prefix (and the image side of the decoder: CoCa's cross-attention
+  keys/values, the Q-Former's query keys/values) into fixed-size caches of
+  `max_len` slots, then each step runs only the new token: O(L). A step
+  function is also a logits function (calling it re-runs the model on a
+  buffer), so wrappers and `use_cache=False` take the buffer path.
+
+`n` is a multiple of the batch size B: with beam search the rows are the
+beams, grouped by image (row r belongs to image r // (n // B)); when beams
+are re-ranked the cache rows follow their parents. Either way the whole
+decode is one jitted `lax.while_loop`, compiled once per shape and source.
 
 A row stops at EOS; the positions after it hold `pad_id`. The pad token is
 never generated (unless it equals EOS, as with Hugging Face CLIP tokenizers).
@@ -29,11 +38,106 @@ from jax.tree_util import Partial
 from mmjax.evaluate.retrieval import model_method
 
 
-def _as_partial(logits_fn: Callable) -> Partial:
+class _ModelRef:
+    """Hashable handle of a model for a pytree's static part (flax modules with
+    dict fields are unhashable): equal only to a handle of the same object, so
+    jit compiles once per model and shape."""
+    __slots__ = ("model",)
+
+    def __init__(self, model: Any):
+        self.model = model
+
+    def __hash__(self):
+        return id(self.model)
+
+    def __eq__(self, other):
+        return isinstance(other, _ModelRef) and other.model is self.model
+
+
+@jax.tree_util.register_pytree_node_class
+class CaptionStepFn:
+    """Cached next-token logits of a captioning model for a batch of images.
+
+    A pytree: `variables` and `image_tokens [B, N, D]` are its leaves (traced
+    jit arguments); the model, its decode method (`method(text, image_tokens)`
+    or, with `image_first`, `method(image_tokens, text)`, returning `[n, L, V]`)
+    are static. The model must accept `clone(cached_decode=True, cache_len=S)`
+    (see `CoCa` and `Blip2Stage1`).
+
+    - `fn(tokens [n, L])` -> float32 logits `[n, L, V]`: a plain logits function
+      (no cache; re-runs the model on the whole buffer).
+    - `fn.prefill(prefix [n, P], cache_len)` -> (float32 logits `[n, V]` of the
+      token after the prefix, cache for n rows of `cache_len` positions).
+    - `fn.step(cache, tokens [n], cache_len)` -> (logits `[n, V]` of the token
+      after `tokens`, cache with `tokens` appended).
+    """
+
+    def __init__(self, model: Any, method: str, image_first: bool, variables: Any,
+                 image_tokens: Any):
+        self.model = model.model if isinstance(model, _ModelRef) else model
+        self.method, self.image_first = method, image_first
+        self.variables, self.image_tokens = variables, image_tokens
+
+    def tree_flatten(self):
+        return ((self.variables, self.image_tokens),
+                (_ModelRef(self.model), self.method, self.image_first))
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*aux, *children)
+
+    def _images(self, n: int):
+        """Image tokens repeated for `n` rows (row r belongs to image r // (n // B))."""
+        b = self.image_tokens.shape[0]
+        if n % b:
+            raise ValueError(f"{n} token rows for {b} images: rows must be a multiple of the "
+                             "images (prefix_ids one row per image).")
+        return jnp.repeat(self.image_tokens, n // b, axis=0)
+
+    def _args(self, text, image_tokens) -> tuple:
+        return (image_tokens, text) if self.image_first else (text, image_tokens)
+
+    def __call__(self, tokens):
+        images = self._images(tokens.shape[0])
+        out = self.model.apply(self.variables, *self._args(tokens, images), method=self.method)
+        return out.astype(jnp.float32)
+
+    def prefill(self, prefix, cache_len: int):
+        dec = self.model.clone(cached_decode=True, cache_len=cache_len)
+        args = self._args(prefix, self._images(prefix.shape[0]))
+        # A zero cache of the right structure, as `lm.init_cache` (init for shapes only).
+        shapes = jax.eval_shape(
+            lambda: dec.init(jax.random.key(0), *args, method=self.method))["cache"]
+        cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        logits, state = dec.apply({**self.variables, "cache": cache}, *args, method=self.method,
+                                  mutable=["cache"])
+        return logits[:, -1].astype(jnp.float32), state["cache"]
+
+    def step(self, cache, tokens, cache_len: int):
+        dec = self.model.clone(cached_decode=True, cache_len=cache_len)
+        logits, state = dec.apply({**self.variables, "cache": cache},
+                                  *self._args(tokens[:, None], None), method=self.method,
+                                  mutable=["cache"])
+        return logits[:, -1].astype(jnp.float32), state["cache"]
+
+
+def gather_cache(cache: Any, rows) -> Any:
+    """Cache rows `rows [n']` (select, reorder or repeat) of a `CaptionStepFn`
+    cache. Scanned stacks (`layers`, the Q-Former's `groups`) carry a leading
+    depth axis before the batch axis."""
+    def take(path, x):
+        scanned = any(getattr(k, "key", None) in ("layers", "groups") for k in path)
+        return jnp.take(x, rows, axis=1 if scanned else 0)
+    return jax.tree_util.tree_map_with_path(take, cache)
+
+
+def _as_partial(logits_fn: Callable) -> Any:
     # A `Partial` is a pytree: its bound arrays (variables, image tokens) are
     # traced jit arguments and its function is part of the static structure, so
     # the decode compiles once per shape and function, not once per batch.
-    return logits_fn if isinstance(logits_fn, Partial) else Partial(logits_fn)
+    if isinstance(logits_fn, (Partial, CaptionStepFn)):
+        return logits_fn
+    return Partial(logits_fn)
 
 
 def _check(prefix_ids, max_len: int) -> np.ndarray:
@@ -49,72 +153,107 @@ def _check(prefix_ids, max_len: int) -> np.ndarray:
     return prefix
 
 
-def _step_log_probs(logits_fn, buf, t, pad_id: int, eos_id: int):
-    """float32 log-probabilities `[n, V]` of the token after position t."""
-    logits = logits_fn(buf)
-    step = jax.lax.dynamic_index_in_dim(logits, t, axis=1, keepdims=False).astype(jnp.float32)
+def _log_probs(logits, pad_id: int, eos_id: int):
+    """float32 log-probabilities `[n, V]` of next-token `logits [n, V]` (pad excluded)."""
+    logits = logits.astype(jnp.float32)
     if pad_id != eos_id:
-        step = step.at[:, pad_id].set(-jnp.inf)
-    return jax.nn.log_softmax(step, axis=-1)
+        logits = logits.at[:, pad_id].set(-jnp.inf)
+    return jax.nn.log_softmax(logits, axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("max_len", "eos_id", "pad_id"))
-def _greedy(logits_fn, prefix, *, max_len: int, eos_id: int, pad_id: int):
+def _source(fn, seqs, p: int, max_len: int, cached: bool):
+    """Next-token logits for the decode loops, with or without a cache.
+
+    Returns `(state, logits(state, seqs [n, max_len], t) -> [n, V],
+    advance(state, rows [n] | None, tokens [n]) -> state)`: `advance` is
+    called once the tokens at position t + 1 are chosen, `rows` being the
+    parent row of each row when beams were re-ranked.
+    """
+    if not cached:
+        def logits_at(state, seqs, t):
+            return jax.lax.dynamic_index_in_dim(fn(seqs), t, axis=1, keepdims=False)
+        return (), logits_at, lambda state, rows, tokens: state
+
+    def advance(state, rows, tokens):
+        cache = state[0] if rows is None else gather_cache(state[0], rows)
+        logits, cache = fn.step(cache, tokens, max_len)
+        return cache, logits
+
+    logits, cache = fn.prefill(seqs[:, :p], max_len)
+    return (cache, logits), lambda state, seqs, t: state[1], advance
+
+
+@functools.partial(jax.jit, static_argnames=("max_len", "eos_id", "pad_id", "cached"))
+def _greedy(logits_fn, prefix, *, max_len: int, eos_id: int, pad_id: int, cached: bool):
     b, p = prefix.shape
     buf = jnp.full((b, max_len), pad_id, jnp.int32).at[:, :p].set(prefix)
+    src, logits_at, advance = _source(logits_fn, buf, p, max_len, cached)
 
     def cond(state):
-        t, _, done = state
+        t, _, done, _ = state
         return (t < max_len - 1) & ~jnp.all(done)
 
     def body(state):
-        t, buf, done = state
-        nxt = jnp.argmax(_step_log_probs(logits_fn, buf, t, pad_id, eos_id), axis=-1)
-        nxt = jnp.where(done, pad_id, nxt).astype(jnp.int32)
+        t, buf, done, src = state
+        logp = _log_probs(logits_at(src, buf, t), pad_id, eos_id)
+        nxt = jnp.where(done, pad_id, jnp.argmax(logp, axis=-1)).astype(jnp.int32)
         buf = buf.at[:, t + 1].set(nxt)
-        return t + 1, buf, done | (nxt == eos_id)
+        return t + 1, buf, done | (nxt == eos_id), advance(src, None, nxt)
 
-    _, buf, _ = jax.lax.while_loop(cond, body, (jnp.int32(p - 1), buf, jnp.zeros((b,), bool)))
-    return buf
+    state = (jnp.int32(p - 1), buf, jnp.zeros((b,), bool), src)
+    return jax.lax.while_loop(cond, body, state)[1]
+
+
+def _use_cache(logits_fn, use_cache: bool) -> bool:
+    return bool(use_cache) and isinstance(logits_fn, CaptionStepFn)
 
 
 def greedy_decode(logits_fn: Callable, prefix_ids, max_len: int, eos_id: int,
-                  pad_id: int) -> np.ndarray:
+                  pad_id: int, use_cache: bool = True) -> np.ndarray:
     """Greedy decoding in one compiled `while_loop`.
 
     Args:
-      logits_fn: tokens `[B, max_len]` -> logits `[B, max_len, V]` (see the
-        module docstring); a `jax.tree_util.Partial` for arrays it closes over.
+      logits_fn: a `CaptionStepFn`, or tokens `[B, max_len]` -> logits
+        `[B, max_len, V]` (see the module docstring); a
+        `jax.tree_util.Partial` for arrays it closes over.
       prefix_ids: int `[B, P]` (or `[B]`) tokens to start from, e.g. BOS.
-      max_len: buffer length, prefix included.
+      max_len: buffer length, prefix included (and the cache length).
       eos_id, pad_id: a row ends after EOS; the rest is `pad_id`.
+      use_cache: decode a `CaptionStepFn` with its key/value cache; False
+        re-runs it on the whole buffer at every step (the reference). Plain
+        logits functions always take the buffer path.
 
     Returns:
       int32 NumPy `[B, max_len]`: prefix, generated tokens, EOS, pad.
     """
     prefix = _check(prefix_ids, max_len)
     return np.asarray(_greedy(_as_partial(logits_fn), jnp.asarray(prefix), max_len=max_len,
-                              eos_id=eos_id, pad_id=pad_id))
+                              eos_id=eos_id, pad_id=pad_id,
+                              cached=_use_cache(logits_fn, use_cache)))
 
 
 @functools.partial(jax.jit, static_argnames=("beam_size", "max_len", "eos_id", "pad_id",
-                                             "length_penalty"))
+                                             "length_penalty", "cached"))
 def _beam(logits_fn, prefix, *, beam_size: int, max_len: int, eos_id: int, pad_id: int,
-          length_penalty: float):
+          length_penalty: float, cached: bool):
     b, p = prefix.shape
     k = beam_size
     seqs = jnp.full((b, k, max_len), pad_id, jnp.int32).at[:, :, :p].set(prefix[:, None])
+    # Every beam starts as the prefix (the cache is prefilled for all b * k rows).
+    src, logits_at, advance = _source(logits_fn, seqs.reshape(b * k, max_len), p, max_len,
+                                      cached)
     # Only beam 0 is live at the start, so the first step does not pick K copies.
     scores = jnp.where(jnp.arange(k) == 0, 0.0, -jnp.inf)[None].repeat(b, axis=0)
-    state = (jnp.int32(p - 1), seqs, scores, jnp.zeros((b, k), bool), jnp.zeros((b, k), jnp.int32))
+    state = (jnp.int32(p - 1), seqs, scores, jnp.zeros((b, k), bool), jnp.zeros((b, k), jnp.int32),
+             src)
 
     def cond(state):
-        t, _, _, done, _ = state
+        t, _, _, done, _, _ = state
         return (t < max_len - 1) & ~jnp.all(done)
 
     def body(state):
-        t, seqs, scores, done, lengths = state
-        logp = _step_log_probs(logits_fn, seqs.reshape(b * k, max_len), t, pad_id, eos_id)
+        t, seqs, scores, done, lengths, src = state
+        logp = _log_probs(logits_at(src, seqs.reshape(b * k, max_len), t), pad_id, eos_id)
         vocab = logp.shape[-1]
         logp = logp.reshape(b, k, vocab)
         # A finished beam has one continuation, pad, at no cost: it keeps its
@@ -127,16 +266,20 @@ def _beam(logits_fn, prefix, *, beam_size: int, max_len: int, eos_id: int, pad_i
         seqs = jnp.take_along_axis(seqs, parent[..., None], axis=1).at[:, :, t + 1].set(token)
         was_done = jnp.take_along_axis(done, parent, axis=1)
         lengths = jnp.take_along_axis(lengths, parent, axis=1) + (~was_done).astype(jnp.int32)
-        return t + 1, seqs, scores, was_done | (token == eos_id), lengths
+        # Each new beam continues its parent's cache row.
+        rows = (jnp.arange(b)[:, None] * k + parent).reshape(-1)
+        src = advance(src, rows, token.reshape(-1))
+        return t + 1, seqs, scores, was_done | (token == eos_id), lengths, src
 
-    _, seqs, scores, _, lengths = jax.lax.while_loop(cond, body, state)
+    _, seqs, scores, _, lengths, _ = jax.lax.while_loop(cond, body, state)
     normalized = scores / jnp.maximum(lengths, 1).astype(jnp.float32) ** length_penalty
     best = jnp.argmax(normalized, axis=1)
     return seqs[jnp.arange(b), best], normalized[jnp.arange(b), best]
 
 
 def beam_search(logits_fn: Callable, prefix_ids, beam_size: int, max_len: int, eos_id: int,
-                pad_id: int, length_penalty: float = 1.0, return_scores: bool = False):
+                pad_id: int, length_penalty: float = 1.0, return_scores: bool = False,
+                use_cache: bool = True):
     """Beam search in one compiled `while_loop`.
 
     Each step extends every live beam by every token and keeps the
@@ -148,10 +291,11 @@ def beam_search(logits_fn: Callable, prefix_ids, beam_size: int, max_len: int, e
     EOS; 0 ranks by the raw sum). With `beam_size=1` this is greedy decoding.
 
     Args:
-      logits_fn: tokens `[B * beam_size, max_len]` -> logits
-        `[B * beam_size, max_len, V]`, rows grouped by batch element.
+      logits_fn: a `CaptionStepFn`, or tokens `[B * beam_size, max_len]` ->
+        logits `[B * beam_size, max_len, V]`, rows grouped by batch element.
       prefix_ids: int `[B, P]` (or `[B]`) start tokens.
-      beam_size, max_len, eos_id, pad_id: as in `greedy_decode`.
+      beam_size, max_len, eos_id, pad_id, use_cache: as in `greedy_decode`
+        (the cache holds `B * beam_size` rows, reordered as beams are re-ranked).
       length_penalty: exponent of the length normalization of the final pick.
       return_scores: also return the normalized scores `[B]`.
 
@@ -163,49 +307,35 @@ def beam_search(logits_fn: Callable, prefix_ids, beam_size: int, max_len: int, e
     prefix = _check(prefix_ids, max_len)
     seqs, scores = _beam(_as_partial(logits_fn), jnp.asarray(prefix), beam_size=beam_size,
                          max_len=max_len, eos_id=eos_id, pad_id=pad_id,
-                         length_penalty=float(length_penalty))
+                         length_penalty=float(length_penalty),
+                         cached=_use_cache(logits_fn, use_cache))
     return (np.asarray(seqs), np.asarray(scores)) if return_scores else np.asarray(seqs)
 
 
 # ---------------------------------------------------------------- model helpers
 
-_DECODE_FNS: dict = {}
+def coca_logits_fn(model: Any, variables: Any, images) -> CaptionStepFn:
+    """Caption step function of a CoCa model for `images [B, H, W, 3]` (float32).
 
-
-def _decoder(model: Any, method: str, tokens_first: bool) -> Callable:
-    """Stable `f(variables, image_tokens [B, S, D], text [n, L]) -> [n, L, V]`."""
-    key = (id(model), method)
-    if key not in _DECODE_FNS:
-        apply = model_method(model, method)
-
-        def logits(variables, image_tokens, text):
-            # Beams of image i are rows i*K .. i*K+K-1 of `text`.
-            img = jnp.repeat(image_tokens, text.shape[0] // image_tokens.shape[0], axis=0)
-            out = apply(variables, text, img) if tokens_first else apply(variables, img, text)
-            return out.astype(jnp.float32)
-        _DECODE_FNS[key] = (model, logits)
-    return _DECODE_FNS[key][1]
-
-
-def coca_logits_fn(model: Any, variables: Any, images) -> Partial:
-    """Logits function of a CoCa model for `images [B, H, W, 3]` (float32).
-
-    The image side runs once here; each decode step runs the text tower and
-    the multimodal decoder (`model.decode`) on the token buffer.
+    The image side runs once here. Cached decoding runs the text tower and
+    the multimodal decoder (`model.decode`) once on the prefix (computing the
+    image tokens' cross-attention keys/values), then one token per step;
+    called as a logits function it re-runs `model.decode` on the buffer.
     """
     tokens = jax.jit(model_method(model, "image_tokens"))(variables, jnp.asarray(images))
-    return Partial(_decoder(model, "decode", tokens_first=True), variables, tokens)
+    return CaptionStepFn(model, "decode", False, variables, tokens)
 
 
-def blip2_itg_logits_fn(model: Any, variables: Any, images) -> Partial:
-    """Logits function of a BLIP-2 stage-1 model's ITG head for `images`.
+def blip2_itg_logits_fn(model: Any, variables: Any, images) -> CaptionStepFn:
+    """Caption step function of a BLIP-2 stage-1 model's ITG head for `images`.
 
-    The frozen ViT runs once here; each step runs the Q-Former in its causal
-    mode (`model.itg_logits`, which puts [DEC] at position 0, so any first
-    token such as BOS serves as the prefix).
+    The frozen ViT runs once here. Cached decoding runs the Q-Former in its
+    causal mode (`model.itg_logits`, which puts [DEC] at position 0, so any
+    first token such as BOS serves as the prefix) once on the queries and the
+    prefix, then only the new text token per step.
     """
     tokens = jax.jit(model_method(model, "image_tokens"))(variables, jnp.asarray(images))
-    return Partial(_decoder(model, "itg_logits", tokens_first=False), variables, tokens)
+    return CaptionStepFn(model, "itg_logits", True, variables, tokens)
 
 
 def generate_captions(logits_fn: Callable, batch_size: int, tokenizer: Any, max_len: int,

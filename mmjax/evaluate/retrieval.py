@@ -70,16 +70,18 @@ def _batch_axes(mesh: Optional[Mesh]) -> tuple[str, ...]:
 class BatchRunner:
     """Applies a jitted `fn` to host batches of any size, on one device or a mesh.
 
-    Each batch is padded to a fixed row count (the largest seen so far,
-    rounded up to a multiple of the mesh's batch-axis size), so one
-    compilation serves every batch including a short last one. With a mesh the
+    Each batch is padded to a fixed row count (the largest seen so far, at
+    least `rows`, rounded up to a multiple of the mesh's batch-axis size), so
+    one compilation serves every batch including a short last one; give
+    `rows` when a short batch may come first. With a mesh the
     batch rows are split over its "data" (and "fsdp") axes and `variables` are
     replicated onto the mesh unless they are already laid out over it. An
     Explicit-typed mesh is used as its Auto-typed twin. Outputs come back as
     NumPy arrays with the padding rows removed.
     """
 
-    def __init__(self, fn: Callable, mesh: Optional[Mesh] = None, variables: Any = None):
+    def __init__(self, fn: Callable, mesh: Optional[Mesh] = None, variables: Any = None,
+                 rows: int = 0):
         mesh = self.mesh = None if mesh is None else _auto(mesh)
         self.axes = _batch_axes(mesh)
         self.multiple = math.prod(mesh.shape[a] for a in self.axes) if mesh else 1
@@ -91,7 +93,7 @@ class BatchRunner:
         self.has_variables = variables is not None
         self.variables = self._place(variables) if self.has_variables else None
         self.jitted = jax.jit(fn)
-        self.rows = 0
+        self.rows = -(-int(rows) // self.multiple) * self.multiple
 
     def _place(self, tree):
         if self.mesh is None:
@@ -287,6 +289,47 @@ def retrieval_recall(image_emb, text_emb, text_to_image, ks: Sequence[int] = (1,
     return _recall_dict(i2t, t2i, ks)
 
 
+def retrieval_embeddings(model: Any, variables: Any, batches: Iterable,
+                         mesh: Optional[Mesh] = None, pad_id: Optional[int] = None
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Image and caption embeddings of the valid rows of `batches`.
+
+    Arguments as in `retrieval_evaluate`. Whole batches are embedded (one
+    compiled shape; invalid rows are dropped afterwards).
+
+    Returns:
+      `(image_emb [N, E] or [N, Q, E], text_emb [M, E], text_to_image int32
+      [M])`, float32 and not normalized, rows in batch order; N = M = 0 (arrays
+      of shape `[0]`) when the data holds no valid row.
+    """
+    run_img = BatchRunner(model_method(model, "encode_image"), mesh, variables)
+    run_txt = BatchRunner(model_method(model, "encode_text"), mesh, run_img.variables)
+    imgs, txts, owners, n = [], [], [], 0
+    for batch in batches:
+        images, valid = _select(batch, "image")
+        text = np.asarray(batch["text"])
+        valid = np.ones(len(images), bool) if valid is None else valid
+        if not valid.any():
+            continue
+        if text.ndim == 2:
+            text = text[:, None]
+        b, c = text.shape[:2]
+        imgs.append(np.asarray(run_img(images), np.float32)[valid])
+        flat = text.reshape(b * c, -1)
+        keep = np.repeat(valid, c)
+        if pad_id is not None:
+            keep &= (flat != pad_id).any(-1)
+        txts.append(np.asarray(run_txt(flat), np.float32)[keep])
+        owner = np.full(b, -1, np.int32)
+        owner[valid] = np.arange(n, n + int(valid.sum()), dtype=np.int32)
+        owners.append(np.repeat(owner, c)[keep])
+        n += int(valid.sum())
+    if not imgs:
+        empty = np.zeros((0,), np.float32)
+        return empty, empty, np.zeros((0,), np.int32)
+    return np.concatenate(imgs), np.concatenate(txts), np.concatenate(owners)
+
+
 def retrieval_evaluate(model: Any, variables: Any, batches: Iterable,
                        mesh: Optional[Mesh] = None, ks: Sequence[int] = (1, 5, 10),
                        block: int = 1024, pad_id: Optional[int] = None) -> dict:
@@ -302,29 +345,10 @@ def retrieval_evaluate(model: Any, variables: Any, batches: Iterable,
       pad_id: with `[b, C, L]` text, caption rows made only of `pad_id` are
         missing captions (images with fewer than C) and are left out.
     """
-    run_img = BatchRunner(model_method(model, "encode_image"), mesh, variables)
-    run_txt = BatchRunner(model_method(model, "encode_text"), mesh, run_img.variables)
-    imgs, txts, owners, n = [], [], [], 0
-    for batch in batches:
-        images, valid = _select(batch, "image")
-        text = np.asarray(batch["text"])
-        if valid is not None:
-            images, text = images[valid], text[valid]
-        if not len(images):
-            continue
-        if text.ndim == 2:
-            text = text[:, None]
-        b, c = text.shape[:2]
-        imgs.append(run_img(images))
-        flat = text.reshape(b * c, -1)
-        keep = np.ones(b * c, bool) if pad_id is None else (flat != pad_id).any(-1)
-        txts.append(np.asarray(run_txt(flat))[keep])
-        owners.append(np.repeat(np.arange(n, n + b), c)[keep])
-        n += b
-    if not imgs:
+    img, txt, text_to_image = retrieval_embeddings(model, variables, batches, mesh, pad_id)
+    if not len(img):
         raise ValueError("retrieval_evaluate: the data yielded no valid samples.")
-    return retrieval_recall(l2_normalize(np.concatenate(imgs)), l2_normalize(np.concatenate(txts)),
-                            np.concatenate(owners), ks, block)
+    return retrieval_recall(l2_normalize(img), l2_normalize(txt), text_to_image, ks, block)
 
 
 # ---------------------------------------------------------------- BLIP-2 re-ranking

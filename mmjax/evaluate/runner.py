@@ -7,6 +7,11 @@ Used by `mmjax train` (periodically and at the end) and by `mmjax eval`:
 
 Results go to `DIR/eval/step_<N>.json` and TensorBoard (`DIR/eval/tensorboard`).
 Zero-shot top-1 is stored under the key `top1` as a fraction in [0, 1].
+
+In a multi-process job every process calls `run_evals`: each reads the whole
+eval stream, runs the model on its share of the batches (batch i on process
+i % P), and the per-example results are gathered on the host, so every
+process returns the metrics a single-process run gives; process 0 writes them.
 """
 from __future__ import annotations
 
@@ -18,11 +23,14 @@ from typing import Any, Optional
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from mmjax.data.pipeline import build_eval_iterator
 from mmjax.data.tokenizers import build_tokenizer
 from mmjax.train import workdir as wd
-from mmjax.evaluate.zeroshot import zero_shot_classifier, zero_shot_evaluate
+from mmjax.evaluate.metrics import classification_metrics
+from mmjax.evaluate.retrieval import BatchRunner, l2_normalize, model_method
+from mmjax.evaluate.zeroshot import class_prompts, prompt_ensemble, zero_shot_predictions
 
 log = logging.getLogger("mmjax")
 
@@ -60,10 +68,141 @@ def _classnames(spec: Any) -> list[str]:
     return resolve_classnames(spec)
 
 
+def _info(msg: str, *args) -> None:
+    if jax.process_index() == 0:
+        log.info(msg, *args)
+
+
+# ---------------------------------------------------------------- several processes
+
+
+def _host_variables(variables: Any) -> Any:
+    """A full NumPy copy of `variables` on every process.
+
+    Arrays sharded over several processes (FSDP train state) are all-gathered
+    (every process must call this). We copy rather than evaluate on the
+    sharded global arrays so each process runs its batches on its own device
+    with the very programs of a single-process run: results match it exactly,
+    no collective runs per batch (processes may take different numbers of
+    batches), and the Python-driven decoding loops of captioning / VQA need
+    no lockstep. The cost is one parameter copy per host, which single-device
+    evaluation needs anyway.
+    """
+    leaves, treedef = jax.tree.flatten(variables)
+    spread = [i for i, a in enumerate(leaves)
+              if isinstance(a, jax.Array) and not a.is_fully_addressable]
+    for i in spread:  # one leaf at a time: the replicated temporary stays small
+        leaves[i] = multihost_utils.process_allgather(leaves[i], tiled=True)
+    return jax.device_get(jax.tree.unflatten(treedef, leaves))
+
+
+class _Share:
+    """This process's share of a stream of eval batches: batch i goes to
+    process i % P.
+
+    Every process reads the whole stream (same batches, padding and
+    `max_samples` cut as a single process) and hands on only its own batches,
+    so each example is evaluated once, in the same batch as in a
+    single-process run. Items are batch dicts (rows: the True entries of
+    "valid") or sequences (rows: all entries).
+    """
+
+    def __init__(self, items):
+        self.items = items
+        self.own: list[int] = []      # stream index of each batch handed on, in order
+        self.counts: list[int] = []   # valid rows of every batch of the stream
+
+    def __iter__(self):
+        p, n = jax.process_index(), jax.process_count()
+        for i, item in enumerate(self.items):
+            self.counts.append(int(np.sum(item["valid"])) if isinstance(item, dict)
+                               and "valid" in item else len(item))
+            if i % n == p:
+                self.own.append(i)
+                yield item
+
+    def rows(self) -> np.ndarray:
+        """int32 `[n]`: for each valid row of this process's batches (in the
+        order handed on), its index among the valid rows of the whole stream
+        (= its position in a single-process run). Call after iterating."""
+        start = np.concatenate([[0], np.cumsum(self.counts, dtype=np.int64)])
+        return np.concatenate([np.zeros(0, np.int32)] + [
+            np.arange(start[i], start[i + 1], dtype=np.int32) for i in self.own])
+
+
+def _allgather(x: np.ndarray) -> np.ndarray:
+    """The rows of every process, process 0's first: `[n_p, ...]` -> `[sum n_p, ...]`.
+
+    A fixed-shape host collective: row counts and trailing sizes are
+    gathered first, then every process's rows zero-padded to the largest
+    shape. Trailing dims may differ (shorter ones come back zero-padded) and a
+    process without rows may pass shape `[0]`; the dtype must be the same
+    everywhere (no 64-bit types: JAX moves them as 32-bit).
+    """
+    x = np.asarray(x)
+    head = np.full(8, -1, np.int32)  # [rows, trailing dims..., -1 ...]
+    head[0] = len(x)
+    if len(x):
+        if x.ndim > len(head):
+            raise ValueError(f"cannot gather a {x.ndim}-d array (at most {len(head)} dims)")
+        head[1:x.ndim] = x.shape[1:]
+    heads = multihost_utils.process_allgather(head)                         # [P, 8]
+    counts = heads[:, 0]
+    if not counts.any():
+        return x
+    shapes = heads[counts > 0, 1:]
+    trailing = tuple(int(d) for d in shapes.max(0)[:int((shapes[0] >= 0).sum())])
+    buf = np.zeros((int(counts.max()),) + trailing, x.dtype)
+    if len(x):
+        buf[tuple(slice(0, d) for d in x.shape)] = x
+    every = multihost_utils.process_allgather(buf)                         # [P, n, ...]
+    return np.concatenate([every[p, :c] for p, c in enumerate(counts)])
+
+
+def _encode_strings(texts: list[str]) -> np.ndarray:
+    """uint8 `[n, 4 + W]`: little-endian byte length, then the UTF-8 bytes."""
+    data = [t.encode("utf-8") for t in texts]
+    out = np.zeros((len(data), 4 + max([len(d) for d in data], default=0)), np.uint8)
+    for i, d in enumerate(data):
+        out[i, :4] = np.frombuffer(np.uint32(len(d)).tobytes(), np.uint8)
+        out[i, 4:4 + len(d)] = np.frombuffer(d, np.uint8)
+    return out
+
+
+def _decode_strings(rows: np.ndarray) -> list[str]:
+    sizes = rows[:, :4].copy().view("<u4")[:, 0] if len(rows) else []
+    return [bytes(r[4:4 + int(n)]).decode("utf-8") for r, n in zip(rows, sizes)]
+
+
+def _combine(keys: np.ndarray, *columns):
+    """Per-row results of every process, in single-process order.
+
+    `keys` int `[n]` orders the rows (the stream position from
+    `_Share.rows()`, or the stream index of the batch a row came from; a
+    stable sort keeps the order of rows with equal keys). Columns are arrays
+    `[n, ...]` or lists of n strings; they come back in the same kinds.
+    """
+    if jax.process_count() == 1:
+        return columns
+    order = np.argsort(_allgather(np.asarray(keys, np.int32)), kind="stable")
+    out = []
+    for c in columns:
+        if isinstance(c, list):
+            out.append([_decode_strings(_allgather(_encode_strings(c)))[i] for i in order])
+        else:
+            out.append(_allgather(c)[order])
+    return out
+
+
+# ---------------------------------------------------------------- evaluators
+
+
 def _batches(config: Any, section: Any, **overrides):
-    """Eval batches of `section.shards`, stopping after `section.max_samples` (0 = all)."""
+    """Eval batches of `section.shards`, stopping after `section.max_samples` (0 = all).
+
+    Every process reads all of them (see `_Share`)."""
     it = build_eval_iterator(_eval_data(config, section.shards, **overrides),
-                             int(config.evals.batch_size))
+                             int(config.evals.batch_size), process_index=0, process_count=1)
     limit, seen = int(section.get("max_samples", 0) or 0), 0
     try:
         for batch in it:
@@ -79,35 +218,61 @@ def _batches(config: Any, section: Any, **overrides):
         it.close()
 
 
+def _classifier(config, model, variables, tokenizer, classnames) -> np.ndarray:
+    """`zero_shot_classifier`, with the prompt chunks shared out over processes."""
+    prompts, num_classes = class_prompts(classnames, config.evals.zeroshot.templates)
+    size = int(config.evals.batch_size)
+    runner = BatchRunner(model_method(model, "encode_text"), None, variables,
+                         rows=min(size, len(prompts)))
+    share = _Share([prompts[s:s + size] for s in range(0, len(prompts), size)])
+    embs = [np.asarray(runner(np.asarray(tokenizer(chunk), np.int32)), np.float32)
+            for chunk in share]
+    emb, = _combine(share.rows(), np.concatenate(embs) if embs else np.zeros(0, np.float32))
+    return prompt_ensemble(emb, num_classes)
+
+
 def _zeroshot(config, model, variables, tokenizer) -> dict:
     zs = config.evals.zeroshot
     classnames = _classnames(zs.classnames)
-    classifier = zero_shot_classifier(model, variables, classnames, zs.templates, tokenizer,
-                                      batch_size=int(config.evals.batch_size))
-    m = zero_shot_evaluate(model, variables, classifier, _batches(config, zs))
-    log.info("zero-shot top-1 %.2f%% top-5 %.2f%% on %d images (%d classes)",
-             100 * m["top1"], 100 * m["top5"], m["n"], len(classnames))
+    classifier = _classifier(config, model, variables, tokenizer, classnames)
+    share = _Share(_batches(config, zs))
+    topk, labels = zero_shot_predictions(model, variables, classifier, share)
+    if not share.counts:
+        raise EvalError(f"config.evals.zeroshot.shards={zs.shards!r} yielded no batches.")
+    topk, labels = _combine(share.rows(), topk, labels)
+    m = classification_metrics(topk, labels, len(classnames))
+    _info("zero-shot top-1 %.2f%% top-5 %.2f%% on %d images (%d classes)",
+          100 * m["top1"], 100 * m["top5"], m["n"], len(classnames))
     return {"zeroshot/top1": m["top1"], "zeroshot/top5": m["top5"],
             "zeroshot/mean_per_class_recall": m["mean_per_class_recall"],
             "zeroshot/n": m["n"], "zeroshot/num_classes": len(classnames), "top1": m["top1"]}
 
 
 def _retrieval(config, model, variables, tokenizer) -> dict:
-    from mmjax.evaluate.retrieval import retrieval_evaluate
+    from mmjax.evaluate.retrieval import retrieval_embeddings, retrieval_recall
     section = config.evals.retrieval
     key = section.get("caption_key") or config.data.train.caption_key
     # A plain member ("txt") holds one caption: no pad rows to embed.
     per_image = int(section.get("num_captions") or 5) if ":" in key else 1
-    batches = _batches(config, section, text_format="captions", caption_key=key,
-                       num_captions=per_image)
-    m = retrieval_evaluate(model, variables, batches, pad_id=tokenizer.pad_id)
-    log.info("retrieval i2t R@1 %.2f%% t2i R@1 %.2f%% over %d images",
-             100 * m["i2t_r1"], 100 * m["t2i_r1"], m["n_images"])
+    share = _Share(_batches(config, section, text_format="captions", caption_key=key,
+                            num_captions=per_image))
+    img, txt, owner = retrieval_embeddings(model, variables, share, pad_id=tokenizer.pad_id)
+    rows = share.rows()
+    img, = _combine(rows, img)
+    # Captions follow their image; the stream position of the image is its
+    # index in the combined image array.
+    txt, text_to_image = _combine(rows[owner], txt, rows[owner])
+    if not len(img):
+        raise EvalError(f"config.evals.retrieval.shards={section.shards!r} yielded no valid "
+                        "samples.")
+    m = retrieval_recall(l2_normalize(img), l2_normalize(txt), text_to_image)
+    _info("retrieval i2t R@1 %.2f%% t2i R@1 %.2f%% over %d images",
+          100 * m["i2t_r1"], 100 * m["t2i_r1"], m["n_images"])
     return {f"retrieval/{k}": v for k, v in m.items()}
 
 
 def _vqa(config, model, variables, tokenizer) -> dict:
-    from mmjax.evaluate.vqa import vqa_evaluate
+    from mmjax.evaluate.vqa import vqa_answers, vqa_report
     from mmjax.models import VisionLM
     section = config.evals.vqa
     if not isinstance(model, VisionLM):
@@ -119,15 +284,20 @@ def _vqa(config, model, variables, tokenizer) -> dict:
         types = {q: t for t, q in synthetic.QUESTIONS.items()}
         baseline = synthetic.majority_answer_baselines(
             "train", num_samples=int(config.synthetic.train_samples))["majority_answer"]
-    m = vqa_evaluate(model, variables, _batches(config, section, text_format="dialog",
-                                                caption_key=section.text_key),
-                     tokenizer, max_new_tokens=int(section.max_new_tokens),
-                     question_types=types, baseline_answer=baseline,
-                     chunk=int(config.evals.batch_size))
-    log.info("VQA accuracy %.2f%% on %d questions%s; e.g. %s", 100 * m["vqa_accuracy"],
-             m["count"], "" if baseline is None else
-             f" (majority answer {baseline!r}: {100 * m['baseline_accuracy']:.2f}%)",
-             m["examples"][:2])
+    share = _Share(_batches(config, section, text_format="dialog", caption_key=section.text_key))
+    answers = vqa_answers(model, variables, share, tokenizer,
+                          max_new_tokens=int(section.max_new_tokens), question_types=types,
+                          chunk=int(config.evals.batch_size))
+    # Key: the stream index of each question's batch (a stable sort keeps the
+    # order of the questions within it).
+    fields = ("prediction", "answer", "question", "type")
+    batch = np.asarray(share.own, np.int32)[np.asarray(answers["batch"], np.int64)]
+    answers = dict(zip(fields, _combine(batch, *[answers[f] for f in fields])))
+    m = vqa_report(answers, typed=bool(types), baseline_answer=baseline)
+    _info("VQA accuracy %.2f%% on %d questions%s; e.g. %s", 100 * m["vqa_accuracy"],
+          m["count"], "" if baseline is None else
+          f" (majority answer {baseline!r}: {100 * m['baseline_accuracy']:.2f}%)",
+          m["examples"][:2])
     return {f"vqa/{k}" if not k.startswith("vqa") else k: v for k, v in m.items()}
 
 
@@ -150,8 +320,9 @@ def _captioning(config, model, variables, tokenizer) -> dict:
     if type(model) not in make and not isinstance(model, VisionLM):
         raise EvalError(f"config.evals.captioning: {type(model).__name__} has no captioning "
                         "head; use a CoCa or BLIP-2 recipe or set evals.captioning.shards=''.")
-    preds, refs = {}, {}
-    for batch in _batches(config, cap):
+    preds, refs = [], []
+    share = _Share(_batches(config, cap))
+    for batch in share:
         valid = np.asarray(batch.get("valid", np.ones(len(batch["text"]), bool)), bool)
         images = np.asarray(batch["image"])
         if isinstance(model, VisionLM):
@@ -161,12 +332,13 @@ def _captioning(config, model, variables, tokenizer) -> dict:
                 make[type(model)](model, variables, images), len(images), tokenizer,
                 int(cap.max_len), beam_size=int(cap.beam_size))
         for i in np.flatnonzero(valid):
-            key = len(preds)
-            preds[key] = texts[i]
-            refs[key] = [tokenizer.decode(np.asarray(batch["text"][i]))]
-    m = caption_scores(preds, refs)
-    log.info("captioning BLEU-4 %.3f CIDEr %.3f on %d images; e.g. %r", m["bleu4"], m["cider"],
-             len(preds), preds.get(0))
+            preds.append(texts[i])
+            refs.append(tokenizer.decode(np.asarray(batch["text"][i])))
+    preds, refs = _combine(share.rows(), preds, refs)
+    preds = dict(enumerate(preds))  # keys 0..n-1 in stream order, as the scorers iterate
+    m = caption_scores(preds, {k: [r] for k, r in enumerate(refs)})
+    _info("captioning BLEU-4 %.3f CIDEr %.3f on %d images; e.g. %r", m["bleu4"], m["cider"],
+          len(preds), preds.get(0))
     return {"captioning/bleu4": m["bleu4"], "captioning/cider": m["cider"],
             "captioning/n": len(preds)}
 
@@ -175,14 +347,14 @@ def run_evals(config: Any, model: Any, variables: Any, mesh: Any = None, *, step
               workdir: Optional[str] = None) -> dict:
     """Run the evaluators enabled in `config.evals` (a section is on when its
     `shards` is set); returns flat `{name: value}` and writes
-    `workdir/eval/step_<N>.json`."""
-    if jax.process_count() > 1:
-        log.warning("evals inside a multi-process job are not run; use `mmjax eval` on the "
-                    "checkpoint from one process")
-        return {}
+    `workdir/eval/step_<N>.json`.
+
+    In a multi-process job every process must call it (with its part of
+    sharded `variables`); all return the same results, process 0 writes them.
+    """
     tokenizer = build_tokenizer(config.data.train.tokenizer, int(config.data.train.max_len))
-    # Evaluate on this process's devices; parameters are replicated for eval.
-    variables = jax.device_get(variables)
+    # Each process evaluates on its first local device with a host copy of the parameters.
+    variables = _host_variables(variables)
     ev = config.evals
     results: dict = {}
     from mmjax.models import VisionLM

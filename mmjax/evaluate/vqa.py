@@ -161,6 +161,58 @@ def image_embeds(model, variables, images) -> np.ndarray:
         variables, images))
 
 
+def vqa_answers(model, variables, batches, tokenizer, *, max_new_tokens: int = 16,
+                question_types: dict | None = None, chunk: int = 64) -> dict:
+    """Greedy answers of a `VisionLM` to every question of dialog batches.
+
+    Every question of every valid row is asked on its own (as the first
+    turn) and decoded greedily. Arguments as in `vqa_evaluate`.
+
+    Returns:
+      dict of N-long lists, one entry per question in batch order:
+      "prediction", "answer" (the reference), "question" (decoded prompt),
+      "type" (from `question_types`, else "all") and "batch" (int: which
+      batch of `batches`, counting from 0, the question came from).
+    """
+    from mmjax.data.dialog import split_dialog
+    out: dict = {k: [] for k in ("prediction", "answer", "question", "type", "batch")}
+    for b, batch in enumerate(batches):
+        valid = np.asarray(batch.get("valid", np.ones(len(batch["text"]), bool)), bool)
+        emb = image_embeds(model, variables, batch["image"])
+        rows, prompts = [], []
+        for i in np.flatnonzero(valid):
+            for prompt, answer in split_dialog(batch["text"][i], batch["loss_mask"][i],
+                                               tokenizer.bos_id, tokenizer.eos_id):
+                rows.append(i)
+                prompts.append(prompt)
+                q = tokenizer.decode(prompt)
+                out["answer"].append(tokenizer.decode(answer).strip())
+                out["question"].append(q)
+                out["type"].append((question_types or {}).get(_question_text(q), "all"))
+                out["batch"].append(b)
+        if prompts:
+            out["prediction"] += answer_questions(model, variables, emb[np.asarray(rows)],
+                                                  prompts, tokenizer, max_new_tokens,
+                                                  width=int(batch["text"].shape[1]), chunk=chunk)
+    return out
+
+
+def vqa_report(answers: dict, *, typed: bool = False,
+               baseline_answer: str | None = None) -> dict:
+    """`vqa_scores` of `vqa_answers`'s dict (per type when `typed`), plus
+    "baseline_accuracy" of always answering `baseline_answer` (when given) and
+    "examples" (the first five question/answer/prediction triples)."""
+    refs = [[a] for a in answers["answer"]]
+    preds, questions = answers["prediction"], answers["question"]
+    scores = vqa_scores(preds, refs, answers["type"] if typed else None)
+    if baseline_answer is not None:
+        scores["baseline_accuracy"] = float(np.mean(
+            [vqa_accuracy(baseline_answer, r) for r in refs])) if refs else 0.0
+    scores["examples"] = [dict(question=q, answer=r[0], prediction=p)
+                          for q, r, p in list(zip(questions, refs, preds))[:5]]
+    return scores
+
+
 def vqa_evaluate(model, variables, batches, tokenizer, *, max_new_tokens: int = 16,
                  question_types: dict | None = None, baseline_answer: str | None = None,
                  chunk: int = 64) -> dict:
@@ -172,32 +224,9 @@ def vqa_evaluate(model, variables, batches, tokenizer, *, max_new_tokens: int = 
     `baseline_answer` adds the score of always giving that answer.
     Returns `vqa_scores(...)` plus `examples` (first few Q/A/prediction).
     """
-    from mmjax.data.dialog import split_dialog
-    preds, refs, types, questions = [], [], [], []
-    for batch in batches:
-        valid = np.asarray(batch.get("valid", np.ones(len(batch["text"]), bool)), bool)
-        emb = image_embeds(model, variables, batch["image"])
-        rows, prompts = [], []
-        for i in np.flatnonzero(valid):
-            for prompt, answer in split_dialog(batch["text"][i], batch["loss_mask"][i],
-                                               tokenizer.bos_id, tokenizer.eos_id):
-                rows.append(i)
-                prompts.append(prompt)
-                refs.append([tokenizer.decode(answer).strip()])
-                q = tokenizer.decode(prompt)
-                questions.append(q)
-                types.append((question_types or {}).get(_question_text(q), "all"))
-        if prompts:
-            preds += answer_questions(model, variables, emb[np.asarray(rows)], prompts,
-                                      tokenizer, max_new_tokens,
-                                      width=int(batch["text"].shape[1]), chunk=chunk)
-    scores = vqa_scores(preds, refs, types if question_types else None)
-    if baseline_answer is not None:
-        scores["baseline_accuracy"] = float(np.mean(
-            [vqa_accuracy(baseline_answer, r) for r in refs])) if refs else 0.0
-    scores["examples"] = [dict(question=q, answer=r[0], prediction=p)
-                          for q, r, p in list(zip(questions, refs, preds))[:5]]
-    return scores
+    answers = vqa_answers(model, variables, batches, tokenizer, max_new_tokens=max_new_tokens,
+                          question_types=question_types, chunk=chunk)
+    return vqa_report(answers, typed=bool(question_types), baseline_answer=baseline_answer)
 
 
 def _question_text(prompt: str) -> str:

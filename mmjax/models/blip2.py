@@ -11,10 +11,16 @@ The forward pieces are methods so that the objectives can interleave them
 - `itg_logits(image_tokens, text [B, L])` -> `[B, L, V]`: the first text token
   is replaced by `dec_id`; queries see queries, text sees queries and earlier
   text. Logits at text position i predict text token i + 1.
+
+Incremental ITG decoding: `model.clone(cached_decode=True, cache_len=S)` runs
+the Q-Former with its key/value cache (`mmjax.models.qformer`);
+`itg_logits(image_tokens, prefix)` is then the prefill (query keys/values
+computed once, [DEC] at position 0) and `itg_logits(None, tokens [B, T])`
+appends T tokens and returns their logits `[B, T, V]`.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -29,7 +35,8 @@ class Blip2Stage1(nn.Module):
     """Fields: `image` (ViT kwargs), `qformer` (QFormer kwargs), `embed_dim`
     (ITC space, 256), `dec_id` (the [DEC] token id), `pad_id`,
     `temp_init` (0.07), `freeze_image` (stop gradients at the ViT output, as
-    BLIP-2 keeps the image encoder frozen)."""
+    BLIP-2 keeps the image encoder frozen), `cached_decode`/`cache_len` (KV-cache
+    mode of the ITG head and its text length, None = the Q-Former's max_len)."""
     image: dict
     qformer: dict
     embed_dim: int = 256
@@ -38,10 +45,14 @@ class Blip2Stage1(nn.Module):
     temp_init: float = 0.07
     freeze_image: bool = True
     dtype: Any = jnp.float32
+    cached_decode: bool = False
+    cache_len: Optional[int] = None
 
     def setup(self):
         self.image_tower = ViT(**{"dtype": self.dtype, **dict(self.image)})
-        self.qformer_module = QFormer(**{"dtype": self.dtype, **dict(self.qformer)})
+        self.qformer_module = QFormer(**{"dtype": self.dtype, **dict(self.qformer),
+                                         "decode": self.cached_decode,
+                                         "cache_len": self.cache_len})
         dense = lambda n, names: nn.Dense(n, dtype=self.dtype,  # noqa: E731
                                           kernel_init=logical(default_kernel_init, names),
                                           bias_init=logical(nn.initializers.zeros, names[-1:]))
@@ -79,11 +90,19 @@ class Blip2Stage1(nn.Module):
         return self.itm_head(h[:, :q]).astype(jnp.float32).mean(axis=1)
 
     def itg_logits(self, image_tokens, text):
-        dec = jnp.asarray(text).at[:, 0].set(self.dec_id)
+        """ITG logits `[B, L, V]` of `text [B, L]` given `image_tokens [B, N, Dv]`.
+
+        In decode mode: the first call (with `image_tokens`) is the prefill
+        and holds text position 0; later calls pass `image_tokens=None`.
+        """
+        text = jnp.asarray(text)
+        # [DEC] replaces text position 0, which in decode mode only the prefill holds.
+        holds_first = image_tokens is not None or not self.cached_decode
+        dec = text.at[:, 0].set(self.dec_id) if holds_first else text
         valid = text != self.pad_id
         _, logits = self.qformer_module(image_tokens, dec, "causal", text_valid=valid,
                                         lm_logits=True)
-        return logits[:, self.qformer_module.num_queries:]
+        return logits[:, logits.shape[1] - text.shape[1]:]
 
     def __call__(self, images, text):
         """All three heads on matched pairs (used for init and tests)."""

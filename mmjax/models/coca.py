@@ -9,9 +9,9 @@ queries -> LayerNorm; query 0 is projected to the contrastive embedding, the
 rest are the decoder's image tokens. Text side: causal text encoder with EOS
 pooling for the contrastive embedding; its token outputs feed the decoder.
 
-Incremental caption decoding: `model.clone(decode=True, cache_len=S)` gives
-the text tower and the decoder key/value caches (the `cache` collection, see
-`mmjax.models.text`); `decode(text [B, T], image_tokens | None)` then appends
+Incremental caption decoding: `model.clone(cached_decode=True, cache_len=S)`
+gives the text tower and the decoder key/value caches (the `cache`
+collection, see `mmjax.models.text`); `decode(text [B, T], image_tokens | None)` appends
 T tokens per call and returns their logits `[B, T, V]`. The image tokens are
 needed on the first call only (their cross-attention keys/values are kept).
 """
@@ -33,7 +33,7 @@ class CoCa(nn.Module):
     """Fields: `image` (ViT kwargs; its pool is forced to "none"), `text`
     (TextEncoder kwargs), `decoder` (CaptionDecoder kwargs), `embed_dim`,
     `caption_queries` (image tokens given to the decoder), `pooler_heads`,
-    `decode`/`cache_len` (KV-cache mode of the text path and its length,
+    `cached_decode`/`cache_len` (KV-cache mode of the text path and its length,
     None = the text tower's max_len)."""
     image: dict
     text: dict
@@ -43,7 +43,7 @@ class CoCa(nn.Module):
     pooler_heads: int = 8
     max_log_scale: Optional[float] = math.log(100.0)
     dtype: Any = jnp.float32
-    decode: bool = False
+    cached_decode: bool = False
     cache_len: Optional[int] = None
 
     def setup(self):
@@ -55,10 +55,11 @@ class CoCa(nn.Module):
         self.image_proj = nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype,
                                    kernel_init=logical(default_kernel_init, ("embed", "proj")))
         self.text_tower = TextEncoder(**{"dtype": self.dtype, **dict(self.text),
-                                         "embed_dim": self.embed_dim, "decode": self.decode,
+                                         "embed_dim": self.embed_dim,
+                                         "decode": self.cached_decode,
                                          "cache_len": self.cache_len})
         self.text_decoder = CaptionDecoder(**{
-            "dtype": self.dtype, **dict(self.decoder), "decode": self.decode,
+            "dtype": self.dtype, **dict(self.decoder), "decode": self.cached_decode,
             "cache_len": self.cache_len or self.text_tower.max_len})
         self.log_scale = _scalar(self, "log_scale", math.log(1 / 0.07))
 

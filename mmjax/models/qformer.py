@@ -242,17 +242,15 @@ class QFormer(nn.Module):
             if text_valid is None:
                 text_valid = text_ids != pad_id
         if self.decode:
-            extras, pos = self._decode_extras(q, text_ids, text_valid, mask_mode, b)
+            mask, write_index, slots = self._decode_mask(q, text_ids, text_valid, mask_mode, b)
+            extras = (mask, image_feats, write_index)
         else:
             extras = (qformer_mask(q, text_valid, mask_mode, b), image_feats)
-            pos = None if text_ids is None else position_embeddings[None, :text_ids.shape[1]]
         if text_ids is not None:
-            pos = position_embeddings[pos] if self.decode else pos
+            pos = position_embeddings[slots] if self.decode else position_embeddings[None, :l]
             parts.append(word_embeddings(text_ids) + pos)
         x = jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
         x = Norm(eps=self.norm_eps, dtype=self.dtype, name="embed_norm")(x.astype(self.dtype))
-        if self.decode:
-            extras = (extras[0], image_feats, extras[1])
         for layer in self._layers(q):
             x, _ = layer(x, extras)
         if not lm_logits:
@@ -264,6 +262,30 @@ class QFormer(nn.Module):
         bias = self.param("lm_bias", logical(nn.initializers.zeros, ("vocab",)), (self.vocab_size,))
         logits = word_embeddings.attend(h.astype(jnp.float32)) + bias
         return x, constrain(logits, ("act_batch", "act_length", "act_vocab"))
+
+    def _decode_mask(self, q: int, text_ids, text_valid, mask_mode: str, b: int):
+        """Decode mode: `(mask [B, 1, q + L, Q + S], write_index [B], slots [B, L])`.
+
+        Queries (present on the prefill only, q = Q) see the Q query slots; a
+        text token at position j sees the query slots and the valid text
+        slots Q..Q+j. The call's keys/values go to slot `write_index`:
+        Q + the row's text position, or 0 for the prefill's [queries; text].
+        """
+        if mask_mode != "causal":
+            raise ValueError(f"Q-Former decode mode runs the causal (ITG) mask only, got "
+                             f"mask_mode={mask_mode!r}.")
+        if text_ids is None:
+            raise ValueError("Q-Former decode mode needs `text_ids` on every call.")
+        cache_len = self.cache_len or self.max_len
+        if cache_len > self.max_len:
+            raise ValueError(f"Q-Former cache_len {cache_len} exceeds max_len {self.max_len}.")
+        nq, l = self.num_queries, text_ids.shape[1]
+        text_mask, start, slots = decode_slots(self, text_valid, b, l, cache_len)
+        text_rows = jnp.concatenate([jnp.ones((b, 1, l, nq), bool), text_mask], axis=-1)
+        if not q:
+            return text_rows, start + nq, slots
+        query_rows = jnp.broadcast_to(jnp.arange(nq + cache_len) < nq, (b, 1, q, nq + cache_len))
+        return jnp.concatenate([query_rows, text_rows], axis=2), start + nq - q, slots
 
 
 def group_qformer_params(tree: dict, depth: int, freq: int) -> dict:

@@ -43,9 +43,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.evals = ml_collections.ConfigDict()
     c.evals.every = 0                  # steps between periodic evals (0: only at the end)
     c.evals.batch_size = 256
+    c.evals.tfds_data_dir = ""         # TFDS data_dir for "tfds:NAME[@SPLIT]" sources
     c.evals.zeroshot = ml_collections.ConfigDict(dict(
-        shards="synthetic",            # webdataset with `cls` labels, or "synthetic"
-        classnames="synthetic",        # file (one name per line), list, or "synthetic"
+        shards="synthetic",            # webdataset with `cls` labels, "synthetic", or
+                                       # "tfds:NAME[@SPLIT]" (a prepared TFDS dataset)
+        classnames="synthetic",        # file (one name per line), list, "synthetic", or
+                                       # "tfds" (the dataset's label names)
         templates="simple",            # built-in set name, one "{}" template, or a file
         max_samples=0))                # 0: all
     # Image-text retrieval (Recall@1/5/10). caption_key "" = data.train.caption_key; a JSON
