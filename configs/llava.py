@@ -45,7 +45,10 @@ def get_config(arg=None):
     c.model.name = "vision_lm"
     c.model.connector = "mlp"
     c.model.dtype = "bfloat16"
-    c.model.image = dict(image_size=336, patch_size=14, width=1024, depth=24, heads=16,
+    # LLaVA's image features are the penultimate layer's patch tokens
+    # (vision_feature_layer=-2, no post-LN): ViT-L/14's first 23 of 24 layers;
+    # the init source's 24-layer stack is cut to 23 when loaded.
+    c.model.image = dict(image_size=336, patch_size=14, width=1024, depth=23, heads=16,
                          pool="cls", ln_pre=True, ln_post=False, embed_dim=None,
                          act="quick_gelu", scan=True)
     c.model.lm = dict(VICUNA_7B)

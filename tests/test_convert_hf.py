@@ -72,6 +72,29 @@ def test_clip_parity(clip_dir, scan):
     assert np.isclose(float(variables["params"]["log_scale"]), float(ref.logit_scale.detach()))
 
 
+def test_truncated_tower_gives_penultimate_layer_features(clip_dir, scan=True):
+    # LLaVA feeds the LM hidden_states[-2] of the CLIP vision tower (no post-LN):
+    # a ViT one layer shorter, initialized from the full checkpoint (the scanned
+    # stack takes the source's first layers; unrolled, the last is just unused).
+    import flax.linen as nn
+    import jax
+    import ml_collections
+    from mmjax.models.vit import ViT
+    from mmjax.train import init_sources
+    path, ref = clip_dir
+    full, _ = hf.load_clip(path, scan=scan)
+    vit = ViT(**dict(full.image, depth=1, ln_post=False, embed_dim=None, scan=scan))
+    img = _images(2, 32)
+    params = {"image_tower": nn.meta.unbox(vit.init(jax.random.key(1), jnp.asarray(img))["params"])}
+    config = ml_collections.ConfigDict({"init": {"image_tower": f"hf_clip:{path}#image_tower"}})
+    params = init_sources.apply_init(params, config)
+    _, tokens = vit.apply({"params": params["image_tower"]}, jnp.asarray(img))
+    with torch.no_grad():
+        want = ref.vision_model(pixel_values=_nchw(img), output_hidden_states=True)
+    assert np.abs(np.asarray(tokens) - want.hidden_states[-2].numpy()).max() <= TOL
+    assert np.abs(np.asarray(tokens) - want.hidden_states[-1].numpy()).max() > 100 * TOL
+
+
 def test_clip_export_roundtrip(clip_dir, tmp_path):
     path, ref = clip_dir
     model, variables = hf.load_clip(path, scan=True)

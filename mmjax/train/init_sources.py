@@ -70,6 +70,12 @@ def _scanned(relative_paths) -> bool:
     return any(r.startswith("layers" + SEP) for r in relative_paths)
 
 
+def _fewer_layers(rel_path: str, src_shape, dst_shape) -> bool:
+    """A scanned-stack leaf whose source has more layers (leading axis) than the target."""
+    return (rel_path.startswith("layers" + SEP) and len(src_shape) == len(dst_shape) >= 1
+            and tuple(src_shape[1:]) == tuple(dst_shape[1:]) and src_shape[0] > dst_shape[0])
+
+
 def init_entries(config: Any) -> dict[str, str]:
     init = config.get("init") if hasattr(config, "get") else None
     if not init:
@@ -173,8 +179,15 @@ def apply_init(params: Any, config: Any) -> Any:
             raise InitError(f"config.init.{prefix}={spec!r}: the source lacks {len(missing)} "
                             f"parameters, e.g. {missing[:4]}; it has e.g. {sorted(src)[:4]} "
                             "(check the #SUBTREE and the scan/unrolled layout).")
+        truncated = set()
         for k, r in rel_keys.items():
             dst, value = target[k], src[r]
+            if _fewer_layers(r, value.shape, dst.shape):
+                # A scanned stack with fewer layers than the source takes the
+                # first ones: LLaVA's penultimate-layer features
+                # (vision_feature_layer=-2), BLIP-2's ViT without its last layer.
+                truncated.add((value.shape[0], dst.shape[0]))
+                value = value[:dst.shape[0]]
             if tuple(value.shape) != tuple(dst.shape):
                 raise InitError(f"config.init.{prefix}={spec!r}: parameter {r!r} has shape "
                                 f"{tuple(value.shape)} in the source but {tuple(dst.shape)} in "
@@ -184,6 +197,9 @@ def apply_init(params: Any, config: Any) -> Any:
                                                      lambda idx, v=value: v[idx])
         log.info("init: %d parameters under %r from %s (%d source parameters unused)",
                  len(rel_keys), prefix, spec, len(src) - len(rel_keys))
+        for have, use in sorted(truncated):
+            log.info("init: %r uses the first %d of the source's %d scanned layers",
+                     prefix, use, have)
     return nested(target)
 
 
