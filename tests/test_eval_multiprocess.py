@@ -19,9 +19,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEP = 7
 
 
-def _setup(cache_dir):
-    os.environ["MMJAX_CACHE"] = str(cache_dir)
+def _setup(params_file=None):
+    """Config, model and host variables (initialized with seed 0, or read from
+    `params_file`, which saves the children a compilation)."""
     import jax
+    import flax.linen as nn
+    from flax import serialization
     from mmjax.models import build
     from mmjax.train.config_utils import load_config
     config = load_config("coca_b16:tiny", [
@@ -29,10 +32,13 @@ def _setup(cache_dir):
         "evals.zeroshot.max_samples=8", "evals.captioning.max_samples=20",
         "evals.captioning.max_len=6", "model.dtype=float32"])
     model = build(config.model)
+    if params_file is not None:
+        with open(params_file, "rb") as f:
+            return config, model, serialization.msgpack_restore(f.read())
     s, l = config.data.train.image_size, config.data.train.max_len
     variables = jax.jit(model.init)(jax.random.key(0), np.zeros((2, s, s, 3), np.float32),
                                     np.ones((2, l), np.int32))
-    return config, model, jax.device_get(variables)
+    return config, model, jax.device_get(nn.meta.unbox(variables))  # plain arrays, as in a state
 
 
 def _spread(variables):
@@ -54,18 +60,34 @@ def _child(out_dir):
     maybe_initialize_distributed()
     import jax
     assert jax.process_count() == 2 and jax.device_count() == 4
-    from mmjax.evaluate.runner import run_evals
+    from mmjax.evaluate.runner import _combine, run_evals
     i = jax.process_index()
-    config, model, variables = _setup(os.path.join(out_dir, "cache"))
+    config, model, variables = _setup(os.path.join(out_dir, "params.msgpack"))
     spread = _spread(variables)
     assert not any(a.is_fully_addressable for a in jax.tree.leaves(spread))
     results = run_evals(config, model, spread, step=STEP,
                         workdir=os.path.join(out_dir, f"workdir_{i}"))
+    # The gather itself, on rows whose order a random model's metrics may not
+    # reveal: stream positions 0..4 held out of order, strings of different
+    # lengths (one empty, one not ASCII); then a column only process 1 has.
+    keys = [np.array([3, 0, 2], np.int32), np.array([4, 1], np.int32)][i]
+    words = [["drei", "null", "zwei"], ["vier \u00fcber", ""]][i]
+    got_keys, emb, got_words = _combine(keys, keys, keys[:, None] * np.ones((1, 3 + i), np.float32),
+                                        words)
+    only = np.arange(4 * i, dtype=np.int32).reshape(2 * i, 2)
+    got_only, = _combine(np.arange(2 * i, dtype=np.int32), only)
+    results["gathered"] = dict(keys=got_keys.tolist(), emb=emb.tolist(), words=got_words,
+                               only=got_only.tolist())
     with open(os.path.join(out_dir, f"results_{i}.json"), "w") as f:
         json.dump(results, f)
 
 
-def test_two_processes_give_single_process_metrics(tmp_path):
+def test_two_processes_give_single_process_metrics(tmp_path, monkeypatch):
+    from flax import serialization
+    from mmjax.evaluate.runner import run_evals
+    monkeypatch.setenv("MMJAX_CACHE", str(tmp_path / "cache"))
+    config, model, variables = _setup()
+    (tmp_path / "params.msgpack").write_bytes(serialization.msgpack_serialize(variables))
     env = {**os.environ, "PYTHONPATH": ROOT}
     cmd = [sys.executable, os.path.join(ROOT, "launch", "local.py"), "--processes", "2",
            "--devices-per-process", "2", "--timeout", "240", "--",
@@ -74,13 +96,18 @@ def test_two_processes_give_single_process_metrics(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     per_process = [json.load(open(tmp_path / f"results_{i}.json")) for i in range(2)]
     assert per_process[0] == per_process[1]
+    gathered = per_process[0].pop("gathered")
+    per_process[1].pop("gathered")
+    assert gathered["keys"] == [0, 1, 2, 3, 4]
+    assert gathered["words"] == ["null", "", "zwei", "drei", "vier \u00fcber"]
+    # Rows keep their values; the narrower rows of process 0 come back zero-padded.
+    assert gathered["emb"] == [[k] * 3 + [0 if k in (0, 2, 3) else k] for k in range(5)]
+    assert gathered["only"] == [[0, 1], [2, 3]]
     # Only process 0 writes the eval file.
     saved = json.load(open(tmp_path / "workdir_0" / "eval" / f"step_{STEP}.json"))
     assert saved == {"step": STEP, **per_process[0]}
     assert not (tmp_path / "workdir_1" / "eval").exists()
 
-    from mmjax.evaluate.runner import run_evals
-    config, model, variables = _setup(tmp_path / "cache")
     single = json.loads(json.dumps(run_evals(config, model, variables)))
     # Each example counted once: the sizes of a single-process run.
     assert single["zeroshot/n"] == 8 and single["retrieval/n_images"] == 36

@@ -374,8 +374,11 @@ def run_evals(config: Any, model: Any, variables: Any, mesh: Any = None, *, step
 
 def eval_command(config_spec: Optional[str], workdir: Optional[str], step: Optional[int],
                  hf_path: Optional[str], overrides: list[str]) -> dict:
-    """`mmjax eval`: evaluate a workdir checkpoint or a Hugging Face folder."""
+    """`mmjax eval`: evaluate a workdir checkpoint or a Hugging Face folder
+    (in one process, or in every process of a job started as for `mmjax train`)."""
     from mmjax.train.config_utils import load_config
+    from mmjax.train.loop import maybe_initialize_distributed
+    maybe_initialize_distributed()
     if hf_path:
         return _eval_hf(hf_path, config_spec, overrides)
     if not workdir:
