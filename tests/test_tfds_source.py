@@ -102,3 +102,54 @@ def test_clear_errors(data_dir, tmp_path):
         "imagenet2012:5.1.0", "validation[:500]")
     with pytest.raises(ValueError, match="tfds:NAME"):
         parse_tfds_spec("tfds:")
+
+
+def test_runner_zero_shot_on_tfds_matches_direct_computation(data_dir):
+    # `run_evals` with evals.zeroshot.shards=tfds:... and classnames=tfds, against
+    # argmax of cosine scores computed here from the images and prompts directly.
+    import jax
+    import jax.numpy as jnp
+
+    from mmjax.data.tokenizers import build_tokenizer
+    from mmjax.evaluate.runner import EvalError, run_evals
+    from mmjax.models import build
+    from mmjax.train.config_utils import load_config
+
+    config = load_config("clip_tiny:tiny", ["evals.zeroshot.shards=tfds:mmjax_tiny_cls@test",
+                                            "evals.zeroshot.classnames=tfds",
+                                            f"evals.tfds_data_dir={data_dir}",
+                                            "evals.retrieval.shards=", "evals.batch_size=4"])
+    d = config.data.train
+    model = build(config.model)
+    size = int(d.image_size)
+    variables = model.init(jax.random.key(3), jnp.zeros((1, size, size, 3)),
+                           jnp.zeros((1, int(d.max_len)), jnp.int32))
+    variables = {"params": jax.tree.map(lambda x: getattr(x, "value", x), variables["params"],
+                                        is_leaf=lambda x: hasattr(x, "value"))}
+    got = run_evals(config, model, variables)
+
+    order = [int(r["index"]) for r in
+             tfds.builder("mmjax_tiny_cls", data_dir=data_dir).as_data_source("test")]
+    ref = [tiny_images()[i] for i in order]
+    images = decode.normalize(np.stack([resize_center_crop(img, size) for img, _ in ref]),
+                              d.mean, d.std)
+    labels = np.array([lab for _, lab in ref])
+    tok = build_tokenizer(d.tokenizer, int(d.max_len))
+    names = [n.replace("_", " ") for n in NAMES]
+    text = np.array(model.apply(variables, jnp.asarray(tok([f"a photo of a {n}." for n in names]),
+                                                          jnp.int32), method="encode_text"))
+    img = np.array(model.apply(variables, jnp.asarray(images), method="encode_image"))
+    text /= np.linalg.norm(text, axis=-1, keepdims=True)
+    img /= np.linalg.norm(img, axis=-1, keepdims=True)
+    pred = (img @ text.T).argmax(-1)
+    recall = np.mean([np.mean(pred[labels == c] == c) for c in range(3)])
+    assert got["zeroshot/n"] == 10 and got["zeroshot/num_classes"] == 3
+    assert got["top1"] == pytest.approx(float(np.mean(pred == labels)), abs=1e-9)
+    assert got["zeroshot/mean_per_class_recall"] == pytest.approx(recall, abs=1e-6)
+
+    config.evals.zeroshot.shards = "synthetic"
+    with pytest.raises(EvalError, match="classnames='tfds' needs a TFDS source"):
+        run_evals(config, model, variables)
+    config.evals.zeroshot.shards = "tfds:mmjax_tiny_cls@train"
+    with pytest.raises(EvalError, match="cannot read split 'train'"):
+        run_evals(config, model, variables)

@@ -200,9 +200,16 @@ def _combine(keys: np.ndarray, *columns):
 def _batches(config: Any, section: Any, **overrides):
     """Eval batches of `section.shards`, stopping after `section.max_samples` (0 = all).
 
-    Every process reads all of them (see `_Share`)."""
-    it = build_eval_iterator(_eval_data(config, section.shards, **overrides),
-                             int(config.evals.batch_size), process_index=0, process_count=1)
+    Every process reads all of them (see `_Share`). A `tfds:NAME[@SPLIT]`
+    source reads a prepared TFDS dataset from `evals.tfds_data_dir`."""
+    if str(section.shards).startswith("tfds:"):
+        from mmjax.data.tfds_source import tfds_batches
+        d = config.data.train
+        it = tfds_batches(_tfds_source(config, section), output=d.output, mean=d.mean,
+                          std=d.std)
+    else:
+        it = build_eval_iterator(_eval_data(config, section.shards, **overrides),
+                                 int(config.evals.batch_size), process_index=0, process_count=1)
     limit, seen = int(section.get("max_samples", 0) or 0), 0
     try:
         for batch in it:
@@ -216,6 +223,19 @@ def _batches(config: Any, section: Any, **overrides):
                 return
     finally:
         it.close()
+
+
+def _tfds_source(config: Any, section: Any):
+    """The `TfdsEvalSource` of an evals section whose `shards` is "tfds:NAME[@SPLIT]"."""
+    from mmjax.data.tfds_source import parse_tfds_spec, tfds_eval_source
+    try:
+        name, split = parse_tfds_spec(str(section.shards))
+        return tfds_eval_source(name, split, data_dir=config.evals.get("tfds_data_dir") or None,
+                                image_size=int(config.data.train.image_size),
+                                batch_size=int(config.evals.batch_size))
+    except (ImportError, FileNotFoundError, ValueError) as e:
+        raise EvalError(f"config.evals: shards={section.shards!r}, tfds_data_dir="
+                        f"{config.evals.get('tfds_data_dir')!r}: {e}") from None
 
 
 def _classifier(config, model, variables, tokenizer, classnames) -> np.ndarray:
@@ -233,7 +253,13 @@ def _classifier(config, model, variables, tokenizer, classnames) -> np.ndarray:
 
 def _zeroshot(config, model, variables, tokenizer) -> dict:
     zs = config.evals.zeroshot
-    classnames = _classnames(zs.classnames)
+    if zs.classnames == "tfds":
+        if not str(zs.shards).startswith("tfds:"):
+            raise EvalError(f"config.evals.zeroshot.classnames='tfds' needs a TFDS source "
+                            f"(shards='tfds:NAME[@SPLIT]'), got shards={zs.shards!r}")
+        classnames = _tfds_source(config, zs).classnames
+    else:
+        classnames = _classnames(zs.classnames)
     classifier = _classifier(config, model, variables, tokenizer, classnames)
     share = _Share(_batches(config, zs))
     topk, labels = zero_shot_predictions(model, variables, classifier, share)
