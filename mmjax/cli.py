@@ -84,8 +84,10 @@ def eval_main(argv: list[str]) -> int:
         results = eval_command(args.config, args.workdir, args.step, args.hf, overrides)
     except _user_errors() as e:
         return _fail(str(e).strip("'\""))
-    for k, v in sorted(results.items()):
-        print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
+    import jax
+    if jax.process_index() == 0:  # every process holds the same results
+        for k, v in sorted(results.items()):
+            print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
     return 0
 
 
