@@ -153,12 +153,12 @@ def _check(prefix_ids, max_len: int) -> np.ndarray:
     return prefix
 
 
-def _log_probs(logits, pad_id: int, eos_id: int):
-    """float32 log-probabilities `[n, V]` of next-token `logits [n, V]` (pad excluded)."""
+def _log_probs(logits, pad_id: int, eos_id):
+    """float32 log-probabilities `[n, V]` of next-token `logits [n, V]` (pad
+    excluded unless it is EOS; `eos_id` may be traced)."""
     logits = logits.astype(jnp.float32)
-    if pad_id != eos_id:
-        logits = logits.at[:, pad_id].set(-jnp.inf)
-    return jax.nn.log_softmax(logits, axis=-1)
+    never = (jnp.arange(logits.shape[-1]) == pad_id) & (pad_id != eos_id)
+    return jax.nn.log_softmax(jnp.where(never, -jnp.inf, logits), axis=-1)
 
 
 def _source(fn, seqs, p: int, max_len: int, cached: bool):
@@ -183,8 +183,9 @@ def _source(fn, seqs, p: int, max_len: int, cached: bool):
     return (cache, logits), lambda state, seqs, t: state[1], advance
 
 
-@functools.partial(jax.jit, static_argnames=("max_len", "eos_id", "pad_id", "cached"))
-def _greedy(logits_fn, prefix, *, max_len: int, eos_id: int, pad_id: int, cached: bool):
+# eos_id is traced: one program serves every EOS id.
+@functools.partial(jax.jit, static_argnames=("max_len", "pad_id", "cached"))
+def _greedy(logits_fn, prefix, *, max_len: int, eos_id, pad_id: int, cached: bool):
     b, p = prefix.shape
     buf = jnp.full((b, max_len), pad_id, jnp.int32).at[:, :p].set(prefix)
     src, logits_at, advance = _source(logits_fn, buf, p, max_len, cached)
@@ -228,13 +229,13 @@ def greedy_decode(logits_fn: Callable, prefix_ids, max_len: int, eos_id: int,
     """
     prefix = _check(prefix_ids, max_len)
     return np.asarray(_greedy(_as_partial(logits_fn), jnp.asarray(prefix), max_len=max_len,
-                              eos_id=eos_id, pad_id=pad_id,
+                              eos_id=np.int32(eos_id), pad_id=pad_id,
                               cached=_use_cache(logits_fn, use_cache)))
 
 
-@functools.partial(jax.jit, static_argnames=("beam_size", "max_len", "eos_id", "pad_id",
+@functools.partial(jax.jit, static_argnames=("beam_size", "max_len", "pad_id",
                                              "length_penalty", "cached"))
-def _beam(logits_fn, prefix, *, beam_size: int, max_len: int, eos_id: int, pad_id: int,
+def _beam(logits_fn, prefix, *, beam_size: int, max_len: int, eos_id, pad_id: int,
           length_penalty: float, cached: bool):
     b, p = prefix.shape
     k = beam_size
@@ -306,7 +307,7 @@ def beam_search(logits_fn: Callable, prefix_ids, beam_size: int, max_len: int, e
         raise ValueError(f"beam_size must be >= 1, got {beam_size}.")
     prefix = _check(prefix_ids, max_len)
     seqs, scores = _beam(_as_partial(logits_fn), jnp.asarray(prefix), beam_size=beam_size,
-                         max_len=max_len, eos_id=eos_id, pad_id=pad_id,
+                         max_len=max_len, eos_id=np.int32(eos_id), pad_id=pad_id,
                          length_penalty=float(length_penalty),
                          cached=_use_cache(logits_fn, use_cache))
     return (np.asarray(seqs), np.asarray(scores)) if return_scores else np.asarray(seqs)

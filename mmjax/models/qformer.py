@@ -198,7 +198,7 @@ class QFormer(nn.Module):
             return [scanned(freq=f, layer_kwargs=kw, name="groups")]
         cls = QFormerLayer
         if remat != "none":
-            cls = nn.remat(cls, policy=remat_policy(self.remat))
+            cls = nn.remat(cls, policy=remat_policy(remat))
         return [cls(cross_attention=(i % f == 0), name=f"layers_{i}", **kw)
                 for i in range(self.depth)]
 
