@@ -57,14 +57,17 @@ def _run(config, mesh_shape, steps=5):
     ("siglip_b16", [(2, 2, 2)]),
     # Stage 2: frozen ViT (+ frozen LM for BLIP-2), connector (+ LM for LLaVA) trained.
     ("llava", [(2, 2, 2)]),
-    ("blip2_stage2", [(4, 2, 1), (2, 1, 4)]),
+    ("blip2_stage2", [(2, 2, 2), (2, 1, 4)]),
 ])
 def test_sharded_steps_equal_single_device(recipe, meshes):
-    # eps 1e-6: with BLIP-2's 1e-8, Adam turns float noise in near-zero
-    # gradients into full-size updates (sign(g) * lr) on the first steps.
+    # eps 1e-4: with a small eps Adam turns float noise in near-zero gradients
+    # into full-size updates (sign(g) * lr). Such gradients exist: the
+    # Q-Former's key biases (exactly zero in exact arithmetic) and its
+    # cross-attention query bias (~3e-6, a sum of terms that cancel), whose
+    # value moves by ~2% with the reduction order of a (2,2,2) mesh.
     arg = "finetune,tiny" if recipe == "llava" else "tiny"
     config = load_config(f"{recipe}:{arg}", ["batch_size=16", "model.dtype=float32",
-                                            "optim.eps=1e-6"])
+                                            "optim.eps=1e-4"])
     ref_losses, ref_params, _ = _run(config, (1, 1, 1))
     assert np.all(np.isfinite(ref_losses)) and ref_losses[-1] != ref_losses[0]
     for shape in meshes:
