@@ -74,6 +74,7 @@ def get_config(arg=None):
         c.total_steps, c.batch_size = 5200, 128        # 665K conversations, 1 epoch
         c.optim.update(dict(lr=2e-5, warmup_steps=156, freeze=["image_tower"]))
         d.text_format, d.caption_key = "dialog", "json:conversations"
+        d.dialog_template = "vicuna_v1"  # "SYSTEM USER: <image>\nq ASSISTANT: a</s>..."
         c.checkpoint_every = 1000
     c.init.image_tower = "hf_clip:/models/clip-vit-large-patch14-336#image_tower"
     c.init.lm_module = "hf_llama:/models/vicuna-7b-v1.5"
@@ -86,7 +87,8 @@ def get_config(arg=None):
         c.optim.update(dict(lr=1e-3, warmup_steps=100, weight_decay=0.0))
         c.synthetic.image_size, c.synthetic.train_samples = 32, 20000
         d.update(dict(shards="synthetic", tokenizer="bytes", text_format="dialog",
-                      caption_key="json:qa", max_len=192, image_size=32, workers=1,
+                      caption_key="json:qa", dialog_template="qa", max_len=192,
+                      image_size=32, workers=1,
                       shuffle_buffer=1000, output="float32", resampled=False))
         c.model.image = dict(image_size=32, patch_size=8, width=128, depth=2, heads=4,
                              embed_dim=128, pool="gap", posemb="learned", ln_pre=False)

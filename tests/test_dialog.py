@@ -99,3 +99,33 @@ def test_turns_from_json_forms():
 def test_turns_from_json_errors(value, match):
     with pytest.raises(ValueError, match=match):
         turns_from_json(value)
+
+
+def test_vicuna_template_layout_split_and_question_text():
+    from mmjax.data.dialog import (VICUNA_V1_SYSTEM, dialog_template, question_text,
+                                   split_dialog, system_ids)
+    tok = build_tokenizer("bytes", 8)
+    pairs = [("<image>\nwhat colour?", "red"), ("how many?", "two")]
+    ids, mask = encode_dialog(tok, pairs, 512, image_token_id=300, template="vicuna_v1")
+    sys_ids = _b(VICUNA_V1_SYSTEM + " ")
+    p1 = _b("USER: ") + [300] + _b("\nwhat colour? ASSISTANT:")
+    p2, a1, a2 = _b("USER: how many? ASSISTANT:"), _b(" red"), _b(" two")
+    want = [BOS] + sys_ids + p1 + a1 + [EOS] + p2 + a2 + [EOS]
+    want_mask = [0] * (1 + len(sys_ids) + len(p1)) + [1] * (len(a1) + 1) + \
+        [0] * len(p2) + [1] * (len(a2) + 1)
+    n = len(want)
+    assert ids[:n].tolist() == want and ids[n:].tolist() == [PAD] * (512 - n)
+    assert mask.tolist() == want_mask + [0] * (512 - n)
+    # Every question comes back as a first-turn prompt: BOS + system + its own turn.
+    first = encode_prompt(tok, pairs[0][0], 300, "vicuna_v1")
+    assert first == [BOS] + sys_ids + p1 and system_ids(tok, "vicuna_v1") == sys_ids
+    split = split_dialog(ids, mask, BOS, EOS, sys_ids)
+    assert split == [(first, a1), (encode_prompt(tok, "how many?", None, "vicuna_v1"), a2)]
+    assert question_text(tok.decode(split[1][0]), "vicuna_v1") == "how many?"
+    assert question_text("Q: what colour? A:") == "what colour?"
+    assert question_text("Question: where? Answer:", "blip2_vqa") == "where?"
+    # The default template has no system text: unchanged behaviour.
+    assert split_dialog(*encode_dialog(tok, pairs[1:], 64), BOS, EOS) == [
+        (encode_prompt(tok, "how many?"), a2)]
+    with pytest.raises(ValueError, match="data.train.dialog_template='chatml'"):
+        dialog_template("chatml")

@@ -248,6 +248,17 @@ def test_dialog_batches_and_bad_dialogs(tmp_path):
         np.testing.assert_array_equal(row, ids)
         np.testing.assert_array_equal(m, mask)
     assert stats["no_dialog"] == 1 and stats["ok"] >= 5
+    # The configured dialog template reaches the encoder; an unknown one is a clear error.
+    c.update(dict(dialog_template="blip2_vqa", max_len=48))
+    it = build_train_iterator(c, 5, process_index=0, process_count=1)
+    row = next(it)["text"][0]
+    it.close()
+    tok = build_tokenizer("bytes", 48)
+    want, _ = encode_dialog(tok, [("colour?", "red")], 48, template="blip2_vqa")
+    np.testing.assert_array_equal(row, want)
+    c.dialog_template = "chatml"
+    with pytest.raises(ValueError, match="data.train.dialog_template"):
+        build_train_iterator(c, 5, process_index=0, process_count=1)
 
 
 def test_llava_cpu_recipe_trains_on_dialogs_and_reports_vqa(tmp_path):

@@ -1,26 +1,72 @@
 """Question/answer text encoding for visual question answering and instruction tuning.
 
-A dialog is a list of ``(question, answer)`` pairs. One turn is the text
-``"Q: {question} A:"`` (the prompt) followed by ``" {answer}"`` and EOS; a
-row is BOS (when the tokenizer has one), the turns one after the other, then
-pad. Only the answer tokens and their EOS are trained on (``loss_mask`` 1).
+A dialog is a list of ``(question, answer)`` pairs, laid out by a
+``DialogTemplate`` (config key ``data.train.dialog_template``): a row is BOS
+(when the tokenizer has one), the template's system text (if any), then per
+turn the prompt (``"Q: {question} A:"`` in the default "qa" template,
+``"USER: {question} ASSISTANT:"`` in LLaVA's "vicuna_v1") followed by
+``" {answer}"`` and EOS, then pad. Only the answer tokens and their EOS are
+trained on (``loss_mask`` 1).
 
 The text ``"<image>"`` inside a question marks where the image goes: it
 becomes one id (``image_token_id``), or is removed when there is none.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
-from typing import Any, Sequence
+from typing import Any, Sequence, Union
 
 import numpy as np
 
 from mmjax.data.tario import json_field
 
 IMAGE_PLACEHOLDER = "<image>"
-QUESTION_PREFIX = "Q: "  # template of one turn: "Q: {question} A:" then " {answer}" + EOS
-ANSWER_PREFIX = " A:"
+
+
+@dataclasses.dataclass(frozen=True)
+class DialogTemplate:
+    """How question/answer turns become text.
+
+    Attributes:
+      prompt: one turn's prompt, containing ``"{question}"``; the answer
+        follows as ``" {answer}"`` + EOS.
+      system: text once before the first turn ("" = none), encoded as its own
+        piece followed by a space.
+    """
+    prompt: str
+    system: str = ""
+
+    def __post_init__(self):
+        if self.prompt.count("{question}") != 1:
+            raise ValueError(f"dialog template prompt {self.prompt!r} must contain "
+                             "'{question}' exactly once")
+
+
+VICUNA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+                    "The assistant gives helpful, detailed, and polite answers to the human's "
+                    "questions.")
+
+DIALOG_TEMPLATES = {
+    "qa": DialogTemplate("Q: {question} A:"),
+    # LLaVA-1.5 / Vicuna v1: "SYSTEM USER: q ASSISTANT: a</s>USER: ..."
+    "vicuna_v1": DialogTemplate("USER: {question} ASSISTANT:", system=VICUNA_V1_SYSTEM),
+    # BLIP-2's VQA prompt (OPT / Flan-T5 zero-shot VQA).
+    "blip2_vqa": DialogTemplate("Question: {question} Answer:"),
+}
+
+TemplateSpec = Union[str, DialogTemplate]
+
+
+def dialog_template(spec: TemplateSpec = "qa") -> DialogTemplate:
+    """A ``DialogTemplate`` from its name in ``DIALOG_TEMPLATES`` (or itself)."""
+    if isinstance(spec, DialogTemplate):
+        return spec
+    if spec not in DIALOG_TEMPLATES:
+        raise ValueError(f"data.train.dialog_template={spec!r} is not a known template; "
+                         f"choose one of {sorted(DIALOG_TEMPLATES)}")
+    return DIALOG_TEMPLATES[spec]
 
 _HUMAN_ROLES = ("human", "user")
 _ASSISTANT_ROLES = ("gpt", "assistant")
@@ -103,18 +149,27 @@ def turns_from_json(value) -> list[tuple[str, str]]:
     return [_pair_from_dict(item, f"question/answer list[{i}]") for i, item in enumerate(value)]
 
 
-def _prompt_content(tokenizer, question: str, image_token_id: int | None) -> list[int]:
-    """Ids of ``"Q: {question} A:"`` without specials; the placeholder handled."""
+def system_ids(tokenizer, template: TemplateSpec = "qa") -> list[int]:
+    """Content ids of the template's system text (``[]`` when it has none)."""
+    system = dialog_template(template).system
+    return [int(t) for t in tokenizer._encode_content([system + " "])[0]] if system else []
+
+
+def _prompt_content(tokenizer, question: str, image_token_id: int | None,
+                    template: TemplateSpec = "qa", first: bool = True) -> list[int]:
+    """Ids of one turn's prompt without specials (system text first when
+    ``first``); the image placeholder handled."""
     question = _text(question, "question")
+    prompt = dialog_template(template).prompt
     if image_token_id is None:
         # Drop the placeholder and the whitespace around it, keeping one space
         # between words it separated.
         question = re.sub(rf"\s*{re.escape(IMAGE_PLACEHOLDER)}\s*", " ", question).strip()
-        pieces = [QUESTION_PREFIX + question + ANSWER_PREFIX]
+        pieces = [prompt.replace("{question}", question)]
     else:
-        pieces = (QUESTION_PREFIX + question + ANSWER_PREFIX).split(IMAGE_PLACEHOLDER)
+        pieces = prompt.replace("{question}", question).split(IMAGE_PLACEHOLDER)
     encoded = tokenizer._encode_content([p for p in pieces if p])
-    ids, k = [], 0
+    ids, k = (system_ids(tokenizer, template) if first else []), 0
     for i, piece in enumerate(pieces):
         if i:
             ids.append(int(image_token_id))
@@ -124,24 +179,43 @@ def _prompt_content(tokenizer, question: str, image_token_id: int | None) -> lis
     return ids
 
 
-def encode_prompt(tokenizer, question: str, image_token_id: int | None = None) -> list[int]:
-    """Ids of ``[BOS] + "Q: {question} A:"`` (no EOS, no padding).
+def encode_prompt(tokenizer, question: str, image_token_id: int | None = None,
+                  template: TemplateSpec = "qa") -> list[int]:
+    """Ids of ``[BOS] + system + prompt`` for a first turn, e.g.
+    ``[BOS] + "Q: {question} A:"`` (no EOS, no padding).
 
     ``"<image>"`` inside the question becomes the single id ``image_token_id``;
     when that is None the placeholder is removed together with the whitespace
     around it (words it separated keep one space).
     """
     prefix = [] if tokenizer.bos_id is None else [int(tokenizer.bos_id)]
-    return prefix + _prompt_content(tokenizer, question, image_token_id)
+    return prefix + _prompt_content(tokenizer, question, image_token_id, template)
+
+
+def question_text(prompt_text: str, template: TemplateSpec = "qa") -> str:
+    """The question inside a decoded first-turn prompt: for the "qa" template,
+    ``"Q: what ...? A:"`` -> ``"what ...?"``."""
+    t = dialog_template(template)
+    text = prompt_text.strip()
+    if t.system and text.startswith(t.system):
+        text = text[len(t.system):].strip()
+    before, after = (part.strip() for part in t.prompt.split("{question}"))
+    if before and text.startswith(before):
+        text = text[len(before):]
+    if after and text.endswith(after):
+        text = text[:-len(after)]
+    return text.strip()
 
 
 def encode_dialog(tokenizer, pairs: Sequence[tuple[str, str]], max_len: int,
-                  image_token_id: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  image_token_id: int | None = None, template: TemplateSpec = "qa",
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """Token ids and loss mask of a dialog.
 
-    Layout: ``[BOS]`` + for each pair the prompt ``"Q: q A:"`` (mask 0) then
-    ``" a"`` + ``[EOS]`` (mask 1), then ``tokenizer.pad_id`` (mask 0). The
-    first pair's prompt part equals ``encode_prompt(tokenizer, q, image_token_id)``.
+    Layout: ``[BOS]`` + the template's system text + for each pair the prompt
+    (``"Q: q A:"`` in "qa"; mask 0) then ``" a"`` + ``[EOS]`` (mask 1), then
+    ``tokenizer.pad_id`` (mask 0). The first pair's prompt part equals
+    ``encode_prompt(tokenizer, q, image_token_id, template)``.
     Pairs that do not fit entirely are dropped from the end; when even the first
     one does not fit, its answer is cut so that EOS lands at ``max_len - 1``.
 
@@ -166,7 +240,7 @@ def encode_dialog(tokenizer, pairs: Sequence[tuple[str, str]], max_len: int,
         if not isinstance(pair, (tuple, list)) or len(pair) != 2:
             raise ValueError(f"pairs[{i}] must be a (question, answer) pair, got {pair!r}")
         question, answer = pair
-        prompt = _prompt_content(tokenizer, question, image_token_id)
+        prompt = _prompt_content(tokenizer, question, image_token_id, template, first=not i)
         reply = [int(t) for t in tokenizer._encode_content(
             [" " + _text(answer, f"pairs[{i}] answer")])[0]]
         room = max_len - len(ids) - len(prompt) - 1  # answer tokens that fit before EOS
@@ -189,7 +263,8 @@ def encode_dialog(tokenizer, pairs: Sequence[tuple[str, str]], max_len: int,
 
 
 def dialog_from_members(members: dict, text_key: str, tokenizer, max_len: int,
-                        image_token_id: int | None = None) -> tuple[np.ndarray | None, str]:
+                        image_token_id: int | None = None, template: TemplateSpec = "qa",
+                        ) -> tuple[np.ndarray | None, str]:
     """Encode one webdataset sample's dialog: ``(int32 [2, max_len], "")`` with
     rows (ids, loss_mask), or ``(None, reason)`` when the sample has none.
 
@@ -202,23 +277,27 @@ def dialog_from_members(members: dict, text_key: str, tokenizer, max_len: int,
         return None, f"no {ext!r} member"
     try:
         pairs = turns_from_json(json_field(raw, field))
-        ids, mask = encode_dialog(tokenizer, pairs, max_len, image_token_id)
+        ids, mask = encode_dialog(tokenizer, pairs, max_len, image_token_id, template)
     except (ValueError, KeyError, TypeError, IndexError) as e:
         return None, f"{text_key}: {e}"
     return np.stack([ids, mask]).astype(np.int32), ""
 
 
 def split_dialog(ids: Sequence[int], loss_mask: Sequence[int], bos_id: int | None,
-                 eos_id: int) -> list[tuple[list[int], list[int]]]:
+                 eos_id: int, system: Sequence[int] = ()) -> list[tuple[list[int], list[int]]]:
     """Inverse of ``encode_dialog`` on ids: ``[(prompt_ids, answer_ids), ...]``.
 
-    Each prompt comes back as a first-turn prompt (BOS + "Q: ... A:", the
-    ids ``encode_prompt`` gives); answers exclude EOS. Used to ask every
-    question of an evaluation dialog on its own.
+    Each prompt comes back as a first-turn prompt (BOS + system + "Q: ... A:",
+    the ids ``encode_prompt`` gives; ``system`` = ``system_ids(tokenizer,
+    template)``); answers exclude EOS. Used to ask every question of an
+    evaluation dialog on its own.
     """
     ids, mask = list(map(int, ids)), list(map(int, loss_mask))
     start = 1 if bos_id is not None and ids and ids[0] == bos_id else 0
-    head = [bos_id] if start else []
+    system = [int(t) for t in system]
+    if system and ids[start:start + len(system)] == system:
+        start += len(system)  # the system text is put back in front of every prompt
+    head = ([bos_id] if bos_id is not None and ids and ids[0] == bos_id else []) + system
     pairs, prompt, answer, i = [], [], [], start
     while i < len(ids):
         if mask[i]:

@@ -42,7 +42,7 @@ import ml_collections
 import numpy as np
 
 from mmjax.data import decode as decode_lib
-from mmjax.data.dialog import dialog_from_members
+from mmjax.data.dialog import dialog_from_members, dialog_template
 from mmjax.data import sources as sources_lib
 from mmjax.data.tario import (IMAGE_EXTS, ShardReadError, caption_list, iter_tar_samples,
                               sample_fields)
@@ -67,6 +67,7 @@ def default_data_config() -> ml_collections.ConfigDict:
                                # turns (mmjax.data.dialog), batches gain loss_mask [B, L]
     c.num_captions = 5         # "captions": rows per image (missing ones are all pad)
     c.image_token_id = None    # dialog: id that "<image>" in a question becomes (None: dropped)
+    c.dialog_template = "qa"   # dialog: "qa" ("Q: {q} A:"), "vicuna_v1" (LLaVA), "blip2_vqa"
     c.tokenizer = "bytes"      # "bytes" | "sentencepiece:PATH" | "hf:PATH"
     c.max_len = 32             # text length L of the int32 [B, L] token ids
     c.image_size = 224         # output side in pixels
@@ -256,7 +257,8 @@ class _ShardStream:
             return image, tokens, label
         if self.o["text_format"] == "dialog":
             tokens, why = dialog_from_members(members, self.o["caption_key"], self.tokenize,
-                                              self.o["max_len"], self.o["image_token_id"])
+                                              self.o["max_len"], self.o["image_token_id"],
+                                              self.o["dialog_template"])
             if tokens is None:
                 self.counters.bad("no_dialog", path, f"sample {key!r}: {why}")
                 return None
@@ -641,6 +643,8 @@ def _options(cfg, *, mode: str, process_index, process_count, seed, tokenizer) -
     if get("text_format") not in ("caption", "captions", "dialog"):
         raise ValueError(f"data.train.text_format must be 'caption', 'captions' or 'dialog', got "
                          f"{get('text_format')!r}")
+    if get("text_format") == "dialog":
+        dialog_template(_cfg_get(cfg, "dialog_template", "qa"))  # unknown name: clear error
     if get("output") not in ("float32", "uint8"):
         raise ValueError(f"data.train.output must be 'float32' or 'uint8', got {get('output')!r}")
     return {
@@ -651,6 +655,7 @@ def _options(cfg, *, mode: str, process_index, process_count, seed, tokenizer) -
         "workers": workers, "num_workers": num_workers,
         "caption_key": get("caption_key"), "tokenizer": tokenizer or get("tokenizer"),
         "text_format": get("text_format"), "image_token_id": _cfg_get(cfg, "image_token_id"),
+        "dialog_template": _cfg_get(cfg, "dialog_template", "qa"),
         "num_captions": int(get("num_captions")),
         "max_len": int(get("max_len")), "image_size": int(get("image_size")),
         "augment": "center" if mode == "eval" else get("augment"),

@@ -42,7 +42,8 @@ def generate_answer(workdir: str, image_path: str, prompt: Optional[str] = None,
         raise EvalError(f"--image {image_path}: cannot read it as an image ({e})") from None
     images = normalize(image[None], d.mean, d.std)
     tokenizer = build_tokenizer(d.tokenizer, int(d.max_len))
-    ids = (encode_prompt(tokenizer, prompt, config.model.get("image_token_id")) if prompt
+    ids = (encode_prompt(tokenizer, prompt, config.model.get("image_token_id"),
+                         config.data.train.get("dialog_template", "qa")) if prompt
            else caption_prompt(tokenizer))
     variables = {"params": params}
     return answer_questions(model, variables, image_embeds(model, variables, images), [ids],

@@ -313,7 +313,8 @@ def _vqa(config, model, variables, tokenizer) -> dict:
     share = _Share(_batches(config, section, text_format="dialog", caption_key=section.text_key))
     answers = vqa_answers(model, variables, share, tokenizer,
                           max_new_tokens=int(section.max_new_tokens), question_types=types,
-                          chunk=int(config.evals.batch_size))
+                          chunk=int(config.evals.batch_size),
+                          template=config.data.train.get("dialog_template", "qa"))
     # Key: the stream index of each question's batch (a stable sort keeps the
     # order of the questions within it).
     fields = ("prediction", "answer", "question", "type")

@@ -162,7 +162,8 @@ def image_embeds(model, variables, images) -> np.ndarray:
 
 
 def vqa_answers(model, variables, batches, tokenizer, *, max_new_tokens: int = 16,
-                question_types: dict | None = None, chunk: int = 64) -> dict:
+                question_types: dict | None = None, chunk: int = 64,
+                template="qa") -> dict:
     """Greedy answers of a `VisionLM` to every question of dialog batches.
 
     Every question of every valid row is asked on its own (as the first
@@ -174,7 +175,8 @@ def vqa_answers(model, variables, batches, tokenizer, *, max_new_tokens: int = 1
       "type" (from `question_types`, else "all") and "batch" (int: which
       batch of `batches`, counting from 0, the question came from).
     """
-    from mmjax.data.dialog import split_dialog
+    from mmjax.data.dialog import question_text, split_dialog, system_ids
+    system = system_ids(tokenizer, template)
     out: dict = {k: [] for k in ("prediction", "answer", "question", "type", "batch")}
     for b, batch in enumerate(batches):
         valid = np.asarray(batch.get("valid", np.ones(len(batch["text"]), bool)), bool)
@@ -182,13 +184,13 @@ def vqa_answers(model, variables, batches, tokenizer, *, max_new_tokens: int = 1
         rows, prompts = [], []
         for i in np.flatnonzero(valid):
             for prompt, answer in split_dialog(batch["text"][i], batch["loss_mask"][i],
-                                               tokenizer.bos_id, tokenizer.eos_id):
+                                               tokenizer.bos_id, tokenizer.eos_id, system):
                 rows.append(i)
                 prompts.append(prompt)
                 q = tokenizer.decode(prompt)
                 out["answer"].append(tokenizer.decode(answer).strip())
                 out["question"].append(q)
-                out["type"].append((question_types or {}).get(_question_text(q), "all"))
+                out["type"].append((question_types or {}).get(question_text(q, template), "all"))
                 out["batch"].append(b)
         if prompts:
             out["prediction"] += answer_questions(model, variables, emb[np.asarray(rows)],
@@ -215,26 +217,16 @@ def vqa_report(answers: dict, *, typed: bool = False,
 
 def vqa_evaluate(model, variables, batches, tokenizer, *, max_new_tokens: int = 16,
                  question_types: dict | None = None, baseline_answer: str | None = None,
-                 chunk: int = 64) -> dict:
+                 chunk: int = 64, template="qa") -> dict:
     """VQA accuracy of a `VisionLM` on dialog batches (`text_format="dialog"`).
 
     Every question of every valid row is asked on its own (as the first
     turn, greedy decoding) and scored with `vqa_accuracy` against its answer.
     `question_types` maps question text -> type for per-type scores;
-    `baseline_answer` adds the score of always giving that answer.
+    `baseline_answer` adds the score of always giving that answer;
+    `template` is the dialog template the batches were encoded with.
     Returns `vqa_scores(...)` plus `examples` (first few Q/A/prediction).
     """
     answers = vqa_answers(model, variables, batches, tokenizer, max_new_tokens=max_new_tokens,
-                          question_types=question_types, chunk=chunk)
+                          question_types=question_types, chunk=chunk, template=template)
     return vqa_report(answers, typed=bool(question_types), baseline_answer=baseline_answer)
-
-
-def _question_text(prompt: str) -> str:
-    """"Q: what ...? A:" -> "what ...?" (the dialog template of mmjax.data.dialog)."""
-    from mmjax.data.dialog import ANSWER_PREFIX, QUESTION_PREFIX
-    text = prompt.strip()
-    if text.startswith(QUESTION_PREFIX.strip()):
-        text = text[len(QUESTION_PREFIX.strip()):]
-    if text.endswith(ANSWER_PREFIX.strip()):
-        text = text[:-len(ANSWER_PREFIX.strip())]
-    return text.strip()

@@ -86,7 +86,8 @@ def make_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         c.evals.zeroshot.shards = c.evals.retrieval.shards = ""
         c.init = ml_collections.ConfigDict()  # random frozen parts at tiny size
         if d.get("text_format") == "dialog":
-            d.update(dict(caption_key="json:qa", max_len=192))
+            # The byte tokenizer and 192 tokens leave no room for a chat system prompt.
+            d.update(dict(caption_key="json:qa", max_len=192, dialog_template="qa"))
             c.evals.vqa.update(dict(shards="synthetic", max_samples=4, max_new_tokens=4))
         else:
             c.evals.captioning.update(dict(shards="synthetic", max_samples=8, max_len=8))
