@@ -10,12 +10,12 @@ captioning 3.
 """
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _local import run_local_processes
+
 STEP = 7
 
 
@@ -88,12 +88,7 @@ def test_two_processes_give_single_process_metrics(tmp_path, monkeypatch):
     monkeypatch.setenv("MMJAX_CACHE", str(tmp_path / "cache"))
     config, model, variables = _setup()
     (tmp_path / "params.msgpack").write_bytes(serialization.msgpack_serialize(variables))
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    cmd = [sys.executable, os.path.join(ROOT, "launch", "local.py"), "--processes", "2",
-           "--devices-per-process", "2", "--timeout", "240", "--",
-           sys.executable, os.path.abspath(__file__), str(tmp_path)]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    run_local_processes(__file__, tmp_path)
     per_process = [json.load(open(tmp_path / f"results_{i}.json")) for i in range(2)]
     assert per_process[0] == per_process[1]
     gathered = per_process[0].pop("gathered")

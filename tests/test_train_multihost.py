@@ -5,12 +5,12 @@ the coordinator environment); every process builds the same global batch from
 a seed and contributes its own rows, as the input pipeline does.
 """
 import os
-import subprocess
 import sys
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _local import run_local_processes
+
 STEPS = 4
 
 
@@ -57,12 +57,7 @@ def _child(out_dir):
 
 
 def test_two_processes_match_one_process(tmp_path):
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    cmd = [sys.executable, os.path.join(ROOT, "launch", "local.py"), "--processes", "2",
-           "--devices-per-process", "2", "--timeout", "240", "--",
-           sys.executable, os.path.abspath(__file__), str(tmp_path)]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    run_local_processes(__file__, tmp_path)
     per_process = [np.load(tmp_path / f"losses_{i}.npy") for i in range(2)]
     np.testing.assert_array_equal(per_process[0], per_process[1])
     config, trainer = _setup()  # this pytest process: 1 process, first 4 of 8 devices
