@@ -22,6 +22,7 @@ setup(
         "numpy>=1.26",
         "pillow>=10.0",
         "opencv-python-headless>=4.8",
+        "simplejpeg>=1.7",
         "safetensors>=0.4.3",
         "grain>=0.2.10",
         "fsspec>=2024.3.0",

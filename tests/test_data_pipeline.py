@@ -94,6 +94,85 @@ def test_key_grouping_across_members(tmp_path):
         assert [i for i, _, _ in tario.iter_tar_samples(f, keep=lambda i: i >= 2)] == [2, 3]
 
 
+class _NoSeek(io.RawIOBase):
+    """A stream that can only be read (like a pipe or an HTTP body)."""
+
+    def __init__(self, data):
+        self._f = io.BytesIO(data)
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        return self._f.readinto(b)
+
+
+@pytest.mark.parametrize("fmt", ["gnu", "pax", "ustar", "gz"])
+def test_tar_reader_matches_tarfile(tmp_path, fmt):
+    # Long names (GNU 'L' / PAX records / ustar prefix), non-ASCII names, an
+    # empty member, a directory and a symlink; tarfile is the reference.
+    import tarfile
+    rng = np.random.default_rng(0)
+    long_dir = "deep/" + "d" * 120 if fmt != "ustar" else "deep/" + "d" * 90
+    files = [(f"{long_dir}/s{i}.{ext}", rng.bytes(int(n)))
+             for i in range(3) for ext, n in (("jpg", 700 + 300 * i), ("txt", 5))]
+    files += [("x/caf\u00e9.txt", b"pax name" if fmt == "pax" else b"x"), ("x/empty.cls", b"")]
+    if fmt == "ustar":
+        files = [(n.encode("ascii", "replace").decode(), v) for n, v in files]
+    tar_format = {"gnu": tarfile.GNU_FORMAT, "pax": tarfile.PAX_FORMAT,
+                  "ustar": tarfile.USTAR_FORMAT, "gz": tarfile.PAX_FORMAT}[fmt]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz" if fmt == "gz" else "w", format=tar_format) as tf:
+        tf.addfile(_dir_info(tarfile))
+        for name, data in files:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("x/link.txt")
+        link.type, link.linkname = tarfile.SYMTYPE, "caf\u00e9.txt"
+        tf.addfile(link)
+    data = buf.getvalue()
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:  # the reference reading
+        want = [(m.name, tf.extractfile(m).read()) for m in tf if m.isfile()]
+    assert [n for n, _ in want] == [n for n, _ in files]
+    groups = {}
+    for name, value in want:
+        key, ext = tario.split_member_name(name)
+        groups.setdefault(key, {})[ext] = value
+    for stream in (io.BytesIO(data), _NoSeek(data)):
+        got = list(tario.iter_tar_samples(stream))
+        assert [(k, m) for _, k, m in got] == list(groups.items())
+    # Skipping (keep) and stopping keep indices; a cut at any point in the
+    # data of sample 1 delivers sample 0 and names the truncation.
+    got = list(tario.iter_tar_samples(_NoSeek(data), keep=lambda i: i == 2))
+    assert [(i, k) for i, k, m in got] == [(2, list(groups)[2])]
+    if fmt != "gz":
+        cut = data.index(files[3][1][:64]) + 10  # inside sample 1's jpg
+        for stream in (io.BytesIO(data[:cut]), _NoSeek(data[:cut])):
+            seen = []
+            with pytest.raises(tario.ShardReadError) as e:
+                for _, key, _ in tario.iter_tar_samples(stream):
+                    seen.append(key)
+            assert e.value.reason == tario.TRUNCATED_TAR and seen == [list(groups)[0]]
+
+
+def _dir_info(tarfile):
+    info = tarfile.TarInfo("a_directory")
+    info.type = tarfile.DIRTYPE
+    return info
+
+
+def test_tar_reader_rejects_non_tars():
+    rng = np.random.default_rng(1)
+    for data in (b"hello", rng.bytes(4096), b"\0" * 100):
+        with pytest.raises(tario.ShardReadError) as e:
+            list(tario.iter_tar_samples(io.BytesIO(data)))
+        assert e.value.reason == tario.NOT_TAR
+    with pytest.raises(tario.ShardReadError) as e:
+        list(tario.iter_tar_samples(io.BytesIO(b"")))
+    assert e.value.reason == tario.EMPTY_SHARD
+
+
 # --- order, splitting, determinism ----------------------------------------
 
 def test_process_worker_split_covers_every_shard_once(tmp_path):
@@ -237,7 +316,7 @@ def test_warp_resample_matches_antialiased_resize_and_flips():
     arr[100:160, 90:150] = 255
     img = Image.fromarray(arr.astype(np.uint8))
     box = (12.5, 20.25, 12.5 + 250.0, 20.25 + 262.0)  # shrink 1.12 x 1.17 to 224
-    assert decode._cv2() is not None  # opencv-python-headless is a dependency
+    assert decode._optional("cv2") is not None  # opencv-python-headless is a dependency
     warped = decode.resample_box(img, box, 224).astype(np.float64)
     ref = np.asarray(img.resize((224, 224), decode.RESAMPLE, box=box), np.float64)
     moved = np.asarray(img.resize((224, 224), decode.RESAMPLE,
@@ -250,6 +329,33 @@ def test_warp_resample_matches_antialiased_resize_and_flips():
     big = (0, 0, 280, 300)
     assert np.array_equal(decode.resample_box(img, big, 64),
                           np.asarray(img.resize((64, 64), decode.RESAMPLE, box=big)))
+
+
+def test_turbo_jpeg_decode_equals_pillow_draft_decode(monkeypatch):
+    # simplejpeg (libjpeg-turbo) at scale 1/k gives Pillow's draft pixels (CMYK
+    # to RGB within rounding); truncated files fall back to Pillow, which raises.
+    assert decode._optional("simplejpeg") is not None  # a dependency
+    y, x = np.mgrid[0:300, 0:420]
+    arr = np.stack([x % 251, y % 241, (x * y) % 239], -1).astype(np.uint8)
+    blobs = {}
+    for mode in ("RGB", "L", "CMYK"):
+        buf = io.BytesIO()
+        Image.fromarray(arr).convert(mode).save(buf, "JPEG", quality=90)
+        blobs[mode] = buf.getvalue()
+    cases = [(mode, size, aug) for mode in blobs for size, aug in ((64, "center"), (100, "rrc"))]
+    turbo = [decode.decode_and_crop(blobs[m], s, np.random.default_rng(3), augment=a)
+             for m, s, a in cases]
+    monkeypatch.setitem(decode._OPTIONAL, "simplejpeg", None)
+    pillow = [decode.decode_and_crop(blobs[m], s, np.random.default_rng(3), augment=a)
+              for m, s, a in cases]
+    for (mode, size, _), (a, fa), (b, fb) in zip(cases, turbo, pillow):
+        assert a.shape == (size, size, 3) and fa == fb
+        diff = np.abs(a.astype(int) - b).max()
+        assert diff <= (3 if mode == "CMYK" else 0), (mode, size, diff)
+    assert [f for _, f in turbo] == [4, 2, 4, 2, 4, 2]
+    monkeypatch.undo()
+    with pytest.raises(OSError):
+        decode.decode_and_crop(blobs["RGB"][:len(blobs["RGB"]) // 2], 64, None, augment="center")
 
 
 def test_rrc_and_center_shapes_and_determinism():

@@ -1,9 +1,10 @@
-"""Image decoding and augmentation: PIL, JPEG draft mode, crops, normalization.
+"""Image decoding and augmentation: DCT-scaled JPEG decode, crops, normalization.
 
 The crop is chosen first, from the image header alone (size known before any
-pixel is decoded); then a JPEG is decoded in draft mode at the smallest DCT
-scale (1/2, 1/4, 1/8) that keeps the crop at least ``size`` pixels on each
-side, and only the crop box is resampled to ``size x size`` (one OpenCV
+pixel is decoded); then a JPEG is decoded at the smallest DCT scale (1/2,
+1/4, 1/8) that keeps the crop at least ``size`` pixels on each side (by
+libjpeg-turbo through ``simplejpeg``, else Pillow's draft mode; other formats
+by Pillow), and only the crop box is resampled to ``size x size`` (one OpenCV
 bilinear warp when the remaining shrink is below 2, else Pillow's
 antialiased filter). For web images that are several times the training
 resolution this skips most of the decode work, which dominates an input
@@ -15,6 +16,7 @@ same sample twice gives the same pixels.
 """
 from __future__ import annotations
 
+import importlib
 import io
 import math
 from typing import Sequence
@@ -123,26 +125,50 @@ def decode_and_crop(data: bytes, size: int, rng: np.random.Generator | None, *,
         left, top, cw, ch = center_crop_box(width, height)
     else:
         raise ValueError(f"data.train.augment must be 'rrc' or 'center', got {augment!r}")
-    factor = 1
-    if use_draft and img.format == "JPEG":
-        k = draft_factor(cw, ch, size)
-        if k > 1:
+    factor, pixels = 1, None
+    if img.format == "JPEG":
+        k = draft_factor(cw, ch, size) if use_draft else 1
+        pixels = _turbo_decode(data, -(-width // k), -(-height // k))
+        if pixels is not None:
+            factor = max(1, round(width / pixels.shape[1]))
+        elif k > 1:
             # Requesting (W // k, H // k) makes PIL pick exactly scale k.
             img.draft("RGB", (width // k, height // k))
             factor = max(1, round(width / img.size[0]))
-    sx, sy = img.size[0] / width, img.size[1] / height
-    if img.mode != "RGB":
-        img = img.convert("RGB")
+    if pixels is None:
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        pixels = img
+    out_w, out_h = (pixels.shape[1], pixels.shape[0]) if isinstance(pixels, np.ndarray) \
+        else pixels.size
+    sx, sy = out_w / width, out_h / height
     box = (left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)
     # Draw the flip before resampling (same random stream as flipping after).
     flipped = bool(flip and rng is not None and rng.random() < 0.5)
-    return resample_box(img, box, size, flip=flipped), factor
+    return resample_box(pixels, box, size, flip=flipped), factor
 
 
-def resample_box(img: Image.Image, box: Sequence[float], size: int, *,
+def _turbo_decode(data: bytes, min_width: int, min_height: int) -> np.ndarray | None:
+    """RGB uint8 ``[h, w, 3]`` of a JPEG through libjpeg-turbo (``simplejpeg``)
+    at the smallest DCT scale with ``w >= min_width`` and ``h >= min_height``
+    (so exactly 1/k for ``min = ceil(size / k)``); None when simplejpeg is not
+    installed or cannot decode it (CMYK, corrupt, truncated: Pillow then
+    decodes it or raises). Same pixels as Pillow's draft decode, without
+    Pillow's 4-byte-per-pixel buffer and its copy out."""
+    sj = _optional("simplejpeg")
+    if sj is None:
+        return None
+    try:
+        return sj.decode_jpeg(data, "RGB", min_width=min_width, min_height=min_height)
+    except ValueError:
+        return None
+
+
+def resample_box(img: Image.Image | np.ndarray, box: Sequence[float], size: int, *,
                  flip: bool = False) -> np.ndarray:
     """Resamples the sub-pixel ``box`` (left, top, right, bottom) of an RGB
-    image to ``[size, size, 3]`` uint8, optionally mirrored left-right.
+    image (PIL, or uint8 ``[H, W, 3]``) to ``[size, size, 3]`` uint8,
+    optionally mirrored left-right.
 
     When the box shrinks by at most ``MAX_LINEAR_SHRINK`` per axis (the
     usual case after a draft decode, whose DCT scaling already low-passed
@@ -153,7 +179,7 @@ def resample_box(img: Image.Image, box: Sequence[float], size: int, *,
     """
     left, top, right, bottom = box
     fx, fy = (right - left) / size, (bottom - top) / size
-    cv2 = _cv2()
+    cv2 = _optional("cv2")
     if cv2 is not None and max(fx, fy) <= MAX_LINEAR_SHRINK:
         # Inverse map: output pixel centre (u + 0.5) -> source left + (u + 0.5) * fx
         # in pixel-edge coordinates, i.e. minus 0.5 in OpenCV's centre coordinates.
@@ -161,9 +187,11 @@ def resample_box(img: Image.Image, box: Sequence[float], size: int, *,
             m = [[-fx, 0.0, right - 0.5 * fx - 0.5], [0.0, fy, top + 0.5 * fy - 0.5]]
         else:
             m = [[fx, 0.0, left + 0.5 * fx - 0.5], [0.0, fy, top + 0.5 * fy - 0.5]]
-        return cv2.warpAffine(np.asarray(img), np.asarray(m, np.float32), (size, size),
+        return cv2.warpAffine(np.ascontiguousarray(img), np.asarray(m, np.float32), (size, size),
                               flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                               borderMode=cv2.BORDER_REPLICATE)
+    if isinstance(img, np.ndarray):
+        img = Image.fromarray(img)
     out = img.resize((size, size), RESAMPLE, box=tuple(box))
     if flip:
         out = out.transpose(Image.FLIP_LEFT_RIGHT)
@@ -173,20 +201,21 @@ def resample_box(img: Image.Image, box: Sequence[float], size: int, *,
 # A plain bilinear warp reads 2 source pixels per output pixel and axis, so
 # it only stays alias-free for shrinks below 2; draft decoding leaves < 2.
 MAX_LINEAR_SHRINK = 2.0
-_CV2: list = []
+_OPTIONAL: dict = {}
 
 
-def _cv2():
-    """OpenCV, imported once and limited to one thread (the pipeline's
-    parallelism is its worker processes); None when it is not installed."""
-    if not _CV2:
+def _optional(name: str):
+    """``cv2`` or ``simplejpeg``, imported once (OpenCV limited to one thread:
+    the pipeline's parallelism is its worker processes); None when missing."""
+    if name not in _OPTIONAL:
         try:
-            import cv2
-            cv2.setNumThreads(1)
-            _CV2.append(cv2)
+            module = importlib.import_module(name)
+            if name == "cv2":
+                module.setNumThreads(1)
         except ImportError:
-            _CV2.append(None)
-    return _CV2[0]
+            module = None
+        _OPTIONAL[name] = module
+    return _OPTIONAL[name]
 
 
 def normalize(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:

@@ -10,6 +10,7 @@ extension is the rest, lowercased.
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import posixpath
@@ -71,6 +72,10 @@ def split_member_name(name: str) -> tuple[str, str] | None:
     return key, ext.lower()
 
 
+# Magic numbers of compressed tars (read through `tarfile`, which decompresses).
+_COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
+
+
 def iter_tar_samples(fileobj, keep: Callable[[int], bool] | None = None,
                      stop_after: int | None = None,
                      ) -> Iterator[tuple[int, str, dict[str, bytes]]]:
@@ -91,34 +96,163 @@ def iter_tar_samples(fileobj, keep: Callable[[int], bool] | None = None,
     head = fileobj.read(512)
     if not head:
         raise ShardReadError(EMPTY_SHARD, "the shard is empty (zero bytes)")
+    if head.startswith(_COMPRESSED):
+        members = _tarfile_members(_Prefixed(head, fileobj))
+    else:
+        members = _plain_tar_members(head, fileobj)
+    index, key, samples = -1, None, {}
+    reading = True
+    for name, read in members:
+        parsed = split_member_name(name)
+        if parsed is None:
+            continue
+        mkey, ext = parsed
+        if mkey != key:
+            if key is not None and samples:
+                yield index, key, samples
+            index, key, samples = index + 1, mkey, {}
+            if stop_after is not None and index > stop_after:
+                reading = False
+                break
+        if keep is None or keep(index):
+            samples[ext] = read()
+    if reading and key is not None and samples:
+        yield index, key, samples
+
+
+def _tarfile_members(stream) -> Iterator[tuple[str, Callable[[], bytes]]]:
+    """(name, read-the-data) of each regular file, through `tarfile` (compressed tars)."""
     try:
-        tar = tarfile.open(fileobj=_Prefixed(head, fileobj), mode="r|*")
+        tar = tarfile.open(fileobj=stream, mode="r|*")
     except (tarfile.TarError, EOFError, OSError) as e:
         raise ShardReadError(NOT_TAR, f"not a tar file ({e})") from e
-    index, key, members = -1, None, {}
+    count = 0
     try:
         for info in tar:
-            if not info.isfile():
-                continue
-            parsed = split_member_name(info.name)
-            if parsed is None:
-                continue
-            mkey, ext = parsed
-            if mkey != key:
-                if key is not None and members:
-                    yield index, key, members
-                index, key, members = index + 1, mkey, {}
-                if stop_after is not None and index > stop_after:
-                    return
-            if keep is None or keep(index):
-                members[ext] = tar.extractfile(info).read()
-        if key is not None and members:
-            yield index, key, members
+            if info.isfile():
+                yield info.name, tar.extractfile(info).read
+                count += 1
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-        raise ShardReadError(TRUNCATED_TAR,
-                             f"tar stream broken after sample {index} ({e})") from e
+        raise ShardReadError(TRUNCATED_TAR, f"tar stream broken after {count} members "
+                                            f"({e})") from e
     finally:
         tar.close()
+
+
+def _octal(field: bytes) -> int:
+    """A numeric header field: NUL/space-terminated octal, or GNU base-256."""
+    if field[0] & 0x80:  # base-256 (sizes over 8 GiB)
+        return int.from_bytes(field[1:], "big") | ((field[0] & 0x3F) << (8 * (len(field) - 1)))
+    digits = field.split(b"\0", 1)[0].strip()
+    return int(digits, 8) if digits else 0
+
+
+def _checksum_ok(header: bytes) -> bool:
+    stored = _octal(header[148:156])
+    return stored in (sum(header[:148]) + 256 + sum(header[156:]),  # chksum field as spaces
+                      sum(b - 256 if b > 127 else b for b in header[:148] + header[156:]) + 256)
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    """``"%d key=value\\n"`` records of a PAX extended header."""
+    out, pos = {}, 0
+    while pos < len(data):
+        space = data.index(b" ", pos)
+        length = int(data[pos:space])
+        key, _, value = data[space + 1:pos + length - 1].partition(b"=")
+        out[key.decode("utf-8")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return out
+
+
+def _plain_tar_members(head: bytes, f) -> Iterator[tuple[str, Callable[[], bytes]]]:
+    """(name, read-the-data) of each regular file of an uncompressed tar stream.
+
+    A lean reader of the ustar / GNU / PAX layouts (512-byte headers, data
+    padded to 512): a member's data is read only when its ``read`` is called,
+    otherwise skipped. Several times faster per member than `tarfile`, which
+    parses every header field.
+    """
+    header, count, long_name, pax = head, 0, None, {}
+    while True:
+        if len(header) < 512:
+            if count == 0 and header is head:
+                raise ShardReadError(NOT_TAR, f"not a tar file ({len(header)} bytes, "
+                                              "shorter than one tar header)")
+            if header:
+                raise ShardReadError(TRUNCATED_TAR, f"tar stream broken after {count} "
+                                                    "members (partial header)")
+            return  # ended at a member boundary without the end-of-archive blocks
+        if header == b"\0" * 512:
+            return  # end of archive
+        try:
+            ok = _checksum_ok(header)
+            size = _octal(header[124:136])
+        except ValueError:
+            ok = False
+        if not ok:
+            if count == 0:
+                raise ShardReadError(NOT_TAR, "not a tar file (bad header checksum)")
+            raise ShardReadError(TRUNCATED_TAR, f"tar stream broken after {count} members "
+                                                "(bad header checksum)")
+        kind = header[156:157]
+        padded = -size % 512
+        state = {"done": False}
+
+        def read(size=size, padded=padded, state=state) -> bytes:
+            data = f.read(size)
+            if len(data) < size or len(f.read(padded)) < padded:
+                raise ShardReadError(TRUNCATED_TAR, f"tar stream broken after {count} "
+                                                    "members (data cut short)")
+            state["done"] = True
+            return data
+
+        if kind in (b"L", b"x", b"g"):  # metadata for the next member
+            data = read()
+            if kind == b"L":
+                long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            elif kind == b"x":
+                pax = _pax_records(data)
+        else:
+            if kind in (b"0", b"\0", b"7"):  # regular file (7: contiguous)
+                if "path" in pax:
+                    name = pax["path"]
+                elif long_name is not None:
+                    name = long_name
+                else:
+                    name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                    if header[257:262] == b"ustar" and header[345] != 0:
+                        prefix = header[345:500].split(b"\0", 1)[0].decode(
+                            "utf-8", "surrogateescape")
+                        name = prefix + "/" + name
+                if "size" in pax:
+                    size = int(pax["size"])
+                    padded = -size % 512
+                count += 1
+                yield name, functools.partial(read, size, padded, state)
+            long_name, pax = None, {}
+            if not state["done"]:  # skip the data nobody read
+                _skip(f, size + padded, count)
+        header = f.read(512)
+
+
+def _skip(f, n: int, count: int) -> None:
+    try:
+        if f.seekable():
+            end = f.seek(0, io.SEEK_CUR) + n
+            if end <= f.seek(0, io.SEEK_END):
+                f.seek(end)
+                return
+            raise ShardReadError(TRUNCATED_TAR, f"tar stream broken after {count} members "
+                                                "(data cut short)")
+    except (OSError, AttributeError, io.UnsupportedOperation):
+        pass
+    while n > 0:
+        chunk = f.read(min(n, 1 << 20))
+        if not chunk:
+            raise ShardReadError(TRUNCATED_TAR, f"tar stream broken after {count} members "
+                                                "(data cut short)")
+        n -= len(chunk)
 
 
 def json_field(raw: bytes, field: str):
