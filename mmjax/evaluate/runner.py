@@ -188,7 +188,8 @@ def _combine(keys: np.ndarray, *columns):
     out = []
     for c in columns:
         if isinstance(c, list):
-            out.append([_decode_strings(_allgather(_encode_strings(c)))[i] for i in order])
+            every = _decode_strings(_allgather(_encode_strings(c)))  # one gather per column
+            out.append([every[i] for i in order])
         else:
             out.append(_allgather(c)[order])
     return out

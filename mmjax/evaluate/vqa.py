@@ -155,10 +155,11 @@ def caption_prompt(tokenizer) -> list[int]:
 
 
 def image_embeds(model, variables, images) -> np.ndarray:
-    """`model.apply(..., method="image_embeds")` jitted: `[B, H, W, 3]` -> `[B, P, D]`."""
+    """`model.apply(..., method="image_embeds")` jitted: `[B, H, W, 3]` -> `[B, P, D]`
+    (compiled once per model and shape)."""
     import jax
-    return np.asarray(jax.jit(lambda v, im: model.apply(v, im, method="image_embeds"))(
-        variables, images))
+    from mmjax.evaluate.retrieval import model_method
+    return np.asarray(jax.jit(model_method(model, "image_embeds"))(variables, images))
 
 
 def vqa_answers(model, variables, batches, tokenizer, *, max_new_tokens: int = 16,
