@@ -10,7 +10,6 @@ extension is the rest, lowercased.
 """
 from __future__ import annotations
 
-import functools
 import io
 import json
 import posixpath
@@ -101,7 +100,6 @@ def iter_tar_samples(fileobj, keep: Callable[[int], bool] | None = None,
     else:
         members = _plain_tar_members(head, fileobj)
     index, key, samples = -1, None, {}
-    reading = True
     for name, read in members:
         parsed = split_member_name(name)
         if parsed is None:
@@ -112,11 +110,10 @@ def iter_tar_samples(fileobj, keep: Callable[[int], bool] | None = None,
                 yield index, key, samples
             index, key, samples = index + 1, mkey, {}
             if stop_after is not None and index > stop_after:
-                reading = False
-                break
+                return
         if keep is None or keep(index):
             samples[ext] = read()
-    if reading and key is not None and samples:
+    if key is not None and samples:
         yield index, key, samples
 
 
@@ -148,9 +145,14 @@ def _octal(field: bytes) -> int:
 
 
 def _checksum_ok(header: bytes) -> bool:
+    """The header's sum with its checksum field read as spaces, unsigned (POSIX) or,
+    for old writers, with bytes taken as signed."""
     stored = _octal(header[148:156])
-    return stored in (sum(header[:148]) + 256 + sum(header[156:]),  # chksum field as spaces
-                      sum(b - 256 if b > 127 else b for b in header[:148] + header[156:]) + 256)
+    unsigned = sum(header[:148]) + 8 * 32 + sum(header[156:])
+    if stored == unsigned:
+        return True
+    high = sum(1 for b in header[:148] + header[156:] if b > 127)
+    return stored == unsigned - 256 * high
 
 
 def _pax_records(data: bytes) -> dict[str, str]:
@@ -196,44 +198,50 @@ def _plain_tar_members(head: bytes, f) -> Iterator[tuple[str, Callable[[], bytes
             raise ShardReadError(TRUNCATED_TAR, f"tar stream broken after {count} members "
                                                 "(bad header checksum)")
         kind = header[156:157]
-        padded = -size % 512
-        state = {"done": False}
-
-        def read(size=size, padded=padded, state=state) -> bytes:
-            data = f.read(size)
-            if len(data) < size or len(f.read(padded)) < padded:
-                raise ShardReadError(TRUNCATED_TAR, f"tar stream broken after {count} "
-                                                    "members (data cut short)")
-            state["done"] = True
-            return data
-
         if kind in (b"L", b"x", b"g"):  # metadata for the next member
-            data = read()
+            data = _MemberData(f, size, count).read()
             if kind == b"L":
                 long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
             elif kind == b"x":
                 pax = _pax_records(data)
-        else:
-            if kind in (b"0", b"\0", b"7"):  # regular file (7: contiguous)
-                if "path" in pax:
-                    name = pax["path"]
-                elif long_name is not None:
-                    name = long_name
-                else:
-                    name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-                    if header[257:262] == b"ustar" and header[345] != 0:
-                        prefix = header[345:500].split(b"\0", 1)[0].decode(
-                            "utf-8", "surrogateescape")
-                        name = prefix + "/" + name
-                if "size" in pax:
-                    size = int(pax["size"])
-                    padded = -size % 512
-                count += 1
-                yield name, functools.partial(read, size, padded, state)
-            long_name, pax = None, {}
-            if not state["done"]:  # skip the data nobody read
-                _skip(f, size + padded, count)
+            header = f.read(512)
+            continue
+        if kind in (b"0", b"\0", b"7"):  # regular file (7: contiguous)
+            if "path" in pax:
+                name = pax["path"]
+            elif long_name is not None:
+                name = long_name
+            else:
+                name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                if header[257:262] == b"ustar" and header[345] != 0:
+                    prefix = header[345:500].split(b"\0", 1)[0].decode(
+                        "utf-8", "surrogateescape")
+                    name = prefix + "/" + name
+            member = _MemberData(f, int(pax.get("size", size)), count + 1)
+            count += 1
+            yield name, member.read
+        else:  # directories, links, devices: data (if any) is skipped
+            member = _MemberData(f, size, count)
+        long_name, pax = None, {}
+        if not member.done:  # nobody read the data
+            _skip(f, member.size + member.padding, count)
         header = f.read(512)
+
+
+class _MemberData:
+    """The data of one tar member, `size` bytes then padding to 512."""
+
+    def __init__(self, f, size: int, count: int):
+        self.f, self.size, self.padding, self.count = f, size, -size % 512, count
+        self.done = False
+
+    def read(self) -> bytes:
+        data = self.f.read(self.size)
+        if len(data) < self.size or len(self.f.read(self.padding)) < self.padding:
+            raise ShardReadError(TRUNCATED_TAR, f"tar stream broken after {self.count} "
+                                                "members (data cut short)")
+        self.done = True
+        return data
 
 
 def _skip(f, n: int, count: int) -> None:
