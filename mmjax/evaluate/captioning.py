@@ -36,6 +36,7 @@ import numpy as np
 from jax.tree_util import Partial
 
 from mmjax.evaluate.retrieval import model_method
+from mmjax.models.layers import gather_cache
 
 
 class _ModelRef:
@@ -119,16 +120,6 @@ class CaptionStepFn:
                                   *self._args(tokens[:, None], None), method=self.method,
                                   mutable=["cache"])
         return logits[:, -1].astype(jnp.float32), state["cache"]
-
-
-def gather_cache(cache: Any, rows) -> Any:
-    """Cache rows `rows [n']` (select, reorder or repeat) of a `CaptionStepFn`
-    cache. Scanned stacks (`layers`, the Q-Former's `groups`) carry a leading
-    depth axis before the batch axis."""
-    def take(path, x):
-        scanned = any(getattr(k, "key", None) in ("layers", "groups") for k in path)
-        return jnp.take(x, rows, axis=1 if scanned else 0)
-    return jax.tree_util.tree_map_with_path(take, cache)
 
 
 def _as_partial(logits_fn: Callable) -> Any:

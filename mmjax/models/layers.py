@@ -321,8 +321,7 @@ class Attention(nn.Module):
         at each row's `write_index`; returns the whole buffer."""
         b, _, h, k = new.shape
         buf = self.variable("cache", name, jnp.zeros, (b, self.cache_len, h, k), self.dtype)
-        write = jax.vmap(lambda row, upd, i: jax.lax.dynamic_update_slice(row, upd, (i, 0, 0)))
-        buf.value = write(buf.value, new.astype(self.dtype), write_index)
+        buf.value = write_rows(buf.value, new, write_index)
         return buf.value
 
 
@@ -495,6 +494,28 @@ def stacked(block_cls: type[nn.Module], depth: int, *, scan: bool, remat: str,
             x = blk(x, extras)[0]
         return x
     return run_unrolled
+
+
+def write_rows(buf: Array, new: Array, index: Array) -> Array:
+    """`buf [B, S, ...]` with `new [B, T, ...]` written at slots `index[b]..index[b]+T-1`
+    of each row b (per-row cache offsets: rows of a batch sit at different lengths)."""
+    def one(row, upd, i):
+        return jax.lax.dynamic_update_slice(row, upd, (i,) + (0,) * (row.ndim - 1))
+    return jax.vmap(one)(buf, new.astype(buf.dtype), index)
+
+
+# Names of scanned stacks: their cache leaves carry a leading depth axis.
+SCANNED_STACKS = ("layers", "groups")
+
+
+def gather_cache(cache: Any, rows: Array) -> Any:
+    """Cache for rows `rows [B']` (select, reorder or repeat; beam search) of a
+    `cache` collection. Leaves under a scanned stack (`layers`, the Q-Former's
+    `groups`) have the depth axis first and the batch axis second."""
+    def take(path, x):
+        scanned = any(getattr(k, "key", None) in SCANNED_STACKS for k in path)
+        return jnp.take(x, rows, axis=1 if scanned else 0)
+    return jax.tree_util.tree_map_with_path(take, cache)
 
 
 def stack_layer_params(tree: dict, depth: int, name: str = "layers") -> dict:

@@ -33,8 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.models.layers import (Mlp, Norm, _HeadsIn, _HeadsOut, constrain,
-                                 dot_product_attention, logical, make_attention_mask,
-                                 normal_init, remat_policy)
+                                 dot_product_attention, gather_cache, logical,
+                                 make_attention_mask, normal_init, remat_policy, write_rows)
 
 Array = jax.Array
 
@@ -104,10 +104,8 @@ class GQAttention(nn.Module):
             shape = (x.shape[0], self.cache_len, self.num_kv_heads, self.head_dim)
             cached_k = self.variable("cache", "cached_key", jnp.zeros, shape, self.dtype)
             cached_v = self.variable("cache", "cached_value", jnp.zeros, shape, self.dtype)
-            # Per-row offsets: rows of one batch sit at different lengths.
-            write = jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice(buf, new, (i, 0, 0)))
-            cached_k.value = write(cached_k.value, k.astype(self.dtype), write_index)
-            cached_v.value = write(cached_v.value, v.astype(self.dtype), write_index)
+            cached_k.value = write_rows(cached_k.value, k, write_index)
+            cached_v.value = write_rows(cached_v.value, v, write_index)
             k, v = cached_k.value, cached_v.value
         out = dot_product_attention(q, k, v, mask, self.implementation)
         out = _HeadsOut(x.shape[-1], False, self.dtype, self.kernel_init, name="out")(out)
@@ -301,16 +299,6 @@ def init_cache(model: DecoderLM, batch_size: int, cache_len: int) -> dict:
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
-def gather_cache(cache: dict, rows: Array, scanned: bool) -> dict:
-    """Select (or repeat) cache rows `rows [B']` -> cache for B' rows (beam reordering)."""
-    def take(path, x):
-        # Scanned layers carry a leading depth axis before the batch axis.
-        top = getattr(path[0], "key", None)
-        axis = 1 if scanned and top == "layers" else 0
-        return jnp.take(x, rows, axis=axis)
-    return jax.tree_util.tree_map_with_path(take, cache)
-
-
 # ----------------------------------------------------------------------------
 # Generation
 # ----------------------------------------------------------------------------
@@ -376,7 +364,7 @@ def _generate(model, params, prompt_ids, prompt_embeds, prompt_lengths, rng, tem
     # summed log-probabilities; a finished beam stays in the beam, extended by
     # pad at no cost.
     w, v = beam_size, last.shape[-1]
-    cache = gather_cache(cache, jnp.repeat(jnp.arange(b), w), model.scan)
+    cache = gather_cache(cache, jnp.repeat(jnp.arange(b), w))
     logp = jnp.repeat(jax.nn.log_softmax(last, -1)[:, None], w, axis=1)  # [B, W, V]
     scores = jnp.where(jnp.arange(w) == 0, 0.0, -jnp.inf)[None].repeat(b, 0)  # one live beam
     pad_only = jnp.where(jnp.arange(v) == pad_id, 0.0, -jnp.inf)
@@ -390,7 +378,7 @@ def _generate(model, params, prompt_ids, prompt_embeds, prompt_lengths, rng, tem
         seqs = jnp.take_along_axis(seqs, parent[..., None], axis=1).at[:, :, i].set(tok)
         done = jnp.take_along_axis(done, parent, axis=1) | is_eos(tok)
         rows = (jnp.arange(b)[:, None] * w + parent).reshape(-1)
-        logits, cache = _step(dec, params, gather_cache(cache, rows, model.scan), tok.reshape(-1))
+        logits, cache = _step(dec, params, gather_cache(cache, rows), tok.reshape(-1))
         logp = jax.nn.log_softmax(logits, -1).reshape(b, w, v)
         return (cache, logp, scores, seqs, done), None
 

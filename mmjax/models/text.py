@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.models.layers import (Block, Norm, constrain, default_kernel_init, logical,
-                                 make_attention_mask, normal_init, stacked)
+                                 make_attention_mask, normal_init, stacked, write_rows)
 from mmjax.models.lm import CacheIndex
 
 
@@ -44,8 +44,7 @@ def decode_slots(module: nn.Module, key_valid: Optional[jax.Array], batch: int, 
     slots = start[:, None] + jnp.arange(length, dtype=jnp.int32)
     valid = module.variable("cache", "key_valid", jnp.zeros, (batch, cache_len), bool)
     new = jnp.ones((batch, length), bool) if key_valid is None else key_valid.astype(bool)
-    write = jax.vmap(lambda row, upd, i: jax.lax.dynamic_update_slice(row, upd, (i,)))
-    valid.value = write(valid.value, new, start)
+    valid.value = write_rows(valid.value, new, start)
     mask = (jnp.arange(cache_len)[None, None] <= slots[:, :, None]) & valid.value[:, None]
     return mask[:, None], start, slots
 
