@@ -158,11 +158,13 @@ def load_source(spec: str, key: str = "?", scan: Optional[bool] = None) -> dict:
     return params
 
 
-def apply_init(params: Any, config: Any) -> Any:
+def apply_init(params: Any, config: Any, only: Optional[set] = None) -> Any:
     """Overwrite the parameters under each `config.init` prefix with its source.
 
-    `params` are the (sharded) initial parameters; returns the same tree with
-    the sourced leaves replaced (same shapes, dtypes and shardings).
+    `params` are the (sharded) initial parameters, or their abstract
+    `ShapeDtypeStruct`s; returns the same tree with the sourced leaves
+    replaced (same shapes, dtypes and shardings). With `only` (flat paths),
+    sources holding none of those paths are not loaded.
     """
     entries = init_entries(config)
     if not entries:
@@ -173,6 +175,8 @@ def apply_init(params: Any, config: Any) -> Any:
         if not rel_keys:
             raise InitError(f"config.init.{prefix}: the model has no parameters under {prefix!r}; "
                             f"top-level names are {sorted(params)}.")
+        if only is not None and only.isdisjoint(rel_keys):
+            continue
         src = flat(load_source(spec, prefix, scan=_scanned(rel_keys.values())))
         missing = [r for r in rel_keys.values() if r not in src]
         if missing:

@@ -103,9 +103,10 @@ class Trainer:
         abstract = init_sources.strip_referenced(self.abstract_state, refs)
         restored, data_state, step = ckpt.restore(step, abstract)
         if refs:
-            # Only the sourced leaves are materialized (into the abstract tree's
-            # shardings); no random init and no optimizer state is built.
-            sourced = init_sources.apply_init(self.abstract_state["params"], self.config)
+            # Only the referenced sources are loaded, into the abstract tree's
+            # shardings; no random init and no optimizer state is built.
+            sourced = init_sources.apply_init(self.abstract_state["params"], self.config,
+                                              only=refs)
             params = init_sources.merge_params(sourced, restored["params"])
             left = [k for k, v in init_sources.flat(params).items()
                     if isinstance(v, jax.ShapeDtypeStruct)]
