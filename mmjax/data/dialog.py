@@ -293,11 +293,12 @@ def split_dialog(ids: Sequence[int], loss_mask: Sequence[int], bos_id: int | Non
     evaluation dialog on its own.
     """
     ids, mask = list(map(int, ids)), list(map(int, loss_mask))
-    start = 1 if bos_id is not None and ids and ids[0] == bos_id else 0
+    head = [bos_id] if bos_id is not None and ids and ids[0] == bos_id else []
+    start = len(head)
     system = [int(t) for t in system]
     if system and ids[start:start + len(system)] == system:
         start += len(system)  # the system text is put back in front of every prompt
-    head = ([bos_id] if bos_id is not None and ids and ids[0] == bos_id else []) + system
+    head += system
     pairs, prompt, answer, i = [], [], [], start
     while i < len(ids):
         if mask[i]:
