@@ -7,7 +7,8 @@ other processes affects both alike; each side lives in its own process (no
 shared thread pools) with a pause between rounds; the median step time of each side is
 reported with the ratio of samples/s (mmjax / PyTorch).
 
-    python benchmarks/cpu_train_step.py [--dtype float32|bfloat16] [--rounds 5] [--steps 5]
+    python benchmarks/cpu_train_step.py [--dtype float32|bfloat16] [--layers unrolled|scan]
+                                        [--rounds 5] [--steps 5]
 """
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 B, IMG, PATCH, WIDTH, DEPTH, HEADS, TXT_LEN, VOCAB, PROJ = 64, 112, 16, 256, 6, 4, 32, 49408, 256
-SCAN = True  # nn.scan over layers (see BENCHMARKS.md: 1.65x faster backward on CPU)
 
 
 def torch_step_fn(dtype: str):
@@ -53,7 +53,7 @@ def torch_step_fn(dtype: str):
     return step
 
 
-def jax_step_fn(dtype: str):
+def jax_step_fn(dtype: str, scan: bool = False):
     import jax
     import numpy as np
     from mmjax.models import build
@@ -69,10 +69,10 @@ def jax_step_fn(dtype: str):
     c.model.name, c.model.head, c.model.dtype = "two_tower", "softmax", dtype
     c.model.image = dict(image_size=IMG, patch_size=PATCH, width=WIDTH, depth=DEPTH,
                          heads=HEADS, pool="cls", ln_pre=True, patch_bias=False,
-                         embed_dim=PROJ, act="gelu", scan=SCAN)
+                         embed_dim=PROJ, act="gelu", scan=scan)
     c.model.text = dict(vocab_size=VOCAB, max_len=TXT_LEN, width=WIDTH, depth=DEPTH,
                         heads=HEADS, embed_dim=PROJ, causal=True, pool="eos",
-                        eos_id=VOCAB - 1, pad_id=0, act="gelu", scan=SCAN)
+                        eos_id=VOCAB - 1, pad_id=0, act="gelu", scan=scan)
     c.objectives.softmax_contrastive = 1.0
     mesh = shd.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
     tx, schedule = build_optimizer(c.optim, 1000)
@@ -90,12 +90,12 @@ def jax_step_fn(dtype: str):
     return step
 
 
-def _worker(side: str, dtype: str, conn) -> None:
+def _worker(side: str, dtype: str, scan: bool, conn) -> None:
     """Owns one framework in its own process; times `n` steps when asked."""
     if side == "pytorch":
         import torch
         torch.set_num_threads(os.cpu_count())
-    fn = (torch_step_fn if side == "pytorch" else jax_step_fn)(dtype)
+    fn = torch_step_fn(dtype) if side == "pytorch" else jax_step_fn(dtype, scan)
     fn(), fn()  # compile / warm up
     conn.send("ready")
     while True:
@@ -111,6 +111,8 @@ def _worker(side: str, dtype: str, conn) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--layers", choices=("unrolled", "scan"), default="unrolled",
+                   help="mmjax layer stack: unrolled (config `scan=False`) or nn.scan")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=5)
     args = p.parse_args(argv)
@@ -119,7 +121,7 @@ def main(argv=None) -> int:
     sides, procs = {}, []
     for side in ("pytorch", "mmjax"):  # one process each: no shared thread pools
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_worker, args=(side, args.dtype, child), daemon=True)
+        proc = ctx.Process(target=_worker, args=(side, args.dtype, args.layers == "scan", child), daemon=True)
         proc.start()
         assert parent.recv() == "ready"
         sides[side], procs = parent, procs + [proc]
@@ -137,7 +139,8 @@ def main(argv=None) -> int:
     print("| side | dtype | median step (s) | samples/s |")
     print("|---|---|---:|---:|")
     for k in sides:
-        print(f"| {k} | {args.dtype} | {med[k]:.3f} | {B / med[k]:.1f} |")
+        name = f"{k} ({args.layers})" if k == "mmjax" else k
+        print(f"| {name} | {args.dtype} | {med[k]:.3f} | {B / med[k]:.1f} |")
     print(f"\nratio mmjax / pytorch samples/s: {med['pytorch'] / med['mmjax']:.2f}x")
     return 0
 

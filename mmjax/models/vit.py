@@ -14,7 +14,7 @@ import einops
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mmjax.models.layers import (Block, MAPHead, Norm, PositionEmbedding, constrain,
+from mmjax.models.layers import (Block, MAPHead, Norm, PositionEmbedding, constrain, matmul_2d,
                                  default_kernel_init, logical, normal_init, stacked)
 
 
@@ -80,10 +80,9 @@ class ViT(nn.Module):
         kernel = self.param("patch_kernel", logical(default_kernel_init, (None, None, None, "embed")),
                             (p, p, c, self.width))
         patches = einops.rearrange(x, "b (gh p1) (gw p2) c -> b (gh gw) (p1 p2 c)", p1=p, p2=p)
-        x = patches @ kernel.reshape(p * p * c, self.width).astype(self.dtype)
-        if self.patch_bias:
-            x = x + self.param("patch_bias", logical(nn.initializers.zeros, ("embed",)),
-                               (self.width,)).astype(self.dtype)
+        bias = (self.param("patch_bias", logical(nn.initializers.zeros, ("embed",)), (self.width,))
+                if self.patch_bias else None)
+        x = matmul_2d(patches, kernel.reshape(p * p * c, self.width), 1, bias, self.dtype)
 
         if self.pool == "cls":
             cls = self.param("cls", logical(normal_init(0.02), ("embed",)), (self.width,))
