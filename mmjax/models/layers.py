@@ -165,13 +165,22 @@ def _xla_attention(q: Array, k: Array, v: Array, mask: Optional[Array]) -> Array
     g = n // kv
     qh = q.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4)  # [B, KV, G, T, D]
     kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, S, D]
-    logits = jnp.einsum("bkgtd,bksd->bkgts", qh, kh, preferred_element_type=jnp.float32)
+    low = _f32_accumulating(q.dtype) and k.dtype == v.dtype == q.dtype
+    if low:  # bf16 x bf16 -> f32 batched GEMMs, as in `linear`
+        logits = _matmul_f32_out(qh.reshape(b, kv, g * t, d), _transposed(kh))
+        logits = logits.reshape(b, kv, g, t, s)
+    else:
+        logits = jnp.einsum("bkgtd,bksd->bkgts", qh, kh, preferred_element_type=jnp.float32)
     logits = logits * (1.0 / np.sqrt(d))
     if mask is not None:
         m = mask.reshape(b, kv, g, t, s) if mask.shape[1] == n else mask[:, :, None]
         logits = jnp.where(m, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bksd->bkgtd", probs, vh)
+    if low:
+        out = _matmul_f32_out(probs.reshape(b, kv, g * t, s), vh).astype(v.dtype)
+        out = out.reshape(b, kv, g, t, d)
+    else:
+        out = jnp.einsum("bkgts,bksd->bkgtd", probs, vh)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, d)
 
 
@@ -202,7 +211,8 @@ def _f32_accumulating(dtype: Dtype) -> bool:
 
 @jax.custom_vjp
 def _matmul_f32_out(x: Array, w: Array) -> Array:
-    """`x [N, In] @ w [In, Out]` (both low precision) accumulated and returned in float32;
+    """`x [..., N, In] @ w [..., In, Out]` (both low precision, same leading batch dims)
+    accumulated and returned in float32;
     the backward pass casts the cotangent to the inputs' dtype so its two matmuls are
     low-precision-in, float32-out too (autodiff would multiply the float32 cotangent
     by the low-precision operand, i.e. run float32 GEMMs)."""
@@ -214,11 +224,12 @@ def _matmul_f32_out_fwd(x, w):
 
 
 def _transposed(a: Array) -> Array:
-    """`a.T` of a 2-D array as a row-major copy. A plain `.T` feeding a dot becomes a
-    column-major layout of the operand, which XLA:CPU's YNNPACK GEMM rejects; the
-    dot then falls back to float32 (upcast operands, ~3x slower in bfloat16)."""
-    n, k = a.shape
-    return jnp.swapaxes(a.reshape(n, k, 1), 0, 2)[0]
+    """`a [..., n, k] -> [..., k, n]` as a row-major copy. A plain transpose feeding a
+    dot becomes a column-major layout of the operand, which XLA:CPU's YNNPACK GEMM
+    rejects; the dot then falls back to float32 (upcast operands, ~3x slower in
+    bfloat16)."""
+    *lead, n, k = a.shape
+    return jnp.swapaxes(a.reshape(*lead, n, k, 1), -3, -1)[..., 0, :, :]
 
 
 def _mm(a: Array, b: Array) -> Array:
@@ -230,7 +241,8 @@ def _matmul_f32_out_bwd(res, g):
     g = g.astype(x.dtype)
     dx = _mm(g, _transposed(w)).astype(x.dtype)
     # dW = x^T g, with the narrower of x [N, In] and g [N, Out] transposed.
-    dw = _mm(_transposed(x), g) if x.shape[1] <= g.shape[1] else _transposed(_mm(_transposed(g), x))
+    dw = (_mm(_transposed(x), g) if x.shape[-1] <= g.shape[-1]
+          else _transposed(_mm(_transposed(g), x)))
     return dx, dw.astype(w.dtype)
 
 
