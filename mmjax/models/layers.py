@@ -167,7 +167,7 @@ def _xla_attention(q: Array, k: Array, v: Array, mask: Optional[Array]) -> Array
     kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, S, D]
     low = _f32_accumulating(q.dtype) and k.dtype == v.dtype == q.dtype
     if low:  # bf16 x bf16 -> f32 batched GEMMs, as in `linear`
-        logits = _matmul_f32_out(qh.reshape(b, kv, g * t, d), _transposed(kh))
+        logits = _matmul_f32_out(qh.reshape(b, kv, g * t, d), _transposed(kh), q.dtype)
         logits = logits.reshape(b, kv, g, t, s)
     else:
         logits = jnp.einsum("bkgtd,bksd->bkgts", qh, kh, preferred_element_type=jnp.float32)
@@ -177,7 +177,7 @@ def _xla_attention(q: Array, k: Array, v: Array, mask: Optional[Array]) -> Array
         logits = jnp.where(m, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     if low:
-        out = _matmul_f32_out(probs.reshape(b, kv, g * t, s), vh).astype(v.dtype)
+        out = _matmul_f32_out(probs.reshape(b, kv, g * t, s), vh, v.dtype).astype(v.dtype)
         out = out.reshape(b, kv, g, t, d)
     else:
         out = jnp.einsum("bkgts,bksd->bkgtd", probs, vh)
@@ -209,20 +209,6 @@ def _f32_accumulating(dtype: Dtype) -> bool:
             and jax.default_backend() == "cpu")
 
 
-@jax.custom_vjp
-def _matmul_f32_out(x: Array, w: Array) -> Array:
-    """`x [..., N, In] @ w [..., In, Out]` (both low precision, same leading batch dims)
-    accumulated and returned in float32;
-    the backward pass casts the cotangent to the inputs' dtype so its two matmuls are
-    low-precision-in, float32-out too (autodiff would multiply the float32 cotangent
-    by the low-precision operand, i.e. run float32 GEMMs)."""
-    return _mm(x, w)
-
-
-def _matmul_f32_out_fwd(x, w):
-    return _matmul_f32_out(x, w), (x, w)
-
-
 def _transposed(a: Array) -> Array:
     """`a [..., n, k] -> [..., k, n]` as a row-major copy. A plain transpose feeding a
     dot becomes a column-major layout of the operand, which XLA:CPU's YNNPACK GEMM
@@ -236,14 +222,33 @@ def _mm(a: Array, b: Array) -> Array:
     return jnp.matmul(a, b, preferred_element_type=jnp.float32)
 
 
-def _matmul_f32_out_bwd(res, g):
-    x, w = res
-    g = g.astype(x.dtype)
-    dx = _mm(g, _transposed(w)).astype(x.dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul_f32_out(x: Array, w: Array, dtype: Dtype) -> Array:
+    """`x [..., N, In] @ w [..., In, Out]` (same leading batch dims) with both operands
+    cast to the low-precision `dtype`, accumulated and returned in float32.
+
+    The backward pass casts the cotangent to `dtype` so its two matmuls are
+    low-precision-in, float32-out too (autodiff would multiply the float32
+    cotangent by the low-precision operand, i.e. run float32 GEMMs). Gradients
+    come back in the operands' own dtypes: a float32 kernel gets its float32 dW
+    without a round trip through `dtype`.
+    """
+    return _mm(x.astype(dtype), w.astype(dtype))
+
+
+def _matmul_f32_out_fwd(x, w, dtype):
+    xl, wl = x.astype(dtype), w.astype(dtype)
+    return _mm(xl, wl), (xl, wl, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
+
+
+def _matmul_f32_out_bwd(dtype, res, g):
+    x, w, x_like, w_like = res
+    g = g.astype(dtype)
+    dx = _mm(g, _transposed(w)).astype(x_like.dtype)
     # dW = x^T g, with the narrower of x [N, In] and g [N, Out] transposed.
     dw = (_mm(_transposed(x), g) if x.shape[-1] <= g.shape[-1]
           else _transposed(_mm(_transposed(g), x)))
-    return dx, dw.astype(w.dtype)
+    return dx, dw.astype(w_like.dtype)
 
 
 _matmul_f32_out.defvjp(_matmul_f32_out_fwd, _matmul_f32_out_bwd)
@@ -267,12 +272,11 @@ def linear(x: Array, kernel: Array, bias: Optional[Array], dtype: Dtype,
     `dtype` product is kept (and remat policies that save dot outputs keep them
     in `dtype`).
     """
-    x, kernel = x.astype(dtype), kernel.astype(dtype)
     if _f32_accumulating(dtype):
-        y = _matmul_f32_out(x, kernel)
+        y = _matmul_f32_out(x, kernel, dtype)
         y = y if bias is None else y + bias.astype(jnp.float32)
         return (y if act is None else act(y)).astype(dtype)
-    y = x @ kernel
+    y = x.astype(dtype) @ kernel.astype(dtype)
     y = y if bias is None else y + bias.astype(dtype)
     return y if act is None else act(y)
 
