@@ -363,3 +363,32 @@ def test_position_embedding_sincos_added():
     close(mod.apply(variables, x), np.asarray(x, np.float64) + layers.sincos_2d(2, 3, 8)[None])
     with pytest.raises(ValueError, match="`posemb`"):
         layers.PositionEmbedding("rope").init(jax.random.key(0), x)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_layer_norm_closed_form_backward_equals_autodiff(dtype):
+    """`layers.layer_norm`'s custom backward against autodiff of the same forward."""
+    rng = np.random.default_rng(17)
+    x = jnp.asarray(3 * rng.standard_normal((4, 6, 16)) + 1, dtype)
+    scale = jnp.asarray(rng.random(16) + 0.5, jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(16), jnp.float32)
+    ct = jnp.asarray(rng.standard_normal((4, 6, 16)), dtype)
+
+    def plain(x, scale, bias):
+        xf = x.astype(jnp.float32)
+        mean = xf.mean(-1, keepdims=True)
+        var = jnp.square(xf - mean).mean(-1, keepdims=True)
+        return ((xf - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias).astype(dtype)
+
+    y, vjp = jax.vjp(lambda *a: layers.layer_norm(*a, 1e-5, dtype), x, scale, bias)
+    y_ref, vjp_ref = jax.vjp(plain, x, scale, bias)
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_ref, np.float32))
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    for got, want in zip(vjp(ct), vjp_ref(ct)):
+        assert got.dtype == want.dtype
+        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+        assert np.abs(got - want).max() <= tol * np.abs(want).max()
+    # Frozen parameters stored in bfloat16 keep their dtype in the backward pass.
+    g_scale = jax.grad(lambda s: jnp.sum(layers.layer_norm(x, s, bias, 1e-5, dtype)
+                                         .astype(jnp.float32)))(scale.astype(jnp.bfloat16))
+    assert g_scale.dtype == jnp.bfloat16
