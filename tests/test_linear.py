@@ -1,7 +1,6 @@
 """`layers.linear` / `layers.Dense`: the float32-accumulating low-precision matmul
 (forward, custom backward, both dW orientations), equality with `flax.linen.Dense`,
 the GEMMs XLA:CPU compiles for it, and remat/scan of a bfloat16 ViT."""
-import functools
 import re
 
 import flax.linen as nn

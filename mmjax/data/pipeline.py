@@ -643,8 +643,9 @@ def _options(cfg, *, mode: str, process_index, process_count, seed, tokenizer) -
     if get("text_format") not in ("caption", "captions", "dialog"):
         raise ValueError(f"data.train.text_format must be 'caption', 'captions' or 'dialog', got "
                          f"{get('text_format')!r}")
+    template = _cfg_get(cfg, "dialog_template", "qa")
     if get("text_format") == "dialog":
-        dialog_template(_cfg_get(cfg, "dialog_template", "qa"))  # unknown name: clear error
+        dialog_template(template)  # unknown name: clear error
     if get("output") not in ("float32", "uint8"):
         raise ValueError(f"data.train.output must be 'float32' or 'uint8', got {get('output')!r}")
     return {
@@ -655,7 +656,7 @@ def _options(cfg, *, mode: str, process_index, process_count, seed, tokenizer) -
         "workers": workers, "num_workers": num_workers,
         "caption_key": get("caption_key"), "tokenizer": tokenizer or get("tokenizer"),
         "text_format": get("text_format"), "image_token_id": _cfg_get(cfg, "image_token_id"),
-        "dialog_template": _cfg_get(cfg, "dialog_template", "qa"),
+        "dialog_template": template,
         "num_captions": int(get("num_captions")),
         "max_len": int(get("max_len")), "image_size": int(get("image_size")),
         "augment": "center" if mode == "eval" else get("augment"),
