@@ -14,6 +14,7 @@ becomes one id (``image_token_id``), or is removed when there is none.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 from typing import Any, Sequence, Union
@@ -151,8 +152,14 @@ def turns_from_json(value) -> list[tuple[str, str]]:
 
 def system_ids(tokenizer, template: TemplateSpec = "qa") -> list[int]:
     """Content ids of the template's system text (``[]`` when it has none)."""
-    system = dialog_template(template).system
-    return [int(t) for t in tokenizer._encode_content([system + " "])[0]] if system else []
+    return list(_system_ids(tokenizer, dialog_template(template)))
+
+
+@functools.lru_cache(maxsize=16)
+def _system_ids(tokenizer, template: DialogTemplate) -> tuple[int, ...]:
+    # Encoded once per tokenizer and template, not once per training sample.
+    system = template.system
+    return tuple(int(t) for t in tokenizer._encode_content([system + " "])[0]) if system else ()
 
 
 def _prompt_content(tokenizer, question: str, image_token_id: int | None,
