@@ -130,10 +130,14 @@ def _tarfile_members(stream) -> Iterator[tuple[str, Callable[[], bytes]]]:
                 yield info.name, tar.extractfile(info).read
                 count += 1
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-        raise ShardReadError(TRUNCATED_TAR, f"tar stream broken after {count} members "
-                                            f"({e})") from e
+        raise _broken(count, str(e)) from e
     finally:
         tar.close()
+
+
+def _broken(count: int, why: str) -> ShardReadError:
+    """The error of a tar stream that ends or breaks after `count` members."""
+    return ShardReadError(TRUNCATED_TAR, f"tar stream broken after {count} members ({why})")
 
 
 def _octal(field: bytes) -> int:
@@ -182,8 +186,7 @@ def _plain_tar_members(head: bytes, f) -> Iterator[tuple[str, Callable[[], bytes
                 raise ShardReadError(NOT_TAR, f"not a tar file ({len(header)} bytes, "
                                               "shorter than one tar header)")
             if header:
-                raise ShardReadError(TRUNCATED_TAR, f"tar stream broken after {count} "
-                                                    "members (partial header)")
+                raise _broken(count, "partial header")
             return  # ended at a member boundary without the end-of-archive blocks
         if header == b"\0" * 512:
             return  # end of archive
@@ -195,8 +198,7 @@ def _plain_tar_members(head: bytes, f) -> Iterator[tuple[str, Callable[[], bytes
         if not ok:
             if count == 0:
                 raise ShardReadError(NOT_TAR, "not a tar file (bad header checksum)")
-            raise ShardReadError(TRUNCATED_TAR, f"tar stream broken after {count} members "
-                                                "(bad header checksum)")
+            raise _broken(count, "bad header checksum")
         kind = header[156:157]
         if kind in (b"L", b"x", b"g"):  # metadata for the next member
             data = _MemberData(f, size, count).read()
@@ -238,8 +240,7 @@ class _MemberData:
     def read(self) -> bytes:
         data = self.f.read(self.size)
         if len(data) < self.size or len(self.f.read(self.padding)) < self.padding:
-            raise ShardReadError(TRUNCATED_TAR, f"tar stream broken after {self.count} "
-                                                "members (data cut short)")
+            raise _broken(self.count, "data cut short")
         self.done = True
         return data
 
@@ -251,15 +252,13 @@ def _skip(f, n: int, count: int) -> None:
             if end <= f.seek(0, io.SEEK_END):
                 f.seek(end)
                 return
-            raise ShardReadError(TRUNCATED_TAR, f"tar stream broken after {count} members "
-                                                "(data cut short)")
+            raise _broken(count, "data cut short")
     except (OSError, AttributeError, io.UnsupportedOperation):
         pass
     while n > 0:
         chunk = f.read(min(n, 1 << 20))
         if not chunk:
-            raise ShardReadError(TRUNCATED_TAR, f"tar stream broken after {count} members "
-                                                "(data cut short)")
+            raise _broken(count, "data cut short")
         n -= len(chunk)
 
 
