@@ -40,7 +40,7 @@ def build(kind: str, max_len: int):
         return model, coca_logits_fn
     model = Blip2Stage1(image=VIT, qformer=dict(num_queries=32, vocab_size=VOCAB,
                                                 max_len=max_len, cross_attention_freq=2,
-                                                **{k: v for k, v in TOWER.items()}),
+                                                **TOWER),
                         embed_dim=256, dec_id=3)
     return model, blip2_itg_logits_fn
 
