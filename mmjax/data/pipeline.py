@@ -21,6 +21,10 @@ shuffle buffer as sample references ``[epoch, shard, index]`` and a counter
 for its shuffle RNG. ``get_state()`` returns, per worker, the state after the
 last batch handed out, so restoring it re-reads the referenced samples and
 continues with exactly the batches the uninterrupted run would have given.
+A position only means something in the stream it came from, so the state also
+records that stream's identity (``stream_identity``: a sha256 of the ordered
+shard list, the seed, shuffle buffer, sampling mode, workers, processes) and
+``set_state`` refuses a state of another stream (``StreamMismatchError``).
 
 Batches per step: the training stream is infinite on every process, so all
 processes can always take the same number of batches per step (and no
@@ -29,9 +33,11 @@ process runs dry while another waits in a collective).
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import logging
 import multiprocessing as mp
+import os
 import queue
 import time
 import traceback
@@ -54,6 +60,10 @@ STATE_VERSION = 1
 
 class DataError(RuntimeError):
     """Too much bad data, or no readable data at all."""
+
+
+class StreamMismatchError(DataError):
+    """A saved iterator state belongs to another data stream (shards, seed, ...)."""
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -86,6 +96,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.max_bad_fraction = 0.1   # raise once this fraction of samples seen is bad ...
     c.min_bad_count = 100      # ... and at least this many were bad
     c.seed = 0                 # shard order, shuffle buffer and augmentation RNG seed
+    c.reset_stream_on_resume = False  # True: a resumed run keeps the checkpoint's train state
+                               # but starts the data stream afresh (needed to resume after
+                               # changing shards, seed, shuffle_buffer, resampled, weights, workers)
     c.start_method = "spawn"   # multiprocessing start method for workers
     return c
 
@@ -434,6 +447,99 @@ def _worker_main(opts, worker, state, batch_size, out_q, stop):
             pass
 
 
+def _sha256(items) -> str:
+    return hashlib.sha256("\n".join(items).encode()).hexdigest()
+
+
+def _shards_root(paths: list[str]) -> str:
+    """Longest common folder prefix of the shard paths, with its "/" ('' if none)."""
+    prefix = os.path.commonprefix(paths) if paths else ""
+    return prefix[:prefix.rfind("/") + 1]
+
+
+def stream_identity(opts: dict) -> dict:
+    """What fixes which sample a training stream yields at a given position.
+
+    Saved in every iterator state (readable, so a mismatch can say what
+    changed): a sha256 of the ordered, resolved shard list (the same list on
+    every process) and of the names below their common folder, the first and
+    last shard, the seed, shuffle buffer, sampling mode and weights, loader
+    workers and this process's place among the processes.
+    """
+    paths = list(opts["paths"])
+    root = _shards_root(paths)
+    probs = opts["probs"]
+    return {"shards_sha256": _sha256(paths), "num_shards": len(paths),
+            "shards_root": root, "shard_names_sha256": _sha256(p[len(root):] for p in paths),
+            "first_shard": paths[0] if paths else None,
+            "last_shard": paths[-1] if paths else None,
+            "seed": opts["seed"], "shuffle_buffer": opts["shuffle_buffer"],
+            "resampled": opts["resampled"],
+            "weights_sha256": None if probs is None else _sha256(repr(float(p)) for p in probs),
+            "workers": opts["num_workers"], "process_index": opts["process_index"],
+            "process_count": opts["process_count"]}
+
+
+def _shard_difference(saved: dict, now: dict) -> str | None:
+    if saved.get("num_shards") != now["num_shards"]:
+        return (f"config.data.train.shards has {now['num_shards']} shards, the checkpoint's "
+                f"stream had {saved.get('num_shards')}")
+    if "shards_sha256" not in saved or saved["shards_sha256"] == now["shards_sha256"]:
+        return None
+    if saved.get("shard_names_sha256") == now["shard_names_sha256"]:
+        log.warning("config.data.train.shards moved from %r to %r (the same %d shard names in "
+                    "the same order): resuming the data stream at its saved position",
+                    saved.get("shards_root"), now["shards_root"], now["num_shards"])
+        return None
+    name = lambda ident, key: (ident.get(key) or "")[len(ident.get("shards_root") or ""):]  # noqa: E731
+    for key, which in (("first_shard", "shard 0"),
+                       ("last_shard", f"shard {now['num_shards'] - 1}")):
+        if name(saved, key) != name(now, key):
+            where = f"{which} {saved.get(key)!r} vs {now[key]!r}"
+            break
+    else:
+        where = (f"same first and last shard {now['first_shard']!r} .. {now['last_shard']!r}, "
+                 f"but the {now['num_shards']} shards differ in names or order")
+    return f"config.data.train.shards is another shard list ({where})"
+
+
+def stream_differences(state: dict, now: dict) -> list[str]:
+    """What differs between the stream a saved state belongs to and ``now``
+    (a ``stream_identity``), one phrase per difference; empty when they match.
+
+    States saved without an identity (older mmjax) are checked on what they
+    recorded: shard count, seed, workers and process count (with a warning).
+    """
+    saved = state.get("stream")
+    if saved is None:
+        log.warning("the checkpoint's data state does not record the identity of its stream "
+                    "(saved by an older mmjax): only the shard count, seed, workers and process "
+                    "count are checked")
+        saved = {k: state[k] for k in ("num_shards", "seed", "workers", "process_count")
+                 if k in state}
+    diffs = []
+    if saved.get("process_count") != now["process_count"]:
+        diffs.append(f"the number of processes changed from {saved.get('process_count')} to "
+                     f"{now['process_count']}")
+    elif saved.get("process_index", now["process_index"]) != now["process_index"]:
+        diffs.append(f"the state is process {saved['process_index']}'s, this is process "
+                     f"{now['process_index']}")
+    if saved.get("workers") != now["workers"]:
+        diffs.append(f"config.data.train.workers changed from {saved.get('workers')} to "
+                     f"{now['workers']} (0 counts as 1)")
+    shards = _shard_difference(saved, now)
+    if shards:
+        diffs.append(shards)
+    for key, norm in (("seed", int), ("resampled", bool),
+                      ("shuffle_buffer", lambda n: max(1, int(n)))):  # 0 and 1: no shuffle
+        if key in saved and norm(saved[key]) != norm(now[key]):
+            diffs.append(f"config.data.train.{key} changed from {saved[key]!r} to {now[key]!r}")
+    if ("weights_sha256" in saved and saved.get("resampled") == now["resampled"]
+            and saved["weights_sha256"] != now["weights_sha256"]):
+        diffs.append("config.data.train.weights changed")
+    return diffs
+
+
 class DataIterator:
     """Iterator of batches ``{"image": [b, H, W, 3], "text": int32 [b, L],
     "label": int32 [b]}`` (+ ``"valid"`` bool [b] in eval), with
@@ -452,6 +558,7 @@ class DataIterator:
         self._stop = None
         self._local: WorkerPipeline | None = None
         self._pending: list = []  # eval: rows waiting to fill a batch
+        self._stream_id: dict | None = None
         self.batches = 0
 
     # --- workers
@@ -547,6 +654,11 @@ class DataIterator:
         return out
 
     # --- state
+    def _identity(self) -> dict:
+        if self._stream_id is None:
+            self._stream_id = stream_identity(self.o)
+        return self._stream_id
+
     def get_state(self) -> dict:
         """Small JSON-serializable position: restoring it with ``set_state`` on a
         fresh iterator (same config and process) continues bit-exactly."""
@@ -558,19 +670,29 @@ class DataIterator:
         return {"version": STATE_VERSION, "seed": self.o["seed"],
                 "process_index": self.o["process_index"],
                 "process_count": self.o["process_count"], "workers": self.num_workers,
-                "num_shards": len(self.o["paths"]), "next_worker": self._next_worker,
+                "num_shards": len(self.o["paths"]), "stream": self._identity(),
+                "next_worker": self._next_worker,
                 "batches": self.batches, "worker_states": states}
 
     def set_state(self, state: dict):
-        """Continues from a ``get_state()`` result (stops and restarts workers)."""
-        expect = {"version": STATE_VERSION, "process_count": self.o["process_count"],
-                  "workers": self.num_workers, "num_shards": len(self.o["paths"])}
-        for key, value in expect.items():
-            if state.get(key) != value:
-                raise ValueError(
-                    f"data iterator state has {key}={state.get(key)!r} but this run has "
-                    f"{value!r}; resume with the same data.train.shards, data.train.workers "
-                    "and number of processes as the run that saved it.")
+        """Continues from a ``get_state()`` result (stops and restarts workers).
+
+        Raises ``StreamMismatchError`` (one line, naming what changed) when the
+        state comes from another stream: other shard list, seed, shuffle buffer,
+        sampling mode or weights, workers, or processes.
+        """
+        if state.get("version") != STATE_VERSION:
+            raise StreamMismatchError(
+                f"data iterator state has version {state.get('version')!r}, this mmjax reads "
+                f"version {STATE_VERSION}; set config.data.train.reset_stream_on_resume=True "
+                "to start a fresh data stream.")
+        diffs = stream_differences(state, self._identity())
+        if diffs:
+            raise StreamMismatchError(
+                f"the data stream differs from the one the checkpoint was saved with: "
+                f"{'; '.join(diffs)}. Resume with the original settings, or set "
+                "config.data.train.reset_stream_on_resume=True to keep the checkpoint's train "
+                "state and start a fresh data stream.")
         self.close()
         self._states = [None if s is None else json.loads(json.dumps(s))
                         for s in state["worker_states"]]

@@ -162,8 +162,12 @@ def train(config: Any, workdir: str) -> dict:
     log.info("model %s: %.2fM parameters", config.model.name, n_params / 1e6)
 
     data = build_train_iterator(config.data.train, local_batch)
-    if data_state is not None:
-        data.set_state(data_state)
+    if data_state is not None and config.data.train.get("reset_stream_on_resume"):
+        log.warning("config.data.train.reset_stream_on_resume=True: the train state resumes at "
+                    "step %d but the data stream starts fresh from its seed (the checkpoint's "
+                    "data position is not used)", start)
+    elif data_state is not None:
+        data.set_state(data_state)  # StreamMismatchError if the stream is another one
 
     flops = model_train_flops(config.model.to_dict(), int(config.batch_size),
                               int(config.data.train.max_len),
