@@ -33,8 +33,9 @@ setup(
         "pycocoevalcap>=1.2",
     ],
     extras_require={
-        # The test suite includes parity tests against Hugging Face transformers.
-        "test": ["pytest>=8.0", "tensorflow-datasets>=4.9.6", *PARITY],
+        # The test suite includes parity tests against Hugging Face transformers and
+        # compiles the train step for TPU slices deviceless (libtpu through jax[tpu]).
+        "test": ["pytest>=8.0", "tensorflow-datasets>=4.9.6", "jax[tpu]>=0.6.0", *PARITY],
         "parity": PARITY,
         "tfds": ["tensorflow-datasets>=4.9.6"],
         "gpu": ["jax[cuda12]>=0.6.0"],

@@ -370,10 +370,13 @@ def test_two_tower_softmax_head():
                           params))
     np.testing.assert_allclose(out["zimg"], zimg / np.linalg.norm(zimg, axis=-1, keepdims=True),
                                atol=1e-6)
-    # Above log(100) the scale is clamped to 100; below it is exp(t).
-    for t, want in [(6.0, 100.0), (2.0, math.exp(2.0))]:
+    # The forward pass uses exp(t) as it is; the bound [0, log 100] is applied to the
+    # parameter after each update (tests/test_train_correctness.py).
+    for t in (6.0, 2.0):
         got = apply({**params, "log_scale": jnp.asarray(t)})["scale"]
-        np.testing.assert_allclose(float(got), want, rtol=1e-6)
+        np.testing.assert_allclose(float(got), math.exp(t), rtol=1e-6)
+    assert model.param_bounds() == {"log_scale": (0.0, math.log(100.0))}
+    assert _two_tower("sigmoid").param_bounds() == {}
 
 
 def test_two_tower_sigmoid_head():
@@ -472,13 +475,16 @@ def test_blip2_itg_is_causal_and_starts_with_dec(blip2_params):
     assert np.abs(out[1, 3:] - base[1, 3:]).max() > 1e-4
 
 
-def test_blip2_temperature_clamp(blip2_params):
+def test_blip2_temperature_bounds(blip2_params):
+    """The forward pass uses the temperature parameter as it is (so it always has a
+    gradient); the trainer clamps it to [0.001, 0.5] after each update."""
     model = _blip2(True)
     itc = fast_jit(lambda p: model.apply({"params": p}, images(), IDS,
                                          method="itc_features")["temp"])
-    for t, want in [(2.0, 0.5), (1e-5, 0.001), (0.2, 0.2)]:
+    for t in (2.0, 1e-5, 0.2):
         got = itc({**blip2_params, "temp": jnp.asarray(t)})
-        np.testing.assert_allclose(float(got), want, rtol=1e-6)
+        np.testing.assert_allclose(float(got), t, rtol=1e-6)
+    assert model.param_bounds() == {"temp": (0.001, 0.5)}
 
 
 # ----------------------------------------------------------------------------

@@ -52,58 +52,119 @@ def _run(config, mesh_shape, steps=5):
     return np.array(losses), jax.device_get(state["params"]), state
 
 
-@pytest.mark.parametrize("recipe,meshes", [
-    ("clip_b16", [(8, 1, 1), (2, 4, 1), (2, 2, 2)]),
-    ("siglip_b16", [(2, 2, 2)]),
-    # Stage 2: frozen ViT (+ frozen LM for BLIP-2), connector (+ LM for LLaVA) trained.
-    ("llava", [(2, 2, 2)]),
-    ("blip2_stage2", [(2, 2, 2), (2, 1, 4)]),
-])
-def test_sharded_steps_equal_single_device(recipe, meshes):
-    # eps 1e-4: with a small eps Adam turns float noise in near-zero gradients
-    # into full-size updates (sign(g) * lr). Such gradients exist: the
-    # Q-Former's key biases (exactly zero in exact arithmetic) and its
-    # cross-attention query bias (~3e-6, a sum of terms that cancel), whose
-    # value moves by ~2% with the reduction order of a (2,2,2) mesh.
-    arg = "finetune,tiny" if recipe == "llava" else "tiny"
-    config = load_config(f"{recipe}:{arg}", ["batch_size=16", "model.dtype=float32",
-                                            "optim.eps=1e-4"])
-    ref_losses, ref_params, _ = _run(config, (1, 1, 1))
-    assert np.all(np.isfinite(ref_losses)) and ref_losses[-1] != ref_losses[0]
-    for shape in meshes:
-        losses, params, state = _run(config, shape)
-        # Same math, different reduction order across devices: float32 noise only.
-        np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-6)
-        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)
-        if shape[1] > 1:  # FSDP really shards the big weights
-            k = state["params"]["image_tower"]["layers"]["mlp"]["fc1"]["kernel"]
-            assert "fsdp" in str(k.sharding.spec)
-        if "lm_module" in params and shape[1] > 1 and shape[2] > 1:  # LM on fsdp and tensor
-            lm = state["params"]["lm_module"]
-            k = lm.get("layers", lm.get("layers_0"))["mlp"]["fc1"]["kernel"]
-            assert "fsdp" in str(k.sharding.spec) and "tensor" in str(k.sharding.spec)
-
-
-def test_sharded_bfloat16_steps_match_single_device():
-    """bfloat16 compute (on CPU: bf16 x bf16 -> f32 GEMMs with a custom backward) on a
-    (2, 2, 2) mesh vs one device. Equal up to bfloat16 rounding of differently
-    ordered float32 partial sums: measured, losses within 2e-3 and the parameter
-    updates of 5 steps within 1.4% (relative norm); a wrong gradient is O(1) off."""
-    config = load_config("clip_b16:tiny", ["batch_size=16", "model.dtype=bfloat16",
-                                           "optim.eps=1e-4"])
-    ref_losses, ref_params, _ = _run(config, (1, 1, 1))
-    losses, params, _ = _run(config, (2, 2, 2))
-    assert ref_losses[-1] != ref_losses[0]
-    np.testing.assert_allclose(losses, ref_losses, rtol=5e-3)
+def _trainer(config, mesh_shape):
+    n = int(np.prod(mesh_shape))
+    mesh = shd.make_mesh(dict(zip(shd.MESH_AXES, mesh_shape)), jax.devices()[:n])
     tx, schedule = build_optimizer(config.optim, int(config.total_steps))
-    init = Trainer(config, build(config.model), tx, schedule,
-                   shd.make_mesh(dict(zip(shd.MESH_AXES, (1, 1, 1))), jax.devices()[:1]))
-    init = jax.tree.leaves(jax.device_get(init.init_state(0)["params"]))
-    ref = [np.float64(b) - c for b, c in zip(jax.tree.leaves(ref_params), init)]
-    got = [np.float64(a) - c for a, c in zip(jax.tree.leaves(params), init)]
-    diff = np.sqrt(sum(np.sum((a - b) ** 2) for a, b in zip(got, ref)))
-    assert diff <= 0.1 * np.sqrt(sum(np.sum(b ** 2) for b in ref))
+    return Trainer(config, build(config.model), tx, schedule, mesh)
+
+
+def _grads(config, mesh_shape, batch, params=None):
+    """Loss and gradients of the public step's objective on one mesh (host numpy).
+    The state is initialized on that mesh (same seed), or takes `params`."""
+    trainer = _trainer(config, mesh_shape)
+    state = trainer.init_state(0)
+    if params is not None:
+        state["params"] = jax.device_put(params, trainer.state_sharding["params"])
+    loss, _, grads = trainer.grads(state, jax.device_put(batch, trainer.batch_sharding))
+    return float(loss), jax.device_get(grads), trainer, state
+
+
+def _perturbed(params, scale=0.1, seed=0):
+    """`params` with N(0, scale) noise added to every kernel, embedding and query.
+
+    At the init itself some gradients are tiny residues of cancelling sums (the
+    tiny BLIP-2's query outputs barely depend on the image, so its ITC gradient
+    is ~1e-3 float32 noise, as a permuted batch on one device shows); a step
+    away from it every gradient is well conditioned (permuted batch: < 1e-6)."""
+    rng = np.random.RandomState(seed)
+
+    def one(path, x):
+        name = jax.tree_util.keystr(path)
+        if any(k in name for k in ("kernel", "embedding", "query_tokens", "probe", "posemb")):
+            return x + (scale * rng.randn(*x.shape)).astype(x.dtype)
+        return x
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def _leaf_errors(grads, ref):
+    """Per-leaf relative error ||g - ref|| / ||ref|| (path -> (error, ||ref||))."""
+    flat = {jax.tree_util.keystr(p): np.float64(g)
+            for p, g in jax.tree_util.tree_leaves_with_path(grads)}
+    out = {}
+    for p, r in jax.tree_util.tree_leaves_with_path(ref):
+        r = np.float64(r)
+        norm = np.linalg.norm(r)
+        out[jax.tree_util.keystr(p)] = (np.linalg.norm(flat[jax.tree_util.keystr(p)] - r)
+                                        / max(norm, 1e-30), norm)
+    return out
+
+
+# Every recipe with its own `scan` setting (tiny sizes, float32); the (2, 2, 2) mesh
+# puts FSDP and tensor parallelism together, where XLA's partitioner once swapped
+# batch shards (tests/test_xla_shard_swap.py).
+GRAD_RECIPES = [("clip_b16", "tiny"), ("siglip_b16", "tiny"), ("lit_b16", "tiny"),
+                ("coca_b16", "tiny"), ("blip2_stage1", "tiny"), ("blip2_stage2", "tiny"),
+                ("llava", "finetune,tiny")]
+
+
+@pytest.mark.parametrize("recipe,arg", GRAD_RECIPES, ids=[r for r, _ in GRAD_RECIPES])
+def test_sharded_gradients_equal_single_device(recipe, arg):
+    """Gradients (not Adam-normalized updates, which hide a 1% error) of the step's
+    loss on (2, 2, 2) and (1, 4, 2) meshes vs one device: each trained leaf within
+    1e-4 relative error. Random images and texts at a random point near the init
+    (`_perturbed`), so no gradient is degenerate except the ones that are zero in
+    exact arithmetic (attention key biases: softmax is invariant to a per-row
+    shift), which are checked against the global gradient scale instead."""
+    config = load_config(f"{recipe}:{arg}", ["batch_size=16", "model.dtype=float32"])
+    batch = _batches(config, 1, seed=1)[0]
+    params = _perturbed(jax.device_get(_trainer(config, (1, 1, 1)).init_state(0)["params"]))
+    ref_loss, ref, _, _ = _grads(config, (1, 1, 1), batch, params)
+    global_norm = np.sqrt(sum(np.sum(np.float64(g) ** 2) for g in jax.tree.leaves(ref)))
+    assert np.isfinite(ref_loss) and global_norm > 0
+    frozen = list(config.optim.freeze)
+    for shape in [(2, 2, 2), (1, 4, 2)]:
+        loss, grads, trainer, _ = _grads(config, shape, batch, params)
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+        checked = 0
+        for path, (err, norm) in _leaf_errors(grads, ref).items():
+            if any(path.startswith(f"['{f}']") for f in frozen):
+                assert norm == 0.0, path  # frozen: no gradient at all
+                continue
+            if norm <= 1e-6 * global_norm:  # zero in exact arithmetic
+                assert err * norm <= 1e-6 * global_norm, (shape, path, err, norm)
+                continue
+            assert err <= 1e-4, (shape, path, err, norm)
+            checked += 1
+        assert checked >= 10
+        # The mesh really shards: FSDP and tensor parallelism both hold weights.
+        specs = [str(s.spec) for s in jax.tree.leaves(trainer.state_sharding["params"])]
+        assert any("fsdp" in s for s in specs) and any("tensor" in s for s in specs)
+
+
+def test_sharded_bfloat16_gradients_as_accurate_as_single_device():
+    """bfloat16 compute (on CPU: bf16 x bf16 -> f32 GEMMs with a custom backward) on
+    (2, 2, 2) and (8, 1, 1) meshes: measured against the float32 gradient of the
+    same parameters and batch, every leaf is as close as the single-device bfloat16
+    gradient is (measured: 3% global relative error on one device, sharded leaves
+    within 1.1x of it). Exact sharding is proven in float32 above; this checks that
+    the sharded bfloat16 step loses no precision that one device keeps."""
+    c32 = load_config("clip_b16:tiny", ["batch_size=16", "model.dtype=float32"])
+    c16 = load_config("clip_b16:tiny", ["batch_size=16", "model.dtype=bfloat16"])
+    batch = _batches(c32, 1, seed=1)[0]
+    params = _perturbed(jax.device_get(_trainer(c32, (1, 1, 1)).init_state(0)["params"]))
+    _, truth, _, _ = _grads(c32, (1, 1, 1), batch, params)
+    one = _leaf_errors(_grads(c16, (1, 1, 1), batch, params)[1], truth)
+    norm = np.sqrt(sum(n ** 2 for _, n in one.values()))
+    base = np.sqrt(sum((e * n) ** 2 for e, n in one.values())) / norm
+    assert 0 < base < 0.1  # bfloat16 rounding, not float32 and not garbage
+    for shape in [(2, 2, 2), (8, 1, 1)]:
+        errs = _leaf_errors(_grads(c16, shape, batch, params)[1], truth)
+        total = np.sqrt(sum((e * n) ** 2 for e, n in errs.values())) / norm
+        assert total <= 1.15 * base, (shape, total, base)
+        for path, (err, n) in errs.items():
+            if n > 1e-3 * norm:
+                assert err <= 1.3 * one[path][0] + 1e-3, (shape, path, err, one[path][0])
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[os.path.basename(c)[:-3] for c in CONFIGS])

@@ -5,7 +5,8 @@ The forward pieces are methods so that the objectives can interleave them
 
 - `itc_features(images, text)` -> dict: `image_feats` `[B, Q, E]` (normalized
   query embeddings), `text_feat` `[B, E]` (normalized [CLS] embedding of the
-  text-only pass), `temp` (clamped to [0.001, 0.5]), `image_tokens` `[B, N, Dv]`.
+  text-only pass), `temp` (the parameter; the trainer keeps it in [0.001, 0.5]
+  after every update, see `param_bounds`), `image_tokens` `[B, N, Dv]`.
 - `itm_logits(image_tokens [N, S, Dv], text [N, L])` -> `[N, 2]`: 2-way head on
   every query output of the bidirectional pass, averaged over queries.
 - `itg_logits(image_tokens, text [B, L])` -> `[B, L, V]`: the first text token
@@ -26,7 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.models.layers import default_kernel_init, l2_normalize, logical
+from mmjax.models.layers import Dense, boundary, l2_normalize
 from mmjax.models.qformer import QFormer
 from mmjax.models.vit import ViT
 
@@ -53,19 +54,23 @@ class Blip2Stage1(nn.Module):
         self.qformer_module = QFormer(**{"dtype": self.dtype, **dict(self.qformer),
                                          "decode": self.cached_decode,
                                          "cache_len": self.cache_len})
-        dense = lambda n, names: nn.Dense(n, dtype=self.dtype,  # noqa: E731
-                                          kernel_init=logical(default_kernel_init, names),
-                                          bias_init=logical(nn.initializers.zeros, names[-1:]))
+        dense = lambda n, names: Dense(n, names, dtype=self.dtype)  # noqa: E731
         self.vision_proj = dense(self.embed_dim, ("embed", "proj"))
         self.text_proj = dense(self.embed_dim, ("embed", "proj"))
         self.itm_head = dense(2, ("embed", None))
         self.temp = self.param("temp", nn.with_logical_partitioning(
             lambda *_: jnp.asarray(self.temp_init, jnp.float32), ()), ())
 
+    def param_bounds(self) -> dict:
+        """The ITC temperature is clamped to [0.001, 0.5] after each update, as LAVIS
+        clamps it in place; clipping it in the forward pass instead would zero its
+        gradient outside the range, so it could never come back."""
+        return {"temp": (0.001, 0.5)}
+
     def image_tokens(self, images):
         """ViT tokens after its final LayerNorm: `[B, N, Dv]` (no gradient when frozen)."""
         tokens = self.image_tower(images)[1]
-        return jax.lax.stop_gradient(tokens) if self.freeze_image else tokens
+        return boundary(jax.lax.stop_gradient(tokens) if self.freeze_image else tokens)
 
     def encode_image(self, images):
         """Normalized query embeddings `[B, Q, E]`."""
@@ -75,19 +80,19 @@ class Blip2Stage1(nn.Module):
     def encode_text(self, text):
         """Normalized [CLS] embedding of the text-only pass `[B, E]`."""
         h = self.qformer_module(None, text, pad_id=self.pad_id)
-        return l2_normalize(self.text_proj(h[:, 0]))
+        return l2_normalize(self.text_proj(boundary(h[:, 0])))
 
     def itc_features(self, images, text):
         tokens = self.image_tokens(images)
         return {"image_feats": l2_normalize(self.vision_proj(self.qformer_module(tokens, None))),
                 "text_feat": self.encode_text(text),
-                "temp": jnp.clip(self.temp, 0.001, 0.5),
+                "temp": self.temp,
                 "image_tokens": tokens}
 
     def itm_logits(self, image_tokens, text):
         h = self.qformer_module(image_tokens, text, "bidirectional", pad_id=self.pad_id)
         q = self.qformer_module.num_queries
-        return self.itm_head(h[:, :q]).astype(jnp.float32).mean(axis=1)
+        return self.itm_head(boundary(h[:, :q])).astype(jnp.float32).mean(axis=1)
 
     def itg_logits(self, image_tokens, text):
         """ITG logits `[B, L, V]` of `text [B, L]` given `image_tokens [B, N, Dv]`.

@@ -23,7 +23,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mmjax.models.layers import MAPHead, Norm, default_kernel_init, l2_normalize, logical
+from mmjax.models.layers import Dense, MAPHead, Norm, boundary, l2_normalize
 from mmjax.models.text import CaptionDecoder, TextEncoder
 from mmjax.models.two_tower import _scalar
 from mmjax.models.vit import ViT
@@ -52,8 +52,8 @@ class CoCa(nn.Module):
         self.pooler = MAPHead(self.pooler_heads, num_queries=1 + self.caption_queries,
                               use_mlp=False, dtype=self.dtype)
         self.pool_norm = Norm(dtype=self.dtype)
-        self.image_proj = nn.Dense(self.embed_dim, use_bias=False, dtype=self.dtype,
-                                   kernel_init=logical(default_kernel_init, ("embed", "proj")))
+        self.image_proj = Dense(self.embed_dim, ("embed", "proj"), use_bias=False,
+                                dtype=self.dtype)
         self.text_tower = TextEncoder(**{"dtype": self.dtype, **dict(self.text),
                                          "embed_dim": self.embed_dim,
                                          "decode": self.cached_decode,
@@ -63,9 +63,13 @@ class CoCa(nn.Module):
             "cache_len": self.cache_len or self.text_tower.max_len})
         self.log_scale = _scalar(self, "log_scale", math.log(1 / 0.07))
 
+    def param_bounds(self) -> dict:
+        """The log-scale is clamped to [0, max_log_scale] after each update (open_clip)."""
+        return {} if self.max_log_scale is None else {"log_scale": (0.0, float(self.max_log_scale))}
+
     def _image(self, images):
         _, tokens = self.image_tower(images)
-        pooled = self.pool_norm(self.pooler(tokens))
+        pooled = boundary(self.pool_norm(self.pooler(tokens)))
         return self.image_proj(pooled[:, 0]).astype(jnp.float32), pooled[:, 1:]
 
     def encode_image(self, images):
@@ -93,8 +97,5 @@ class CoCa(nn.Module):
         zimg, img_tokens = self._image(images)
         ztxt, tok = self.text_tower(text)
         logits = self.text_decoder(tok, img_tokens, text != self.text_tower.pad_id)
-        t = self.log_scale
-        if self.max_log_scale is not None:
-            t = jnp.minimum(t, self.max_log_scale)
         return {"zimg": l2_normalize(zimg), "ztxt": l2_normalize(ztxt.astype(jnp.float32)),
-                "scale": jnp.exp(t), "logits": logits}
+                "scale": jnp.exp(self.log_scale), "logits": logits}

@@ -15,8 +15,11 @@ Shapes: B batch, T query length, S key length, D width, H heads, K head width.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 import functools
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -39,6 +42,81 @@ def logical(init: Callable, names: Sequence[Optional[str]]) -> Callable:
 def constrain(x: Array, names: Sequence[Optional[str]]) -> Array:
     """Logical sharding constraint on an activation (no-op outside a mesh)."""
     return nn.with_logical_constraint(x, tuple(names))
+
+
+# Activation layouts at module boundaries. Every module that hands activations
+# on (tower outputs, connector inputs and outputs, heads) pins them to one of
+# these, so the partitioner never has to infer a layout across a module: where
+# FSDP- and tensor-sharded weights meet, XLA's SPMD partitioner has been seen to
+# swap batch shards when left to choose (tests/test_xla_shard_swap.py).
+TOKENS = ("act_batch", "act_length", "act_embed")     # [B, N, D]
+HIDDEN = ("act_batch", "act_length", "act_mlp")       # [B, N, F] between two matmuls
+POOLED = ("act_batch", "act_embed")                   # [B, D]
+
+
+def boundary(x: Optional[Array]) -> Optional[Array]:
+    """`constrain` a module-boundary activation by its rank: `[B, D]` -> POOLED,
+    `[B, N, D]` -> TOKENS (None passes through)."""
+    if x is None:
+        return None
+    return constrain(x, {2: POOLED, 3: TOKENS}[x.ndim])
+
+
+# ----------------------------------------------------------------------------
+# Kernel policy: which matmul path and which gradient precision
+# ----------------------------------------------------------------------------
+
+GRAD_REDUCE_DTYPES = ("float32", "compute")
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelPolicy:
+    """How low-precision matmuls are lowered, read while a function is traced.
+
+    platform: "cpu", "gpu" or "tpu" of the devices the computation is compiled
+      for (the trainer sets it from its mesh); None = `jax.default_backend()`,
+      right for code that runs where it is traced. Never the host's backend when
+      compiling for an accelerator from a CPU host.
+    grad_reduce_dtype: "float32" (default): a float32 kernel used in a bfloat16
+      matmul gets its gradient from a float32-output dW GEMM, so the sum of the
+      per-replica partial gradients (all-reduce / reduce-scatter over the batch
+      axes) runs in float32, as large-scale recipes do. "compute": dW in the
+      compute dtype (half the gradient traffic, bfloat16 rounding of the sum).
+    """
+    platform: Optional[str] = None
+    grad_reduce_dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.grad_reduce_dtype not in GRAD_REDUCE_DTYPES:
+            raise ValueError(f"config.optim.grad_reduce_dtype={self.grad_reduce_dtype!r}; "
+                             f"choose one of {GRAD_REDUCE_DTYPES}.")
+
+
+_POLICY: contextvars.ContextVar[KernelPolicy] = contextvars.ContextVar(
+    "mmjax_kernel_policy", default=KernelPolicy())
+
+
+@contextlib.contextmanager
+def kernel_policy(policy: KernelPolicy) -> Iterator[KernelPolicy]:
+    """Trace under `policy` (see `KernelPolicy`)."""
+    token = _POLICY.set(policy)
+    try:
+        yield policy
+    finally:
+        _POLICY.reset(token)
+
+
+def current_platform() -> str:
+    """The platform matmuls are lowered for: the policy's, else the default backend."""
+    return _POLICY.get().platform or jax.default_backend()
+
+
+def broadcast_param(p: Array, shape: Sequence[int], dtype: Dtype) -> Array:
+    """A parameter broadcast to `shape` (e.g. a class token to `[B, 1, D]`), then cast
+    to `dtype`. In this order the gradient's sum over the broadcast (batch) axes
+    runs in the parameter's float32, and so does its reduction across replicas;
+    cast first, both would be bfloat16."""
+    return jnp.broadcast_to(p, tuple(shape)).astype(dtype)
 
 
 # ----------------------------------------------------------------------------
@@ -237,10 +315,13 @@ class _HeadsIn(nn.Module):
         return matmul_2d(x, self.kernel, 1, self.bias, self.dtype)
 
 
+def _low_precision(dtype: Dtype) -> bool:
+    return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
 def _f32_accumulating(dtype: Dtype) -> bool:
     """Whether matmuls of `dtype` inputs run as `dtype x dtype -> float32` (see `linear`)."""
-    return (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-            and jax.default_backend() == "cpu")
+    return _low_precision(dtype) and current_platform() == "cpu"
 
 
 def _transposed(a: Array) -> Array:
@@ -288,6 +369,30 @@ def _matmul_f32_out_bwd(dtype, res, g):
 _matmul_f32_out.defvjp(_matmul_f32_out_fwd, _matmul_f32_out_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul_f32_dw(x: Array, w: Array, dtype: Dtype) -> Array:
+    """`x [N, In] @ w [In, Out]` in `dtype` (output `dtype`), whose kernel gradient
+    `x^T g` is a float32-output GEMM returned in `w`'s float32: the partial dW of
+    each batch shard is then summed across replicas in float32."""
+    return _matmul_f32_dw_fwd(x, w, dtype)[0]
+
+
+def _matmul_f32_dw_fwd(x, w, dtype):
+    xl, wl = x.astype(dtype), w.astype(dtype)
+    return xl @ wl, (xl, wl, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
+
+
+def _matmul_f32_dw_bwd(dtype, res, g):
+    x, w, x_like, w_like = res
+    g = g.astype(dtype)
+    dx = (g @ w.T).astype(x_like.dtype)
+    dw = jnp.matmul(x.T, g, preferred_element_type=jnp.float32)
+    return dx, dw.astype(w_like.dtype)
+
+
+_matmul_f32_dw.defvjp(_matmul_f32_dw_fwd, _matmul_f32_dw_bwd)
+
+
 def linear(x: Array, kernel: Array, bias: Optional[Array], dtype: Dtype,
            act: Optional[Callable[[Array], Array]] = None) -> Array:
     """`act(x [N, In] @ kernel [In, Out] (+ bias [Out]))` computed in `dtype`: `[N, Out]`.
@@ -304,14 +409,24 @@ def linear(x: Array, kernel: Array, bias: Optional[Array], dtype: Dtype,
     with a rounding after every op, slower and less exact. GPUs and TPUs
     accumulate in float32 inside their bfloat16 GEMMs already, so there the plain
     `dtype` product is kept (and remat policies that save dot outputs keep them
-    in `dtype`).
+    in `dtype`); with `KernelPolicy.grad_reduce_dtype="float32"` (the default) the
+    float32 kernel's dW and the bias gradient come out in float32, so their sum
+    across data-parallel replicas is a float32 sum. The platform is the kernel
+    policy's (the mesh's devices under the trainer), not the host's.
     """
     if _f32_accumulating(dtype):
         y = _matmul_f32_out(x, kernel, dtype)
         y = y if bias is None else y + bias.astype(jnp.float32)
         return (y if act is None else act(y)).astype(dtype)
-    y = x.astype(dtype) @ kernel.astype(dtype)
-    y = y if bias is None else y + bias.astype(dtype)
+    if (_low_precision(dtype) and kernel.dtype == jnp.float32
+            and _POLICY.get().grad_reduce_dtype == "float32"):
+        # float32 parameter gradients: dW from a float32-output GEMM, the bias
+        # gradient summed over rows in float32 (see `KernelPolicy`).
+        y = _matmul_f32_dw(x, kernel, dtype)
+        y = y if bias is None else y + broadcast_param(bias, y.shape, dtype)
+    else:
+        y = x.astype(dtype) @ kernel.astype(dtype)
+        y = y if bias is None else y + bias.astype(dtype)
     return y if act is None else act(y)
 
 
@@ -548,7 +663,7 @@ class PositionEmbedding(nn.Module):
         else:
             raise ValueError(f"Unknown position embedding {self.kind!r} (config key `posemb`); "
                              "choose 'learned', 'sincos2d' or 'none'.")
-        return x + pe[None].astype(x.dtype)
+        return x + broadcast_param(pe[None], x.shape, x.dtype)
 
 
 # ----------------------------------------------------------------------------
@@ -711,13 +826,13 @@ class MAPHead(nn.Module):
         b, _, d = x.shape
         probe = self.param("probe", logical(nn.initializers.xavier_uniform(), (None, "embed")),
                            (self.num_queries, d))
-        q = jnp.broadcast_to(probe[None].astype(self.dtype), (b, self.num_queries, d))
+        q = broadcast_param(probe[None], (b, self.num_queries, d), self.dtype)
         y = Attention(self.num_heads, implementation=self.implementation, dtype=self.dtype,
                       name="attn")(q, x)
         if self.use_mlp:
             h = Norm(eps=self.norm_eps, dtype=self.dtype, name="norm")(y)
             y = y + Mlp(self.mlp_dim or 4 * d, self.act, dtype=self.dtype, name="mlp")(h)
-        return y
+        return boundary(y)
 
 
 def l2_normalize(x: Array, axis: int = -1, eps: float = 1e-12) -> Array:

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax.models.layers import (Mlp, Norm, _HeadsIn, _HeadsOut, constrain,
+from mmjax.models.layers import (Dense, Mlp, Norm, _HeadsIn, _HeadsOut, boundary, constrain,
                                  dot_product_attention, gather_cache, logical,
                                  make_attention_mask, normal_init, remat_policy, write_rows)
 
@@ -227,14 +227,16 @@ class DecoderLM(nn.Module):
             self.layers = [block(**block_kw) for _ in range(self.depth)]
         self.final_norm = Norm(kind="rmsnorm", eps=self.norm_eps, dtype=self.dtype)
         if not self.tie_embeddings:
-            self.lm_head = nn.Dense(self.vocab_size, use_bias=False, dtype=self.dtype,
-                                    kernel_init=logical(init, ("embed", "vocab")))
+            self.lm_head = Dense(self.vocab_size, ("embed", "vocab"), use_bias=False,
+                                 dtype=self.dtype, kernel_init=init)
         if self.decode:
             self.cache_index = CacheIndex()
 
     def embed(self, ids: Array) -> Array:
-        """Token embeddings `[B, L, D]` (compute dtype) of `ids [B, L]`."""
-        return self.token_embedding(ids)
+        """Token embeddings `[B, L, D]` (compute dtype) of `ids [B, L]`: gathered from the
+        float32 table, then cast, so the table's gradient is scattered (and reduced
+        across replicas) in float32."""
+        return jnp.take(self.token_embedding.embedding, ids, axis=0).astype(self.dtype)
 
     def __call__(self, ids: Optional[Array] = None, positions: Optional[Array] = None,
                  attention_mask: Optional[Array] = None,
@@ -279,7 +281,7 @@ class DecoderLM(nn.Module):
         else:
             for layer in self.layers:
                 x = layer(x, extras)[0]
-        x = self.final_norm(x)
+        x = boundary(self.final_norm(x))
         if self.tie_embeddings:
             logits = self.token_embedding.attend(x)
         else:

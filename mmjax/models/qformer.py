@@ -30,8 +30,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.models.layers import (Attention, Norm, constrain, get_activation, logical,
-                                 normal_init, remat_policy)
+from mmjax.models.layers import (HIDDEN, Attention, Dense, Norm, boundary, constrain,
+                                 get_activation, logical, normal_init, remat_policy)
 from mmjax.models.text import decode_slots
 
 MASK_MODES = ("unimodal", "bidirectional", "causal")
@@ -69,13 +69,11 @@ class _PostNormFFN(nn.Module):
     @nn.compact
     def __call__(self, x):
         d = x.shape[-1]
-        h = nn.Dense(self.mlp_dim, dtype=self.dtype, name="fc1",
-                     kernel_init=logical(normal_init(0.02), ("embed", "mlp")),
-                     bias_init=logical(nn.initializers.zeros, ("mlp",)))(x)
-        h = constrain(get_activation(self.act)(h), ("act_batch", "act_length", "act_mlp"))
-        h = nn.Dense(d, dtype=self.dtype, name="fc2",
-                     kernel_init=logical(normal_init(0.02), ("mlp", "embed")),
-                     bias_init=logical(nn.initializers.zeros, ("embed",)))(h)
+        h = Dense(self.mlp_dim, ("embed", "mlp"), dtype=self.dtype, name="fc1",
+                  kernel_init=normal_init(0.02), act=get_activation(self.act))(x)
+        h = constrain(h, HIDDEN)
+        h = Dense(d, ("mlp", "embed"), dtype=self.dtype, name="fc2",
+                  kernel_init=normal_init(0.02))(h)
         return Norm(eps=self.norm_eps, dtype=self.dtype, name="norm")(x + h)
 
 
@@ -253,11 +251,11 @@ class QFormer(nn.Module):
         x = Norm(eps=self.norm_eps, dtype=self.dtype, name="embed_norm")(x.astype(self.dtype))
         for layer in self._layers(q):
             x, _ = layer(x, extras)
+        x = boundary(x)
         if not lm_logits:
             return x
-        h = nn.Dense(self.width, dtype=self.dtype, name="lm_transform",
-                     kernel_init=logical(normal_init(0.02), ("embed", "embed_out")),
-                     bias_init=logical(nn.initializers.zeros, ("embed_out",)))(x)
+        h = Dense(self.width, ("embed", "embed_out"), dtype=self.dtype, name="lm_transform",
+                  kernel_init=normal_init(0.02))(x)
         h = Norm(eps=self.norm_eps, dtype=self.dtype, name="lm_norm")(get_activation(self.act)(h))
         bias = self.param("lm_bias", logical(nn.initializers.zeros, ("vocab",)), (self.vocab_size,))
         logits = word_embeddings.attend(h.astype(jnp.float32)) + bias

@@ -24,8 +24,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.models.layers import (Block, Norm, constrain, default_kernel_init, logical,
-                                 make_attention_mask, normal_init, stacked, write_rows)
+from mmjax.models.layers import (Block, Dense, Norm, boundary, broadcast_param, constrain,
+                                 logical, make_attention_mask, normal_init, stacked,
+                                 write_rows)
 from mmjax.models.lm import CacheIndex
 
 
@@ -121,11 +122,11 @@ class TextEncoder(nn.Module):
                 raise ValueError(f"TextEncoder decode mode needs `causal=True` and cache_len "
                                  f"({cache_len}) <= max_len ({self.max_len}).")
             mask, start, slots = decode_slots(self, valid, b, l, cache_len)
-            x = x + pos[slots].astype(self.dtype)
+            x = x + broadcast_param(pos[slots], x.shape, self.dtype)
             extras = (mask, None, None, start)
             cache_kw = dict(decode=True, cache_len=cache_len)
         else:
-            x = x + pos[None, :l].astype(self.dtype)
+            x = x + broadcast_param(pos[None, :l], x.shape, self.dtype)
             mask = make_attention_mask(None, valid, causal=self.causal, q_len=l, k_len=l)
             extras = (mask, None, None)
         x = constrain(x, ("act_batch", "act_length", "act_embed"))
@@ -137,7 +138,7 @@ class TextEncoder(nn.Module):
                           act=self.act, norm_eps=self.norm_eps,
                           implementation=self.attention, dtype=self.dtype, **cache_kw)
         x = encoder(x, extras)
-        x = Norm(eps=self.norm_eps, dtype=self.dtype, name="ln_final")(x)
+        x = boundary(Norm(eps=self.norm_eps, dtype=self.dtype, name="ln_final")(x))
 
         if self.decode:
             return None, x
@@ -152,11 +153,10 @@ class TextEncoder(nn.Module):
         else:
             raise ValueError(f"Unknown text pool {self.pool!r} (config key `pool`); choose "
                              "'eos', 'last', 'cls' or 'none'.")
+        pooled = boundary(pooled)
         if self.embed_dim is not None:
-            pooled = nn.Dense(self.embed_dim, use_bias=self.proj_bias, dtype=self.dtype,
-                              kernel_init=logical(default_kernel_init, ("embed", "proj")),
-                              bias_init=logical(nn.initializers.zeros, ("proj",)),
-                              name="proj")(pooled)
+            pooled = boundary(Dense(self.embed_dim, ("embed", "proj"), use_bias=self.proj_bias,
+                                    dtype=self.dtype, name="proj")(pooled))
         return pooled, x
 
     def embed_tokens(self, ids):
@@ -192,7 +192,8 @@ class CaptionDecoder(nn.Module):
     @nn.compact
     def __call__(self, text, image_tokens, text_valid=None):
         b, l, _ = text.shape
-        context = None if image_tokens is None else image_tokens.astype(self.dtype)
+        text = boundary(text)
+        context = None if image_tokens is None else boundary(image_tokens.astype(self.dtype))
         cache_kw = {}
         if self.decode:
             if not self.cache_len:
@@ -211,7 +212,6 @@ class CaptionDecoder(nn.Module):
                           implementation=self.attention, dtype=self.dtype, **cache_kw)
         x = decoder(text.astype(self.dtype), extras)
         x = Norm(eps=self.norm_eps, dtype=self.dtype, name="ln_final")(x)
-        logits = nn.Dense(self.vocab_size, use_bias=False, dtype=self.dtype,
-                          kernel_init=logical(default_kernel_init, ("embed", "vocab")),
-                          name="lm_head")(x)
+        logits = Dense(self.vocab_size, ("embed", "vocab"), use_bias=False, dtype=self.dtype,
+                       name="lm_head")(boundary(x))
         return constrain(logits, ("act_batch", "act_length", "act_vocab"))

@@ -3,7 +3,7 @@
 `TwoTower(image=..., text=..., head=...)(images [B, H, W, 3], text [B, L])`
 returns a dict:
   zimg, ztxt: `[B, E]` L2-normalized embeddings (float32)
-  scale:      scalar multiplier exp(t) (clamped to `max_log_scale` for softmax)
+  scale:      scalar multiplier exp(t)
   bias:       scalar logit bias (sigmoid head only)
 `encode_image` / `encode_text` return the projected, unnormalized embeddings.
 """
@@ -33,10 +33,11 @@ class TwoTower(nn.Module):
     Fields:
       image: keyword arguments of `ViT`.
       text: keyword arguments of `TextEncoder`.
-      head: "softmax" (CLIP: log-scale init log(1/0.07), clamped to log 100)
-        or "sigmoid" (SigLIP: t = log 10, b = -10).
+      head: "softmax" (CLIP: log-scale init log(1/0.07), kept in [0, log 100])
+        or "sigmoid" (SigLIP: t = log 10, b = -10, never clamped, as in big_vision).
       scale_init, bias_init: override the head's initial log-scale / bias.
-      max_log_scale: clamp of the log-scale (softmax head; None = no clamp).
+      max_log_scale: upper bound of the softmax head's log-scale, applied to the
+        parameter after every optimizer update (`param_bounds`; None = no bound).
     """
     image: dict
     text: dict
@@ -67,12 +68,16 @@ class TwoTower(nn.Module):
         """`[B, L]` int32 -> projected, unnormalized `[B, E]`."""
         return self.text_tower(text)[0].astype(jnp.float32)
 
-    def head_params(self):
-        """`(scale, bias)`: exp of the (clamped) log-scale, and the bias (or None)."""
-        t = self.log_scale
+    def param_bounds(self) -> dict:
+        """Top-level scalars the trainer clamps after each update: the softmax head's
+        log-scale to [0, max_log_scale] (open_clip); nothing for the sigmoid head."""
         if self.head == "softmax" and self.max_log_scale is not None:
-            t = jnp.minimum(t, self.max_log_scale)
-        return jnp.exp(t), (self.logit_bias if self.head == "sigmoid" else None)
+            return {"log_scale": (0.0, float(self.max_log_scale))}
+        return {}
+
+    def head_params(self):
+        """`(scale, bias)`: exp of the log-scale, and the bias (or None)."""
+        return jnp.exp(self.log_scale), (self.logit_bias if self.head == "sigmoid" else None)
 
     def __call__(self, images, text):
         scale, bias = self.head_params()

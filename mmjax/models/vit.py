@@ -14,8 +14,10 @@ import einops
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mmjax.models.layers import (Block, MAPHead, Norm, PositionEmbedding, constrain, matmul_2d,
-                                 default_kernel_init, logical, normal_init, stacked)
+from mmjax.models.layers import (Block, Dense, MAPHead, Norm, PositionEmbedding, boundary,
+                                 broadcast_param,
+                                 constrain, matmul_2d, default_kernel_init, logical, normal_init,
+                                 stacked)
 
 
 class ViT(nn.Module):
@@ -86,7 +88,7 @@ class ViT(nn.Module):
 
         if self.pool == "cls":
             cls = self.param("cls", logical(normal_init(0.02), ("embed",)), (self.width,))
-            cls = jnp.broadcast_to(cls.astype(self.dtype), (b, 1, self.width))
+            cls = broadcast_param(cls, (b, 1, self.width), self.dtype)
         if self.posemb == "learned":
             # CLIP layout: the class token has its own position embedding.
             if self.pool == "cls":
@@ -107,6 +109,7 @@ class ViT(nn.Module):
         x = encoder(x, (None, None, None))
         if self.ln_post:
             x = Norm(eps=self.norm_eps, dtype=self.dtype, name="ln_post")(x)
+        x = boundary(x)
 
         if self.pool == "cls":
             pooled = x[:, 0]
@@ -118,9 +121,8 @@ class ViT(nn.Module):
                              dtype=self.dtype, name="map_head")(x)[:, 0]
         else:
             return None, x
+        pooled = boundary(pooled)
         if self.embed_dim is not None:
-            pooled = nn.Dense(self.embed_dim, use_bias=self.proj_bias, dtype=self.dtype,
-                              kernel_init=logical(default_kernel_init, ("embed", "proj")),
-                              bias_init=logical(nn.initializers.zeros, ("proj",)),
-                              name="proj")(pooled)
+            pooled = boundary(Dense(self.embed_dim, ("embed", "proj"), use_bias=self.proj_bias,
+                                    dtype=self.dtype, name="proj")(pooled))
         return pooled, x

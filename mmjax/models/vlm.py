@@ -2,9 +2,10 @@
 
 `VisionLM` covers the two common connectors:
 
-- `connector="qformer"` (BLIP-2 stage 2): frozen ViT -> Q-Former query outputs
-  `[B, Q, Dq]` -> linear projection -> `Q` soft tokens in front of the text
-  (or at the `<image>` placeholder).
+- `connector="qformer"` (BLIP-2 stage 2): frozen ViT tokens (all of them, the
+  class token included, exactly what the stage-1 Q-Former saw) -> Q-Former
+  query outputs `[B, Q, Dq]` -> linear projection -> `Q` soft tokens in front
+  of the text (or at the `<image>` placeholder).
 - `connector="mlp"` (LLaVA-1.5): ViT patch tokens `[B, N, Dv]` (class token
   dropped) -> 2-layer GELU MLP -> `N` tokens spliced in at the `<image>`
   placeholder (or prepended when the text has none).
@@ -28,7 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.models.layers import constrain, default_kernel_init, logical
+from mmjax.models.layers import HIDDEN, TOKENS, Dense, boundary, constrain, gelu
 from mmjax.models.lm import DecoderLM
 from mmjax.models.qformer import QFormer
 from mmjax.models.vit import ViT
@@ -114,33 +115,33 @@ class VisionLM(nn.Module):
         self.image_tower = ViT(**{"dtype": self.dtype, **dict(self.image)})
         self.lm_module = DecoderLM(**{"dtype": self.dtype, **dict(self.lm)})
         width = self.lm_module.width
-        dense = lambda: nn.Dense(  # noqa: E731
-            width, dtype=self.dtype, kernel_init=logical(default_kernel_init, ("mlp", "embed")),
-            bias_init=logical(nn.initializers.zeros, ("embed",)))
+        dense = lambda act=None: Dense(width, ("mlp", "embed"), dtype=self.dtype,  # noqa: E731
+                                       act=act)
         if self.connector == "qformer":
             self.qformer_module = QFormer(**{"dtype": self.dtype, **dict(self.qformer)})
             self.projector = dense()
         else:
-            self.projector_fc1, self.projector_fc2 = dense(), dense()
+            self.projector_fc1, self.projector_fc2 = dense(gelu), dense()
 
     def image_embeds(self, images: Array) -> Array:
         """Image tokens in the LM's input space: `[B, P, D_lm]` (P = queries or patches)."""
-        pooled, tokens = self.image_tower(images)
-        if self.image_tower.pool == "cls":
-            tokens = tokens[:, 1:]  # LLaVA / BLIP-2 OPT use patch tokens; drop the class token
+        _, tokens = self.image_tower(images)
+        if self.connector == "mlp" and self.image_tower.pool == "cls":
+            tokens = tokens[:, 1:]  # LLaVA uses patch tokens only; BLIP-2 feeds all of them
         if self.freeze_image:
             tokens = jax.lax.stop_gradient(tokens)
+        tokens = boundary(tokens)
         if self.connector == "qformer":
-            return self.projector(self.qformer_module(tokens, None))
-        return self.projector_fc2(nn.gelu(self.projector_fc1(tokens), approximate=False))
+            return boundary(self.projector(self.qformer_module(tokens, None)))
+        hidden = constrain(self.projector_fc1(tokens), HIDDEN)  # GELU applied inside
+        return boundary(self.projector_fc2(hidden))
 
     def splice(self, image_embeds: Array, text: Array) -> dict:
         """Spliced LM inputs (see `splice_image_tokens`) from `image_embeds [B, P, D]`."""
-        names = ("act_batch", "act_length", "act_embed")
-        out = splice_image_tokens(constrain(self.lm_module.embed(text), names),
-                                  constrain(image_embeds, names), text,
+        out = splice_image_tokens(constrain(self.lm_module.embed(text), TOKENS),
+                                  constrain(image_embeds, TOKENS), text,
                                   text != self.pad_id, self.image_token_id)
-        out["embeds"] = constrain(out["embeds"], names)
+        out["embeds"] = constrain(out["embeds"], TOKENS)
         return out
 
     def inputs(self, images: Array, text: Array) -> dict:

@@ -29,6 +29,10 @@ def base_config() -> ml_collections.ConfigDict:
         lr=5e-4, warmup_steps=100, schedule="cosine", end_lr_frac=0.0,
         b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2, clip_norm=1.0,
         accum_steps=1, freeze=[],
+        decay_embeddings=False,        # weight decay on embeddings too (kernels always)
+        # dtype of the cross-replica gradient sum of low-precision matmuls: "float32"
+        # (float32 dW GEMMs) or "compute" (the compute dtype: half the bytes).
+        grad_reduce_dtype="float32",
         frozen_dtype=None))            # e.g. "bfloat16": store frozen weights (a frozen LM) smaller
     # Parameter prefix -> source ("workdir:DIR[@STEP][#SUBTREE]", "hf_llama:PATH", ...);
     # see mmjax/train/init_sources.py. Frozen sourced parameters are not checkpointed.

@@ -5,12 +5,20 @@ config.optim fields:
   b1, b2, eps, weight_decay, clip_norm (None/0 = off),
   freeze: list of parameter-path prefixes (e.g. ["image_tower"]) that are
     not updated at all (LiT); implemented with `optax.multi_transform`.
-Weight decay skips every parameter with ndim < 2 (norm scales, biases,
-scalars such as the logit scale/bias) and embeddings (token, position,
-class token, query tokens, MAP probe), as open_clip and big_vision do.
+  decay_embeddings: also decay embeddings (token / position tables, class
+    token, query tokens, MAP probes); default False.
+
+Weight decay is decided by what a parameter is, read from its name, never by
+its rank (`nn.scan` adds a leading layers axis, so a scanned LayerNorm scale is
+2-D and an attention bias `[H, K]` is 2-D even unscanned): weight matrices
+(`kernel`, `patch_kernel`) are decayed; norm scales, biases and head scalars
+(logit scale / bias, temperature) never are; embeddings by
+`optim.decay_embeddings`. A parameter name outside these kinds is an error, so
+a new module cannot silently change the policy.
 """
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -19,8 +27,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-NO_DECAY_PATTERN = re.compile(
-    r"(embedding|posemb|position_embeddings|query_tokens|/cls$|probe|log_scale|logit_bias|temp)")
+# Parameter kinds by leaf name (the last path component).
+KERNELS = re.compile(r"(^|_)kernel$")
+EMBEDDINGS = frozenset({"embedding", "posemb", "position_embeddings", "query_tokens", "cls",
+                        "probe"})
+NEVER_DECAYED = re.compile(r"^(scale|(\w+_)?bias|log_scale|temp)$")
 
 
 def lr_schedule(optim: Any, total_steps: int) -> optax.Schedule:
@@ -46,10 +57,25 @@ def _path(path: tuple) -> str:
     return "/".join(str(getattr(k, "key", k)) for k in path)
 
 
-def decay_mask(params: Any) -> Any:
-    """True where weight decay applies."""
-    return jax.tree_util.tree_map_with_path(
-        lambda p, x: x.ndim >= 2 and not NO_DECAY_PATTERN.search(_path(p)), params)
+def param_kind(path: str) -> str:
+    """"kernel", "embedding" or "other" (norm scale, bias, head scalar) for a
+    parameter path like `image_tower/layers/mlp/fc1/kernel`."""
+    name = path.rsplit("/", 1)[-1]
+    if KERNELS.search(name):
+        return "kernel"
+    if name in EMBEDDINGS:
+        return "embedding"
+    if NEVER_DECAYED.match(name):
+        return "other"
+    raise ValueError(f"parameter {path!r}: unknown kind for weight decay; name it like a "
+                     "kernel (`kernel`), an embedding, a norm scale or a bias, or add its "
+                     "name to mmjax.train.optimizer's parameter kinds.")
+
+
+def decay_mask(params: Any, decay_embeddings: bool = False) -> Any:
+    """True where weight decay applies: kernels, and embeddings if `decay_embeddings`."""
+    kinds = ("kernel", "embedding") if decay_embeddings else ("kernel",)
+    return jax.tree_util.tree_map_with_path(lambda p, _: param_kind(_path(p)) in kinds, params)
 
 
 def frozen_labels(params: Any, freeze: list[str]) -> Any:
@@ -77,7 +103,9 @@ def build_optimizer(optim: Any, total_steps: int) -> tuple[optax.GradientTransfo
         parts.append(optax.clip_by_global_norm(float(optim.clip_norm)))
     parts.append(optax.adamw(schedule, b1=float(optim.b1), b2=float(optim.b2),
                              eps=float(optim.eps), weight_decay=float(optim.weight_decay),
-                             mask=decay_mask))
+                             mask=functools.partial(
+                                 decay_mask,
+                                 decay_embeddings=bool(optim.get("decay_embeddings", False)))))
     tx = optax.chain(*parts)
     freeze = list(optim.get("freeze") or [])
     if freeze:
@@ -86,10 +114,15 @@ def build_optimizer(optim: Any, total_steps: int) -> tuple[optax.GradientTransfo
     return tx, schedule
 
 
-def clamp_head_params(params: Any, max_log_scale: float | None) -> Any:
-    """Clamp a top-level `log_scale` to [0, max_log_scale] after each update (open_clip)."""
-    if max_log_scale is None or "log_scale" not in params:
+def clamp_params(params: Any, bounds: dict[str, tuple[float, float]]) -> Any:
+    """Clamp top-level scalar parameters into `bounds` (name -> (low, high)) after an
+    update, as open_clip does for CLIP's logit scale and LAVIS for BLIP-2's
+    temperature. The forward pass uses the parameter as it is, so its gradient
+    is never cut off by the bound."""
+    if not bounds:
         return params
     params = dict(params)
-    params["log_scale"] = jnp.clip(params["log_scale"], 0.0, max_log_scale)
+    for name, (low, high) in bounds.items():
+        if name in params:
+            params[name] = jnp.clip(params[name], low, high)
     return params

@@ -17,10 +17,11 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mmjax.data.decode import normalize_on_device
+from mmjax.models.layers import KernelPolicy, kernel_policy
 from mmjax.train import sharding as shd
 from mmjax.train.objectives import compute_losses
 from mmjax.train import init_sources
-from mmjax.train.optimizer import check_freeze, clamp_head_params, frozen_labels
+from mmjax.train.optimizer import check_freeze, clamp_params, frozen_labels
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
 
@@ -38,7 +39,11 @@ class Trainer:
                  schedule: Callable, mesh: jax.sharding.Mesh):
         self.config, self.model, self.tx, self.schedule, self.mesh = config, model, tx, schedule, mesh
         self.objectives = dict(config.objectives)
-        self.max_log_scale = getattr(model, "max_log_scale", None)
+        self.policy = KernelPolicy(
+            platform=mesh.devices.flat[0].platform,
+            grad_reduce_dtype=str(config.optim.get("grad_reduce_dtype", "float32")))
+        # Scalars kept in a range after every update (CLIP's logit scale, BLIP-2's temperature).
+        self.param_bounds = model.param_bounds() if hasattr(model, "param_bounds") else {}
         self.freeze = list(config.optim.get("freeze") or [])
         frozen_dtype = config.optim.get("frozen_dtype")
         frozen_dtype = None if frozen_dtype in ("None", "none", "") else frozen_dtype
@@ -63,7 +68,9 @@ class Trainer:
             param_sh = shd.state_shardings(boxed, mesh)
             check_freeze(config.optim, jax.tree.map(
                 lambda x: x.value, boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)))
-            abstract = jax.eval_shape(init, jax.random.key(0))
+            # The key is made inside the traced function: nothing here may run on a
+            # device eagerly (the mesh may hold compile-only accelerator devices).
+            abstract = jax.eval_shape(lambda: init(jax.random.key(0)))
             repl = shd.replicated(mesh)
             opt_sh = shd.follow_params(abstract["opt_state"], abstract["params"], param_sh, mesh)
         self.state_sharding = {"step": repl, "params": param_sh, "opt_state": opt_sh, "rng": repl}
@@ -71,21 +78,25 @@ class Trainer:
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
             abstract, self.state_sharding)
         self.batch_sharding = shd.batch_sharding(mesh)
-        self._step = None
+        self._step = self._grad_fn = None
 
     def context(self):
-        """Mesh + logical rules active while tracing (losses read the mesh)."""
+        """Mesh, logical rules and kernel policy active while tracing (losses read the
+        mesh; matmuls are lowered for the platform of the mesh's devices, not the
+        host's, so a TPU step compiled on a CPU host gets the TPU path)."""
         import contextlib
         stack = contextlib.ExitStack()
         stack.enter_context(jax.set_mesh(self.mesh))
         stack.enter_context(shd.logical_rules_context())
+        stack.enter_context(kernel_policy(self.policy))
         return stack
 
     def init_state(self, seed: int) -> dict:
         """Fresh state: random init, then the `config.init` sources."""
         with self.context():
             state = jax.jit(self._init, out_shardings=self.state_sharding)(jax.random.key(seed))
-        state["params"] = init_sources.apply_init(state["params"], self.config)
+        state["params"] = clamp_params(init_sources.apply_init(state["params"], self.config),
+                                       self.param_bounds)
         return state
 
     def referenced_keys(self) -> set:
@@ -122,20 +133,20 @@ class Trainer:
         # are closed over, so no backward work or memory goes to them.
         labels = init_sources.flat(frozen_labels(params, self.freeze))
 
-        def fn(p, b):
+        def fn(p, b, key):
             flat = init_sources.flat(p)
             frozen = {k: v for k, v in flat.items() if labels[k] == "frozen"}
             trained = {k: v for k, v in flat.items() if labels[k] != "frozen"}
 
             def loss_fn(t):
                 full = init_sources.nested({**frozen, **t})
-                return compute_losses(self.model, full, b, self.objectives, rng)
+                return compute_losses(self.model, full, b, self.objectives, key)
             out, g = jax.value_and_grad(loss_fn, has_aux=True)(trained)
             g = {**{k: jnp.zeros_like(v) for k, v in frozen.items()}, **g}
             return out, init_sources.nested(g)
         accum = int(self.config.optim.get("accum_steps", 1) or 1)
         if accum == 1:
-            (loss, metrics), grads = fn(params, batch)
+            (loss, metrics), grads = fn(params, batch, rng)
             return loss, metrics, grads
         # Micro-batches: each takes an equal slice of every device's rows, so
         # no data moves between devices. Contrastive negatives come from the
@@ -153,26 +164,38 @@ class Trainer:
                 x, NamedSharding(self.mesh, P(None, shd.BATCH_AXES)))
         micro = jax.tree.map(split, batch)
 
-        def run(mb):
-            (loss, metrics), grads = fn(params, mb)
+        def run(mb, i):
+            # Each micro-batch draws its own randomness (ITM negatives).
+            (loss, metrics), grads = fn(params, mb, jax.random.fold_in(rng, i))
             return loss, metrics, grads
 
-        def body(acc, mb):
-            return jax.tree.map(jnp.add, acc, run(mb)), None
-        first = run(jax.tree.map(lambda x: x[0], micro))
-        total, _ = jax.lax.scan(body, first, jax.tree.map(lambda x: x[1:], micro))
+        def body(acc, xs):
+            mb, i = xs
+            return jax.tree.map(jnp.add, acc, run(mb, i)), None
+        first = run(jax.tree.map(lambda x: x[0], micro), 0)
+        rest = (jax.tree.map(lambda x: x[1:], micro), jnp.arange(1, accum))
+        total, _ = jax.lax.scan(body, first, rest)
         return jax.tree.map(lambda x: x / accum, total)
 
-    def _train_step(self, state, batch):
+    def _prepare(self, state, batch):
+        """The batch as the model takes it and this step's random key."""
         batch = dict(batch)
         if batch["image"].dtype == jnp.uint8:
             d = self.config.data.train
             batch["image"] = normalize_on_device(batch["image"], d.mean, d.std)
         rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+        return batch, rng
+
+    def _grads(self, state, batch):
+        batch, rng = self._prepare(state, batch)
+        return self._loss_and_grads(state["params"], batch, rng)
+
+    def _train_step(self, state, batch):
+        batch, rng = self._prepare(state, batch)
         loss, metrics, grads = self._loss_and_grads(state["params"], batch, rng)
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        params = clamp_head_params(params, self.max_log_scale)
+        params = clamp_params(params, self.param_bounds)
         metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
                        lr=self.schedule(state["step"]))
         new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
@@ -186,6 +209,18 @@ class Trainer:
                                  out_shardings=(self.state_sharding, shd.replicated(self.mesh)),
                                  donate_argnums=(0,))
         return self._step
+
+    def grads(self, state: dict, batch: dict) -> tuple[jax.Array, dict, Any]:
+        """`(loss, metrics, grads)` that `step` would compute on `batch` at `state`
+        (same shardings, micro-batching and random key; `grads` shaped and sharded
+        like the parameters, zeros for frozen ones), without updating anything."""
+        if self._grad_fn is None:
+            repl = shd.replicated(self.mesh)
+            self._grad_fn = jax.jit(self._grads,
+                                    in_shardings=(self.state_sharding, self.batch_sharding),
+                                    out_shardings=(repl, repl, self.state_sharding["params"]))
+        with self.context():
+            return self._grad_fn(state, batch)
 
     def step(self, state: dict, batch: dict) -> tuple[dict, dict]:
         """One optimizer step on a global batch (dict of sharded jax.Arrays)."""
