@@ -10,10 +10,12 @@ extension is the rest, lowercased.
 """
 from __future__ import annotations
 
+import bz2
 import io
 import json
+import lzma
 import posixpath
-import tarfile
+import zlib
 from typing import Callable, Iterator
 
 # Reasons a whole shard (or its remainder) cannot be read; the pipeline
@@ -34,32 +36,6 @@ class ShardReadError(Exception):
         self.reason = reason
 
 
-class _Prefixed(io.RawIOBase):
-    """A read-only stream: some already-read bytes, then the rest of ``f``."""
-
-    def __init__(self, head: bytes, f):
-        self._head, self._f = head, f
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, n: int = -1) -> bytes:
-        if self._head:
-            if n < 0:
-                out, self._head = self._head + self._f.read(), b""
-                return out
-            out, self._head = self._head[:n], self._head[n:]
-            if len(out) < n:
-                out += self._f.read(n - len(out))
-            return out
-        return self._f.read(n)
-
-    def readinto(self, b) -> int:
-        data = self.read(len(b))
-        b[:len(data)] = data
-        return len(data)
-
-
 def split_member_name(name: str) -> tuple[str, str] | None:
     """``"a.b/c.seg.JPG"`` -> ``("a.b/c", "seg.jpg")``; None for names that are
     not sample members (no extension, hidden files)."""
@@ -71,7 +47,7 @@ def split_member_name(name: str) -> tuple[str, str] | None:
     return key, ext.lower()
 
 
-# Magic numbers of compressed tars (read through `tarfile`, which decompresses).
+# Magic numbers of compressed tars (gzip, bzip2, xz), decompressed as they stream.
 _COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
 
 
@@ -89,18 +65,30 @@ def iter_tar_samples(fileobj, keep: Callable[[int], bool] | None = None,
 
     Raises:
       ShardReadError: ``empty_shard`` (zero bytes), ``not_tar`` (no valid tar
-        header), or ``truncated_tar`` (the stream broke mid-way; samples read
-        so far were yielded, the incomplete one is dropped).
+        header), or ``truncated_tar`` (the stream broke mid-way, or a gzip /
+        bzip2 / xz stream is cut short or corrupt anywhere; samples read so far
+        were yielded, one whose member data was cut is dropped).
     """
     head = fileobj.read(512)
     if not head:
         raise ShardReadError(EMPTY_SHARD, "the shard is empty (zero bytes)")
     if head.startswith(_COMPRESSED):
-        members = _tarfile_members(_Prefixed(head, fileobj))
+        members = _compressed_tar_members(head, fileobj)
     else:
         members = _plain_tar_members(head, fileobj)
     index, key, samples = -1, None, {}
-    for name, read in members:
+    members = iter(members)
+    while True:
+        try:
+            name, read = next(members)
+        except StopIteration:
+            break
+        except ShardReadError:
+            # Broken between members: every member of the sample in hand was
+            # read whole, so it is delivered before the error.
+            if key is not None and samples and (stop_after is None or index <= stop_after):
+                yield index, key, samples
+            raise
         parsed = split_member_name(name)
         if parsed is None:
             continue
@@ -117,22 +105,132 @@ def iter_tar_samples(fileobj, keep: Callable[[int], bool] | None = None,
         yield index, key, samples
 
 
-def _tarfile_members(stream) -> Iterator[tuple[str, Callable[[], bytes]]]:
-    """(name, read-the-data) of each regular file, through `tarfile` (compressed tars)."""
-    try:
-        tar = tarfile.open(fileobj=stream, mode="r|*")
-    except (tarfile.TarError, EOFError, OSError) as e:
-        raise ShardReadError(NOT_TAR, f"not a tar file ({e})") from e
+class _Decompressed(io.RawIOBase):
+    """The decompressed bytes of a gzip, bzip2 or xz stream (concatenated
+    streams of the same kind read as one, as ``gzip -d`` does), read in
+    bounded chunks. ``read(n)`` returns ``n`` bytes unless the data ends.
+
+    Where the compressed stream is cut short (the file ends before its end
+    marker and checksum) or its data is corrupt, the bytes read so far come
+    out and then the stream ends; ``problem`` says why. Bytes after the last
+    complete stream that do not start another one are ignored.
+    """
+
+    _CHUNK = 1 << 16   # compressed bytes read at a time
+    _OUT = 1 << 20     # most decompressed bytes per decompress call
+
+    def __init__(self, head: bytes, f):
+        self._f, self._input = f, head
+        self._magic = next(m for m in _COMPRESSED if head.startswith(m))
+        self.kind = {b"\x1f\x8b": "gzip", b"BZh": "bzip2"}.get(self._magic, "xz")
+        self._buf = bytearray()
+        self._end = False
+        self.problem: str | None = None
+        self._d = self._decompressor()
+
+    def _decompressor(self):
+        if self.kind == "gzip":
+            return zlib.decompressobj(16 + zlib.MAX_WBITS)
+        if self.kind == "bzip2":
+            return bz2.BZ2Decompressor()
+        return lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
+
+    def readable(self) -> bool:
+        return True
+
+    def _take_input(self) -> bytes:
+        data, self._input = self._input, b""
+        return data or self._f.read(self._CHUNK)
+
+    def _stream_end(self):
+        """One compressed stream is complete: another may follow."""
+        rest = self._d.unused_data
+        while len(rest) < len(self._magic):
+            more = self._f.read(self._CHUNK)
+            if not more:
+                break
+            rest += more
+        if rest.startswith(self._magic):
+            self._input, self._d = rest, self._decompressor()
+        else:
+            self._end = True
+
+    def _step(self) -> bytes:
+        d = self._d
+        if d.eof:
+            self._stream_end()
+            return b""
+        try:
+            if self.kind == "gzip":
+                data = d.unconsumed_tail or self._take_input()
+            else:
+                data = self._take_input() if d.needs_input else b""
+            if not data and (self.kind == "gzip" or d.needs_input):
+                self.problem = f"the {self.kind} stream is cut short (the file ends inside it)"
+                self._end = True
+                return b""
+            return d.decompress(data, self._OUT)
+        except (zlib.error, OSError, EOFError, lzma.LZMAError, ValueError) as e:
+            self.problem = f"corrupt {self.kind} data ({e})"
+            self._end = True
+            return b""
+
+    def read(self, n: int = -1) -> bytes:
+        while (n < 0 or len(self._buf) < n) and not self._end:
+            self._buf += self._step()
+        if n < 0:
+            n = len(self._buf)
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+    def drain(self) -> None:
+        """Reads (and drops) the rest, so that a cut or corrupt end shows in ``problem``."""
+        while not self._end:
+            self._step()
+            self._buf.clear()
+
+
+def _compressed_tar_members(head: bytes, f) -> Iterator[tuple[str, Callable[[], bytes]]]:
+    """(name, read-the-data) of each regular file of a gzip / bzip2 / xz tar.
+
+    The tar inside is read by the same reader as a plain tar. A compressed
+    stream that is cut short or corrupt is a truncated tar wherever the cut
+    falls (inside a member, at a member boundary, or after the tar's end
+    blocks): the members before it are delivered, then ``truncated_tar``.
+    """
+    stream = _Decompressed(head, f)
     count = 0
     try:
-        for info in tar:
-            if info.isfile():
-                yield info.name, tar.extractfile(info).read
-                count += 1
-    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-        raise _broken(count, str(e)) from e
-    finally:
-        tar.close()
+        for name, read in _plain_tar_members(stream.read(512), stream):
+            count += 1
+            yield name, _explained(read, stream)
+        stream.drain()  # the end blocks may come before a cut: check the stream's end
+    except ShardReadError as e:
+        if stream.problem is None:
+            raise
+        if e.reason == NOT_TAR:
+            raise ShardReadError(NOT_TAR, f"{e} ({stream.problem})") from e
+        raise _broken(count, stream.problem) from e
+    if stream.problem is not None:
+        raise _broken(count, stream.problem)
+
+
+def _explained(read: Callable[[], bytes], stream: _Decompressed) -> Callable[[], bytes]:
+    """``read``, whose truncation error also says what happened to the compressed stream."""
+    def read_member() -> bytes:
+        try:
+            return read()
+        except ShardReadError as e:
+            if stream.problem is None:
+                raise
+            raise ShardReadError(e.reason, f"{e}; {stream.problem}") from e
+    return read_member
 
 
 def _broken(count: int, why: str) -> ShardReadError:

@@ -1,0 +1,121 @@
+"""More bad data: compressed shards cut short, worker processes outliving a
+killed trainer, 16-bit images, invalid JSON captions, bad-sample totals."""
+import gzip
+import io
+import logging
+import tarfile
+import zlib
+
+import numpy as np
+import pytest
+
+from _shards import CharTokenizer, make_image, sample_members, write_dataset, write_tar
+from mmjax.data import pipeline, tario
+
+TOK = CharTokenizer(16)
+
+
+def _cfg(shards, **kw):
+    cfg = pipeline.default_data_config()
+    cfg.shards = shards
+    cfg.image_size = 16
+    cfg.workers = 0
+    cfg.shuffle_buffer = 0
+    cfg.max_pixels = 50_000
+    cfg.max_bad_fraction = 1.0
+    for k, v in kw.items():
+        cfg[k] = v
+    return cfg
+
+
+# --- compressed shards cut short ----------------------------------------------
+
+def _gz_cut(tar_bytes: bytes, at: int) -> bytes:
+    """A gzip of ``tar_bytes`` cut so that it decompresses to exactly ``tar_bytes[:at]``
+    (a full flush at ``at``, the file ends there: no rest of the stream, no trailer)."""
+    c = zlib.compressobj(6, zlib.DEFLATED, 31)
+    out = c.compress(tar_bytes[:at]) + c.flush(zlib.Z_FULL_FLUSH)
+    assert zlib.decompressobj(31).decompress(out) == tar_bytes[:at]  # the premise
+    return out
+
+
+@pytest.fixture(scope="module")
+def gz_shards(tmp_path_factory):
+    """A good plain shard, a .tar.gz cut inside member data, one cut exactly at a
+    member boundary (tarfile reads that as a clean end), one whole .tar.gz minus
+    its last 8 bytes (the gzip trailer), and another good shard."""
+    root = tmp_path_factory.mktemp("gz")
+    paths = write_dataset(root, 1, 3, prefix="a")
+    full = root / "full.tar"
+    write_tar(full, sum((sample_members(f"t{j}", f"t{j}", make_image(7000 + j), 7000 + j)
+                         for j in range(4)), []))
+    raw = full.read_bytes()
+    with tarfile.open(full) as tf:
+        t2 = tf.getmember("t2.jpg")
+    in_data = _gz_cut(raw, t2.offset_data + 20)   # inside sample 2's image data
+    at_boundary = _gz_cut(raw, t2.offset)         # right before sample 2's header
+    # Check the boundary cut really looks like a clean end to tarfile.
+    with tarfile.open(fileobj=io.BytesIO(at_boundary), mode="r|gz") as tf:
+        assert [m.name for m in tf][-1] == "t1.cls"
+    whole = gzip.compress(raw, mtime=0)
+    files = {"cut_data.tar.gz": in_data, "cut_boundary.tar.gz": at_boundary,
+             "no_trailer.tar.gz": whole[:-8]}
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+    paths += [str(root / n) for n in files]
+    paths += write_dataset(root, 1, 2, prefix="z")
+    full.unlink()
+    good = sorted([j for j in range(3)] + [7000, 7001] * 2 + [7000, 7001, 7002, 7003]
+                  + [j for j in range(2)])
+    return paths, good
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_truncated_tar_gz_is_counted_and_keeps_earlier_samples(gz_shards, workers, caplog):
+    paths, good = gz_shards
+    it = pipeline.build_eval_iterator(_cfg(paths, workers=workers), 4, process_index=0,
+                                      process_count=1, tokenizer=TOK)
+    try:
+        with caplog.at_level(logging.WARNING, logger="mmjax.data.pipeline"):
+            labels = [int(x) for b in it for x in b["label"][b["valid"]]]
+        # The samples before each cut exactly once; the cut sample left out.
+        assert sorted(labels) == good
+        assert it.stats() == {"ok": len(good), "truncated_tar": 3}
+    finally:
+        it.close()
+    if workers == 0:  # log lines of worker processes do not reach caplog
+        text = "\n".join(r.getMessage() for r in caplog.records)
+        assert "truncated_tar" in text and "cut_data.tar.gz" in text
+
+
+@pytest.mark.parametrize("name,keys", [("cut_data.tar.gz", ["t0", "t1"]),
+                                       ("cut_boundary.tar.gz", ["t0", "t1"]),
+                                       ("no_trailer.tar.gz", ["t0", "t1", "t2", "t3"])])
+def test_tar_gz_cut_raises_truncated_after_the_complete_samples(gz_shards, name, keys):
+    paths, _ = gz_shards
+    path = next(p for p in paths if p.endswith(name))
+    seen = []
+    with open(path, "rb") as f, pytest.raises(tario.ShardReadError) as e:
+        for _, key, _ in tario.iter_tar_samples(f):
+            seen.append(key)
+    assert e.value.reason == tario.TRUNCATED_TAR and seen == keys
+    assert "gzip" in str(e.value)
+
+
+def test_compressed_tars_read_whole_and_concatenated(tmp_path):
+    import bz2
+    import lzma
+    members = sum((sample_members(f"c{j}", f"c{j}", make_image(j), j) for j in range(3)), [])
+    write_tar(tmp_path / "c.tar", members)
+    raw = (tmp_path / "c.tar").read_bytes()
+    want = [f"c{j}" for j in range(3)]
+    half = len(raw) // 2  # two gzip members, one tar (as bgzip writes)
+    for data in (gzip.compress(raw), bz2.compress(raw), lzma.compress(raw),
+                 gzip.compress(raw[:half]) + gzip.compress(raw[half:])):
+        got = [k for _, k, _ in tario.iter_tar_samples(io.BytesIO(data))]
+        assert got == want
+    bad = bytearray(gzip.compress(raw))
+    bad[len(bad) // 2] ^= 0xFF  # corrupt deflate data mid-way
+    with pytest.raises(tario.ShardReadError) as e:
+        list(tario.iter_tar_samples(io.BytesIO(bytes(bad))))
+    assert e.value.reason == tario.TRUNCATED_TAR
