@@ -3,7 +3,12 @@ killed trainer, 16-bit images, invalid JSON captions, bad-sample totals."""
 import gzip
 import io
 import logging
+import os
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 import zlib
 
 import numpy as np
@@ -119,3 +124,70 @@ def test_compressed_tars_read_whole_and_concatenated(tmp_path):
     with pytest.raises(tario.ShardReadError) as e:
         list(tario.iter_tar_samples(io.BytesIO(bytes(bad))))
     assert e.value.reason == tario.TRUNCATED_TAR
+
+
+# --- worker processes die with the trainer -------------------------------------
+
+_TRAINER = r"""
+import multiprocessing, sys, time
+sys.path.insert(0, sys.argv[1])
+from _shards import CharTokenizer
+from mmjax.data import pipeline
+cfg = pipeline.default_data_config()
+cfg.shards = sys.argv[2]
+cfg.image_size = 16
+cfg.workers = 2
+cfg.shuffle_buffer = 4
+it = pipeline.build_train_iterator(cfg, 2, process_index=0, process_count=1,
+                                   tokenizer=CharTokenizer(16))
+next(it)
+from multiprocessing import resource_tracker
+tracker = getattr(resource_tracker._resource_tracker, "_pid", None)
+print("workers", *[p.pid for p in multiprocessing.active_children()], flush=True)
+print("tracker", tracker or "", flush=True)
+time.sleep(600)
+"""
+
+
+def _gone(pid: int) -> bool:
+    """No such process, or a zombie (dead, waiting for its new parent to reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc")
+def test_workers_and_resource_tracker_exit_when_the_trainer_is_killed(tmp_path):
+    write_dataset(tmp_path, 2, 8)
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.Popen([sys.executable, "-c", _TRAINER, tests_dir,
+                             str(tmp_path / "shard-*.tar")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pids = []
+    try:
+        lines = {}
+        for _ in range(2):
+            line = proc.stdout.readline()
+            assert line, proc.stderr.read()
+            name, *values = line.split()
+            lines[name] = [int(v) for v in values]
+        workers, tracker = lines["workers"], lines["tracker"]
+        pids = workers + tracker
+        assert len(workers) == 2 and all(not _gone(p) for p in pids)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and not all(_gone(p) for p in pids):
+            time.sleep(0.1)
+        alive = [p for p in pids if not _gone(p)]
+        assert not alive, (f"still running {5.0}s after the trainer was killed: {alive} "
+                           f"(workers {workers}, resource tracker {tracker})")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for p in pids:  # do not leave them behind when the test fails
+            if not _gone(p):
+                os.kill(p, signal.SIGKILL)

@@ -39,6 +39,9 @@ import logging
 import multiprocessing as mp
 import os
 import queue
+import signal
+import sys
+import threading
 import time
 import traceback
 from collections import Counter
@@ -424,9 +427,54 @@ def _make_tokenizer(opts: dict) -> Callable:
     return build_tokenizer(tok, opts["max_len"])
 
 
-def _worker_main(opts, worker, state, batch_size, out_q, stop):
-    """Worker process loop: put ("batch", batch, state) until told to stop."""
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _exit_with_parent(parent_pid: int | None, period: float = 0.25):
+    """Makes this worker process end when the process that started it dies
+    (e.g. a SIGKILLed trainer), instead of blocking on a queue nobody reads.
+
+    Linux: the kernel sends SIGKILL on the parent's death (``PR_SET_PDEATHSIG``;
+    strictly, on the exit of the parent's thread that started the worker: the
+    iterator starts its workers from the thread that iterates). Everywhere, as
+    well: a daemon thread that exits the process within ``period`` seconds once
+    the parent is gone (``os.getppid()`` changed, or multiprocessing's parent
+    sentinel closed). ``parent_pid``: the trainer's pid when it is this
+    process's parent (spawn, fork), to catch a parent that died before the
+    watch began; None under forkserver, whose server process is the parent
+    (it exits when the trainer does). With the workers gone, multiprocessing's
+    resource tracker (started for the queues' semaphores) sees its pipe close
+    and exits too.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # the watch below still applies
+    watched = os.getppid()
+    parent = mp.parent_process()
+
+    def parent_gone() -> bool:
+        return os.getppid() != watched or (parent is not None and not parent.is_alive())
+
+    if (parent_pid is not None and watched != parent_pid) or parent_gone():
+        os._exit(1)  # the parent died before the death signal was armed
+
+    def watch():
+        while not parent_gone():
+            time.sleep(period)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="mmjax-data-parent-watch", daemon=True).start()
+
+
+def _worker_main(opts, worker, state, batch_size, out_q, stop, parent_pid=None):
+    """Worker process loop: put ("batch", batch, state) until told to stop.
+    Ends by itself when its parent process dies (``_exit_with_parent``)."""
     try:
+        _exit_with_parent(parent_pid)
         pipe = WorkerPipeline(opts, worker, state)
         while not stop.is_set():
             batch = pipe.next_batch(batch_size)
@@ -567,12 +615,14 @@ class DataIterator:
             self._local = WorkerPipeline(self.o, 0, self._states[0])
             return
         ctx = mp.get_context(self.o["start_method"])
+        parent = os.getpid() if ctx.get_start_method() != "forkserver" else None
         self._stop = ctx.Event()
         per_worker = self.batch_size
         for w in range(self.num_workers):
             q = ctx.Queue(maxsize=max(1, self.o["prefetch"]))
             p = ctx.Process(target=_worker_main, name=f"mmjax-data-{w}", daemon=True,
-                            args=(self.o, w, self._states[w], per_worker, q, self._stop))
+                            args=(self.o, w, self._states[w], per_worker, q, self._stop,
+                                  parent))
             p.start()
             self._procs.append(p)
             self._queues.append(q)
