@@ -248,3 +248,112 @@ def test_shards_command_synthetic(tmp_path):
     assert len(got) == 10
     img = Image.open(io.BytesIO(got["000000003"]["jpg"]))
     assert img.size == (16, 16)
+
+
+# ---- `mmjax shards` into a used folder, undecodable images, bad captions files ------
+
+def _cli(argv, capsys):
+    """(exit code, stderr lines) of ``mmjax shards ...`` through the real entry point."""
+    from mmjax.cli import main
+    capsys.readouterr()
+    code = main(["shards", *argv])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_shards_command_refuses_non_empty_out_unless_overwrite(image_folder, tmp_path, capsys):
+    d, files = image_folder
+    cap = tmp_path / "c.csv"
+    cap.write_text("file,caption\na.png,one\nb.jpg,two\nd.png,three\n", encoding="utf-8")
+    out = tmp_path / "out"
+    args = ["--images", str(d), "--captions", str(cap), "--out", str(out), "--quiet"]
+    assert _cli(args + ["--max-count", "1"], capsys)[0] == 0
+    assert _cli(args + ["--prefix", "old"], capsys)[0] == 2  # the folder is in use now
+    (out / "notes.txt").write_text("mine")
+    (out / "mine.tar").write_bytes(b"not a shard of the writer")
+    (out / "sub").mkdir()
+    before = sorted(os.listdir(out))
+
+    code, err = _cli(args + ["--max-count", "5"], capsys)
+    assert code == 2 and len(err) == 1
+    assert str(out) in err[0] and "not empty" in err[0] and "--overwrite" in err[0]
+    assert sorted(os.listdir(out)) == before  # nothing touched
+
+    code, err = _cli(args + ["--max-count", "5", "--overwrite"], capsys)
+    assert code == 0
+    # The earlier shards are gone; files the writer does not make are kept.
+    assert sorted(os.listdir(out)) == ["mine.tar", "notes.txt", "shard-000000.tar",
+                                       "sizes.json", "sub"]
+    assert json.loads((out / "sizes.json").read_text()) == {"shard-000000.tar": 3}
+    assert (out / "notes.txt").read_text() == "mine"
+    assert len(_samples_in([str(out / "shard-000000.tar")])) == 3
+
+
+def test_shards_command_synthetic_refuses_non_empty_out(tmp_path, capsys):
+    out = tmp_path / "syn"
+    args = ["--synthetic", "--num-samples", "4", "--image-size", "8", "--max-count", "2",
+            "--out", str(out)]
+    assert _cli(args, capsys)[0] == 0
+    code, err = _cli(args[:-4] + ["--max-count", "4", "--out", str(out)], capsys)
+    assert code == 2 and len(err) == 1 and "--overwrite" in err[0]
+    assert _cli(args[:-4] + ["--max-count", "4", "--out", str(out), "--overwrite"], capsys)[0] == 0
+    assert sorted(os.listdir(out)) == ["sizes.json", "train-000000.tar"]
+
+
+def test_shards_command_leaves_out_undecodable_images(image_folder, tmp_path, capsys):
+    d, files = image_folder
+    (d / "cut.png").write_bytes(files["a.png"][: len(files["a.png"]) // 2])
+    (d / "noise.jpg").write_bytes(np.random.default_rng(3).bytes(500))
+    (d / "empty.jpg").write_bytes(b"")
+    cap = tmp_path / "c.csv"
+    cap.write_text("file,caption\na.png,one\ncut.png,two\nb.jpg,three\nnoise.jpg,four\n"
+                   "empty.jpg,five\ne.jpg,six\n", encoding="utf-8")
+    out = tmp_path / "out"
+    code, err = _cli(["--images", str(d), "--captions", str(cap), "--out", str(out),
+                      "--quiet"], capsys)
+    assert code == 0
+    for name in ("cut.png", "noise.jpg", "empty.jpg"):  # one line each, naming the file
+        assert len([line for line in err if name in line]) == 1
+    assert "3 image does not decode" in err[-1] and "wrote 3 samples" in err[-1]
+    got = _samples_in([str(out / "shard-000000.tar")])
+    assert sorted(json.loads(s["json"])["file"] for s in got.values()) == \
+        ["a.png", "b.jpg", "e.jpg"]
+
+
+def test_many_undecodable_images_are_reported_rate_limited(image_folder, tmp_path, capsys):
+    d, _ = image_folder
+    rows = ["file,caption", "a.png,good"]
+    for i in range(40):
+        (d / f"bad{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(40))
+        rows.append(f"bad{i}.png,bad")
+    cap = tmp_path / "c.csv"
+    cap.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    code, err = _cli(["--images", str(d), "--captions", str(cap), "--out",
+                      str(tmp_path / "out"), "--quiet"], capsys)
+    assert code == 0
+    assert len([line for line in err if "bad" in line and ".png" in line]) <= 12
+    assert "40 image does not decode" in err[-1]
+
+
+@pytest.mark.parametrize("content,row", [
+    (b"file,caption\na.png,one\nb.jpg,caf\xe9 latin-1\nd.png,three\n", 3),
+    (b"a.png,one\nb.jpg,two\n", 1),          # no header row
+    (b"file,text\na.png,one\n", 1),           # no caption column
+    (b"", 1),                                 # empty
+])
+def test_shards_command_bad_captions_csv_writes_nothing(image_folder, tmp_path, capsys,
+                                                        content, row):
+    d, _ = image_folder
+    cap = tmp_path / "caps.csv"
+    cap.write_bytes(content)
+    out = tmp_path / "out"
+    code, err = _cli(["--images", str(d), "--captions", str(cap), "--out", str(out),
+                      "--quiet"], capsys)
+    assert code == 2 and len(err) == 1, err
+    assert "caps.csv" in err[0] and f"row {row}" in err[0]
+    assert not out.exists() or os.listdir(out) == []
+    # With --overwrite into a used folder, a bad captions file deletes nothing either.
+    out.mkdir(exist_ok=True)
+    (out / "shard-000000.tar").write_bytes(b"old")
+    assert _cli(["--images", str(d), "--captions", str(cap), "--out", str(out),
+                 "--quiet", "--overwrite"], capsys)[0] == 2
+    assert os.listdir(out) == ["shard-000000.tar"]

@@ -8,6 +8,11 @@ the dataset size without opening every tar).
 
 Tar headers are deterministic (mtime 0, uid/gid 0, mode 0644, no user names),
 so writing the same samples twice gives byte-identical shards.
+
+``mmjax shards`` writes into a new or empty folder only; ``--overwrite`` first
+removes the files an earlier run wrote there (``NAME-NNNNNN.tar``, ``.tar.tmp``,
+``sizes.json``) and keeps every other file. A captions file is read through
+before anything is written; images that do not decode are reported and left out.
 """
 from __future__ import annotations
 
@@ -16,9 +21,11 @@ import csv
 import io
 import json
 import os
+import re
 import sys
 import tarfile
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -205,44 +212,113 @@ class ShardReport:
                 + (f" ({skipped})" if skipped else ""))
 
 
+class CaptionsError(ValueError):
+    """A captions file that cannot be read as a whole (encoding, header)."""
+
+
+def _text_lines(captions_file: str, what: str) -> Iterator[str]:
+    """The lines of a text file, decoded as UTF-8 (a leading BOM dropped), line
+    endings kept. Raises CaptionsError naming the file and ``what`` number
+    (row or line) of the first line that is not UTF-8."""
+    with open(captions_file, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                yield raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise CaptionsError(
+                    f"captions file {captions_file}: {what} {number} is not UTF-8 text "
+                    f"(byte 0x{raw[e.start]:02x} at column {e.start + 1}); save it as UTF-8"
+                ) from None
+
+
 def _read_rows(captions_file: str) -> Iterator[dict | None]:
-    """Rows of a CSV (header row) or JSONL captions file; None for an unparseable line."""
+    """Rows of a CSV (header row) or JSONL captions file; None for an unparseable line.
+
+    Raises CaptionsError (one line, naming the file and the row) for a file
+    that is not UTF-8, a CSV without a header naming ``file`` (or ``image``)
+    and ``caption``, or a line the CSV reader rejects.
+    """
     if captions_file.endswith((".jsonl", ".json")):
-        with open(captions_file, encoding="utf-8") as f:
-            for line in f:
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    yield None
-                    continue
-                yield row if isinstance(row, dict) else None
-    else:
-        with open(captions_file, encoding="utf-8", newline="") as f:
-            for row in csv.DictReader(f):
-                yield row
+        for line in _text_lines(captions_file, "line"):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                yield None
+                continue
+            yield row if isinstance(row, dict) else None
+        return
+    # Physical lines are numbered as rows: they are, unless a quoted field spans lines.
+    reader = csv.reader(_text_lines(captions_file, "row"))
+    try:
+        header = next(reader, None)
+        if header is None:
+            raise CaptionsError(f"captions file {captions_file}: row 1 should be the header "
+                                "file,caption (the file is empty)")
+        names = [h.strip() for h in header]
+        if "caption" not in names or not {"file", "image"} & set(names):
+            raise CaptionsError(
+                f"captions file {captions_file}: row 1 should be a header naming the columns "
+                f"file (or image) and caption, e.g. file,caption; it is {','.join(header)[:80]}")
+        for values in reader:
+            if not values:
+                continue
+            yield dict(zip(names, values))
+    except csv.Error as e:
+        raise CaptionsError(f"captions file {captions_file}: row {reader.line_num}: {e}") from None
 
 
-def _row_sample(row: dict | None, image_dir: str) -> tuple[dict | None, str]:
-    """(fields of a sample, "") for a good row, or (None, reason to skip)."""
+def check_captions_file(captions_file: str) -> int:
+    """Reads a captions file through once (encoding, header, CSV syntax) without
+    writing anything; returns its number of rows. Raises CaptionsError."""
+    return sum(1 for _ in _read_rows(captions_file))
+
+
+def image_problem(data: bytes) -> str | None:
+    """Why encoded image bytes do not decode (Pillow, fully: a truncated or
+    corrupt file fails here as it would when training), or None when they do."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # DecompressionBombWarning: size is not our call
+            with Image.open(io.BytesIO(data)) as img:
+                if img.format == "JPEG":  # DCT-scaled: every byte is still decoded
+                    img.draft("RGB", (max(1, img.size[0] // 8), max(1, img.size[1] // 8)))
+                img.load()
+    except UnidentifiedImageError:
+        return "not an image format Pillow reads" if data else "empty file"
+    except Exception as e:  # Pillow raises many types for bad data
+        return f"{type(e).__name__}: {e}".splitlines()[0][:200]
+    return None
+
+
+UNDECODABLE = "image does not decode"
+
+
+def _row_sample(row: dict | None, image_dir: str) -> tuple[dict | None, str, str]:
+    """(fields of a sample, "", "") for a good row, or (None, reason to skip,
+    detail: the image path and Pillow's error for an undecodable image)."""
     if row is None:
-        return None, "unparseable row"
+        return None, "unparseable row", ""
     name = row.get("file") or row.get("image")
     if not name or not isinstance(name, str):
-        return None, "no file/image field"
+        return None, "no file/image field", ""
     caption = row.get("caption")
     if not isinstance(caption, str) or not caption.strip():
-        return None, "missing caption"
+        return None, "missing caption", ""
     ext = os.path.splitext(name)[1].lower().lstrip(".")
     if ext not in IMAGE_EXTS:
-        return None, "not an image extension"
+        return None, "not an image extension", ""
     path = name if os.path.isabs(name) else os.path.join(image_dir, name)
     try:
         with open(path, "rb") as f:
             image = f.read()
     except OSError:
-        return None, "missing image file"
+        return None, "missing image file", ""
+    problem = image_problem(image)
+    if problem is not None:
+        return None, UNDECODABLE, f"{path} ({problem})"
     meta = {k: v for k, v in row.items() if k not in ("image",) and v not in (None, "")}
     meta["file"] = name
     sample = {ext: image, "txt": caption, "json": meta}
@@ -252,21 +328,60 @@ def _row_sample(row: dict | None, image_dir: str) -> tuple[dict | None, str]:
             sample["cls"] = int(label)
             meta["label"] = int(label)
         except (TypeError, ValueError):
-            return None, "label is not an integer"
-    return sample, ""
+            return None, "label is not an integer", ""
+    return sample, "", ""
+
+
+class _BadImageReport:
+    """Prints "skipped, image does not decode: PATH (why)" on stderr: the first
+    ``FIRST`` one per line, then at most one line per ``PERIOD`` seconds with
+    the count so far (the total is in the summary)."""
+
+    FIRST, PERIOD = 10, 10.0
+
+    def __init__(self, bar=None):
+        self.bar, self.count, self.last = bar, 0, -1e9
+
+    def __call__(self, detail: str):
+        """``detail``: the image path and why, ``"PATH (why)"``."""
+        self.count += 1
+        now = time.monotonic()
+        if self.count <= self.FIRST:
+            line = f"mmjax shards: skipped, {UNDECODABLE}: {detail}"
+            if self.count == self.FIRST:
+                line += ("; further ones are counted, listed at most every "
+                         f"{self.PERIOD:.0f} s")
+        elif now - self.last >= self.PERIOD:
+            line = f"mmjax shards: skipped, {UNDECODABLE}: {detail}; {self.count} so far"
+        else:
+            return
+        self.last = now
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr)
 
 
 def shards_from_folder(image_dir: str, captions_file: str, out_dir: str,
                        max_count: int = 10_000, max_bytes: int = 1 << 30,
-                       prefix: str = "shard", progress: bool = True) -> ShardReport:
+                       prefix: str = "shard", progress: bool = True, *,
+                       check: bool = True) -> ShardReport:
     """Packs images listed in a captions file into webdataset shards.
 
     ``captions_file`` is CSV with a header (columns ``file`` or ``image``,
     ``caption``, optional integer ``label``; other columns go into the json
-    member) or JSONL (one object per line with the same keys). Image bytes are
-    copied unchanged, stored under their own extension. Rows whose image is
-    missing, whose caption is empty, or that cannot be parsed are skipped and
-    counted by reason; the counts are printed at the end and returned.
+    member) or JSONL (one object per line with the same keys), in UTF-8. The
+    whole file is checked first: one that is not UTF-8, or a CSV without that
+    header, raises CaptionsError (naming the row) and nothing is written.
+    Image bytes are copied unchanged, stored under their own extension, once
+    they decode. Rows whose image is missing or does not decode (each such
+    image reported on stderr, the first ``_BadImageReport.FIRST`` one per line,
+    then rate-limited), whose caption is empty, or that cannot be parsed are
+    skipped and counted by reason; the counts are printed at the end and
+    returned.
+
+    ``check=False`` skips the first read-through (for a file already given
+    to ``check_captions_file``).
 
     Returns:
       ShardReport with the shard paths, the number written and the skips.
@@ -277,15 +392,20 @@ def shards_from_folder(image_dir: str, captions_file: str, out_dir: str,
         if not os.path.exists(path):
             raise FileNotFoundError(f"{what} {path!r} does not exist")
     start = time.perf_counter()
+    if check:  # before anything is written
+        check_captions_file(captions_file)
     skipped: Counter = Counter()
     n = 0
     bar = tqdm(_read_rows(captions_file), unit="sample", disable=not progress,
                desc="shards", file=sys.stderr)
+    report_bad = _BadImageReport(bar if progress else None)
     with ShardWriter(out_dir, max_count=max_count, max_bytes=max_bytes,
                      prefix=prefix) as writer:
         for row in bar:
-            sample, reason = _row_sample(row, image_dir)
+            sample, reason, detail = _row_sample(row, image_dir)
             if sample is None:
+                if reason == UNDECODABLE:
+                    report_bad(detail)
                 skipped[reason] += 1
                 continue
             sample["__key__"] = f"{n:09d}"
@@ -319,13 +439,50 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=10_000, help="synthetic samples")
     p.add_argument("--image-size", type=int, default=64, help="synthetic image side")
     p.add_argument("--seed", type=int, default=0, help="synthetic seed")
-    p.add_argument("--out", required=True, help="output folder for the shards")
+    p.add_argument("--out", required=True,
+                   help="output folder for the shards; must be empty or new, unless --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --out: first remove the shards an earlier run "
+                        "wrote there (NAME-NNNNNN.tar, their unfinished .tar.tmp files and "
+                        "sizes.json); every other file is kept")
     p.add_argument("--prefix", default=None,
                    help="shard name prefix (default: shard, or the split)")
     p.add_argument("--max-count", type=int, default=10_000, help="most samples per shard")
     p.add_argument("--max-size-mb", type=float, default=1024.0, help="most MB per shard")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
+
+
+_WRITER_FILE = re.compile(r".+-\d{6,}\.tar(\.tmp)?|" + re.escape(SIZES_FILE)
+                          + r"(\.tmp\d+)?")
+
+
+def writer_files(out_dir: str) -> list[str]:
+    """Names in ``out_dir`` that a ShardWriter with a ``-%06d`` pattern writes:
+    ``NAME-NNNNNN.tar``, unfinished ``NAME-NNNNNN.tar.tmp``, ``sizes.json`` and
+    its temporary copies. Plain files only."""
+    return sorted(n for n in os.listdir(out_dir) if _WRITER_FILE.fullmatch(n)
+                  and os.path.isfile(os.path.join(out_dir, n))
+                  and not os.path.islink(os.path.join(out_dir, n)))
+
+
+def _prepare_out(out_dir: str, overwrite: bool) -> None:
+    """Refuses a non-empty ``--out`` (earlier shards would stay beside the new
+    ones), unless ``overwrite``: then removes the files the writer makes."""
+    if not os.path.isdir(out_dir):
+        return  # new (made by the writer), or not a folder (the writer says so)
+    entries = sorted(os.listdir(out_dir))
+    if not entries:
+        return
+    if not overwrite:
+        shards = writer_files(out_dir)
+        what = (f"{len(shards)} shard files, e.g. {shards[0]}" if shards
+                else f"{len(entries)} entries, e.g. {entries[0]}")
+        raise _ArgError(f"--out {out_dir} is not empty ({what}); pass --overwrite to "
+                        "replace the shards there (other files are kept), or choose a new "
+                        "folder")
+    for name in writer_files(out_dir):
+        os.remove(os.path.join(out_dir, name))
 
 
 def shards_command(argv: list[str]) -> int:
@@ -342,6 +499,7 @@ def shards_command(argv: list[str]) -> int:
                 raise _ArgError("--num-samples must be positive")
             from mmjax.data.synthetic import write_synthetic_shards
 
+            _prepare_out(args.out, args.overwrite)
             start = time.perf_counter()
             shards = write_synthetic_shards(
                 args.out, split=args.split, num_samples=args.num_samples,
@@ -357,9 +515,12 @@ def shards_command(argv: list[str]) -> int:
             raise _ArgError(f"--images {args.images!r} is not a readable folder")
         if not os.path.isfile(args.captions) or not os.access(args.captions, os.R_OK):
             raise _ArgError(f"--captions {args.captions!r} is not a readable file")
+        check_captions_file(args.captions)  # a bad file: an error, nothing written or removed
+        _prepare_out(args.out, args.overwrite)
         report = shards_from_folder(args.images, args.captions, args.out,
                                     max_count=args.max_count, max_bytes=max_bytes,
-                                    prefix=args.prefix or "shard", progress=not args.quiet)
+                                    prefix=args.prefix or "shard", progress=not args.quiet,
+                                    check=False)
         if report.written == 0:
             raise _ArgError(f"no sample written from {args.captions!r}: "
                             f"{report.summary()}")
