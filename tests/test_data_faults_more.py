@@ -191,3 +191,99 @@ def test_workers_and_resource_tracker_exit_when_the_trainer_is_killed(tmp_path):
         for p in pids:  # do not leave them behind when the test fails
             if not _gone(p):
                 os.kill(p, signal.SIGKILL)
+
+
+# --- 16-bit images ------------------------------------------------------------------
+
+def _to8(v):
+    """The expected 8-bit value of a 16-bit one: round(v / 257) (0 -> 0, 65535 -> 255,
+    an 8-bit value widened by x257 comes back exactly); v >> 8 is within 1 of it."""
+    return np.floor(np.asarray(v, np.float64) / 257 + 0.5)
+
+
+def _png16_rgb(arr):
+    """A 48-bit RGB PNG written by hand (Pillow does not write them)."""
+    import struct
+    h, w, _ = arr.shape
+    raw = b"".join(b"\0" + arr[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind, data):
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def _gray16(side=32, seed=0):
+    rng = np.random.default_rng(seed)
+    values = rng.integers(0, 65536, (side, side)).astype(np.uint16)
+    values[0, :4] = [0, 257, 32896, 65535]  # 0, 1, 128, 255 in 8 bits
+    return values
+
+
+def _pil(mode, values):
+    from PIL import Image
+    if mode == "I;16":
+        return Image.fromarray(values)  # little-endian uint16 -> I;16
+    if mode == "I;16B":
+        return Image.frombytes("I;16B", values.shape[::-1], values.astype(">u2").tobytes())
+    return Image.fromarray(values.astype(np.int32))  # "I": 32-bit integer pixels
+
+
+@pytest.mark.parametrize("mode,fmt", [("I;16", "PNG"), ("I;16", "TIFF"), ("I;16B", "TIFF"),
+                                      ("I", "TIFF")])
+def test_16_bit_grayscale_is_scaled_to_8_bits(mode, fmt):
+    from mmjax.data import decode
+    values = _gray16()
+    img = _pil(mode, values)
+    assert img.mode == mode
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    side = values.shape[0]
+    # Center crop of a square image at its own size: no resampling, pixels as decoded.
+    out, _ = decode.decode_and_crop(buf.getvalue(), side, None, augment="center")
+    want = _to8(values)
+    assert out.shape == (side, side, 3) and out.dtype == np.uint8
+    for c in range(3):
+        assert np.abs(out[..., c].astype(int) - want).max() <= 1
+    assert abs(out.mean() - want.mean()) < 0.5  # was ~254 against ~127
+    assert out[0, :4, 0].tolist() == [0, 1, 128, 255]
+
+
+def test_48_bit_rgb_png_is_scaled_to_8_bits():
+    from mmjax.data import decode
+    values = np.random.default_rng(1).integers(0, 65536, (24, 24, 3)).astype(np.uint16)
+    out, _ = decode.decode_and_crop(_png16_rgb(values), 24, None, augment="center")
+    assert np.abs(out.astype(int) - _to8(values)).max() <= 1
+
+
+def test_16_bit_png_through_the_pipeline(tmp_path):
+    from PIL import Image
+    values = np.full((16, 16), 32896, np.uint16)  # 128 in 8 bits
+    buf = io.BytesIO()
+    Image.fromarray(values).save(buf, format="PNG")
+    write_tar(tmp_path / "g.tar", [("g0.png", buf.getvalue()), ("g0.txt", b"grey")])
+    cfg = _cfg(str(tmp_path / "g.tar"), output="uint8")
+    batch = next(pipeline.build_eval_iterator(cfg, 1, process_index=0, process_count=1,
+                                              tokenizer=TOK))
+    assert np.abs(batch["image"][0].astype(int) - 128).max() <= 1
+
+
+# --- invalid JSON captions ----------------------------------------------------------
+
+def test_invalid_json_caption_is_its_own_reason(tmp_path, caplog):
+    members = (sample_members("j0", "first", make_image(0), caption_json=True)
+               + [("j1.jpg", make_image(1)), ("j1.json", b'{"caption": "unterminated')]
+               + [("j2.jpg", make_image(2)), ("j2.json", b'{"text": "no caption field"}')]
+               + [("j3.jpg", make_image(3)), ("j3.json", b'{"caption": "caf\xe9"}')]  # not UTF-8
+               + sample_members("j4", "last", make_image(4), caption_json=True))
+    write_tar(tmp_path / "js.tar", members)
+    cfg = _cfg(str(tmp_path / "js.tar"), caption_key="json:caption")
+    it = pipeline.build_eval_iterator(cfg, 8, process_index=0, process_count=1, tokenizer=TOK)
+    with caplog.at_level(logging.WARNING, logger="mmjax.data.pipeline"):
+        batches = list(it)
+    texts = [TOK.decode(t) for b in batches for t, v in zip(b["text"], b["valid"]) if v]
+    assert texts == ["first", "last"]
+    assert it.stats() == {"ok": 2, "invalid_json": 2, "no_caption": 1}
+    lines = [r.getMessage() for r in caplog.records if "invalid_json" in r.getMessage()]
+    assert lines and "js.tar" in lines[0] and "'j1'" in lines[0] and "JSON" in lines[0]

@@ -91,6 +91,18 @@ def open_image(data: bytes, max_pixels: int | None) -> Image.Image:
     return img
 
 
+def to_8_bit(img: Image.Image) -> Image.Image:
+    """A 16-bit grayscale image (mode ``I;16``, ``I;16B``, ``I;16L``, ``I;16N``,
+    or ``I``, Pillow's 32-bit integer mode, read as 16-bit values as 16-bit PNGs
+    give them) -> mode ``L`` with ``round(v / 257)``: 0 -> 0, 65535 -> 255, an
+    8-bit value widened by x257 comes back exactly. Values outside 0..65535 are
+    clipped. (Pillow's own ``convert`` clips at 255, making images nearly white.)
+    48-bit RGB PNGs need nothing: Pillow reads them as 8-bit ``RGB``, within 1
+    of this scaling."""
+    values = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
+    return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8))  # mode L
+
+
 def decode_and_crop(data: bytes, size: int, rng: np.random.Generator | None, *,
                     augment: str = "rrc", scale: Sequence[float] = (0.9, 1.0),
                     ratio: Sequence[float] = (3 / 4, 4 / 3), flip: bool = False,
@@ -136,6 +148,8 @@ def decode_and_crop(data: bytes, size: int, rng: np.random.Generator | None, *,
             img.draft("RGB", (width // k, height // k))
             factor = max(1, round(width / img.size[0]))
     if pixels is None:
+        if img.mode == "I" or img.mode.startswith("I;16"):
+            img = to_8_bit(img)
         if img.mode != "RGB":
             img = img.convert("RGB")
         pixels = img

@@ -54,7 +54,7 @@ from mmjax.data import decode as decode_lib
 from mmjax.data.dialog import dialog_from_members, dialog_template
 from mmjax.data import sources as sources_lib
 from mmjax.data.tario import (IMAGE_EXTS, ShardReadError, caption_list, iter_tar_samples,
-                              sample_fields)
+                              json_member_error, sample_fields)
 
 log = logging.getLogger(__name__)
 
@@ -258,6 +258,10 @@ class _ShardStream:
             self.counters.bad("no_image", path, f"sample {key!r} has no {'/'.join(IMAGE_EXTS)}")
             return None
         if not caption:
+            why = json_member_error(members, self.o["caption_key"])
+            if why is not None:
+                self.counters.bad("invalid_json", path, f"sample {key!r}: {why}")
+                return None
             self.counters.bad("no_caption", path,
                               f"sample {key!r} has no caption ({self.o['caption_key']})")
             return None

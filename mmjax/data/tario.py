@@ -370,6 +370,20 @@ def json_field(raw: bytes, field: str):
     return value
 
 
+def json_member_error(members: dict[str, bytes], caption_key: str) -> str | None:
+    """Why the JSON member that ``caption_key`` (``"json:FIELD"``) reads is not
+    valid JSON (UTF-8 included), or None: valid, absent, or not a JSON key."""
+    ext, _, field = caption_key.partition(":")
+    raw = members.get(ext)
+    if not field or raw is None:
+        return None
+    try:
+        json.loads(raw)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        return f"member {ext!r} is not valid JSON ({type(e).__name__}: {e})"
+    return None
+
+
 def sample_fields(members: dict[str, bytes], caption_key: str = "txt",
                   ) -> tuple[bytes | None, str | None, int]:
     """``{ext: bytes}`` -> (image bytes, caption, label) of one sample.
