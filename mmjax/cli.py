@@ -43,7 +43,8 @@ def _user_errors() -> tuple:
     from mmjax.train.config_utils import ConfigError
     from mmjax.train.checkpoint import CheckpointError
     from mmjax.train.loop import TrainingError
-    return (ConfigError, TrainingError, EvalError, DataError, CheckpointError,
+    from mmjax.train.workdir import WorkdirBusy
+    return (ConfigError, TrainingError, EvalError, DataError, CheckpointError, WorkdirBusy,
             FileNotFoundError, ValueError, KeyError)
 
 

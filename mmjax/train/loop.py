@@ -125,11 +125,51 @@ def _nan_check(metrics: dict, step: int, objectives: list[str]) -> None:
                             "Lower config.optim.lr or enable config.optim.clip_norm.")
 
 
+def lock_workdir(workdir: str) -> Optional[wd.WorkdirLock]:
+    """Take the run's exclusive lock on `workdir` (WorkdirBusy if another run holds it).
+
+    All processes of a job share the workdir, so the lock is per job: process 0
+    takes it and tells the others whether it got it, and every process of a
+    second job on the same workdir stops with WorkdirBusy. Remote workdirs
+    (object stores) have no lock.
+    """
+    lock, busy = None, ""
+    if jax.process_index() == 0:
+        if wd.is_remote(workdir):
+            log.info("%s is remote: no workdir lock, make sure one run at a time uses it",
+                     workdir)
+        else:
+            try:
+                lock = wd.WorkdirLock(workdir).acquire()
+            except wd.WorkdirBusy as e:
+                busy = str(e)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        if int(multihost_utils.broadcast_one_to_all(np.int32(bool(busy)))) and not busy:
+            busy = (f"--workdir {workdir} is in use by another `mmjax train` (process 0 of "
+                    "this job found it locked)")
+    if busy:
+        raise wd.WorkdirBusy(busy)
+    return lock
+
+
 def train(config: Any, workdir: str) -> dict:
-    """Train `config` in `workdir`, resuming from its latest checkpoint. Returns final metrics."""
+    """Train `config` in `workdir`, resuming from its latest checkpoint. Returns final metrics.
+
+    Holds the workdir lock (`lock_workdir`) from start to end.
+    """
     setup_logging()
     maybe_initialize_distributed()
     workdir = wd.resolve(workdir)
+    lock = lock_workdir(workdir)
+    try:
+        return _train(config, workdir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(config: Any, workdir: str) -> dict:
     model = build(config.model)
     check_objectives(model, config.objectives)
     check_workdir(config, workdir)

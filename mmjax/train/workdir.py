@@ -59,3 +59,71 @@ def write_text(path: str, text: str) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
+
+
+class WorkdirBusy(RuntimeError):
+    """Another live training run holds the workdir (message names it and its holder)."""
+
+
+class WorkdirLock:
+    """Exclusive lock on a local workdir for the lifetime of one training run.
+
+    `flock(LOCK_EX | LOCK_NB)` on `WORKDIR/.lock`, kept open until `release()`.
+    The kernel drops the lock when the holding process ends in any way
+    (exit, crash, SIGKILL), so a dead run never leaves it held; the file stays
+    behind and only records the last holder (host, pid, start time) for the
+    message another run prints. A lock on a network filesystem is only as
+    good as its `flock` support (NFSv4 and Lustre with `flock` honour it).
+
+    One job takes one lock: every process of a multi-process job writes the
+    same workdir, so only process 0 takes it (see `train`), and the other
+    processes learn the outcome from process 0.
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, workdir: str):
+        self.workdir = workdir
+        self.path = os.path.join(workdir, self.NAME)
+        self._file = None
+
+    def holder(self) -> str:
+        """'host H, pid P, since T' from the lock file (best effort)."""
+        import json
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                info = json.loads(f.read() or "{}")
+        except (OSError, ValueError):
+            info = {}
+        if not info:
+            return "holder unknown"
+        return (f"host {info.get('host', '?')}, pid {info.get('pid', '?')}, "
+                f"since {info.get('started', '?')}")
+
+    def acquire(self) -> "WorkdirLock":
+        import datetime
+        import fcntl
+        import json
+        import socket
+        os.makedirs(self.workdir, exist_ok=True)
+        f = open(self.path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise WorkdirBusy(f"--workdir {self.workdir} is in use by another `mmjax train` "
+                              f"({self.holder()}); wait for it to end or stop it, or use "
+                              "another --workdir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                            "started": datetime.datetime.now().astimezone()
+                            .isoformat(timespec="seconds")}) + "\n")
+        f.flush()
+        self._file = f
+        return self
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing the descriptor drops the flock
+            self._file = None
