@@ -287,3 +287,31 @@ def test_invalid_json_caption_is_its_own_reason(tmp_path, caplog):
     assert it.stats() == {"ok": 2, "invalid_json": 2, "no_caption": 1}
     lines = [r.getMessage() for r in caplog.records if "invalid_json" in r.getMessage()]
     assert lines and "js.tar" in lines[0] and "'j1'" in lines[0] and "JSON" in lines[0]
+
+
+# --- the too-many-bad-samples error adds up ------------------------------------------
+
+def test_bad_sample_error_totals_match_its_counts(tmp_path):
+    import re
+    members = []
+    for j in range(10):  # 2 good, 5 corrupt images, 3 without caption, interleaved
+        kind = "gcncgcnccc"[j]
+        image = make_image(j) if kind in "gn" else b"\xff\xd8 not a jpeg" * 10
+        members += sample_members(f"s{j}", None if kind == "n" else f"s{j}", image, j)
+    write_tar(tmp_path / "mixed.tar", members)
+    # A shuffle buffer holds samples that are read (parsed) but not yet decoded.
+    cfg = _cfg(str(tmp_path / "mixed.tar"), shuffle_buffer=4, max_bad_fraction=0.5,
+               min_bad_count=8)
+    it = pipeline.build_train_iterator(cfg, 1, process_index=0, process_count=1, tokenizer=TOK)
+    delivered = 0
+    with pytest.raises(pipeline.DataError) as e:
+        for _ in range(100):
+            next(it)
+            delivered += 1
+    msg = str(e.value)
+    bad, total = map(int, re.search(r"(\d+) of (\d+) samples", msg).groups())
+    counts = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", msg.split("Counts:")[1])}
+    assert bad == 8 == counts["corrupt_image"] + counts["no_caption"]
+    assert counts["ok"] == delivered  # every sample handed out is an "ok"
+    assert total == bad + delivered
+    assert set(counts) == {"ok", "corrupt_image", "no_caption"}

@@ -321,16 +321,22 @@ class _Counters:
         self._log = _RateLimitedLog()
 
     def bad(self, reason: str, path: str, message: str):
+        """Counts one bad sample (or lost shard); raises DataError once too many
+        of the samples judged so far (``ok`` + bad: not those still waiting in
+        the shuffle buffer) were bad."""
         self.counts[reason] += 1
         if reason.endswith("_shard") or reason in ("not_tar", "truncated_tar"):
             self.seen += 1  # a lost shard counts as one bad event
         self._log(reason, f"{path}: {message}", self.counts[reason])
         n_bad = sum(v for k, v in self.counts.items() if k != "ok")
-        if n_bad >= self.o["min_bad_count"] and n_bad > self.o["max_bad_fraction"] * max(self.seen, 1):
+        judged = n_bad + self.counts["ok"]
+        if n_bad >= self.o["min_bad_count"] and n_bad > self.o["max_bad_fraction"] * judged:
+            counts = ", ".join([f"ok={self.counts['ok']}"] + [
+                f"{k}={v}" for k, v in sorted(self.counts.items()) if k != "ok" and v])
             raise DataError(
-                f"{n_bad} of {self.seen} samples were bad (over data.train.max_bad_fraction="
-                f"{self.o['max_bad_fraction']}); last bad shard: {path} ({reason}: {message}). "
-                f"Counts: {dict(self.counts)}")
+                f"{n_bad} of {judged} samples were bad (over data.train.max_bad_fraction="
+                f"{self.o['max_bad_fraction']}; a lost shard counts as one sample); last bad "
+                f"shard: {path} ({reason}: {message}). Counts: {counts}")
 
 
 class WorkerPipeline:
