@@ -5,6 +5,7 @@ and gradients are summed across replicas in the configured dtype."""
 import os
 
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server: compile only
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other processes may compile too
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -87,3 +88,83 @@ def test_compute_dtype_gradient_reduction_is_a_choice(tpu_devices):
 def test_unknown_grad_reduce_dtype_names_the_key(tpu_devices):
     with pytest.raises(ValueError, match="config.optim.grad_reduce_dtype"):
         _trainer("clip_b16:tiny", (4, 1, 1), tpu_devices, ["optim.grad_reduce_dtype=fp8"])
+
+
+# ----------------------------------------------------------------------------
+# `mmjax compile` on a small slice: every accelerator recipe, reduced in width and
+# depth (`:tiny`), keeping its sharding on a (data 2, fsdp 2, tensor 2) mesh.
+
+from mmjax.train.compile_report import compile_command, compile_for_target  # noqa: E402
+from mmjax.train.targets import TargetError, parse_target  # noqa: E402
+
+RECIPES = ["clip_b16:tiny", "siglip_b16:tiny", "coca_b16:tiny", "blip2_stage1:tiny",
+           "blip2_stage2:tiny", "llava:finetune,tiny"]
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.split(":")[0] for r in RECIPES])
+def test_every_recipe_compiles_for_a_tpu_slice(recipe):
+    config = load_config(recipe, ["batch_size=16", "model.dtype=bfloat16", "mesh.data=2",
+                                  "mesh.fsdp=2", "mesh.tensor=2"])
+    report = compile_for_target(config, parse_target("v5p-16"))
+    mem = report["memory"]
+    assert report["devices"] == 8 and "data=2 x fsdp=2 x tensor=2" in report["mesh"]
+    # Plausible memory: the arguments hold at least the sharded state, the temporaries
+    # are real, and a tiny model is far below a v5p's 95 GiB.
+    assert mem["argument"] >= report["state"] > 0
+    assert 0 < mem["temp"] and mem["total"] < 2 ** 30 and report["fits"]
+    assert report["cpu_path_ops"] == 0  # the CPU-only bf16 GEMM path did not leak in
+    assert "f32" in report["reduction_dtypes"]
+    assert report["collectives"] and not report["unknown_loops"]
+    if recipe.startswith("siglip"):  # the sigmoid loss is a ring: no all-gather of the batch
+        assert report["loss_collectives"] == ["collective-permute"]
+    if recipe.startswith("clip"):    # the softmax loss gathers the other devices' features
+        assert "all-gather" in report["loss_collectives"]
+
+
+def test_oversized_batch_exits_1_with_one_line(capsys):
+    """The TPU compiler refuses a step that needs more than a v5e's 16 GiB per chip:
+    exit 1 and one line with needed vs available and the keys that trade memory."""
+    code = compile_command(["--config", "clip_b16:tiny", "--target", "v5litepod-4",
+                            "--config.model.dtype=bfloat16", "--config.batch_size=1048576"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1, err
+    assert "does not fit v5litepod-4" in err[0] and "batch_size" in err[0]
+    assert "GiB" in err[0] and "remat" in err[0] and "mesh.fsdp" in err[0]
+
+
+def test_target_names_and_usage_errors(capsys):
+    assert parse_target("v5p-16").topology == "2x2x2"
+    assert parse_target("v5p-8").topology == "2x2x1"        # 4 chips: 8 TensorCores
+    assert parse_target("v5p-256").num_devices == 128
+    assert parse_target("v5litepod-16").topology == "4x4"
+    assert parse_target("v6e-8").topology == "2x4"
+    assert parse_target("tpu:v5p:4x4x8").num_devices == 128
+    assert parse_target("h100x8:4").num_devices == 32
+    for bad in ("v5p-7", "tpu:v5e:2x2x2", "b200x8", "h100x9"):
+        with pytest.raises(TargetError):
+            parse_target(bad)
+    assert compile_command(["--config", "clip_tiny", "--target", "v9-8"]) == 2
+    assert "unknown target 'v9-8'" in capsys.readouterr().err
+    assert compile_command(["--list-targets"]) == 0
+    assert "v5p-256" in capsys.readouterr().out.split()
+
+
+def test_collectives_in_loops_count_every_iteration(tpu_devices):
+    """An independent check of the trip-count accounting: a scan of 5 steps whose
+    body all-reduces a [64] float32 array over 4 chips runs that all-reduce 5 times."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from mmjax.train.hlo import step_collectives
+    mesh = Mesh(np.array(tpu_devices[:4]), ("x",))
+
+    def body(c, _):
+        y = jax.shard_map(lambda a: jax.lax.psum(a * 2.0, "x"), mesh=mesh, in_specs=P(),
+                          out_specs=P())(c)
+        return y + 1.0, None
+
+    f = jax.jit(lambda c: jax.lax.scan(body, c, None, length=5)[0])
+    arg = jax.ShapeDtypeStruct((64,), np.float32, sharding=NamedSharding(mesh, P()))
+    colls, unknown = step_collectives(f.lower(arg).compile().as_text())
+    reduces = [c for c in colls if c.kind == "all-reduce"]
+    assert not unknown and reduces
+    assert sum(c.runs for c in reduces) == 5 and all(c.group == 4 for c in reduces)
+    assert all(c.bytes == 64 * 4 for c in reduces)

@@ -260,18 +260,24 @@ def run_bench(config: Any, steps: int = 10, warmup: int = 2, peak_flops: Optiona
     trainer = build_trainer(config)
     batch_size, n = int(config.batch_size), jax.device_count()
     out = {"mesh": shd.describe(trainer.mesh), "batch": batch_size, "devices": n,
-           "platform": jax.devices()[0].platform, "params": count_params(trainer.abstract_state)}
+           "platform": trainer.mesh.devices.flat[0].platform,
+           "params": count_params(trainer.abstract_state)}
     start = time.perf_counter()
     compiled = trainer.lower(batch_shapes(config, trainer.batch_sharding)).compile()
     out["compile_s"] = time.perf_counter() - start
     out["memory"] = memory_stats(compiled)
+    # What `mmjax compile` reports for this step, to set beside the measurement.
+    from mmjax.train.compile_report import summarize_collectives
+    from mmjax.train.hlo import step_collectives
+    out["collectives"] = summarize_collectives(step_collectives(compiled.as_text())[0])
 
     state = trainer.init_state(int(config.seed))
     batch = random_batch(config, trainer.batch_sharding, int(config.seed))
     state, times = time_random_data(compiled, trainer, state, batch, steps, warmup)
     step_s = statistics.median(times)
     flops = model_train_flops(config.model.to_dict(), batch_size, int(config.data.train.max_len))
-    peak = peak_flops_per_device(peak_flops or config.get("peak_flops"))
+    peak = peak_flops_per_device(peak_flops or config.get("peak_flops"),
+                                 trainer.mesh.devices.flat[0])
     out.update(flops=flops, step_s=step_s, samples_per_s=batch_size / step_s,
                tflops_per_device=flops / step_s / n / 1e12, peak=peak,
                mfu=flops / step_s / (n * peak) if peak else None)
@@ -306,6 +312,12 @@ def format_bench(result: dict, spec: str, steps: int) -> str:
              f"model FLOPs per step: {r['flops']:.6e}",
              "", "| measure | value |", "|---|---:|"]
     lines += [f"| {k} | {v} |" for k, v in rows]
+    if r.get("collectives"):
+        lines += ["", "compiled step's collectives (as `mmjax compile` reports them):",
+                  "| collective | dtype | group | runs/step | bytes/step/device |",
+                  "|---|---|---:|---:|---:|"]
+        lines += [f"| {c['kind']} | {c['dtype']} | {c['group'] or '-'} | {c['runs_per_step']} "
+                  f"| {format_bytes(c['bytes_per_step'])} |" for c in r["collectives"]]
     return "\n".join(lines)
 
 
@@ -369,7 +381,7 @@ def bench_command(argv: list[str]) -> int:
         result = run_bench(config, args.steps, args.warmup, args.peak_flops,
                            pipeline=not args.no_pipeline)
     except _user_errors() as e:
-        return _fail(str(e).strip("'\""))
+        return _fail(e.args[0] if isinstance(e, KeyError) and e.args else str(e))
     if jax.process_index() == 0:
         print(format_bench(result, args.config, args.steps))
     return 0

@@ -24,11 +24,13 @@ PEAK_FLOPS = {
 }
 
 
-def peak_flops_per_device(override: Optional[float] = None) -> Optional[float]:
-    """Peak FLOP/s of `jax.devices()[0]` from the table (longest matching name), or the override."""
+def peak_flops_per_device(override: Optional[float] = None,
+                          device: Optional[jax.Device] = None) -> Optional[float]:
+    """Peak FLOP/s of `device` (the run's mesh devices; default `jax.devices()[0]`)
+    from the table (longest matching name), or the override."""
     if override:
         return float(override)
-    kind = jax.devices()[0].device_kind
+    kind = (device if device is not None else jax.devices()[0]).device_kind
     matches = [k for k in PEAK_FLOPS if k.lower() in kind.lower()]
     return PEAK_FLOPS[max(matches, key=len)] if matches else None
 

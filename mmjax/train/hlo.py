@@ -5,13 +5,16 @@ optimized HLO module (`all-reduce`, `reduce-scatter`, `all-gather`,
 `all-to-all`, `collective-permute`, their async `-start` forms included), with
 the element types and sizes of what it produces. Combined collectives (one
 instruction over a tuple of arrays, as XLA merges gradient reductions) count
-each array.
+each array. `step_collectives` also multiplies each by the number of times it
+runs per step (collectives inside a scanned layer stack run once per layer):
+XLA's cost analysis counts a loop body once, so it cannot give per-step traffic.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import re
+from typing import Optional
 
 KINDS = ("all-reduce", "reduce-scatter", "all-gather", "all-to-all", "collective-permute")
 BYTES = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "s64": 8, "u64": 8, "s32": 4, "u32": 4,
@@ -23,11 +26,15 @@ _ARRAY = re.compile(r"\b([a-z]+\d*[a-z0-9]*)\[([\d,]*)\]")
 
 @dataclasses.dataclass(frozen=True)
 class Collective:
-    """One collective instruction: `kind` ("all-reduce", ...) and the arrays it
-    produces as `(dtype, shape)` pairs (HLO element type names: f32, bf16, ...)."""
+    """One collective instruction: `kind` ("all-reduce", ...), the arrays it
+    produces as `(dtype, shape)` pairs (HLO element type names: f32, bf16, ...),
+    the size of its replica groups (None for collective-permute or unknown), and
+    how often it runs per step (`runs`: loop trip counts applied)."""
     kind: str
     arrays: tuple[tuple[str, tuple[int, ...]], ...]
     line: str
+    group: Optional[int] = None
+    runs: int = 1
 
     @property
     def dtypes(self) -> set[str]:
@@ -52,8 +59,25 @@ def _shape_text(rest: str) -> tuple[str, str]:
     return rest, ""
 
 
+def _group_size(line: str) -> Optional[int]:
+    """Replica-group size from `replica_groups=` in any of XLA's three spellings."""
+    m = re.search(r"replica_groups=\{\{([\d,]*)\}", line)
+    if m:
+        return len(m.group(1).split(","))
+    m = re.search(r"replica_groups=\[([\d,]+)\]<=", line)
+    if m:
+        return int(m.group(1).split(",")[-1])
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\](?:, device_ids=\S+)?\s*\{([^}]*)\}",
+                  line)
+    if m:
+        sizes = dict(re.findall(r"'(\w+)'=(\d+)", m.group(1)))
+        return math.prod(int(sizes[a]) for a in re.findall(r"'(\w+)'", m.group(2)))
+    return None
+
+
 def collectives(hlo_text: str) -> list[Collective]:
-    """Every collective instruction of an HLO module's text (see module docstring)."""
+    """Every collective instruction of an HLO module's text (see module docstring);
+    `runs` is 1 (see `step_collectives`)."""
     found = []
     for line in hlo_text.splitlines():
         head = _HEAD.match(line)
@@ -67,5 +91,84 @@ def collectives(hlo_text: str) -> list[Collective]:
                        for d, dims in _ARRAY.findall(shape))
         if op.group(2) and op.group(1) == "all-gather" and len(arrays) == 2:
             arrays = arrays[1:]  # async all-gather-start returns (operand, result)
-        found.append(Collective(op.group(1), arrays, line.strip()))
+        group = None if op.group(1) == "collective-permute" else _group_size(line)
+        found.append(Collective(op.group(1), arrays, line.strip(), group))
     return found
+
+
+# ----------------------------------------------------------------------------
+# Computations, loops and how often each collective runs
+
+_COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->.*\{\s*$")
+_CALLEE = re.compile(r"\b(body|condition|calls|to_apply|branch_computations)="
+                     r"(\{[^}]*\}|%?[\w.\-]+)")
+
+
+def computations(hlo_text: str) -> tuple[dict[str, list[str]], Optional[str]]:
+    """`({name: instruction lines}, entry name)` of an HLO module's text."""
+    comps: dict[str, list[str]] = {}
+    entry, current = None, None
+    for line in hlo_text.splitlines():
+        m = _COMPUTATION.match(line)
+        if m:
+            current = m.group(2)
+            comps[current] = []
+            if m.group(1):
+                entry = current
+        elif line.startswith("}"):
+            current = None
+        elif current is not None:
+            comps[current].append(line)
+    return comps, entry
+
+
+def trip_count(condition: list[str], line: str) -> Optional[int]:
+    """Iterations of a `while` from its `known_trip_count` or its condition
+    computation (`counter < constant`, the form scans lower to)."""
+    m = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+    if m:
+        return int(m.group(1))
+    consts = dict(re.findall(r"%([\w.\-]+) = s32\[\][^ ]* constant\((\d+)\)", "\n".join(condition)))
+    for l in condition:
+        m = re.search(r"compare\(%[\w.\-]+, %([\w.\-]+)\), direction=LT", l)
+        if m and m.group(1) in consts:
+            return int(consts[m.group(1)])
+    return None
+
+
+def step_collectives(hlo_text: str) -> tuple[list[Collective], list[str]]:
+    """Collectives with `runs` = executions per step (trip counts of enclosing
+    loops multiplied), and the names of loops whose trip count was not found
+    (their collectives are counted once)."""
+    comps, entry = computations(hlo_text)
+    calls: dict[str, list[tuple[str, int]]] = {name: [] for name in comps}
+    unknown = []
+    for caller, lines in comps.items():
+        for line in lines:
+            for kind, ref in _CALLEE.findall(line):
+                names = re.findall(r"%?([\w.\-]+)", ref.strip("{}"))
+                factor = 1
+                if kind == "body":
+                    cond = re.search(r"condition=%?([\w.\-]+)", line)
+                    n = trip_count(comps.get(cond.group(1), []) if cond else [], line)
+                    if n is None:
+                        unknown.append(names[0])
+                    factor = n or 1
+                for name in names:
+                    if name in calls:
+                        calls[name].append((caller, factor))
+    memo: dict[str, int] = {}
+
+    def runs(name: str, seen=()) -> int:
+        if name == entry:
+            return 1
+        if name not in memo:
+            memo[name] = sum(runs(c, seen + (name,)) * f for c, f in calls.get(name, [])
+                             if c not in seen)
+        return memo[name]
+    out = []
+    for name, lines in comps.items():
+        count = runs(name)
+        for c in collectives("\n".join(lines)):
+            out.append(dataclasses.replace(c, runs=count))
+    return out, unknown

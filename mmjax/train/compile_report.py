@@ -1,0 +1,298 @@
+"""`mmjax compile`: the real train step compiled by a TPU or GPU compiler, on any host.
+
+    mmjax compile --config configs/X.py[:arg] --target v5p-256 [--config.a.b=v ...]
+                  [--json PATH] [--max-batch] [--hbm-gib G]
+    mmjax compile --list-targets
+
+The step is the one `mmjax train` runs (same Trainer, the config's mesh over
+the target's devices, `config.batch_size` as the global batch), lowered with
+abstract state and batch (nothing is allocated) and compiled by the target's
+own compiler: libtpu deviceless for TPUs, the CUDA plugin with a GPU target
+description for NVIDIA GPUs. The report: per-device memory from the compiled
+executable vs the device's HBM, whether it fits, compile time, model FLOPs per
+step (`mmjax.train.flops`) and the step time they need at the chip's peak, the
+collectives of the compiled step with loop trip counts applied, the dtypes of
+its reductions, whether the CPU-only GEMM path leaked in, and the partitioner's
+involuntary-rematerialization warnings.
+
+Exit status: 0 the step fits, 1 it does not (one line: needed vs available and
+the keys that trade memory), 2 a usage error.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from typing import Any, Optional
+
+MEMORY_KEYS = "config.batch_size, model.<tower>.remat (dots_no_batch, full), mesh.fsdp"
+
+
+@contextlib.contextmanager
+def _captured_stderr():
+    """Collect what C++ code writes to fd 2 (XLA's partitioner warnings) into a list
+    of lines, instead of the terminal."""
+    lines: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            lines.extend(tmp.read().decode("utf-8", "replace").splitlines())
+
+
+def _out_of_memory(message: str) -> Optional[tuple[float, float]]:
+    """`(needed, available)` bytes from a compiler's out-of-memory error, or None."""
+    if "RESOURCE_EXHAUSTED" not in message and "out of memory" not in message.lower():
+        return None
+    units = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+    m = re.search(r"Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT])", message)
+    if m:
+        return (float(m.group(1)) * units[m.group(2)], float(m.group(3)) * units[m.group(4)])
+    return (float("nan"), float("nan"))
+
+
+def summarize_collectives(colls: list) -> list[dict]:
+    """Group collectives by (kind, dtype, group size): instructions, runs per step and
+    bytes per step per device (array bytes x runs; for reduce-scatter the operand)."""
+    rows: dict[tuple, dict] = collections.OrderedDict()
+    for c in colls:
+        dtype = "+".join(sorted(c.dtypes)) or "?"
+        key = (c.kind, dtype, c.group)
+        row = rows.setdefault(key, {"kind": c.kind, "dtype": dtype, "group": c.group,
+                                    "instructions": 0, "runs_per_step": 0,
+                                    "bytes_per_step": 0})
+        payload = c.bytes * (c.group or 1) if c.kind == "reduce-scatter" else c.bytes
+        row["instructions"] += 1
+        row["runs_per_step"] += c.runs
+        row["bytes_per_step"] += payload * c.runs
+    return sorted(rows.values(), key=lambda r: -r["bytes_per_step"])
+
+
+def compile_for_target(config: Any, target: Any, hbm_gib: Optional[float] = None) -> dict:
+    """Compile `config`'s train step for `target` (`targets.Target`) and report.
+
+    Returns a dict: `target`, `chip`, `topology`, `devices`, `mesh`, `batch`,
+    `params`, `state` (bytes of the sharded train state per device), `compile_s`,
+    `hbm` (bytes per device), `fits`, `memory`
+    (`bench.memory_stats`: argument/output/alias/temp/total/peak bytes per
+    device, or `needed` from the compiler's out-of-memory error), `flops`,
+    `ideal_step_s` (model FLOPs / (devices x peak)), `collectives`
+    (`summarize_collectives`), `reduction_dtypes`, `unknown_loops`,
+    `loss_collectives` (kinds of the losses' shard_map collectives),
+    `cpu_path_ops` (ops of the CPU-only GEMM path: must be 0 on an
+    accelerator), `remat_warnings`.
+    """
+    from mmjax.models.layers import CPU_PATH_SCOPE
+    from mmjax.train import sharding as shd
+    from mmjax.train.bench import (batch_shapes, build_trainer, count_params, memory_stats,
+                                   state_bytes_per_device)
+    from mmjax.train.flops import model_train_flops
+    from mmjax.train.hlo import step_collectives
+    from mmjax.train.targets import hbm_bytes, target_devices
+
+    with _captured_stderr():  # libtpu's start-up warnings about the absent TPU host
+        devices = target_devices(target)
+    trainer = build_trainer(config, devices)
+    n = len(trainer.mesh.devices.flat)
+    flops = model_train_flops(config.model.to_dict(), int(config.batch_size),
+                              int(config.data.train.max_len),
+                              tuple(config.optim.get("freeze") or ()))
+    report = {"target": target.name, "chip": target.chip.device_kind,
+              "topology": target.topology, "devices": n, "mesh": shd.describe(trainer.mesh),
+              "batch": int(config.batch_size), "params": count_params(trainer.abstract_state),
+              "state": state_bytes_per_device(trainer.abstract_state),
+              "hbm": hbm_bytes(target, hbm_gib), "flops": flops,
+              "ideal_step_s": flops / (n * target.chip.peak_flops)}
+    start = time.perf_counter()
+    with _captured_stderr() as log:
+        try:
+            compiled = trainer.lower(batch_shapes(config, trainer.batch_sharding)).compile()
+            error = None
+        except Exception as e:  # the compiler's verdict, e.g. RESOURCE_EXHAUSTED
+            compiled, error = None, e
+    report["compile_s"] = time.perf_counter() - start
+    report["remat_warnings"] = [l.split("] ", 1)[-1][:300] for l in log
+                                if "Involuntary full rematerialization" in l]
+    if compiled is None:
+        oom = _out_of_memory(str(error))
+        if oom is None:
+            raise error
+        report.update(fits=False, memory={"needed": oom[0], "available": oom[1]})
+        return report
+    mem = memory_stats(compiled)
+    report["memory"] = mem
+    report["fits"] = bool(mem.get("total", 0) <= report["hbm"])
+    text = compiled.as_text()
+    colls, unknown = step_collectives(text)
+    report["collectives"] = summarize_collectives(colls)
+    report["reduction_dtypes"] = sorted({d for c in colls if c.kind in ("all-reduce",
+                                                                        "reduce-scatter")
+                                         for d in c.dtypes if d in ("f32", "bf16", "f16")})
+    report["unknown_loops"] = unknown
+    # The losses' own collectives (shard_map): SigLIP's ring is collective-permutes only.
+    report["loss_collectives"] = sorted({c.kind for c in colls if "shard_map" in c.line})
+    report["cpu_path_ops"] = text.count(CPU_PATH_SCOPE)
+    return report
+
+
+def misfit_line(report: dict) -> str:
+    """One line for a step that does not fit."""
+    mem = report["memory"]
+    needed = mem.get("needed", mem.get("total"))
+    from mmjax.train.bench import format_bytes
+    have = mem.get("available") or report["hbm"]
+    return (f"the step does not fit {report['target']}: it needs {format_bytes(needed)} per "
+            f"device, {format_bytes(have)} available; trade memory with {MEMORY_KEYS} "
+            f"(now batch_size={report['batch']}, mesh {report['mesh'].split(' (')[0]}).")
+
+
+def format_report(report: dict) -> str:
+    """The text `mmjax compile` prints."""
+    from mmjax.train.bench import format_bytes
+    r = report
+    lines = [f"mmjax compile: {r['target']} ({r['devices']} x {r['chip']}, topology "
+             f"{r['topology']}), mesh {r['mesh']}, global batch {r['batch']}, "
+             f"{r['params'] / 1e6:.1f}M parameters, compiled in {r['compile_s']:.1f} s"]
+    mem = r["memory"]
+    if "total" in mem:
+        lines.append("memory per device: " + ", ".join(
+            f"{k} {format_bytes(mem[k])}" for k in ("argument", "output", "alias", "temp",
+                                                    "total") if k in mem)
+            + f" of {format_bytes(r['hbm'])} HBM: " + ("fits" if r["fits"] else "DOES NOT FIT"))
+    else:
+        lines.append("memory per device: compiler out of memory: " + misfit_line(r))
+    lines.append(f"model FLOPs per step: {r['flops']:.4e} ({r['flops'] / r['devices']:.3e} per "
+                 f"device; {1e3 * r['ideal_step_s']:.1f} ms per step at 100% MFU)")
+    if "collectives" in r:
+        lines.append(f"gradient/activation reductions in: {', '.join(r['reduction_dtypes']) or '-'}"
+                     f"; CPU-only GEMM ops: {r['cpu_path_ops']}")
+        lines += ["", "| collective | dtype | group | instructions | runs/step | bytes/step/device |",
+                  "|---|---|---:|---:|---:|---:|"]
+        lines += [f"| {c['kind']} | {c['dtype']} | {c['group'] or '-'} | {c['instructions']} | "
+                  f"{c['runs_per_step']} | {format_bytes(c['bytes_per_step'])} |"
+                  for c in r["collectives"]]
+        if r["unknown_loops"]:
+            lines.append(f"(loops without a known trip count, counted once: "
+                         f"{len(r['unknown_loops'])})")
+    if r["remat_warnings"]:
+        lines.append(f"partitioner: {len(r['remat_warnings'])} involuntary full "
+                     f"rematerialization(s), first: {r['remat_warnings'][0][:200]}")
+    return "\n".join(lines)
+
+
+def max_batch(config: Any, target: Any, hbm_gib: Optional[float] = None,
+              limit: int = 2 ** 20, log=print) -> tuple[int, list[dict]]:
+    """Largest global batch (a multiple of data x fsdp) whose step fits `target`, by
+    doubling then bisection over compiles. Returns `(batch or 0, reports)`."""
+    from mmjax.train.targets import target_devices
+    from mmjax.train import sharding as shd
+    mesh = shd.make_mesh(config.mesh, target_devices(target))
+    unit = mesh.shape["data"] * mesh.shape["fsdp"]
+    reports: list[dict] = []
+
+    def fits(batch: int) -> bool:
+        c = config.copy_and_resolve_references()
+        c.batch_size = batch
+        r = compile_for_target(c, target, hbm_gib)
+        reports.append(r)
+        log(f"batch {batch}: {'fits' if r['fits'] else 'does not fit'} "
+            f"({r['compile_s']:.0f} s)")
+        return r["fits"]
+
+    b = max(unit, int(config.batch_size) // unit * unit)
+    if fits(b):
+        lo, hi = b, None
+        while hi is None and lo * 2 <= limit:
+            if fits(lo * 2):
+                lo *= 2
+            else:
+                hi = lo * 2
+        if hi is None:
+            return lo, reports
+    else:
+        hi, lo = b, 0
+        while lo == 0 and hi > unit:
+            cand = max(unit, hi // 2 // unit * unit)
+            if fits(cand):
+                lo = cand
+            else:
+                hi = cand
+        if lo == 0:
+            return 0, reports
+    while hi - lo > unit:
+        mid = (lo + hi) // 2 // unit * unit
+        if mid <= lo:
+            break
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo, reports
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mmjax compile", description="Compile the train step for a TPU slice or GPU "
+        "nodes with the target's own compiler (no accelerator needed) and report memory, "
+        "fit, FLOPs and collectives. Config keys: --config.a.b=value.")
+    p.add_argument("--config", default="clip_tiny", help="recipe file (configs/X.py[:arg]) or name")
+    p.add_argument("--target", default=None,
+                   help="v5p-256, v5litepod-16, v6e-64, v4-8, tpu:v5p:4x4x8, h100x8[:nodes], ...")
+    p.add_argument("--json", default=None, help="also write the report as JSON to this file")
+    p.add_argument("--max-batch", action="store_true",
+                   help="find the largest global batch that fits (several compiles)")
+    p.add_argument("--hbm-gib", type=float, default=None,
+                   help="memory per device to fit in (default: the chip's HBM)")
+    p.add_argument("--list-targets", action="store_true", help="print the named targets")
+    return p
+
+
+def compile_command(argv: list[str]) -> int:
+    """Runs `mmjax compile` with `argv` (without the subcommand); returns the exit code."""
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host only traces; targets compile
+    from mmjax.cli import _fail, _split_overrides, _user_errors
+    from mmjax.train.targets import TargetError, list_targets, parse_target
+    rest, overrides = _split_overrides(list(argv))
+    args = _parser().parse_args(rest)
+    if args.list_targets:
+        print("\n".join(list_targets()))
+        return 0
+    if not args.target:
+        return _fail("mmjax compile needs --target (e.g. v5p-16, h100x8); see --list-targets.")
+    try:
+        from mmjax.train.config_utils import load_config
+        target = parse_target(args.target)
+        config = load_config(args.config, overrides)
+        if args.max_batch:
+            best, reports = max_batch(config, target, args.hbm_gib)
+            report = next((r for r in reversed(reports) if r["batch"] == best), reports[-1])
+            report = dict(report, max_batch=best)
+        else:
+            report = compile_for_target(config, target, args.hbm_gib)
+    except TargetError as e:
+        return _fail(str(e))
+    except _user_errors() as e:
+        return _fail(str(e).strip())
+    print(format_report(report))
+    if args.max_batch:
+        print(f"largest global batch that fits: {report['max_batch'] or 'none'}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1, default=str)
+    if not report["fits"]:
+        print(f"mmjax: {misfit_line(report)}", file=sys.stderr)
+        return 1
+    return 0
