@@ -86,3 +86,69 @@ def test_second_train_on_a_busy_workdir_exits_2_with_one_line(tmp_path, env, cap
     assert third.returncode == 0, third.stderr[-3000:]
     assert f"resumed from step {last}" in third.stdout
     assert last + 2 in _steps(run)
+
+
+# ------------------------------------------------------------------ 2. disk full while saving
+
+def _mount_tmpfs(path, size) -> bool:
+    """A real small filesystem (needs root and a kernel that lets us mount)."""
+    if os.geteuid() != 0:
+        return False
+    path.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True, text=True)
+    return proc.returncode == 0
+
+
+# Without a mountable filesystem: the filesystem refuses orbax's writes into the
+# temporary folder of checkpoint 6 with ENOSPC, as a full disk does.
+ENOSPC_ON_STEP_6 = """
+import errno, sys
+from etils.epath import gpath
+_open = gpath._GPath.open
+def _open_full(self, mode="r", **kw):
+    if ("w" in mode or "a" in mode) and "/checkpoints/6.orbax-checkpoint-tmp" in str(self):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+    return _open(self, mode, **kw)
+gpath._GPath.open = _open_full
+from mmjax.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("disk", ["small_filesystem", "refused_writes"])
+def test_disk_full_while_checkpointing(tmp_path, env, disk):
+    fs = tmp_path / "fs"
+    mounted = disk == "small_filesystem" and _mount_tmpfs(fs, "3m")  # one tiny checkpoint fits
+    run = fs / "run"
+    prefix = [sys.executable, "-m", "mmjax.cli"]
+    failing = prefix if mounted else [sys.executable, "-c", ENOSPC_ON_STEP_6]
+    try:
+        first = subprocess.run(prefix + _train_cmd(run)[3:], env=env, capture_output=True,
+                               text=True, timeout=300)
+        assert first.returncode == 0, first.stderr[-3000:]
+        assert _steps(run) == [3]
+
+        full = subprocess.run(failing + _train_cmd(run, "--config.total_steps=6")[3:], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert full.returncode != 0
+        lines = _mmjax_lines(full.stderr)
+        assert len(lines) == 1 and "Traceback" not in full.stderr, full.stderr[-5000:]
+        msg = lines[0]
+        assert msg.startswith("mmjax: error: could not write checkpoint 6 in "
+                              f"{run / 'checkpoints'}: no space left on device"), msg
+        assert "free there" in msg and "last complete checkpoint is step 3" in msg, msg
+        leftovers = [n for n in os.listdir(run / "checkpoints") if "orbax-checkpoint-tmp" in n]
+        assert leftovers == [] and _steps(run) == [3]
+
+        # The previous checkpoint is intact: with space again the same command resumes from it.
+        if mounted:
+            subprocess.run(["mount", "-o", "remount,size=16m", str(fs)], check=True)
+        again = subprocess.run(prefix + _train_cmd(run, "--config.total_steps=6")[3:], env=env,
+                               capture_output=True, text=True, timeout=300)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert "resumed from step 3" in again.stdout
+        assert 6 in _steps(run)
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(fs)], capture_output=True)

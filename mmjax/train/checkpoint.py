@@ -6,14 +6,25 @@ Layout of `workdir/`:
                               parameters loaded from `config.init` sources are left out
   checkpoints/<step>/data     JSON: one data-iterator state per process, and the
                               `frozen_sources` those parameters come from
-Orbax writes each step into a temporary folder and renames it when complete,
-so an interrupted save is never listed; resume picks the latest complete step.
+Orbax writes each step into a temporary folder (`<step>.orbax-checkpoint-tmp*`)
+and renames it when complete, so an interrupted save is never listed; resume
+picks the latest complete step. A save that fails (disk full, quota, a
+vanished mount) stops the run with one CheckpointError line saying which step,
+where, why and how much space is free; the temporary folder is removed and the
+previous complete checkpoint is left as it was. A training run also removes
+temporary folders left by a process killed while saving (`remove_partial`).
 Restoring takes the target shardings of the current mesh, so a run can
 resume on a different mesh.
 """
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import re
+import shutil
+import sys
+import time
 from typing import Any, Optional
 
 import jax
@@ -30,16 +41,128 @@ class CheckpointError(RuntimeError):
     pass
 
 
+TMP_MARK = ".orbax-checkpoint-tmp"
+
+
+def _quiet_orbax_failures() -> None:
+    """Keep orbax's echoes of one failed save off stderr (installed once per process).
+
+    When a background write fails, orbax logs the same exception with its
+    traceback from every thread that waits on it, asyncio reports the write
+    tasks it never collected, and tensorstore callbacks arriving after orbax
+    closed its event loop print "Event loop is closed" tracebacks (hundreds
+    for a large state). The failure itself reaches `Checkpointer` as an
+    exception and is reported once, as a CheckpointError. MMJAX_DEBUG=1 keeps
+    all of it.
+    """
+    if os.environ.get("MMJAX_DEBUG") or getattr(_quiet_orbax_failures, "done", False):
+        return
+    _quiet_orbax_failures.done = True
+
+    def orbax_error(record: logging.LogRecord) -> bool:
+        return (record.levelno < logging.ERROR
+                or f"{os.sep}orbax{os.sep}" not in (record.pathname or ""))
+
+    def orbax_task(record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and "orbax" in record.getMessage())
+
+    logging.getLogger("absl").addFilter(orbax_error)
+    logging.getLogger("asyncio").addFilter(orbax_task)
+    previous = sys.unraisablehook
+
+    def unraisable(args):
+        if isinstance(args.exc_value, RuntimeError) and str(args.exc_value) == \
+                "Event loop is closed":
+            return
+        previous(args)
+
+    sys.unraisablehook = unraisable
+
+
+def _reason(e: BaseException) -> str:
+    """'no space left on device' style reason of a failed write, else its first line."""
+    code = e.errno if isinstance(e, OSError) and e.errno else None
+    text = str(e)
+    if code is None:
+        m = re.search(r"os_error_code='?(\d+)", text)
+        code = int(m.group(1)) if m else None
+    if code is None and "No space left on device" in text:
+        code = errno.ENOSPC
+    if code is not None:
+        return os.strerror(code).lower()
+    first = (text.strip().splitlines() or [type(e).__name__])[0]
+    return first if len(first) <= 300 else first[:300] + "..."
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 2 ** 20:.1f} MiB" if n < 2 ** 30 else f"{n / 2 ** 30:.1f} GiB"
+
+
 class Checkpointer:
     """Save / restore `(state, data_states)` under `workdir/checkpoints`."""
 
     def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
         self.directory = wd.join(wd.resolve(workdir), "checkpoints")
+        _quiet_orbax_failures()
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                  enable_async_checkpointing=async_save),
             item_names=("state", "data"))
+        self._pending: Optional[int] = None  # step of the save in flight
+        self._failed: Optional[CheckpointError] = None
+
+    def partial(self) -> list[str]:
+        """Temporary folders of unfinished saves (local workdirs only)."""
+        if wd.is_remote(self.directory) or not os.path.isdir(self.directory):
+            return []
+        return sorted(os.path.join(self.directory, n) for n in os.listdir(self.directory)
+                      if TMP_MARK in n)
+
+    def remove_partial(self) -> list[str]:
+        """Delete the temporary folders of unfinished saves; returns them.
+
+        Only for the process that owns the workdir (the training run holding
+        its lock, process 0): a reader such as `mmjax eval` must not touch
+        the save a live run is writing.
+        """
+        removed = self.partial()
+        if not removed:
+            return []
+        # After a failed save, orbax's other writes may still land and recreate the
+        # folder: remove until it has stayed gone for a moment (a few seconds at most).
+        for _ in range(25):
+            for path in self.partial():
+                shutil.rmtree(path, ignore_errors=True)
+            time.sleep(0.2)
+            if not self.partial():
+                break
+        return removed
+
+    def _failure(self, step: Optional[int], e: BaseException) -> CheckpointError:
+        """One-line CheckpointError for a failed save; removes its temporary folder."""
+        if self._failed is not None:
+            return self._failed
+        step = self._pending if self._pending is not None else step
+        removed = self.remove_partial() if jax.process_index() == 0 else []
+        free = ""
+        if not wd.is_remote(self.directory):
+            try:
+                free = f", {_megabytes(shutil.disk_usage(self.directory).free)} free there"
+            except OSError:
+                pass
+        try:
+            self.manager.reload()
+            last = self.manager.latest_step()
+        except Exception:  # noqa: BLE001 - the message must not fail in turn
+            last = None
+        kept = (f"the last complete checkpoint is step {last} (rerun to resume from it)"
+                if last is not None else "there is no complete checkpoint yet")
+        gone = "; its partial folder was removed" if removed else ""
+        self._failed = CheckpointError(
+            f"could not write checkpoint {step} in {self.directory}: {_reason(e)}{free}"
+            f"{gone}; {kept}")
+        return self._failed
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
@@ -69,8 +192,15 @@ class Checkpointer:
                                     for i in range(jax.process_count())]
         else:
             payload["processes"] = [data_state]
-        return self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(payload)), force=force)
+        try:
+            started = self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(payload)),
+                force=force)
+        except Exception as e:  # noqa: BLE001 - this or the previous (async) save failed
+            raise self._failure(step, e) from e
+        if started:
+            self._pending = step
+        return started
 
     def resolve_step(self, step: Optional[int]) -> int:
         """`step`, or the latest one when None; CheckpointError when absent."""
@@ -119,8 +249,24 @@ class Checkpointer:
         return restored["state"], data_state, step
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Wait for the save in flight; CheckpointError (one line) if it failed."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise self._failure(None, e) from e
+        self._pending = None
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Finish the save in flight and release orbax. A failure already
+        reported by `save`/`wait` is not raised again."""
+        try:
+            if self._failed is None:
+                self.wait()
+        finally:
+            try:
+                self.manager.close()
+            except Exception:  # noqa: BLE001
+                if self._failed is None:
+                    raise
+            if self._failed is not None and jax.process_index() == 0:
+                self.remove_partial()  # anything written after the failure was reported

@@ -185,6 +185,9 @@ def _train(config: Any, workdir: str) -> dict:
              jax.process_count(), config.batch_size)
 
     ckpt = Checkpointer(workdir, keep=int(config.keep_checkpoints))
+    if jax.process_index() == 0:  # this run holds the workdir lock
+        for path in ckpt.remove_partial():
+            log.info("removed %s, left by a save that did not finish", path)
     data_state = None
     if ckpt.latest_step() is not None:
         try:
