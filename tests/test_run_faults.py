@@ -152,3 +152,49 @@ def test_disk_full_while_checkpointing(tmp_path, env, disk):
     finally:
         if mounted:
             subprocess.run(["umount", "-l", str(fs)], capture_output=True)
+
+
+# ------------------------------------------------------------------ 3. config values
+
+@pytest.mark.parametrize("override, words", [
+    ("batch_size=0", ["config.batch_size=0", "integer >= 1"]),
+    ("total_steps=-5", ["config.total_steps=-5", "integer >= 1"]),
+    ("optim.lr=fast", ["config.optim.lr", "'fast'", "number >= 0"]),
+    ("optim.b2=1.5", ["config.optim.b2=1.5", ">= 0 and < 1"]),
+    ("mesh.fsdp=0", ["config.mesh.fsdp=0", "-1", "integer >= 1"]),
+])
+def test_bad_numeric_value_is_one_line_naming_key_and_range(override, words, tmp_path, capsys,
+                                                            env):
+    code = cli.main(["train", *TINY, "--workdir", str(tmp_path / "run"), f"--config.{override}"])
+    msg = _one_error_line(code, capsys.readouterr().err)
+    assert all(w in msg for w in words), msg
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before training
+
+
+class _Lines(__import__("logging").Handler):
+    def __init__(self):
+        super().__init__()
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append((record.levelname, record.getMessage()))
+
+
+def test_resume_with_another_batch_size_warns_and_records_it(tmp_path, env):
+    import logging
+    run = tmp_path / "run"
+    assert cli.main(["train", *TINY, "--workdir", str(run)]) == 0
+    lines = _Lines()
+    logging.getLogger("mmjax").addHandler(lines)
+    try:
+        assert cli.main(["train", *TINY, "--workdir", str(run), "--config.batch_size=16",
+                         "--config.total_steps=4"]) == 0
+    finally:
+        logging.getLogger("mmjax").removeHandler(lines)
+    warnings = [m for level, m in lines.lines if level == "WARNING" and "changed config" in m]
+    assert len(warnings) == 1 and "config.batch_size 8 -> 16" in warnings[0], lines.lines
+    assert "config.total_steps 3 -> 4" in warnings[0]
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["config"]["batch_size"] == 16 and saved["config"]["total_steps"] == 4
+    (entry,) = saved["config_history"]
+    assert entry["changes"]["config.batch_size"] == [8, 16] and entry["date"]

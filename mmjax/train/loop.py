@@ -22,7 +22,8 @@ from mmjax.models import build
 from mmjax.train import sharding as shd
 from mmjax.train import workdir as wd
 from mmjax.train.checkpoint import Checkpointer
-from mmjax.train.config_utils import ConfigError, config_fingerprint, first_difference
+from mmjax.train.config_utils import (ConfigError, all_differences, config_fingerprint,
+                                      first_difference)
 from mmjax.train.init_sources import init_entries
 from mmjax.train.flops import model_train_flops, peak_flops_per_device
 from mmjax.train.logging_utils import MetricsWriter, Progress, format_line, setup_logging
@@ -71,7 +72,13 @@ def resolve_train_shards(config: Any) -> None:
 
 
 def check_workdir(config: Any, workdir: str) -> None:
-    """Refuse to resume a workdir created by a different model/objectives config."""
+    """Refuse to resume a workdir created by a different model/objectives config.
+
+    Other keys may change when a run is resumed (batch size, steps, learning
+    rate, ...): the change is logged as one warning line, `config.json` then
+    holds the config in use and its `config_history` lists each change (date
+    and `key: [old, new]`).
+    """
     path = wd.join(workdir, "config.json")
     mine = config_fingerprint(config)
     if wd.exists(path):
@@ -80,6 +87,18 @@ def check_workdir(config: Any, workdir: str) -> None:
         if diff:
             raise ConfigError(f"--workdir {workdir} holds a run of another config ({diff}); "
                               "use a new --workdir or the original config.")
+        current = json.loads(config.to_json_best_effort())
+        changes = all_differences(saved.get("config", {}), current)
+        if changes and jax.process_index() == 0:
+            log.warning("resuming %s with a changed config: %s (config.json updated, the "
+                        "change is kept in its config_history)", workdir,
+                        "; ".join(f"{k} {old!r} -> {new!r}" for k, old, new in changes))
+            import datetime
+            history = saved.get("config_history", [])
+            history.append({"date": datetime.datetime.now().astimezone().isoformat(
+                timespec="seconds"), "changes": {k: [old, new] for k, old, new in changes}})
+            wd.write_text(path, json.dumps({**saved, "config": current,
+                                            "config_history": history}, indent=1))
     elif jax.process_index() == 0:
         wd.makedirs(workdir)
         wd.write_text(path, json.dumps({"fingerprint": mine,
