@@ -31,6 +31,13 @@ def _fail(msg: str) -> int:
     return 2
 
 
+def _error_text(e: BaseException) -> str:
+    """The message of `e` as written (str() of a KeyError adds quotes around it)."""
+    if isinstance(e, KeyError) and len(e.args) == 1 and isinstance(e.args[0], str):
+        return e.args[0]
+    return str(e)
+
+
 def _user_errors() -> tuple:
     """Exceptions that mean "fix your config / data / paths": shown as one line.
 
@@ -64,7 +71,7 @@ def train_main(argv: list[str]) -> int:
         workdir = args.workdir or os.path.join("mmjax_runs", name)
         result = train(config, workdir)
     except _user_errors() as e:
-        return _fail(str(e).strip("'\""))
+        return _fail(_error_text(e))
     if "zeroshot/top1" in result:
         print(f"zero-shot top-1 on held-out data: {100 * result['zeroshot/top1']:.1f}% "
               f"(top-5 {100 * result['zeroshot/top5']:.1f}%, chance "
@@ -84,7 +91,7 @@ def eval_main(argv: list[str]) -> int:
     try:
         results = eval_command(args.config, args.workdir, args.step, args.hf, overrides)
     except _user_errors() as e:
-        return _fail(str(e).strip("'\""))
+        return _fail(_error_text(e))
     import jax
     if jax.process_index() == 0:  # every process holds the same results
         for k, v in sorted(results.items()):
@@ -115,7 +122,7 @@ def _generate(argv):
     try:
         return generate_command(argv)
     except _user_errors() as e:
-        return _fail(str(e).strip("'\""))
+        return _fail(_error_text(e))
 
 
 def _bench(argv):

@@ -198,3 +198,40 @@ def test_resume_with_another_batch_size_warns_and_records_it(tmp_path, env):
     assert saved["config"]["batch_size"] == 16 and saved["config"]["total_steps"] == 4
     (entry,) = saved["config_history"]
     assert entry["changes"]["config.batch_size"] == [8, 16] and entry["date"]
+
+
+# ------------------------------------------------------------------ 4. logs and messages
+
+def test_resumed_run_drops_log_rows_past_the_restored_checkpoint(tmp_path, env):
+    import shutil
+    run = tmp_path / "run"
+    cmd = ["train", *TINY, "--workdir", str(run), "--config.total_steps=6",
+           "--config.checkpoint_every=3"]
+    assert cli.main(cmd) == 0
+    # As after a process killed between step 6's log row and its checkpoint:
+    # rows 1-6 are written, the latest complete checkpoint is step 3.
+    shutil.rmtree(run / "checkpoints" / "6")
+    rows = [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [1, 2, 3, 4, 5, 6]
+    assert cli.main(cmd) == 0
+    rows = [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [1, 2, 3, 4, 5, 6]
+    assert sorted(os.listdir(run / "eval")) == ["step_6.json"]
+
+
+def test_non_finite_loss_advice_fits_the_config(tmp_path, capsys, env):
+    code = cli.main(["train", *TINY, "--workdir", str(tmp_path / "a"), "--config.optim.lr=1e30"])
+    msg = _one_error_line(code, capsys.readouterr().err)
+    assert "non-finite loss at step" in msg
+    assert "enable config.optim.clip_norm" not in msg  # it is on (1.0) by default
+    assert "config.optim.lr (now 1e+30)" in msg and "config.optim.clip_norm (now 1)" in msg, msg
+
+
+def test_quoted_values_keep_their_closing_quote(tmp_path, capsys):
+    code = cli.main(["train", *TINY, "--workdir", str(tmp_path / "a"),
+                     "--config.data.train.flip=maybe"])
+    msg = _one_error_line(code, capsys.readouterr().err)
+    assert msg.endswith("expected true/false, got 'maybe'"), msg
+    # KeyError messages are printed as raised, without the quotes str() adds.
+    assert cli._error_text(KeyError("batches need a 'label' field")) == \
+        "batches need a 'label' field"

@@ -45,10 +45,34 @@ def setup_logging(level: int = logging.INFO) -> None:
     log.setLevel(level)
 
 
-class MetricsWriter:
-    """Writes scalars to `workdir/metrics.jsonl` and TensorBoard (process 0 only)."""
+def _row_step(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None  # e.g. a line cut short by a killed process
 
-    def __init__(self, workdir: str, tensorboard: bool = True):
+
+def keep_rows_until(lines: list[str], step: int) -> list[str]:
+    """The `metrics.jsonl` lines of steps <= `step` (complete JSON rows only)."""
+    out = []
+    for line in lines:
+        s = _row_step(line)
+        if s is not None and s <= step:
+            out.append(line if line.endswith("\n") else line + "\n")
+    return out
+
+
+class MetricsWriter:
+    """Writes scalars to `workdir/metrics.jsonl` and TensorBoard (process 0 only).
+
+    `resume_step`: the step training starts from (the restored checkpoint's, 0
+    for a new run). What an earlier process logged after it is dropped, since
+    that part of the run is trained again: `metrics.jsonl` keeps its rows with
+    `step <= resume_step`, TensorBoard purges later events (`purge_step`), and
+    `eval/step_<N>.json` files with `N > resume_step` are removed.
+    """
+
+    def __init__(self, workdir: str, tensorboard: bool = True, resume_step: int = 0):
         self.enabled = jax.process_index() == 0
         self.jsonl = None
         self.tb = None
@@ -59,14 +83,34 @@ class MetricsWriter:
         if wd.is_remote(workdir):
             # Object stores cannot append: keep the lines and rewrite the file.
             self.remote_path = path
-            self.remote_lines = wd.read_text(path).splitlines(True) if wd.exists(path) else []
+            lines = wd.read_text(path).splitlines(True) if wd.exists(path) else []
+            self.remote_lines = keep_rows_until(lines, resume_step)
+            if len(self.remote_lines) != len(lines):
+                wd.write_text(path, "".join(self.remote_lines))
         else:
             os.makedirs(workdir, exist_ok=True)
+            if os.path.exists(path):
+                with open(path, encoding="utf-8") as f:
+                    lines = f.readlines()
+                kept = keep_rows_until(lines, resume_step)
+                if kept != lines:
+                    with open(path + ".tmp", "w", encoding="utf-8") as f:
+                        f.writelines(kept)
+                    os.replace(path + ".tmp", path)
+                    log.info("metrics.jsonl: dropped %d rows after step %d (trained again)",
+                             len(lines) - len(kept), resume_step)
             self.jsonl = open(path, "a", encoding="utf-8")
+            eval_dir = os.path.join(workdir, "eval")
+            if os.path.isdir(eval_dir):
+                for name in os.listdir(eval_dir):
+                    n = name.removeprefix("step_").removesuffix(".json")
+                    if name.startswith("step_") and n.isdigit() and int(n) > resume_step:
+                        os.remove(os.path.join(eval_dir, name))
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
-                self.tb = SummaryWriter(wd.join(workdir, "tensorboard"))
+                self.tb = SummaryWriter(wd.join(workdir, "tensorboard"),
+                                        purge_step=resume_step + 1)
             except ImportError:  # pragma: no cover - tensorboardX is a dependency
                 log.warning("tensorboardX not installed; TensorBoard events are off")
 

@@ -134,14 +134,28 @@ class _Preemption:
         signal.signal(signal.SIGTERM, self._old)
 
 
-def _nan_check(metrics: dict, step: int, objectives: list[str]) -> None:
+def _nan_advice(optim: Any) -> str:
+    """What to change after a non-finite loss, given the optimizer config in use."""
+    if optim is None:
+        return "Lower config.optim.lr."
+    lr = optim.get("lr")
+    clip = optim.get("clip_norm")
+    warmup = optim.get("warmup_steps")
+    if clip:
+        return (f"Lower config.optim.lr (now {lr:g}) or config.optim.clip_norm (now {clip:g}), "
+                f"or lengthen config.optim.warmup_steps (now {warmup}).")
+    return (f"Lower config.optim.lr (now {lr:g}) or set config.optim.clip_norm (off now; "
+            "1.0 is the default).")
+
+
+def _nan_check(metrics: dict, step: int, objectives: list[str], optim: Any = None) -> None:
     bad = [k for k in ["loss"] + [f"loss/{o}" for o in objectives]
            if k in metrics and not math.isfinite(float(metrics[k]))]
     if bad:
         which = [b[5:] for b in bad if b.startswith("loss/")] or ["total"]
         raise TrainingError(f"non-finite loss at step {step} (objective: {', '.join(which)}); "
                             "stopped without saving, the last checkpoint is the last good state. "
-                            "Lower config.optim.lr or enable config.optim.clip_norm.")
+                            + _nan_advice(optim))
 
 
 def lock_workdir(workdir: str) -> Optional[wd.WorkdirLock]:
@@ -235,7 +249,7 @@ def _train(config: Any, workdir: str) -> dict:
                               int(config.data.train.max_len),
                               frozen=tuple(config.optim.get("freeze") or ()))
     peak = peak_flops_per_device(config.get("peak_flops"))
-    writer = MetricsWriter(workdir)
+    writer = MetricsWriter(workdir, resume_step=start)
     preempt = _Preemption()
     progress = Progress(start, total)
     objectives = list(config.objectives.keys())
@@ -252,12 +266,12 @@ def _train(config: Any, workdir: str) -> dict:
             step += 1
             # NaN guard with a one-step lag, so the host never stalls the device.
             if pending is not None:
-                _nan_check(jax.device_get(pending[1]), pending[0], objectives)
+                _nan_check(jax.device_get(pending[1]), pending[0], objectives, config.optim)
             pending = (step, metrics)
             is_last = step == total
             if step % int(config.log_every) == 0 or is_last:
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                _nan_check(m, step, objectives)
+                _nan_check(m, step, objectives, config.optim)
                 t = progress.tick(step)
                 m["step_time"] = t["step_time"]
                 m["samples_per_s"] = config.batch_size / t["step_time"]
@@ -268,7 +282,7 @@ def _train(config: Any, workdir: str) -> dict:
                 writer.write(step, m)
                 last = m
             if step % int(config.checkpoint_every) == 0 or is_last or preempt.requested:
-                _nan_check(jax.device_get(metrics), step, objectives)
+                _nan_check(jax.device_get(metrics), step, objectives, config.optim)
                 ckpt.save(step, trainer.checkpoint_view(state), data.get_state(), force=True,
                           frozen_sources=init_entries(config))
             if evals_every and step % evals_every == 0 and not is_last:
