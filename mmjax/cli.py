@@ -1,10 +1,15 @@
-"""`mmjax train | eval | shards | bench | convert`.
+"""mmjax: train, evaluate and run image-text models.
 
     mmjax train [--config configs/X.py[:arg]] [--workdir DIR] [--config.a.b=value ...]
-    mmjax eval --config configs/X.py --workdir DIR [--step N]
+    mmjax eval --workdir DIR [--step N] [--config configs/X.py] [--config.a.b=value ...]
     mmjax eval --hf PATH [--config.evals.zeroshot.shards=...]
-    mmjax shards --images DIR --captions FILE --out DIR | --synthetic ...
-    mmjax generate --workdir DIR --image PATH [--prompt "question"] [--step N]
+    mmjax generate --workdir DIR --image PATH [--prompt "question"] [--step N] [--max-new-tokens N]
+    mmjax shards --images DIR --captions FILE --out DIR | --synthetic [--split S] [--num-samples N] --out DIR
+    mmjax bench [--config configs/X.py[:arg]] [--steps N] [--aot] [--config.a.b=value ...]
+    mmjax --version
+
+`mmjax COMMAND --help` describes a command's options; `--config.a.b=value`
+overrides any key of the recipe's config (train, eval, bench).
 """
 from __future__ import annotations
 
@@ -57,10 +62,18 @@ def _user_errors() -> tuple:
 
 def train_main(argv: list[str]) -> int:
     rest, overrides = _split_overrides(argv)
-    p = argparse.ArgumentParser(prog="mmjax train", description="Train a recipe.")
-    p.add_argument("--config", default=DEFAULT_CONFIG,
+    p = argparse.ArgumentParser(
+        prog="mmjax train",
+        usage="mmjax train [--config RECIPE] [--workdir DIR] [--config.KEY=VALUE ...]",
+        description="Train a recipe; rerunning the same command resumes from the latest "
+                    "checkpoint in the workdir.",
+        epilog="--config.a.b=value sets any key of the recipe's config, e.g. "
+               "--config.batch_size=64 --config.optim.lr=1e-3 "
+               "--config.data.train.shards='/data/{00000..00099}.tar'; a mistyped key is "
+               "an error naming it.")
+    p.add_argument("--config", default=DEFAULT_CONFIG, metavar="RECIPE",
                    help="recipe file (configs/X.py[:arg]) or name; default clip_tiny")
-    p.add_argument("--workdir", default=None,
+    p.add_argument("--workdir", default=None, metavar="DIR",
                    help="checkpoints and logs; default ./mmjax_runs/<recipe>")
     args = p.parse_args(rest)
     from mmjax.train.config_utils import load_config
@@ -72,8 +85,12 @@ def train_main(argv: list[str]) -> int:
         result = train(config, workdir)
     except _user_errors() as e:
         return _fail(_error_text(e))
-    if "zeroshot/top1" in result:
-        print(f"zero-shot top-1 on held-out data: {100 * result['zeroshot/top1']:.1f}% "
+    import jax
+    if "zeroshot/top1" in result and jax.process_index() == 0:  # one line per job
+        shards = config.evals.zeroshot.shards
+        where = ("held-out built-in shapes (evals.zeroshot.shards=synthetic)"
+                 if shards == "synthetic" else f"evals.zeroshot.shards={shards}")
+        print(f"zero-shot top-1 on {where}: {100 * result['zeroshot/top1']:.1f}% "
               f"(top-5 {100 * result['zeroshot/top5']:.1f}%, chance "
               f"{100 / result['zeroshot/num_classes']:.1f}%)")
     return 0
@@ -81,12 +98,31 @@ def train_main(argv: list[str]) -> int:
 
 def eval_main(argv: list[str]) -> int:
     rest, overrides = _split_overrides(argv)
-    p = argparse.ArgumentParser(prog="mmjax eval", description="Evaluate a checkpoint.")
-    p.add_argument("--config", default=None)
-    p.add_argument("--workdir", default=None)
-    p.add_argument("--step", type=int, default=None)
-    p.add_argument("--hf", default=None, help="a Hugging Face CLIP/SigLIP folder instead")
+    p = argparse.ArgumentParser(
+        prog="mmjax eval",
+        usage="mmjax eval (--workdir DIR | --hf PATH) [--step N] [--config RECIPE] "
+              "[--config.KEY=VALUE ...]",
+        description="Evaluate a training run's checkpoint (or imported weights) with the "
+                    "evaluations its config enables; results go to DIR/eval/step_<N>.json.",
+        epilog="--config.a.b=value sets any config key, e.g. "
+               "--config.evals.zeroshot.shards=PATTERN (zero-shot), "
+               "--config.evals.retrieval.shards=PATTERN (retrieval), "
+               "--config.evals.captioning.shards=PATTERN (CoCa, BLIP-2), "
+               "--config.evals.vqa.shards=PATTERN (VisionLM); 'synthetic' selects the "
+               "held-out built-in data.")
+    p.add_argument("--workdir", default=None, metavar="DIR",
+                   help="a training run's folder (its config.json and checkpoints)")
+    p.add_argument("--step", type=int, default=None, metavar="N",
+                   help="checkpoint step to evaluate; default the latest")
+    p.add_argument("--config", default=None, metavar="RECIPE",
+                   help="recipe file (configs/X.py[:arg]) or name, instead of the run's "
+                        "config.json")
+    p.add_argument("--hf", default=None, metavar="PATH",
+                   help="a Hugging Face CLIP/SigLIP folder to evaluate instead of a run")
     args = p.parse_args(rest)
+    if args.workdir and not args.hf and "://" not in args.workdir \
+            and not os.path.isdir(args.workdir):
+        return _fail(f"--workdir {args.workdir}: no such folder")
     from mmjax.evaluate.runner import eval_command
     try:
         results = eval_command(args.config, args.workdir, args.step, args.hf, overrides)
@@ -99,6 +135,15 @@ def eval_main(argv: list[str]) -> int:
     return 0
 
 
+def version() -> str:
+    """mmjax's installed version (package metadata), or 'unknown' from a bare checkout."""
+    from importlib import metadata
+    try:
+        return metadata.version("mmjax")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"train": train_main, "eval": eval_main, "shards": _shards, "bench": _bench,
@@ -106,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        print(f"mmjax {version()}")
+        return 0
     cmd = argv[0]
     if cmd not in commands:
         return _fail(f"unknown command {cmd!r}; choose one of {sorted(commands)}")

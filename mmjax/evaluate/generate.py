@@ -2,6 +2,7 @@
 
     mmjax generate --workdir DIR --image photo.jpg --prompt "colour of the big shape?"
     mmjax generate --workdir DIR --image photo.jpg            # no prompt: a caption
+    mmjax generate ... --max-new-tokens 64                    # longer answers (default 32)
 
 The run's config (`DIR/config.json`) gives the model, tokenizer and image
 preprocessing (center crop, the config's mean/std); its latest (or `--step`)
@@ -53,11 +54,17 @@ def generate_answer(workdir: str, image_path: str, prompt: Optional[str] = None,
 def generate_command(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="mmjax generate",
                                 description="Answer a question about an image (VisionLM runs).")
-    p.add_argument("--workdir", required=True)
-    p.add_argument("--image", required=True)
-    p.add_argument("--prompt", default="", help="question; empty = caption")
-    p.add_argument("--step", type=int, default=None)
-    p.add_argument("--max_new_tokens", type=int, default=32)
+    p.add_argument("--workdir", required=True, metavar="DIR",
+                   help="a VisionLM training run (configs/llava.py, configs/blip2_stage2.py)")
+    p.add_argument("--image", required=True, metavar="PATH", help="image file (jpg, png, webp, ...)")
+    p.add_argument("--prompt", default="",
+                   help="question, laid out with the run's dialog template; empty = caption")
+    p.add_argument("--step", type=int, default=None, metavar="N",
+                   help="checkpoint step to use; default the latest")
+    p.add_argument("--max-new-tokens", type=int, default=32, dest="max_new_tokens", metavar="N",
+                   help="most tokens to generate (default 32)")
+    p.add_argument("--max_new_tokens", type=int, dest="max_new_tokens",
+                   help=argparse.SUPPRESS)  # the older spelling
     args = p.parse_args(argv)
     print(generate_answer(args.workdir, args.image, args.prompt, args.step, args.max_new_tokens))
     sys.stdout.flush()
