@@ -1,28 +1,25 @@
-"""Per-device memory of a large train step, compiled ahead of time on simulated devices.
+"""Per-device memory of a large train step, from the target accelerator's own compiler.
 
 Learn of an out-of-memory before renting a pod: the train step (forward,
-backward, AdamW update, donated state) is compiled for N simulated CPU
-devices with the state and batch kept abstract (ShapeDtypeStructs carrying
-their shardings), so nothing is allocated. Prints a markdown table per mesh:
-parameters, per-device state, argument (state + batch), output, temp, total
-and XLA's peak, generated-code size (not reported by the CPU compiler) and
-compile time. Numbers come from the CPU compiler: an estimate of what a
-TPU/GPU compiler needs, typically close for the state and within a small
-factor for temporaries.
+backward, AdamW update, donated state) is compiled for a TPU slice by libtpu
+(deviceless, no TPU needed) or for GPU nodes by the CUDA plugin, with the state
+and batch abstract (nothing is allocated). Prints a markdown table per mesh:
+parameters, per-device state, argument (state + batch), output, temp, total,
+whether it fits the chip's HBM, and compile time; the same report as
+`mmjax compile`, several meshes in one table.
 
 Default: SigLIP ViT-L/14 (image 224, patch 14, width 1024, depth 24, heads 16,
 MLP 4096; text width 1024, depth 24, heads 16, length 64; bfloat16; scan +
 remat "dots_no_batch"), built from configs/siglip_b16.py, global batch 16384
-on data=8 x fsdp=8 (64 devices).
+on data=8 x fsdp=8 of a v5p-128 (64 chips).
 
     python benchmarks/aot_memory.py
-    python benchmarks/aot_memory.py --mesh data=8,fsdp=8 --mesh data=64 --batch 8192
-    python benchmarks/aot_memory.py --config configs/clip_b16.py:tiny --devices 8 \
+    python benchmarks/aot_memory.py --target h100x8:8 --mesh data=8,fsdp=8 --batch 8192
+    python benchmarks/aot_memory.py --config configs/clip_b16.py:tiny --target v5p-16 \
         --mesh data=8 --mesh fsdp=8 --json out.json
 """
 import argparse
 import json
-import math
 import os
 import sys
 
@@ -41,6 +38,7 @@ DEFAULT_OVERRIDES = [
 ]
 DEFAULT_MESH = "data=8,fsdp=8"
 DEFAULT_BATCH = 16384
+DEFAULT_TARGET = "v5p-128"
 
 
 def parse_args(argv):
@@ -53,57 +51,48 @@ def parse_args(argv):
                    help=f"AXIS=SIZE list, repeatable (one row each); default {DEFAULT_MESH}")
     p.add_argument("--batch", type=int, default=None,
                    help=f"global batch; default {DEFAULT_BATCH} (the recipe's with --config)")
-    p.add_argument("--devices", type=int, default=None,
-                   help="simulated devices; default the largest mesh's size")
+    p.add_argument("--target", default=DEFAULT_TARGET,
+                   help=f"accelerator to compile for (see `mmjax compile --list-targets`); "
+                        f"default {DEFAULT_TARGET}")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args(rest)
     args.overrides = overrides
     return args
 
 
-def mesh_size(text):
-    """Devices a `--mesh` needs, or None when an axis is -1 (fills)."""
-    sizes = [int(part.split("=", 1)[1]) for part in text.split(",") if "=" in part]
-    return None if -1 in sizes else math.prod(sizes)
-
-
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     meshes = args.mesh or ([DEFAULT_MESH] if args.config is None else [None])
-    devices = args.devices or max((mesh_size(m) or 0) if m else 0 for m in meshes)
-    if not devices:
-        sys.exit("aot_memory.py: give --devices N when a --mesh axis is -1 or no --mesh is given.")
-    # The device count is fixed when jax starts, so set it before the import.
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_force_host_platform_device_count")]
-    flags.append(f"--xla_force_host_platform_device_count={devices}")
-    os.environ["XLA_FLAGS"] = " ".join(flags)
-    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host only traces
 
     import jax
-    from mmjax.train.bench import aot_memory_report, aot_table, mesh_overrides
+    from mmjax.train.bench import aot_table, mesh_overrides
+    from mmjax.train.compile_report import compile_for_target
     from mmjax.train.config_utils import ConfigError, load_config
+    from mmjax.train.targets import TargetError, parse_target
 
     spec = args.config or DEFAULT_CONFIG
     base = [] if args.config else DEFAULT_OVERRIDES
     batch = args.batch or (None if args.config else DEFAULT_BATCH)
     rows, names = [], []
-    for mesh in meshes:
-        try:
+    try:
+        target = parse_target(args.target)
+        for mesh in meshes:
             config = load_config(spec, base + args.overrides + mesh_overrides(mesh, batch))
-            need = mesh_size(mesh) if mesh else None
-            rows.append(aot_memory_report(config, jax.devices()[:need] if need else None))
-        except (ConfigError, ValueError) as e:
-            sys.exit(f"aot_memory.py: {str(e).splitlines()[0]}")
-        names.append(args.config or DEFAULT_NAME)
-        print(f"compiled {names[-1]} on {rows[-1]['mesh']} in {rows[-1]['compile_s']:.0f} s",
-              file=sys.stderr, flush=True)
-    print(f"Per-device memory of the train step (AOT compile, {devices} simulated "
-          f"{jax.devices()[0].platform} devices, jax {jax.__version__})\n")
+            report = compile_for_target(config, target)
+            rows.append(dict(report, **report["memory"]))
+            names.append(args.config or DEFAULT_NAME)
+            print(f"compiled {names[-1]} on {report['mesh']} in {report['compile_s']:.0f} s",
+                  file=sys.stderr, flush=True)
+    except (ConfigError, TargetError, ValueError) as e:
+        sys.exit(f"aot_memory.py: {str(e).splitlines()[0]}")
+    print(f"Per-device memory of the train step compiled for {target.name} "
+          f"({target.chip.device_kind}, {target.chip.hbm_bytes / 2**30:.2f} GiB HBM), "
+          f"jax {jax.__version__}\n")
     print(aot_table(rows, names))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump([dict(r, name=n) for r, n in zip(rows, names)], f, indent=1)
+            json.dump([dict(r, name=n) for r, n in zip(rows, names)], f, indent=1, default=str)
     return 0
 
 

@@ -78,9 +78,10 @@ def test_bench_mfu_uses_peak_override_and_bad_key_exits_2(capsys):
 def test_aot_memory_report_shrinks_per_device_state_with_fsdp(tmp_path):
     out_json = tmp_path / "aot.json"
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",)}
+    pytest.importorskip("libtpu", reason="needs the `tpu` extra (libtpu)")
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "aot_memory.py"),
-         "--config", os.path.join(ROOT, "configs/clip_b16.py:tiny"), "--devices", "8",
+         "--config", os.path.join(ROOT, "configs/clip_b16.py:tiny"), "--target", "v5p-16",
          "--mesh", "data=8,fsdp=1", "--mesh", "data=1,fsdp=8", "--json", str(out_json)],
         env=env, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -101,7 +102,9 @@ def test_aot_memory_report_shrinks_per_device_state_with_fsdp(tmp_path):
     state = 3 * 4 * n_params
     assert state <= dp["state"] <= state + 64
     rows = config.batch_size // 8  # uint8 images, int32 text
-    assert dp["argument"] == pytest.approx(dp["state"] + rows * (s * s * 3 + 4 * length), abs=64)
+    # The TPU pads arrays to its (8, 128) tiles: at least state + this device's rows.
+    assert dp["argument"] >= dp["state"] + rows * (s * s * 3 + 4 * length)
+    assert dp["fits"] and fsdp["fits"]
 
 
 def test_model_train_flops_matches_xla_count_for_two_tower():

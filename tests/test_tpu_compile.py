@@ -125,7 +125,7 @@ def test_oversized_batch_exits_1_with_one_line(capsys):
     """The TPU compiler refuses a step that needs more than a v5e's 16 GiB per chip:
     exit 1 and one line with needed vs available and the keys that trade memory."""
     code = compile_command(["--config", "clip_b16:tiny", "--target", "v5litepod-4",
-                            "--config.model.dtype=bfloat16", "--config.batch_size=1048576"])
+                            "--config.model.dtype=bfloat16", "--config.batch_size=131072"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1, err
     assert "does not fit v5litepod-4" in err[0] and "batch_size" in err[0]

@@ -153,15 +153,17 @@ def aot_table(rows: list[dict], names: Sequence[str]) -> str:
     total = argument + output - aliased (donated) + temp; "n/a": not reported
     by this backend (the CPU compiler gives no code size).
     """
+    fit = any("fits" in r for r in rows)
     lines = ["| config | mesh | global batch | params | state/dev | argument/dev (state+batch) "
-             "| output/dev | temp/dev | total/dev | code | compile |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| output/dev | temp/dev | total/dev | code | compile |" + (" fits |" if fit else ""),
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---|" if fit else "")]
     for name, r in zip(names, rows):
         mesh = r["mesh"].split(" (")[0]
         cells = [format_bytes(r[k]) if r.get(k) else "n/a" for k in
                  ("state", "argument", "output", "temp", "total", "generated_code")]
         lines.append(f"| {name} | {mesh} | {r['batch']} | {r['params'] / 1e6:.1f}M | "
-                     + " | ".join(cells) + f" | {r['compile_s']:.0f} s |")
+                     + " | ".join(cells) + f" | {r['compile_s']:.0f} s |"
+                     + ((" yes |" if r.get("fits") else " no |") if fit else ""))
     return "\n".join(lines)
 
 

@@ -54,13 +54,18 @@ def _captured_stderr():
 
 
 def _out_of_memory(message: str) -> Optional[tuple[float, float]]:
-    """`(needed, available)` bytes from a compiler's out-of-memory error, or None."""
+    """`(needed, available)` bytes from a compiler's out-of-memory error, or None.
+    The TPU compiler says e.g. "Ran out of memory on HBM, the total memory required
+    for HLO temporaries (35.42G) exceeds available HBM (15.75G)"."""
     if "RESOURCE_EXHAUSTED" not in message and "out of memory" not in message.lower():
         return None
     units = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
-    m = re.search(r"Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT])", message)
-    if m:
-        return (float(m.group(1)) * units[m.group(2)], float(m.group(3)) * units[m.group(4)])
+    for pattern in (r"Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT])",
+                    r"\(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)"):
+        m = re.search(pattern, message)
+        if m:
+            return (float(m.group(1)) * units[m.group(2)],
+                    float(m.group(3)) * units[m.group(4)])
     return (float("nan"), float("nan"))
 
 

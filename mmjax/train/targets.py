@@ -34,7 +34,8 @@ class Chip:
 CHIPS = {
     "v4": Chip("v4", "TPU v4", 32 * GIB, 275e12, dims=3, cores_per_chip=2),
     "v5p": Chip("v5p", "TPU v5", 95 * GIB, 459e12, dims=3, cores_per_chip=2),
-    "v5e": Chip("v5e", "TPU v5 lite", 16 * GIB, 197e12, dims=2),
+    # 16 GiB per v5e chip, of which its compiler lets a program use 15.75 GiB.
+    "v5e": Chip("v5e", "TPU v5 lite", int(15.75 * GIB), 197e12, dims=2),
     "v6e": Chip("v6e", "TPU v6 lite", 32 * GIB, 918e12, dims=2),
     "h100": Chip("h100", "NVIDIA H100 80GB HBM3", 80 * GIB, 989e12),
     "h200": Chip("h200", "NVIDIA H200", 141 * GIB, 989e12),
