@@ -27,12 +27,16 @@ import collections
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import tempfile
+import time
 import zlib
 
 import numpy as np
+
+log = logging.getLogger("mmjax")
 
 # Bump when the generator changes, so cached shards are rebuilt.
 GENERATOR_VERSION = 2
@@ -286,8 +290,11 @@ def _encode_image(image: np.ndarray, image_format: str, quality: int = 95) -> by
 def write_synthetic_shards(out_dir: str, split: str = "train", num_samples: int = 10_000,
                            image_size: int = 64, samples_per_shard: int = 1_000,
                            seed: int = 0, image_format: str = "jpg",
-                           prefix: str | None = None) -> list[str]:
+                           prefix: str | None = None, progress=None) -> list[str]:
     """Writes samples ``0 .. num_samples-1`` of ``split`` as webdataset shards.
+
+    ``progress``, if given, is called with the number of samples written so far
+    after each sample.
 
     Members per sample: ``{key}.{jpg|png}``, ``{key}.txt`` (caption),
     ``{key}.cls`` (label) and ``{key}.json`` ({"caption", "label",
@@ -314,13 +321,38 @@ def write_synthetic_shards(out_dir: str, split: str = "train", num_samples: int 
                 "json": {"caption": s["caption"], "label": s["label"],
                          "classname": s["classname"], "qa": s["qa"]},
             })
+            if progress is not None:
+                progress(i + 1)
     return writer.shards
+
+
+class _ProgressLog:
+    """Logs 'N/total samples, rate, ETA' through the mmjax logger every `every_s` seconds."""
+
+    def __init__(self, what: str, total: int, every_s: float):
+        self.what, self.total, self.every_s = what, total, every_s
+        self.start = self.last = time.perf_counter()
+
+    def __call__(self, done: int) -> None:
+        now = time.perf_counter()
+        if now - self.last < self.every_s and done < self.total:
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-9)
+        eta = (self.total - done) / rate if rate > 0 else float("nan")
+        log.info("%s: %d/%d samples | %.0f samples/s | %s", self.what, done, self.total, rate,
+                 f"eta {int(eta // 60)}m{int(eta % 60):02d}s" if done < self.total
+                 else f"done in {now - self.start:.1f}s")
 
 
 def ensure_synthetic_shards(cache_dir: str, split: str = "train", num_samples: int = 10_000,
                             image_size: int = 64, samples_per_shard: int = 1_000,
-                            seed: int = 0, image_format: str = "jpg") -> list[str]:
+                            seed: int = 0, image_format: str = "jpg",
+                            log_every_s: float = 5.0) -> list[str]:
     """Shards of the synthetic set, written once into ``cache_dir`` and reused.
+
+    Writing them logs a line through the ``mmjax`` logger when it starts, then
+    every ``log_every_s`` seconds (samples written, rate, ETA) and at the end.
 
     The shards live in ``cache_dir/synthetic-{split}-{hash}`` where the hash
     covers every parameter and the generator version. They are written to a
@@ -339,9 +371,13 @@ def ensure_synthetic_shards(cache_dir: str, split: str = "train", num_samples: i
     if not os.path.exists(os.path.join(final, "params.json")):
         os.makedirs(cache_dir, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=f".tmp-synthetic-{split}-", dir=cache_dir)
+        what = f"built-in {split} data"
+        log.info("writing the %s (%d samples, %dpx) to %s, once: later runs reuse it",
+                 what, num_samples, image_size, final)
         try:
             write_synthetic_shards(tmp, split, num_samples, image_size,
-                                   samples_per_shard, seed, image_format)
+                                   samples_per_shard, seed, image_format,
+                                   progress=_ProgressLog(what, int(num_samples), log_every_s))
             # params.json is written last: its presence marks a complete set.
             with open(os.path.join(tmp, "params.json"), "w", encoding="utf-8") as f:
                 json.dump(params, f, indent=1)

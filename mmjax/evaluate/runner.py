@@ -444,8 +444,20 @@ def eval_command(config_spec: Optional[str], workdir: Optional[str], step: Optio
             raise EvalError(str(e)) from None
     finally:
         ckpt.close()
-    return {"step": step, **run_evals(config, model, {"params": state["params"]}, mesh,
-                                      step=step, workdir=workdir)}
+    results = run_evals(config, model, {"params": state["params"]}, mesh, step=step,
+                        workdir=workdir)
+    if not results:
+        raise EvalError(nothing_to_evaluate(f"{workdir} (step {step})"))
+    return {"step": step, **results}
+
+
+def nothing_to_evaluate(what: str) -> str:
+    """The message for a config that enables no evaluation of `what`."""
+    return (f"nothing to evaluate for {what}: its config enables no evaluation; ask for one "
+            "with --config.evals.zeroshot.shards=PATTERN (two-tower models), "
+            "--config.evals.retrieval.shards=PATTERN, --config.evals.captioning.shards=PATTERN "
+            "(CoCa, BLIP-2) or --config.evals.vqa.shards=PATTERN (VisionLM); 'synthetic' is "
+            "the held-out built-in data")
 
 
 def _eval_hf(path: str, config_spec: Optional[str], overrides: list[str]) -> dict:
@@ -475,4 +487,7 @@ def _eval_hf(path: str, config_spec: Optional[str], overrides: list[str]) -> dic
                         f"{tokenizer.vocab_size} tokens but the model only "
                         f"{model.text['vocab_size']}; put the model's tokenizer.json in the "
                         "folder or pass --config.data.train.tokenizer=hf:PATH")
-    return run_evals(config, model, variables, step=0, workdir=None)
+    results = run_evals(config, model, variables, step=0, workdir=None)
+    if not results:
+        raise EvalError(nothing_to_evaluate(path))
+    return results

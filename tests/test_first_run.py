@@ -1,0 +1,96 @@
+"""What a first-time user sees: shard-writing progress, which data the final
+zero-shot number is on, `mmjax eval` with nothing to evaluate or no folder,
+one final result line from a multi-process job."""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mmjax import cli
+from mmjax.data.synthetic import ensure_synthetic_shards, write_synthetic_shards
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--config", "clip_tiny:tiny"]
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("MMJAX_CACHE", str(tmp_path_factory.getbasetemp() / "mmjax_cache"))
+
+
+class _Lines(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def test_writing_the_built_in_shards_logs_progress(tmp_path):
+    lines, logger = _Lines(), logging.getLogger("mmjax")
+    logger.addHandler(lines)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        ensure_synthetic_shards(tmp_path, "train", num_samples=40, image_size=16,
+                                samples_per_shard=20, log_every_s=0)
+        first = list(lines.lines)
+        ensure_synthetic_shards(tmp_path, "train", num_samples=40, image_size=16,
+                                samples_per_shard=20, log_every_s=0)  # reused: no writing
+    finally:
+        logger.removeHandler(lines)
+        logger.setLevel(old_level)
+    assert first[0].startswith("writing the built-in train data (40 samples")
+    assert str(tmp_path) in first[0] and "once" in first[0]
+    periodic = [ln for ln in first[1:] if "/40 samples" in ln]
+    assert len(periodic) == 40  # every 0 s: one line per sample here
+    assert "samples/s" in periodic[0] and "eta " in periodic[0]
+    assert periodic[-1].startswith("built-in train data: 40/40 samples") and "done in" in \
+        periodic[-1]
+    assert lines.lines == first
+
+
+def test_final_zero_shot_line_names_its_data_and_eval_says_when_nothing_to_do(
+        tmp_path, capsys):
+    own = write_synthetic_shards(str(tmp_path / "own"), "train", num_samples=64, image_size=32,
+                                 samples_per_shard=32, prefix="own")
+    run = tmp_path / "run"
+    assert cli.main(["train", *TINY, "--workdir", str(run),
+                     f"--config.data.train.shards={'::'.join(own)}"]) == 0
+    final = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("zero-shot")]
+    assert len(final) == 1, final
+    assert final[0].startswith(
+        "zero-shot top-1 on held-out built-in shapes (evals.zeroshot.shards=synthetic): "), final
+
+    # The same run with every evaluation switched off: say so, and how to ask for one.
+    code = cli.main(["eval", "--workdir", str(run), "--config.evals.zeroshot.shards=",
+                     "--config.evals.retrieval.shards="])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "nothing to evaluate" in err[0] and str(run) in err[0], err
+    assert "--config.evals.zeroshot.shards=" in err[0] and "--config.evals.vqa.shards=" in err[0]
+
+
+def test_eval_of_a_missing_folder_is_one_line(tmp_path, capsys):
+    code = cli.main(["eval", "--workdir", str(tmp_path / "nope")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [f"mmjax: error: --workdir {tmp_path / 'nope'}: no such folder"]
+
+
+def test_two_process_train_prints_the_final_result_once(tmp_path, tmp_path_factory):
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
+           "MMJAX_CACHE": str(tmp_path_factory.getbasetemp() / "mmjax_cache")}
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "launch", "local.py"), "--processes", "2",
+         "--devices-per-process", "2", "--timeout", "400", "--", sys.executable, "-m",
+         "mmjax.cli", "train", *TINY, "--workdir", str(tmp_path / "run")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=450)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    final = [ln for ln in proc.stdout.splitlines() if "zero-shot top-1 on" in ln]
+    assert len(final) == 1 and final[0].startswith("[p0] "), final
