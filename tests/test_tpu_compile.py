@@ -168,3 +168,14 @@ def test_collectives_in_loops_count_every_iteration(tpu_devices):
     assert not unknown and reduces
     assert sum(c.runs for c in reduces) == 5 and all(c.group == 4 for c in reduces)
     assert all(c.bytes == 64 * 4 for c in reduces)
+
+
+def test_gpu_target_compiles_with_the_cuda_plugin():
+    """8 x H100 from a GPU target description (needs the CUDA plugin, not a GPU:
+    `pip install jax-cuda12-plugin==<jax version>`)."""
+    pytest.importorskip("jax_cuda12_plugin", reason="the CUDA plugin compiles GPU targets")
+    config = load_config("clip_b16:tiny", ["batch_size=64", "model.dtype=bfloat16"])
+    report = compile_for_target(config, parse_target("h100x8"))
+    assert report["devices"] == 8 and "H100" in report["chip"]
+    assert report["fits"] and report["memory"]["temp"] > 0
+    assert report["cpu_path_ops"] == 0 and report["reduction_dtypes"] == ["f32"]

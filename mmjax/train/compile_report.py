@@ -124,7 +124,11 @@ def compile_for_target(config: Any, target: Any, hbm_gib: Optional[float] = None
     start = time.perf_counter()
     with _captured_stderr() as log:
         try:
-            compiled = trainer.lower(batch_shapes(config, trainer.batch_sharding)).compile()
+            # Deviceless GPU compiles cannot autotune: pick GEMMs without Triton tiling.
+            options = ({"xla_gpu_enable_triton_gemm": False, "xla_gpu_autotune_level": 0}
+                       if target.platform == "gpu" else None)
+            compiled = trainer.lower(batch_shapes(config, trainer.batch_sharding)).compile(
+                compiler_options=options)
             error = None
         except Exception as e:  # the compiler's verdict, e.g. RESOURCE_EXHAUSTED
             compiled, error = None, e
