@@ -71,6 +71,10 @@ def resolve_train_shards(config: Any) -> None:
                 samples_per_shard=int(config.synthetic.samples_per_shard), seed=0))
 
 
+# Keys that instruct one resume rather than describe the run (they log their own warning).
+RESUME_DIRECTIVES = {"config.data.train.reset_stream_on_resume"}
+
+
 def check_workdir(config: Any, workdir: str) -> None:
     """Refuse to resume a workdir created by a different model/objectives config.
 
@@ -88,10 +92,11 @@ def check_workdir(config: Any, workdir: str) -> None:
             raise ConfigError(f"--workdir {workdir} holds a run of another config ({diff}); "
                               "use a new --workdir or the original config.")
         current = json.loads(config.to_json_best_effort())
-        changes = all_differences(saved.get("config", {}), current)
+        changes = [c for c in all_differences(saved.get("config", {}), current)
+                   if c[0] not in RESUME_DIRECTIVES]
         if changes and jax.process_index() == 0:
-            log.warning("resuming %s with a changed config: %s (config.json updated, the "
-                        "change is kept in its config_history)", workdir,
+            log.warning("resuming with a changed config: %s (config.json updated, the "
+                        "change is kept in its config_history)",
                         "; ".join(f"{k} {old!r} -> {new!r}" for k, old, new in changes))
             import datetime
             history = saved.get("config_history", [])
