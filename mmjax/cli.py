@@ -6,10 +6,11 @@
     mmjax generate --workdir DIR --image PATH [--prompt "question"] [--step N] [--max-new-tokens N]
     mmjax shards --images DIR --captions FILE --out DIR | --synthetic [--split S] [--num-samples N] --out DIR
     mmjax bench [--config configs/X.py[:arg]] [--steps N] [--aot] [--config.a.b=value ...]
+    mmjax compile --config configs/X.py[:arg] --target v5p-256|h100x8|... [--max-batch] [--json PATH]
     mmjax --version
 
 `mmjax COMMAND --help` describes a command's options; `--config.a.b=value`
-overrides any key of the recipe's config (train, eval, bench).
+overrides any key of the recipe's config (train, eval, bench, compile).
 """
 from __future__ import annotations
 
@@ -147,7 +148,7 @@ def version() -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"train": train_main, "eval": eval_main, "shards": _shards, "bench": _bench,
-                "generate": _generate}
+                "generate": _generate, "compile": _compile}
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
@@ -176,6 +177,11 @@ def _generate(argv):
 def _bench(argv):
     from mmjax.train.bench import bench_command
     return bench_command(argv)
+
+
+def _compile(argv):
+    from mmjax.train.compile_report import compile_command
+    return compile_command(argv)
 
 
 if __name__ == "__main__":

@@ -369,7 +369,7 @@ def _aot_command(args, overrides: list[str], argv: list[str]) -> int:
 
 def bench_command(argv: list[str]) -> int:
     """Runs `mmjax bench` with `argv` (without the subcommand); returns the exit code."""
-    from mmjax.cli import _fail, _split_overrides, _user_errors
+    from mmjax.cli import _error_text, _fail, _split_overrides, _user_errors
     from mmjax.train.config_utils import load_config
     rest, overrides = _split_overrides(list(argv))
     args = _parser().parse_args(rest)
@@ -383,7 +383,7 @@ def bench_command(argv: list[str]) -> int:
         result = run_bench(config, args.steps, args.warmup, args.peak_flops,
                            pipeline=not args.no_pipeline)
     except _user_errors() as e:
-        return _fail(e.args[0] if isinstance(e, KeyError) and e.args else str(e))
+        return _fail(_error_text(e))
     if jax.process_index() == 0:
         print(format_bench(result, args.config, args.steps))
     return 0

@@ -275,7 +275,7 @@ def _parser() -> argparse.ArgumentParser:
 def compile_command(argv: list[str]) -> int:
     """Runs `mmjax compile` with `argv` (without the subcommand); returns the exit code."""
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host only traces; targets compile
-    from mmjax.cli import _fail, _split_overrides, _user_errors
+    from mmjax.cli import _error_text, _fail, _split_overrides, _user_errors
     from mmjax.train.targets import TargetError, list_targets, parse_target
     rest, overrides = _split_overrides(list(argv))
     args = _parser().parse_args(rest)
@@ -297,7 +297,7 @@ def compile_command(argv: list[str]) -> int:
     except TargetError as e:
         return _fail(str(e))
     except _user_errors() as e:
-        return _fail(str(e).strip())
+        return _fail(_error_text(e))
     print(format_report(report))
     if args.max_batch:
         print(f"largest global batch that fits: {report['max_batch'] or 'none'}")
