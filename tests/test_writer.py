@@ -357,3 +357,21 @@ def test_shards_command_bad_captions_csv_writes_nothing(image_folder, tmp_path, 
     assert _cli(["--images", str(d), "--captions", str(cap), "--out", str(out),
                  "--quiet", "--overwrite"], capsys)[0] == 2
     assert os.listdir(out) == ["shard-000000.tar"]
+
+
+def test_synthetic_export_images_writes_the_samples_as_png(tmp_path):
+    """`mmjax shards --synthetic --export-images`: the README's way to get an image for
+    `mmjax generate --image`; PNG is lossless, so the files are the samples exactly."""
+    from mmjax.data.synthetic import make_sample
+    out = tmp_path / "shapes"
+    assert shards_command(["--synthetic", "--split", "test", "--num-samples", "3",
+                           "--export-images", "--out", str(out)]) == 0
+    lines = (out / "captions.txt").read_text().splitlines()
+    assert len(lines) == 3
+    for i, line in enumerate(lines):
+        name, caption = line.split("\t")
+        want = make_sample(i, "test", 64, 0)
+        assert caption == want["caption"]
+        np.testing.assert_array_equal(np.asarray(Image.open(out / name)), want["image"])
+    assert shards_command(["--synthetic", "--num-samples", "1", "--export-images",
+                           "--out", str(out)]) == 2  # not empty

@@ -439,6 +439,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=10_000, help="synthetic samples")
     p.add_argument("--image-size", type=int, default=64, help="synthetic image side")
     p.add_argument("--seed", type=int, default=0, help="synthetic seed")
+    p.add_argument("--export-images", action="store_true",
+                   help="with --synthetic: write the samples as PNG files (NNNNNN.png) and "
+                        "captions.txt into --out instead of shards, e.g. to try mmjax "
+                        "generate --image")
     p.add_argument("--out", required=True,
                    help="output folder for the shards; must be empty or new, unless --overwrite")
     p.add_argument("--overwrite", action="store_true",
@@ -485,6 +489,28 @@ def _prepare_out(out_dir: str, overwrite: bool) -> None:
         os.remove(os.path.join(out_dir, name))
 
 
+def _export_images(args) -> int:
+    """`--synthetic --export-images`: PNG files and their captions, one per line."""
+    from PIL import Image
+
+    from mmjax.data.synthetic import make_sample
+    if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
+        raise _ArgError(f"--out {args.out} is not empty; choose a new folder or pass "
+                        "--overwrite (files of the same names are replaced)")
+    os.makedirs(args.out, exist_ok=True)
+    lines = []
+    for i in range(args.num_samples):
+        s = make_sample(i, args.split, args.image_size, args.seed)
+        name = f"{i:06d}.png"
+        Image.fromarray(s["image"]).save(os.path.join(args.out, name))
+        lines.append(f"{name}\t{s['caption']}")
+    with open(os.path.join(args.out, "captions.txt"), "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"wrote {args.num_samples} synthetic {args.split} images and captions.txt to "
+          f"{args.out}", file=sys.stderr)
+    return 0
+
+
 def shards_command(argv: list[str]) -> int:
     """Runs ``mmjax shards`` with ``argv`` (without the subcommand); returns the exit code."""
     try:
@@ -499,6 +525,8 @@ def shards_command(argv: list[str]) -> int:
                 raise _ArgError("--num-samples must be positive")
             from mmjax.data.synthetic import write_synthetic_shards
 
+            if args.export_images:
+                return _export_images(args)
             _prepare_out(args.out, args.overwrite)
             start = time.perf_counter()
             shards = write_synthetic_shards(
