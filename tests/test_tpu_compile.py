@@ -179,3 +179,18 @@ def test_gpu_target_compiles_with_the_cuda_plugin():
     assert report["devices"] == 8 and "H100" in report["chip"]
     assert report["fits"] and report["memory"]["temp"] > 0
     assert report["cpu_path_ops"] == 0 and report["reduction_dtypes"] == ["f32"]
+
+
+def test_max_batch_is_the_largest_batch_that_fits():
+    """`--max-batch`: doubling then bisection over real compiles, in steps of the
+    batch-sharding size; checked against its own compiles: the answer fits and one
+    more step of the batch does not."""
+    from mmjax.train.compile_report import max_batch
+    config = load_config("clip_b16:tiny", ["batch_size=16", "model.dtype=bfloat16"])
+    target = parse_target("v5p-8")  # 4 chips: batches in steps of 4
+    hbm_gib = 40 / 1024  # 40 MiB per chip: a batch of a few dozen images
+    best, reports = max_batch(config, target, hbm_gib, log=lambda *_: None)
+    by_batch = {r["batch"]: r for r in reports}
+    assert best % 4 == 0 and by_batch[best]["fits"]
+    assert by_batch[best]["memory"]["total"] <= hbm_gib * 2 ** 30
+    assert not by_batch[best + 4]["fits"]

@@ -277,7 +277,8 @@ def run_bench(config: Any, steps: int = 10, warmup: int = 2, peak_flops: Optiona
     batch = random_batch(config, trainer.batch_sharding, int(config.seed))
     state, times = time_random_data(compiled, trainer, state, batch, steps, warmup)
     step_s = statistics.median(times)
-    flops = model_train_flops(config.model.to_dict(), batch_size, int(config.data.train.max_len))
+    flops = model_train_flops(config.model.to_dict(), batch_size, int(config.data.train.max_len),
+                              frozen=tuple(config.optim.get("freeze") or ()))
     peak = peak_flops_per_device(peak_flops or config.get("peak_flops"),
                                  trainer.mesh.devices.flat[0])
     out.update(flops=flops, step_s=step_s, samples_per_s=batch_size / step_s,

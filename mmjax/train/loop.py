@@ -253,7 +253,7 @@ def _train(config: Any, workdir: str) -> dict:
     flops = model_train_flops(config.model.to_dict(), int(config.batch_size),
                               int(config.data.train.max_len),
                               frozen=tuple(config.optim.get("freeze") or ()))
-    peak = peak_flops_per_device(config.get("peak_flops"))
+    peak = peak_flops_per_device(config.get("peak_flops"), mesh.devices.flat[0])
     writer = MetricsWriter(workdir, resume_step=start)
     preempt = _Preemption()
     progress = Progress(start, total)
