@@ -26,32 +26,22 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 import jax
 import ml_collections
 import numpy as np
-from flax import traverse_util
 
 from mmjax.train import workdir as wd
 from mmjax.train.config_utils import ConfigError
 from mmjax.train.optimizer import frozen_labels
+from mmjax.train.trees import SEP, flat, nested
 
 log = logging.getLogger("mmjax")
-SEP = "/"
 
 
 class InitError(ConfigError):
     """A `config.init` entry that cannot be applied (message names the key)."""
-
-
-def flat(tree: Any) -> dict:
-    """Nested params -> `{"a/b/c": leaf}`."""
-    return traverse_util.flatten_dict(dict(tree), sep=SEP) if tree else {}
-
-
-def nested(flat_tree: Mapping) -> dict:
-    return traverse_util.unflatten_dict(dict(flat_tree), sep=SEP)
 
 
 def _under(path: str, prefix: str) -> bool:
@@ -122,7 +112,7 @@ def restore_run_params(workdir: str, step: Optional[int] = None) -> tuple[Any, d
     if entries:
         import flax.linen as nn
         from mmjax.models import build
-        from mmjax.train.step import sample_inputs
+        from mmjax.train.inputs import sample_inputs
         model = build(config.model)
         shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *sample_inputs(config)))
         layout = flat(nn.meta.unbox(shapes["params"]))

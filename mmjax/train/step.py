@@ -21,15 +21,11 @@ from mmjax.models.layers import KernelPolicy, kernel_policy
 from mmjax.train import sharding as shd
 from mmjax.train.objectives import compute_losses
 from mmjax.train import init_sources
+from mmjax.train.inputs import sample_inputs  # noqa: F401  (also importable from here)
 from mmjax.train.optimizer import check_freeze, clamp_params, frozen_labels
+from mmjax.train import trees
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
-
-
-def sample_inputs(config: Any, batch: int = 1) -> tuple[jax.Array, jax.Array]:
-    """Dummy `(images [b, S, S, 3], text [b, L])` used to initialize the model."""
-    s, l = int(config.data.train.image_size), int(config.data.train.max_len)
-    return jnp.zeros((batch, s, s, 3), jnp.float32), jnp.zeros((batch, l), jnp.int32)
 
 
 class Trainer:
@@ -119,7 +115,7 @@ class Trainer:
             sourced = init_sources.apply_init(self.abstract_state["params"], self.config,
                                               only=refs)
             params = init_sources.merge_params(sourced, restored["params"])
-            left = [k for k, v in init_sources.flat(params).items()
+            left = [k for k, v in trees.flat(params).items()
                     if isinstance(v, jax.ShapeDtypeStruct)]
             if left:
                 raise RuntimeError(f"restore: parameters neither in the checkpoint nor in a "
@@ -131,19 +127,19 @@ class Trainer:
     def _loss_and_grads(self, params, batch, rng):
         # Gradients only for trained parameters: frozen ones (optim.freeze)
         # are closed over, so no backward work or memory goes to them.
-        labels = init_sources.flat(frozen_labels(params, self.freeze))
+        labels = trees.flat(frozen_labels(params, self.freeze))
 
         def fn(p, b, key):
-            flat = init_sources.flat(p)
+            flat = trees.flat(p)
             frozen = {k: v for k, v in flat.items() if labels[k] == "frozen"}
             trained = {k: v for k, v in flat.items() if labels[k] != "frozen"}
 
             def loss_fn(t):
-                full = init_sources.nested({**frozen, **t})
+                full = trees.nested({**frozen, **t})
                 return compute_losses(self.model, full, b, self.objectives, key)
             out, g = jax.value_and_grad(loss_fn, has_aux=True)(trained)
             g = {**{k: jnp.zeros_like(v) for k, v in frozen.items()}, **g}
-            return out, init_sources.nested(g)
+            return out, trees.nested(g)
         accum = int(self.config.optim.get("accum_steps", 1) or 1)
         if accum == 1:
             (loss, metrics), grads = fn(params, batch, rng)
