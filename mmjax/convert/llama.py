@@ -4,7 +4,7 @@
     logits = model.apply(variables, ids)                       # int32 [B, L] -> [B, L, V]
     tokens = generate(model, variables, prompts, lengths, 32)  # mmjax.models.lm.generate
 
-Safetensors only (see `mmjax.convert.hf.read_hf_checkpoint`). Plain RoPE only:
+Safetensors only (see `mmjax.convert.rules.read_hf_checkpoint`). Plain RoPE only:
 a `rope_scaling` / `rope_parameters` other than the default type is refused.
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Optional
 import jax.numpy as jnp
 import numpy as np
 
+from mmjax.convert import rules as rules_lib
 from mmjax.models.layers import stack_layer_params
 from mmjax.models.lm import DecoderLM
 
@@ -63,8 +64,8 @@ def llama_model_kwargs(config: dict, path: str = "checkpoint") -> dict:
 
 def _llama_rules(kw: dict) -> list:
     """HF tensor name <-> unrolled `DecoderLM` parameter path."""
-    from mmjax.convert import hf as _hf  # at call time: `hf` re-exports load_llama
-    Rule, linear, norm, heads_in = _hf.Rule, _hf._linear, _hf._norm, _hf._heads_in
+    Rule, linear, norm, heads_in = rules_lib.Rule, rules_lib._linear, rules_lib._norm, \
+        rules_lib._heads_in
     h, hkv, k = kw["num_heads"], kw["num_kv_heads"], kw["head_dim"]
     rules = [Rule("model.embed_tokens.weight", ("token_embedding", "embedding")),
              *norm("model.norm", ("final_norm",), bias=False)]
@@ -98,12 +99,11 @@ def load_llama(path: str, *, scan: bool = False, dtype=jnp.float32) -> tuple[Dec
     Tied checkpoints (`tie_word_embeddings`) carry no `lm_head.weight`; the
     model then projects with the token embedding.
     """
-    from mmjax.convert import hf as _hf  # at call time: `hf` re-exports load_llama
-    config, state = _hf.read_hf_checkpoint(path)
+    config, state = rules_lib.read_hf_checkpoint(path)
     kw = llama_model_kwargs(config, path)
     model = DecoderLM(**kw, scan=scan, dtype=dtype)
-    params = _hf.apply_rules(_llama_rules(kw), state, path)
+    params = rules_lib.apply_rules(_llama_rules(kw), state, path)
     if scan:
         params = stack_layer_params(params, kw["depth"])
     sample = np.zeros((1, 1), np.int32)
-    return model, {"params": _hf.check_params(model, params, sample, source=path)}
+    return model, {"params": rules_lib.check_params(model, params, sample, source=path)}
