@@ -405,7 +405,7 @@ def eval_command(config_spec: Optional[str], workdir: Optional[str], step: Optio
     """`mmjax eval`: evaluate a workdir checkpoint or a Hugging Face folder
     (in one process, or in every process of a job started as for `mmjax train`)."""
     from mmjax.train.config_utils import load_config
-    from mmjax.train.loop import maybe_initialize_distributed
+    from mmjax.train.runtime import maybe_initialize_distributed
     maybe_initialize_distributed()
     if hf_path:
         return _eval_hf(hf_path, config_spec, overrides)

@@ -29,6 +29,7 @@ from mmjax.train.flops import model_train_flops, peak_flops_per_device
 from mmjax.train.logging_utils import MetricsWriter, Progress, format_line, setup_logging
 from mmjax.train.objectives import check_objectives
 from mmjax.train.optimizer import build_optimizer
+from mmjax.train.runtime import maybe_initialize_distributed
 from mmjax.train.step import Trainer
 
 log = logging.getLogger("mmjax")
@@ -36,23 +37,6 @@ log = logging.getLogger("mmjax")
 
 class TrainingError(RuntimeError):
     """A run stopped for a reason the user must act on (message says which)."""
-
-
-def maybe_initialize_distributed() -> None:
-    """`jax.distributed.initialize()` when the environment describes several processes.
-
-    Explicit: MMJAX_COORDINATOR (host:port), MMJAX_NUM_PROCESSES, MMJAX_PROCESS_ID.
-    Auto-detected by JAX: SLURM (SLURM_NTASKS > 1), Cloud TPU pods, Open MPI.
-    """
-    env = os.environ
-    if jax.distributed.is_initialized():
-        return
-    if env.get("MMJAX_COORDINATOR"):
-        jax.distributed.initialize(env["MMJAX_COORDINATOR"], int(env["MMJAX_NUM_PROCESSES"]),
-                                   int(env["MMJAX_PROCESS_ID"]))
-    elif int(env.get("SLURM_NTASKS", "1")) > 1 or env.get("TPU_WORKER_HOSTNAMES", "").count(",") \
-            or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
-        jax.distributed.initialize()
 
 
 def resolve_train_shards(config: Any) -> None:
