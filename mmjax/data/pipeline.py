@@ -55,13 +55,14 @@ from mmjax.data.dialog import dialog_from_members, dialog_template
 from mmjax.data import sources as sources_lib
 from mmjax.data.tario import (IMAGE_EXTS, ShardReadError, caption_list, iter_tar_samples,
                               json_member_error, sample_fields)
+from mmjax.errors import UserError
 
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """Too much bad data, or no readable data at all."""
 
 

@@ -31,11 +31,12 @@ from mmjax.train import workdir as wd
 from mmjax.evaluate.metrics import classification_metrics
 from mmjax.evaluate.retrieval import BatchRunner, l2_normalize, model_method
 from mmjax.evaluate.zeroshot import class_prompts, prompt_ensemble, zero_shot_predictions
+from mmjax.errors import UserError
 
 log = logging.getLogger("mmjax")
 
 
-class EvalError(RuntimeError):
+class EvalError(UserError, RuntimeError):
     """An evaluation request that cannot run (message names the cause)."""
 
 

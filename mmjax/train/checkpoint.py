@@ -33,11 +33,12 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from mmjax.train import workdir as wd
+from mmjax.errors import UserError
 
 log = logging.getLogger("mmjax")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     pass
 
 

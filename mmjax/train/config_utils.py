@@ -14,12 +14,12 @@ from typing import Any, Sequence
 
 import ml_collections
 
+from mmjax.errors import ConfigError  # defined with UserError; importable from here too
+
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "configs")
 
 
-class ConfigError(ValueError):
-    """A config problem; the message names the key or file."""
 
 
 def resolve_config_path(spec: str) -> tuple[str, str | None]:

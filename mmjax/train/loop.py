@@ -31,11 +31,12 @@ from mmjax.train.objectives import check_objectives
 from mmjax.train.optimizer import build_optimizer
 from mmjax.train.runtime import maybe_initialize_distributed
 from mmjax.train.step import Trainer
+from mmjax.errors import UserError
 
 log = logging.getLogger("mmjax")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """A run stopped for a reason the user must act on (message says which)."""
 
 

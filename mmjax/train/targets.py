@@ -16,6 +16,7 @@ import math
 import os
 import re
 from typing import Optional
+from mmjax.errors import UserError
 
 GIB = 2 ** 30
 
@@ -53,7 +54,7 @@ TPU_SIZES = {
 GPUS_PER_NODE = 8
 
 
-class TargetError(ValueError):
+class TargetError(UserError, ValueError):
     """A target name that cannot be compiled for (a usage error)."""
 
 

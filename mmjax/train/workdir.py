@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+from mmjax.errors import UserError
 
 
 def is_remote(path: str) -> bool:
@@ -61,7 +62,7 @@ def write_text(path: str, text: str) -> None:
         f.write(text)
 
 
-class WorkdirBusy(RuntimeError):
+class WorkdirBusy(UserError, RuntimeError):
     """Another live training run holds the workdir (message names it and its holder)."""
 
 
