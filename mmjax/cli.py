@@ -18,47 +18,12 @@ import argparse
 import os
 import sys
 
+from mmjax.cli_util import error_text as _error_text
+from mmjax.cli_util import fail as _fail
+from mmjax.cli_util import split_overrides as _split_overrides
+from mmjax.cli_util import user_errors as _user_errors
+
 DEFAULT_CONFIG = "clip_tiny"
-
-
-def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
-    rest, overrides = [], []
-    for a in argv:
-        if a.startswith("--config."):
-            overrides.append(a[len("--config."):])
-        else:
-            rest.append(a)
-    return rest, overrides
-
-
-def _fail(msg: str) -> int:
-    print(f"mmjax: error: {msg}".splitlines()[0] if os.environ.get("MMJAX_DEBUG") is None
-          else f"mmjax: error: {msg}", file=sys.stderr)
-    return 2
-
-
-def _error_text(e: BaseException) -> str:
-    """The message of `e` as written (str() of a KeyError adds quotes around it)."""
-    if isinstance(e, KeyError) and len(e.args) == 1 and isinstance(e.args[0], str):
-        return e.args[0]
-    return str(e)
-
-
-def _user_errors() -> tuple:
-    """Exceptions that mean "fix your config / data / paths": shown as one line.
-
-    Set MMJAX_DEBUG=1 to get the full traceback instead.
-    """
-    if os.environ.get("MMJAX_DEBUG"):
-        return ()
-    from mmjax.data.pipeline import DataError
-    from mmjax.evaluate.runner import EvalError
-    from mmjax.train.config_utils import ConfigError
-    from mmjax.train.checkpoint import CheckpointError
-    from mmjax.train.loop import TrainingError
-    from mmjax.train.workdir import WorkdirBusy
-    return (ConfigError, TrainingError, EvalError, DataError, CheckpointError, WorkdirBusy,
-            FileNotFoundError, ValueError, KeyError)
 
 
 def train_main(argv: list[str]) -> int:
@@ -162,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _shards(argv):
-    from mmjax.data.writer import shards_command
+    from mmjax.commands.shards import shards_command
     return shards_command(argv)
 
 

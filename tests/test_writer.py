@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmjax.data.writer import ShardWriter, shards_command, shards_from_folder
+from mmjax.commands.shards import shards_command
+from mmjax.data.writer import ShardWriter, shards_from_folder
 
 
 def _read_tar(path):

@@ -269,8 +269,7 @@ def run_bench(config: Any, steps: int = 10, warmup: int = 2, peak_flops: Optiona
     out["compile_s"] = time.perf_counter() - start
     out["memory"] = memory_stats(compiled)
     # What `mmjax compile` reports for this step, to set beside the measurement.
-    from mmjax.train.compile_report import summarize_collectives
-    from mmjax.train.hlo import step_collectives
+    from mmjax.train.hlo import step_collectives, summarize_collectives
     out["collectives"] = summarize_collectives(step_collectives(compiled.as_text())[0])
 
     state = trainer.init_state(int(config.seed))
@@ -370,9 +369,9 @@ def _aot_command(args, overrides: list[str], argv: list[str]) -> int:
 
 def bench_command(argv: list[str]) -> int:
     """Runs `mmjax bench` with `argv` (without the subcommand); returns the exit code."""
-    from mmjax.cli import _error_text, _fail, _split_overrides, _user_errors
+    from mmjax.cli_util import error_text, fail, split_overrides, user_errors
     from mmjax.train.config_utils import load_config
-    rest, overrides = _split_overrides(list(argv))
+    rest, overrides = split_overrides(list(argv))
     args = _parser().parse_args(rest)
     try:
         if args.aot:
@@ -383,8 +382,8 @@ def bench_command(argv: list[str]) -> int:
         config = load_config(args.config, overrides + mesh_overrides(None, args.batch))
         result = run_bench(config, args.steps, args.warmup, args.peak_flops,
                            pipeline=not args.no_pipeline)
-    except _user_errors() as e:
-        return _fail(_error_text(e))
+    except user_errors() as e:
+        return fail(error_text(e))
     if jax.process_index() == 0:
         print(format_bench(result, args.config, args.steps))
     return 0

@@ -21,7 +21,6 @@ the keys that trade memory), 2 a usage error.
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import json
 import os
@@ -30,6 +29,8 @@ import sys
 import tempfile
 import time
 from typing import Any, Optional
+
+from mmjax.train.hlo import summarize_collectives
 
 MEMORY_KEYS = "config.batch_size, model.<tower>.remat (dots_no_batch, full), mesh.fsdp"
 
@@ -67,23 +68,6 @@ def _out_of_memory(message: str) -> Optional[tuple[float, float]]:
             return (float(m.group(1)) * units[m.group(2)],
                     float(m.group(3)) * units[m.group(4)])
     return (float("nan"), float("nan"))
-
-
-def summarize_collectives(colls: list) -> list[dict]:
-    """Group collectives by (kind, dtype, group size): instructions, runs per step and
-    bytes per step per device (array bytes x runs; for reduce-scatter the operand)."""
-    rows: dict[tuple, dict] = collections.OrderedDict()
-    for c in colls:
-        dtype = "+".join(sorted(c.dtypes)) or "?"
-        key = (c.kind, dtype, c.group)
-        row = rows.setdefault(key, {"kind": c.kind, "dtype": dtype, "group": c.group,
-                                    "instructions": 0, "runs_per_step": 0,
-                                    "bytes_per_step": 0})
-        payload = c.bytes * (c.group or 1) if c.kind == "reduce-scatter" else c.bytes
-        row["instructions"] += 1
-        row["runs_per_step"] += c.runs
-        row["bytes_per_step"] += payload * c.runs
-    return sorted(rows.values(), key=lambda r: -r["bytes_per_step"])
 
 
 def compile_for_target(config: Any, target: Any, hbm_gib: Optional[float] = None) -> dict:
@@ -275,15 +259,15 @@ def _parser() -> argparse.ArgumentParser:
 def compile_command(argv: list[str]) -> int:
     """Runs `mmjax compile` with `argv` (without the subcommand); returns the exit code."""
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host only traces; targets compile
-    from mmjax.cli import _error_text, _fail, _split_overrides, _user_errors
+    from mmjax.cli_util import error_text, fail, split_overrides, user_errors
     from mmjax.train.targets import TargetError, list_targets, parse_target
-    rest, overrides = _split_overrides(list(argv))
+    rest, overrides = split_overrides(list(argv))
     args = _parser().parse_args(rest)
     if args.list_targets:
         print("\n".join(list_targets()))
         return 0
     if not args.target:
-        return _fail("mmjax compile needs --target (e.g. v5p-16, h100x8); see --list-targets.")
+        return fail("mmjax compile needs --target (e.g. v5p-16, h100x8); see --list-targets.")
     try:
         from mmjax.train.config_utils import load_config
         target = parse_target(args.target)
@@ -295,9 +279,9 @@ def compile_command(argv: list[str]) -> int:
         else:
             report = compile_for_target(config, target, args.hbm_gib)
     except TargetError as e:
-        return _fail(str(e))
-    except _user_errors() as e:
-        return _fail(_error_text(e))
+        return fail(str(e))
+    except user_errors() as e:
+        return fail(error_text(e))
     print(format_report(report))
     if args.max_batch:
         print(f"largest global batch that fits: {report['max_batch'] or 'none'}")

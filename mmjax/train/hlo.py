@@ -11,6 +11,7 @@ XLA's cost analysis counts a loop body once, so it cannot give per-step traffic.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import re
@@ -172,3 +173,20 @@ def step_collectives(hlo_text: str) -> tuple[list[Collective], list[str]]:
         for c in collectives("\n".join(lines)):
             out.append(dataclasses.replace(c, runs=count))
     return out, unknown
+
+
+def summarize_collectives(colls: list) -> list[dict]:
+    """Group collectives by (kind, dtype, group size): instructions, runs per step and
+    bytes per step per device (array bytes x runs; for reduce-scatter the operand)."""
+    rows: dict[tuple, dict] = collections.OrderedDict()
+    for c in colls:
+        dtype = "+".join(sorted(c.dtypes)) or "?"
+        key = (c.kind, dtype, c.group)
+        row = rows.setdefault(key, {"kind": c.kind, "dtype": dtype, "group": c.group,
+                                    "instructions": 0, "runs_per_step": 0,
+                                    "bytes_per_step": 0})
+        payload = c.bytes * (c.group or 1) if c.kind == "reduce-scatter" else c.bytes
+        row["instructions"] += 1
+        row["runs_per_step"] += c.runs
+        row["bytes_per_step"] += payload * c.runs
+    return sorted(rows.values(), key=lambda r: -r["bytes_per_step"])

@@ -1,0 +1,1 @@
+"""The `mmjax` subcommands whose code is command-line only (argument parsing, exit codes)."""
