@@ -40,4 +40,4 @@ def user_errors() -> tuple:
     """
     if os.environ.get("MMJAX_DEBUG"):
         return ()
-    return (UserError, FileNotFoundError, ValueError, KeyError)
+    return (UserError, FileNotFoundError)

@@ -17,3 +17,11 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """A config problem; the message names the key or file."""
+
+
+class ConvertError(UserError, ValueError):
+    """A checkpoint that cannot be imported (architecture, shapes, missing tensors)."""
+
+
+class MissingFieldError(UserError, KeyError):
+    """Batches lack a field an evaluation needs (the message names it)."""

@@ -26,7 +26,9 @@ from mmjax.models import Blip2Stage1, TwoTower
 from mmjax.models.layers import stack_layer_params
 from mmjax.models.qformer import group_qformer_params
 from mmjax.convert.rules import (  # noqa: F401  (re-exported: hf.read_hf_checkpoint, ...)
-    Rule, _heads_out, _linear, _norm, _patch, _qkv, _two_tower_layers, apply_rules, check_params, export_rules, read_hf_checkpoint)
+    Rule, _heads_out, _linear, _norm, _patch, _qkv, _two_tower_layers, apply_rules, check_params,
+    export_rules, read_hf_checkpoint)
+from mmjax.errors import ConvertError
 
 
 # ----------------------------------------------------------------------------
@@ -58,7 +60,7 @@ def _act(name: str) -> str:
     table = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_new": "gelu_tanh",
              "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu", "silu": "silu"}
     if name not in table:
-        raise ValueError(f"Unsupported hidden_act {name!r} in config.json.")
+        raise ConvertError(f"Unsupported hidden_act {name!r} in config.json.")
     return table[name]
 
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.convert import rules as rules_lib
+from mmjax.errors import ConvertError
 from mmjax.models.layers import stack_layer_params
 from mmjax.models.lm import DecoderLM
 
@@ -29,9 +30,9 @@ def _rope_theta(config: dict, path: str) -> float:
             continue
         kind = spec.get("rope_type", spec.get("type", "default"))
         if kind not in (None, "default"):
-            raise ValueError(f"{path}/config.json: `{key}` has rope type {kind!r}; mmjax's "
-                             "DecoderLM implements plain RoPE only (rope_type 'default'). "
-                             "Use a checkpoint without RoPE scaling.")
+            raise ConvertError(f"{path}/config.json: `{key}` has rope type {kind!r}; mmjax's "
+                               "DecoderLM implements plain RoPE only (rope_type 'default'). "
+                               "Use a checkpoint without RoPE scaling.")
     params = config.get("rope_parameters") or {}
     theta = config.get("rope_theta", params.get("rope_theta", 10000.0))
     return float(theta)
@@ -41,16 +42,16 @@ def llama_model_kwargs(config: dict, path: str = "checkpoint") -> dict:
     """`DecoderLM` fields from a Hugging Face Llama config.json dict."""
     model_type = config.get("model_type", "llama")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"{path}/config.json: model_type {model_type!r} is not supported by "
-                         f"load_llama (supported: {SUPPORTED_MODEL_TYPES}).")
+        raise ConvertError(f"{path}/config.json: model_type {model_type!r} is not supported by "
+                           f"load_llama (supported: {SUPPORTED_MODEL_TYPES}).")
     for key in ("attention_bias", "mlp_bias"):
         if config.get(key, False):
-            raise ValueError(f"{path}/config.json: `{key}` is true; DecoderLM has no biases "
-                             "in attention or MLP projections.")
+            raise ConvertError(f"{path}/config.json: `{key}` is true; DecoderLM has no biases "
+                               "in attention or MLP projections.")
     act = config.get("hidden_act", "silu")
     if act != "silu":
-        raise ValueError(f"{path}/config.json: hidden_act {act!r}; DecoderLM's MLP is SwiGLU "
-                         "(hidden_act 'silu').")
+        raise ConvertError(f"{path}/config.json: hidden_act {act!r}; DecoderLM's MLP is SwiGLU "
+                           "(hidden_act 'silu').")
     heads = config["num_attention_heads"]
     return dict(vocab_size=config["vocab_size"], width=config["hidden_size"],
                 depth=config["num_hidden_layers"], num_heads=heads,

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmjax.errors import ConvertError
+
 
 # ----------------------------------------------------------------------------
 # Reading checkpoints
@@ -134,8 +136,8 @@ def apply_rules(rules: list[Rule], state: dict[str, np.ndarray], source: str) ->
     """HF state dict -> nested mmjax params via `rules` (errors name missing keys)."""
     missing = [r.hf for r in rules if r.hf not in state]
     if missing:
-        raise KeyError(f"{source}: checkpoint lacks {len(missing)} expected tensors, e.g. "
-                       f"{missing[:5]}; is this the right architecture?")
+        raise ConvertError(f"{source}: checkpoint lacks {len(missing)} expected tensors, e.g. "
+                           f"{missing[:5]}; is this the right architecture?")
     flat = {r.path: np.asarray(r.to_jax(state[r.hf]), np.float32) for r in rules}
     return flax.traverse_util.unflatten_dict(flat)
 
@@ -171,6 +173,6 @@ def check_params(model: Any, params: dict, *init_args, source: str = "checkpoint
             problems.append(f"{name}: {source} has shape {tuple(got[k].shape)}, "
                             f"config expects {tuple(expected[k].shape)}")
     if problems:
-        raise ValueError(f"{source} does not match the model config ({len(problems)} "
-                         "problems):\n  " + "\n  ".join(problems[:20]))
+        raise ConvertError(f"{source} does not match the model config ({len(problems)} "
+                           "problems):\n  " + "\n  ".join(problems[:20]))
     return jax.tree.map(jnp.asarray, params)

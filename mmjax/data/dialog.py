@@ -22,6 +22,7 @@ from typing import Any, Sequence, Union
 import numpy as np
 
 from mmjax.data.tario import json_field
+from mmjax.errors import ConfigError
 
 IMAGE_PLACEHOLDER = "<image>"
 
@@ -41,8 +42,8 @@ class DialogTemplate:
 
     def __post_init__(self):
         if self.prompt.count("{question}") != 1:
-            raise ValueError(f"dialog template prompt {self.prompt!r} must contain "
-                             "'{question}' exactly once")
+            raise ConfigError(f"dialog template prompt {self.prompt!r} must contain "
+                              "'{question}' exactly once")
 
 
 VICUNA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
@@ -65,8 +66,8 @@ def dialog_template(spec: TemplateSpec = "qa") -> DialogTemplate:
     if isinstance(spec, DialogTemplate):
         return spec
     if spec not in DIALOG_TEMPLATES:
-        raise ValueError(f"data.train.dialog_template={spec!r} is not a known template; "
-                         f"choose one of {sorted(DIALOG_TEMPLATES)}")
+        raise ConfigError(f"data.train.dialog_template={spec!r} is not a known template; "
+                          f"choose one of {sorted(DIALOG_TEMPLATES)}")
     return DIALOG_TEMPLATES[spec]
 
 _HUMAN_ROLES = ("human", "user")

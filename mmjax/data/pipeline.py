@@ -55,7 +55,7 @@ from mmjax.data.dialog import dialog_from_members, dialog_template
 from mmjax.data import sources as sources_lib
 from mmjax.data.tario import (IMAGE_EXTS, ShardReadError, caption_list, iter_tar_samples,
                               json_member_error, sample_fields)
-from mmjax.errors import UserError
+from mmjax.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -810,27 +810,27 @@ def _options(cfg, *, mode: str, process_index, process_count, seed, tokenizer) -
     weights = _cfg_get(cfg, "weights")
     resampled = bool(get("resampled")) and mode == "train"
     if weights is not None and not resampled:
-        raise ValueError("data.train.weights needs data.train.resampled=True (weighted "
-                         "sources are sampled with replacement).")
+        raise ConfigError("data.train.weights needs data.train.resampled=True (weighted "
+                          "sources are sampled with replacement).")
     src = sources_lib.build_sources(get("shards"), weights)
     workers = int(get("workers"))
     if workers < 0:
-        raise ValueError(f"data.train.workers must be >= 0, got {workers}")
+        raise ConfigError(f"data.train.workers must be >= 0, got {workers}")
     num_workers = max(1, workers)
     n = len(src.paths)
     if mode == "train" and not resampled and n < process_count * num_workers:
-        raise ValueError(
+        raise ConfigError(
             f"data.train.shards has {n} shards but {process_count} processes x {num_workers} "
             f"workers need at least {process_count * num_workers} (one shard per worker per "
             "epoch); lower data.train.workers, use more shards, or set data.train.resampled=True.")
     if get("text_format") not in ("caption", "captions", "dialog"):
-        raise ValueError(f"data.train.text_format must be 'caption', 'captions' or 'dialog', got "
-                         f"{get('text_format')!r}")
+        raise ConfigError(f"data.train.text_format must be 'caption', 'captions' or 'dialog', got "
+                          f"{get('text_format')!r}")
     template = _cfg_get(cfg, "dialog_template", "qa")
     if get("text_format") == "dialog":
         dialog_template(template)  # unknown name: clear error
     if get("output") not in ("float32", "uint8"):
-        raise ValueError(f"data.train.output must be 'float32' or 'uint8', got {get('output')!r}")
+        raise ConfigError(f"data.train.output must be 'float32' or 'uint8', got {get('output')!r}")
     return {
         "mode": mode, "paths": list(src.paths),
         "probs": src.shard_probabilities() if resampled else None,

@@ -18,6 +18,8 @@ import os
 import re
 from typing import Sequence
 
+from mmjax.errors import ConfigError
+
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
 _GLOB_CHARS = set("*?[")
 
@@ -131,20 +133,20 @@ def expand_shards(spec: str | Sequence[str], key: str = "data.train.shards") -> 
     """
     patterns = split_patterns(spec) if spec else []
     if not patterns:
-        raise ValueError(f"{key} is empty: set it to a shard pattern such as "
-                         "'/data/shards/{00000..00099}.tar' or a list of patterns.")
+        raise ConfigError(f"{key} is empty: set it to a shard pattern such as "
+                          "'/data/shards/{00000..00099}.tar' or a list of patterns.")
     paths = []
     for pattern in patterns:
         found = expand_pattern(pattern)
         if not found:
-            raise ValueError(f"{key}: no files match the pattern {pattern!r}. "
-                             "Check the path and the glob.")
+            raise ConfigError(f"{key}: no files match the pattern {pattern!r}. "
+                              "Check the path and the glob.")
         paths.extend(found)
     local = [p for p in paths if not is_remote(p)]
     if local and len(local) == len(paths) and not any(os.path.exists(_local(p)) for p in local):
         shown = patterns[0] if len(patterns) == 1 else patterns
-        raise ValueError(f"{key}: no files match the pattern {shown!r}. "
-                         "Check the path and the brace ranges.")
+        raise ConfigError(f"{key}: no files match the pattern {shown!r}. "
+                          "Check the path and the brace ranges.")
     return paths
 
 
@@ -193,10 +195,10 @@ def build_sources(shards: str | Sequence[str], weights: Sequence[float] | None =
     weights = [float(w) for w in weights]
     wkey = key.rsplit(".", 1)[0] + ".weights"
     if len(weights) != len(patterns):
-        raise ValueError(f"{wkey} has {len(weights)} entries but {key} has "
-                         f"{len(patterns)} patterns; give one weight per pattern.")
+        raise ConfigError(f"{wkey} has {len(weights)} entries but {key} has "
+                          f"{len(patterns)} patterns; give one weight per pattern.")
     if any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"{wkey} must be non-negative with a positive sum, got {weights}.")
+        raise ConfigError(f"{wkey} must be non-negative with a positive sum, got {weights}.")
     for i, pattern in enumerate(patterns):
         found = expand_shards(pattern, key)
         paths.extend(found)

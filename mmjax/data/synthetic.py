@@ -36,6 +36,8 @@ import zlib
 
 import numpy as np
 
+from mmjax.errors import ConfigError
+
 log = logging.getLogger("mmjax")
 
 # Bump when the generator changes, so cached shards are rebuilt.
@@ -197,7 +199,7 @@ def make_sample(index: int, split: str = "train", image_size: int = 64,
       ``qa``: 5 dicts ``{"question", "answer", "type"}`` (see ``QUESTIONS``).
     """
     if image_size < 8:
-        raise ValueError(f"image_size must be >= 8, got {image_size}")
+        raise ConfigError(f"image_size must be >= 8, got {image_size}")
     rng = _sample_rng(index, split, seed)
     color1, shape1, two, color2, shape2, obj1, obj2, rel = _draw_objects(rng)
 
@@ -251,7 +253,7 @@ def majority_answer_baselines(split: str = "train", num_samples: int = 10_000,
     """
     del image_size
     if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        raise ConfigError(f"num_samples must be >= 1, got {num_samples}")
     overall, per_type = collections.Counter(), collections.defaultdict(collections.Counter)
     for i in range(num_samples):
         for q in sample_qa(i, split, seed):
@@ -307,7 +309,7 @@ def write_synthetic_shards(out_dir: str, split: str = "train", num_samples: int 
     from mmjax.data.writer import ShardWriter
 
     if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        raise ConfigError(f"num_samples must be >= 1, got {num_samples}")
     _encode_image(np.zeros((1, 1, 3), np.uint8), image_format)  # validate early
     with ShardWriter(out_dir, max_count=samples_per_shard, max_bytes=1 << 40,
                      prefix=prefix or split) as writer:

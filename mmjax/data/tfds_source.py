@@ -14,6 +14,8 @@ from typing import Iterator
 
 import numpy as np
 
+from mmjax.errors import ConfigError
+
 
 def _import_tfds():
     try:
@@ -79,15 +81,15 @@ class TfdsEvalSource:
         features = builder.info.features
         for key in (image_key, label_key):
             if key not in features:
-                raise ValueError(f"TFDS dataset {name!r} has no feature {key!r} "
-                                 f"(it has {sorted(features.keys())}); set image_key/label_key")
+                raise ConfigError(f"TFDS dataset {name!r} has no feature {key!r} "
+                                  f"(it has {sorted(features.keys())}); set image_key/label_key")
         if not hasattr(features[label_key], "names"):
-            raise ValueError(f"TFDS feature {name}:{label_key} is not a ClassLabel, "
-                             "so it has no class names")
+            raise ConfigError(f"TFDS feature {name}:{label_key} is not a ClassLabel, "
+                              "so it has no class names")
         try:
             self._source = builder.as_data_source(split=split)
         except Exception as e:
-            raise ValueError(
+            raise ConfigError(
                 f"cannot read split {split!r} of TFDS dataset {name!r} in {where} "
                 f"(splits: {sorted(builder.info.splits.keys())}): {e}") from e
         self.name, self.split = name, split
@@ -119,8 +121,8 @@ def parse_tfds_spec(spec: str) -> tuple[str, str]:
     ``test[:1000]``).
     """
     if not spec.startswith("tfds:") or len(spec) <= 5:
-        raise ValueError(f"TFDS source {spec!r} must look like 'tfds:NAME' or "
-                         "'tfds:NAME@SPLIT' (e.g. tfds:cifar10@test)")
+        raise ConfigError(f"TFDS source {spec!r} must look like 'tfds:NAME' or "
+                          "'tfds:NAME@SPLIT' (e.g. tfds:cifar10@test)")
     name, _, split = spec[5:].partition("@")
     return name, split or "test"
 

@@ -31,6 +31,8 @@ from typing import Sequence
 
 import numpy as np
 
+from mmjax.errors import ConfigError
+
 SPEC_FORMS = ('"bytes", "sentencepiece:/path/model.model", '
               '"hf:/path/tokenizer.json"')
 
@@ -55,7 +57,7 @@ class Tokenizer:
     def _check_max_len(self):
         needed = 2 if self.bos_id is not None else 1
         if self.max_len < needed:
-            raise ValueError(
+            raise ConfigError(
                 f"tokenizer max_len={self.max_len} is too small: it must hold "
                 f"{'BOS and ' if self.bos_id is not None else ''}EOS "
                 f"(max_len >= {needed}); raise the text length in the config.")
@@ -129,7 +131,7 @@ class SentencePieceTokenizer(Tokenizer):
         self._sp = spm.SentencePieceProcessor(model_file=model_path)
         self.vocab_size = int(self._sp.get_piece_size())
         if self._sp.eos_id() < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"SentencePiece model {model_path} has no EOS piece (eos_id=-1); "
                 "train it with eos_id >= 0.")
         self.eos_id = int(self._sp.eos_id())
@@ -199,7 +201,7 @@ class HFTokenizer(Tokenizer):
             eos = next((n for n in _EOS_NAMES if n in specials), None)
             bos = bos or next((n for n in _BOS_NAMES if n in specials), None)
         if eos is None:
-            raise ValueError(
+            raise ConfigError(
                 f"{path}: cannot tell the EOS token: the post_processor names none and "
                 f"no special token is one of {list(_EOS_NAMES)}. Add a "
                 "TemplateProcessing post-processor ending in the EOS token.")
@@ -218,7 +220,7 @@ class HFTokenizer(Tokenizer):
     def _id(self, token: str) -> int:
         i = self._tok.token_to_id(token)
         if i is None:
-            raise ValueError(f"{self.path}: special token {token!r} is not in the vocabulary.")
+            raise ConfigError(f"{self.path}: special token {token!r} is not in the vocabulary.")
         return int(i)
 
     def _encode_content(self, texts):
@@ -246,7 +248,7 @@ def build_tokenizer(spec: str = "bytes", max_len: int = 64) -> Tokenizer:
         return ByteTokenizer(max_len)
     kind, sep, path = spec.partition(":")
     if not sep or kind not in ("sentencepiece", "hf") or not path:
-        raise ValueError(
+        raise ConfigError(
             f"unknown tokenizer spec {spec!r}; "
             f"accepted forms: {SPEC_FORMS}.")
     path = os.path.expanduser(path)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from mmjax.errors import MissingFieldError
 from mmjax.evaluate.metrics import recall_at_k
 
 BATCH_AXES = ("data", "fsdp")  # mesh axes the batch dim is split over, when present
@@ -136,8 +137,8 @@ def _select(batch, key: Optional[str]):
     """(input array, valid mask or None) of one batch (a dict or a bare array)."""
     if isinstance(batch, dict):
         if key not in batch:
-            raise KeyError(f"batch has no {key!r} field (fields: {sorted(batch)}); pass "
-                           "key=... naming the input to embed.")
+            raise MissingFieldError(f"batch has no {key!r} field (fields: {sorted(batch)}); pass "
+                                    "key=... naming the input to embed.")
         valid = batch.get("valid")
         return np.asarray(batch[key]), None if valid is None else np.asarray(valid, bool)
     return np.asarray(batch), None

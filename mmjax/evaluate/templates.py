@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from typing import Sequence, Union
 
+from mmjax.errors import ConfigError
+
 # The 80 ImageNet prompt templates of the CLIP paper's zero-shot evaluation,
 # in their published order.
 IMAGENET80: tuple[str, ...] = (
@@ -116,12 +118,12 @@ def _check_templates(templates: Sequence, where: str) -> list[str]:
     out = []
     for i, t in enumerate(templates):
         if not isinstance(t, str) or t.count("{}") != 1:
-            raise ValueError(f"{_TEMPLATES_KEY}: template {i} of {where} is {t!r}; every "
-                             "template must be a string with exactly one '{}' where the class "
-                             "name goes.")
+            raise ConfigError(f"{_TEMPLATES_KEY}: template {i} of {where} is {t!r}; every "
+                              "template must be a string with exactly one '{}' where the class "
+                              "name goes.")
         out.append(t)
     if not out:
-        raise ValueError(f"{_TEMPLATES_KEY}: {where} holds no templates; give at least one.")
+        raise ConfigError(f"{_TEMPLATES_KEY}: {where} holds no templates; give at least one.")
     return out
 
 
@@ -147,11 +149,11 @@ def resolve_templates(spec: Union[str, Sequence[str]]) -> list[str]:
         path = os.path.expanduser(spec)
         if os.path.isfile(path):
             return _check_templates(_read_lines(path), f"file {path}")
-        raise ValueError(f"{_TEMPLATES_KEY} is {spec!r}: not a built-in set, has no '{{}}' and "
-                         f"is not an existing file. Give {_TEMPLATE_FORMS}.")
+        raise ConfigError(f"{_TEMPLATES_KEY} is {spec!r}: not a built-in set, has no '{{}}' and "
+                          f"is not an existing file. Give {_TEMPLATE_FORMS}.")
     if isinstance(spec, (list, tuple)):
         return _check_templates(spec, "the list")
-    raise ValueError(f"{_TEMPLATES_KEY} has type {type(spec).__name__}; give {_TEMPLATE_FORMS}.")
+    raise ConfigError(f"{_TEMPLATES_KEY} has type {type(spec).__name__}; give {_TEMPLATE_FORMS}.")
 
 
 def resolve_classnames(spec: Union[str, Sequence[str]]) -> list[str]:
@@ -169,19 +171,19 @@ def resolve_classnames(spec: Union[str, Sequence[str]]) -> list[str]:
     if isinstance(spec, str):
         path = os.path.expanduser(spec)
         if not os.path.isfile(path):
-            raise ValueError(f"{_CLASSNAMES_KEY} is {spec!r}, which is not an existing file; "
-                             "give a list of class names or a path to a text file with one "
-                             "name per line (line i = label i).")
+            raise ConfigError(f"{_CLASSNAMES_KEY} is {spec!r}, which is not an existing file; "
+                              "give a list of class names or a path to a text file with one "
+                              "name per line (line i = label i).")
         names, where = _read_lines(path), f"file {path}"
     elif isinstance(spec, (list, tuple)):
         names, where = list(spec), "the list"
     else:
-        raise ValueError(f"{_CLASSNAMES_KEY} has type {type(spec).__name__}; give a list of "
-                         "class names or a path to a text file with one name per line.")
+        raise ConfigError(f"{_CLASSNAMES_KEY} has type {type(spec).__name__}; give a list of "
+                          "class names or a path to a text file with one name per line.")
     for i, name in enumerate(names):
         if not isinstance(name, str) or not name.strip():
-            raise ValueError(f"{_CLASSNAMES_KEY}: entry {i} of {where} is {name!r}; class names "
-                             "must be non-empty strings.")
+            raise ConfigError(f"{_CLASSNAMES_KEY}: entry {i} of {where} is {name!r}; class names "
+                              "must be non-empty strings.")
     if not names:
-        raise ValueError(f"{_CLASSNAMES_KEY}: {where} holds no class names.")
+        raise ConfigError(f"{_CLASSNAMES_KEY}: {where} holds no class names.")
     return [n.strip() for n in names]

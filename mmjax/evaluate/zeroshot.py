@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from mmjax.errors import MissingFieldError
 from mmjax.evaluate.metrics import classification_metrics
 from mmjax.evaluate.retrieval import BatchRunner, l2_normalize, model_method
 from mmjax.evaluate.templates import resolve_classnames, resolve_templates
@@ -111,7 +112,7 @@ def zero_shot_predictions(model: Any, variables: Any, classifier, batches: Itera
     preds, labels = [np.zeros((0, k), np.int32)], [np.zeros((0,), np.int32)]
     for batch in batches:
         if "label" not in batch:
-            raise KeyError(f"zero-shot batches need a 'label' field; got {sorted(batch)}.")
+            raise MissingFieldError(f"zero-shot batches need a 'label' field; got {sorted(batch)}.")
         topk = runner(np.asarray(batch["image"]))
         label = np.asarray(batch["label"])
         if batch.get("valid") is not None:

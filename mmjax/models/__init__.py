@@ -10,6 +10,7 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
+from mmjax.errors import ConfigError
 from mmjax.models.blip2 import Blip2Stage1
 from mmjax.models.coca import CoCa
 from mmjax.models.lm import DecoderLM
@@ -54,22 +55,22 @@ def build(model_config: Mapping) -> Any:
     cfg = _plain(model_config)
     name = cfg.pop("name", None)
     if name not in MODELS:
-        raise ValueError(f"config key `model.name` is {name!r}; choose one of {sorted(MODELS)}.")
+        raise ConfigError(f"config key `model.name` is {name!r}; choose one of {sorted(MODELS)}.")
     if isinstance(cfg.get("dtype"), str):
         if cfg["dtype"] not in DTYPES:
-            raise ValueError(f"config key `model.dtype` is {cfg['dtype']!r}; choose one of "
-                             f"{sorted(DTYPES)}.")
+            raise ConfigError(f"config key `model.dtype` is {cfg['dtype']!r}; choose one of "
+                              f"{sorted(DTYPES)}.")
         cfg["dtype"] = DTYPES[cfg["dtype"]]
     cls = MODELS[name]
     fields = set(cls.__dataclass_fields__) - {"parent", "name"}
     unknown = sorted(set(cfg) - fields)
     if unknown:
-        raise ValueError(f"config keys {['model.' + k for k in unknown]} are not fields of "
-                         f"{cls.__name__}; valid keys: {sorted(fields)}.")
+        raise ConfigError(f"config keys {['model.' + k for k in unknown]} are not fields of "
+                          f"{cls.__name__}; valid keys: {sorted(fields)}.")
     for key, sub_cls in SUBMODULES.get(name, {}).items():
         allowed = set(sub_cls.__dataclass_fields__) - {"parent", "name"}
         bad = sorted(set(cfg.get(key) or {}) - allowed)
         if bad:
-            raise ValueError(f"config keys {[f'model.{key}.{k}' for k in bad]} are not fields of "
-                             f"{sub_cls.__name__}; valid keys: {sorted(allowed)}.")
+            raise ConfigError(f"config keys {[f'model.{key}.{k}' for k in bad]} are not fields of "
+                              f"{sub_cls.__name__}; valid keys: {sorted(allowed)}.")
     return cls(**cfg)

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmjax.errors import ConfigError
+
 Dtype = Any
 Array = jax.Array
 
@@ -88,8 +90,8 @@ class KernelPolicy:
 
     def __post_init__(self):
         if self.grad_reduce_dtype not in GRAD_REDUCE_DTYPES:
-            raise ValueError(f"config.optim.grad_reduce_dtype={self.grad_reduce_dtype!r}; "
-                             f"choose one of {GRAD_REDUCE_DTYPES}.")
+            raise ConfigError(f"config.optim.grad_reduce_dtype={self.grad_reduce_dtype!r}; "
+                              f"choose one of {GRAD_REDUCE_DTYPES}.")
 
 
 _POLICY: contextvars.ContextVar[KernelPolicy] = contextvars.ContextVar(
@@ -146,8 +148,8 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
 
 def get_activation(name: str) -> Callable[[Array], Array]:
     if name not in ACTIVATIONS:
-        raise ValueError(f"Unknown activation {name!r} (config key `act`); "
-                         f"choose one of {sorted(ACTIVATIONS)}.")
+        raise ConfigError(f"Unknown activation {name!r} (config key `act`); "
+                          f"choose one of {sorted(ACTIVATIONS)}.")
     return ACTIVATIONS[name]
 
 
@@ -174,8 +176,8 @@ class Norm(nn.Module):
             ms = jnp.square(xf).mean(-1, keepdims=True)
             y = xf * jax.lax.rsqrt(ms + self.eps) * scale
         else:
-            raise ValueError(f"Unknown norm {self.kind!r} (config key `norm`); "
-                             "choose 'layernorm' or 'rmsnorm'.")
+            raise ConfigError(f"Unknown norm {self.kind!r} (config key `norm`); "
+                              "choose 'layernorm' or 'rmsnorm'.")
         return y.astype(self.dtype)
 
 
@@ -255,8 +257,8 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Optional[Array] = 
     Returns: `[B, T, H, K]`.
     """
     if implementation not in ("xla", "cudnn", None):
-        raise ValueError(f"attention implementation {implementation!r} (config key "
-                         "`attention`): choose 'xla', 'cudnn' or None.")
+        raise ConfigError(f"attention implementation {implementation!r} (config key "
+                          "`attention`): choose 'xla', 'cudnn' or None.")
     if mask is not None:
         b, t, h, _ = q.shape
         mask = jnp.reshape(mask, (1,) * (4 - jnp.ndim(mask)) + jnp.shape(mask))  # [T, S] -> 4-D
@@ -546,8 +548,8 @@ class Attention(nn.Module):
                  mask: Optional[Array] = None, write_index: Optional[Array] = None) -> Array:
         d = x.shape[-1]
         if d % self.num_heads:
-            raise ValueError(f"width {d} is not divisible by num_heads {self.num_heads} "
-                             "(config keys `width`, `heads`).")
+            raise ConfigError(f"width {d} is not divisible by num_heads {self.num_heads} "
+                              "(config keys `width`, `heads`).")
         if self.kv_cache not in KV_CACHE_KINDS:
             raise ValueError(f"Attention kv_cache {self.kv_cache!r}: choose one of "
                              f"{KV_CACHE_KINDS}.")
@@ -646,7 +648,7 @@ class Mlp(nn.Module):
 def sincos_2d(h: int, w: int, dim: int, temperature: float = 10000.0) -> np.ndarray:
     """Fixed 2-D sin-cos position embedding `[h * w, dim]` (MAE / big_vision layout)."""
     if dim % 4:
-        raise ValueError(f"sincos2d position embedding needs width % 4 == 0, got {dim}.")
+        raise ConfigError(f"sincos2d position embedding needs width % 4 == 0, got {dim}.")
     y, x = np.mgrid[:h, :w]
     omega = np.arange(dim // 4) / (dim // 4 - 1 if dim > 4 else 1)
     omega = 1.0 / (temperature ** omega)
@@ -674,8 +676,8 @@ class PositionEmbedding(nn.Module):
         elif self.kind == "none":
             return x
         else:
-            raise ValueError(f"Unknown position embedding {self.kind!r} (config key `posemb`); "
-                             "choose 'learned', 'sincos2d' or 'none'.")
+            raise ConfigError(f"Unknown position embedding {self.kind!r} (config key `posemb`); "
+                              "choose 'learned', 'sincos2d' or 'none'.")
         return x + broadcast_param(pe[None], x.shape, x.dtype)
 
 
@@ -736,8 +738,8 @@ REMAT_POLICIES = {
 
 def remat_policy(name: str):
     if name not in REMAT_POLICIES:
-        raise ValueError(f"Unknown remat policy {name!r} (config key `remat`); "
-                         f"choose one of {sorted(REMAT_POLICIES)}.")
+        raise ConfigError(f"Unknown remat policy {name!r} (config key `remat`); "
+                          f"choose one of {sorted(REMAT_POLICIES)}.")
     return REMAT_POLICIES[name]
 
 

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmjax.errors import ConfigError
 from mmjax.models.layers import (Dense, Mlp, Norm, _HeadsIn, _HeadsOut, boundary, constrain,
                                  dot_product_attention, gather_cache, logical,
                                  make_attention_mask, normal_init, remat_policy, write_rows)
@@ -50,8 +51,8 @@ def rope_tables(positions: Array, head_dim: int, theta: float) -> tuple[Array, A
     head (the rotate-half layout of Hugging Face Llama checkpoints).
     """
     if head_dim % 2:
-        raise ValueError(f"rotary embeddings need an even head_dim, got {head_dim} "
-                         "(config keys `width`/`num_heads` or `head_dim`).")
+        raise ConfigError(f"rotary embeddings need an even head_dim, got {head_dim} "
+                          "(config keys `width`/`num_heads` or `head_dim`).")
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, K/2]
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
@@ -201,12 +202,12 @@ class DecoderLM(nn.Module):
     def setup(self):
         kv_heads = self.num_kv_heads or self.num_heads
         if self.num_heads % kv_heads:
-            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads "
-                             f"{kv_heads} (config keys `num_heads`, `num_kv_heads`).")
+            raise ConfigError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads "
+                              f"{kv_heads} (config keys `num_heads`, `num_kv_heads`).")
         head_dim = self.head_dim or self.width // self.num_heads
         if self.head_dim is None and self.width % self.num_heads:
-            raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}; "
-                             "set config key `head_dim`.")
+            raise ConfigError(f"width {self.width} is not divisible by num_heads {self.num_heads}; "
+                              "set config key `head_dim`.")
         init = normal_init(self.init_std)
         self.token_embedding = nn.Embed(self.vocab_size, self.width, dtype=self.dtype,
                                         embedding_init=logical(init, ("vocab", "embed")))

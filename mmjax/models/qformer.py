@@ -30,6 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmjax.errors import ConfigError
 from mmjax.models.layers import (HIDDEN, Attention, Dense, Norm, boundary, constrain,
                                  get_activation, logical, normal_init, remat_policy)
 from mmjax.models.text import decode_slots
@@ -184,8 +185,8 @@ class QFormer(nn.Module):
         f = self.cross_attention_freq
         if self.scan:
             if self.depth % f:
-                raise ValueError(f"Q-Former scan needs depth ({self.depth}) divisible by "
-                                 f"cross_attention_freq ({f}); set `scan=False`.")
+                raise ConfigError(f"Q-Former scan needs depth ({self.depth}) divisible by "
+                                  f"cross_attention_freq ({f}); set `scan=False`.")
             cls = _QFormerGroup
             if remat != "none":
                 cls = nn.remat(cls, policy=remat_policy(remat))

@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmjax.errors import ConfigError
 from mmjax.models.layers import (Block, Dense, Norm, boundary, broadcast_param, constrain,
                                  logical, make_attention_mask, normal_init, stacked,
                                  write_rows)
@@ -109,8 +110,8 @@ class TextEncoder(nn.Module):
     def __call__(self, ids):
         b, l = ids.shape
         if l > self.max_len:
-            raise ValueError(f"text length {l} exceeds the model's context length {self.max_len} "
-                             "(config key `max_len`).")
+            raise ConfigError(f"text length {l} exceeds the model's context length {self.max_len} "
+                              "(config key `max_len`).")
         x = self.embedding(ids).astype(self.dtype)
         pos = self.param("posemb", logical(normal_init(0.01), (None, "embed")),
                          (self.max_len, self.width))
@@ -151,8 +152,8 @@ class TextEncoder(nn.Module):
         elif self.pool == "none":
             return None, x
         else:
-            raise ValueError(f"Unknown text pool {self.pool!r} (config key `pool`); choose "
-                             "'eos', 'last', 'cls' or 'none'.")
+            raise ConfigError(f"Unknown text pool {self.pool!r} (config key `pool`); choose "
+                              "'eos', 'last', 'cls' or 'none'.")
         pooled = boundary(pooled)
         if self.embed_dim is not None:
             pooled = boundary(Dense(self.embed_dim, ("embed", "proj"), use_bias=self.proj_bias,

@@ -15,6 +15,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
+from mmjax.errors import ConfigError
 from mmjax.models.layers import l2_normalize
 from mmjax.models.text import TextEncoder
 from mmjax.models.vit import ViT
@@ -49,8 +50,8 @@ class TwoTower(nn.Module):
 
     def setup(self):
         if self.head not in HEADS:
-            raise ValueError(f"Unknown contrastive head {self.head!r} (config key "
-                             f"`model.head`); choose one of {HEADS}.")
+            raise ConfigError(f"Unknown contrastive head {self.head!r} (config key "
+                              f"`model.head`); choose one of {HEADS}.")
         self.image_tower = ViT(**{"dtype": self.dtype, **dict(self.image)})
         self.text_tower = TextEncoder(**{"dtype": self.dtype, **dict(self.text)})
         default_scale = math.log(1 / 0.07) if self.head == "softmax" else math.log(10.0)

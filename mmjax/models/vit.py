@@ -14,6 +14,7 @@ import einops
 import flax.linen as nn
 import jax.numpy as jnp
 
+from mmjax.errors import ConfigError
 from mmjax.models.layers import (Block, Dense, MAPHead, Norm, PositionEmbedding, boundary,
                                  broadcast_param,
                                  constrain, matmul_2d, default_kernel_init, logical, normal_init,
@@ -71,11 +72,11 @@ class ViT(nn.Module):
         b, h, w, c = images.shape
         p = self.patch_size
         if h != self.image_size or w != self.image_size:
-            raise ValueError(f"ViT expects {self.image_size}x{self.image_size} images "
-                             f"(config key `image_size`), got {h}x{w}.")
+            raise ConfigError(f"ViT expects {self.image_size}x{self.image_size} images "
+                              f"(config key `image_size`), got {h}x{w}.")
         if self.pool not in ("cls", "gap", "map", "none"):
-            raise ValueError(f"Unknown pool {self.pool!r} (config key `pool`); choose "
-                             "'cls', 'gap', 'map' or 'none'.")
+            raise ConfigError(f"Unknown pool {self.pool!r} (config key `pool`); choose "
+                              "'cls', 'gap', 'map' or 'none'.")
         x = images.astype(self.dtype)
         # Patch embedding as one matmul over flattened patches (same math as a
         # stride-p convolution whose kernel is [p, p, 3, D]).

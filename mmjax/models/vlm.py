@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmjax.errors import ConfigError
 from mmjax.models.layers import HIDDEN, TOKENS, Dense, boundary, constrain, gelu
 from mmjax.models.lm import DecoderLM
 from mmjax.models.qformer import QFormer
@@ -108,10 +109,10 @@ class VisionLM(nn.Module):
 
     def setup(self):
         if self.connector not in ("qformer", "mlp"):
-            raise ValueError(f"config key `model.connector` is {self.connector!r}; choose "
-                             "'qformer' (BLIP-2) or 'mlp' (LLaVA).")
+            raise ConfigError(f"config key `model.connector` is {self.connector!r}; choose "
+                              "'qformer' (BLIP-2) or 'mlp' (LLaVA).")
         if self.connector == "qformer" and not self.qformer:
-            raise ValueError("model.connector='qformer' needs config key `model.qformer`.")
+            raise ConfigError("model.connector='qformer' needs config key `model.qformer`.")
         self.image_tower = ViT(**{"dtype": self.dtype, **dict(self.image)})
         self.lm_module = DecoderLM(**{"dtype": self.dtype, **dict(self.lm)})
         width = self.lm_module.width

@@ -28,6 +28,7 @@ import jax
 import numpy as np
 
 from mmjax.data.batch import make_global_batch
+from mmjax.errors import UserError
 from mmjax.models import build
 from mmjax.train import sharding as shd
 from mmjax.train.flops import model_train_flops, peak_flops_per_device
@@ -173,8 +174,8 @@ def parse_mesh(text: str) -> dict:
     for part in filter(None, (p.strip() for p in text.split(","))):
         key, _, value = part.partition("=")
         if key not in sizes or not value.lstrip("-").isdigit():
-            raise ValueError(f"--mesh {text!r}: expected AXIS=SIZE pairs with axes "
-                             f"{', '.join(shd.MESH_AXES)}, e.g. data=8,fsdp=8.")
+            raise UserError(f"--mesh {text!r}: expected AXIS=SIZE pairs with axes "
+                            f"{', '.join(shd.MESH_AXES)}, e.g. data=8,fsdp=8.")
         sizes[key] = int(value)
     return sizes
 
@@ -258,7 +259,7 @@ def run_bench(config: Any, steps: int = 10, warmup: int = 2, peak_flops: Optiona
     `pipeline`, `pipeline_step_s`, `pipeline_samples_per_s`, `input_wait`.
     """
     if steps < 1 or warmup < 0:
-        raise ValueError(f"--steps must be >= 1 and --warmup >= 0 (got {steps}, {warmup}).")
+        raise UserError(f"--steps must be >= 1 and --warmup >= 0 (got {steps}, {warmup}).")
     trainer = build_trainer(config)
     batch_size, n = int(config.batch_size), jax.device_count()
     out = {"mesh": shd.describe(trainer.mesh), "batch": batch_size, "devices": n,
@@ -344,11 +345,11 @@ def _aot_command(args, overrides: list[str], argv: list[str]) -> int:
     from mmjax.train.config_utils import load_config
     wanted = args.devices
     if wanted is not None and wanted < 1:
-        raise ValueError(f"--devices must be >= 1, got {wanted}.")
+        raise UserError(f"--devices must be >= 1, got {wanted}.")
     if wanted is not None and jax.device_count() < wanted:
         if os.environ.get(_CHILD_ENV):
-            raise ValueError(f"--devices {wanted}: only {jax.device_count()} devices exist even "
-                             f"with simulated CPU devices; unset XLA_FLAGS and JAX_PLATFORMS.")
+            raise UserError(f"--devices {wanted}: only {jax.device_count()} devices exist even "
+                            f"with simulated CPU devices; unset XLA_FLAGS and JAX_PLATFORMS.")
         # The device count is fixed when jax starts: run again with N CPU devices.
         env = dict(os.environ, JAX_PLATFORMS="cpu", **{_CHILD_ENV: "1"})
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -377,8 +378,8 @@ def bench_command(argv: list[str]) -> int:
         if args.aot:
             return _aot_command(args, overrides, list(argv))
         if args.devices or args.mesh:
-            raise ValueError("--devices and --mesh go with --aot; to time on another mesh use "
-                             "--config.mesh.data=... --config.mesh.fsdp=...")
+            raise UserError("--devices and --mesh go with --aot; to time on another mesh use "
+                            "--config.mesh.data=... --config.mesh.fsdp=...")
         config = load_config(args.config, overrides + mesh_overrides(None, args.batch))
         result = run_bench(config, args.steps, args.warmup, args.peak_flops,
                            pipeline=not args.no_pipeline)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax import losses
+from mmjax.errors import ConfigError
 from mmjax.models import Blip2Stage1, CoCa, TwoTower, VisionLM
 from mmjax.models.vlm import vlm_targets
 
@@ -31,15 +32,15 @@ def check_objectives(model: Any, objectives: Mapping[str, float]) -> None:
     """Raise a ValueError naming `config.objectives.X` if X does not apply to the model."""
     valid = VALID[type(model)]
     if not objectives:
-        raise ValueError(f"config.objectives is empty; choose from {valid}.")
+        raise ConfigError(f"config.objectives is empty; choose from {valid}.")
     for name in objectives:
         if name not in valid:
-            raise ValueError(f"config.objectives.{name}: not an objective of "
-                             f"{type(model).__name__}; choose from {valid}.")
+            raise ConfigError(f"config.objectives.{name}: not an objective of "
+                              f"{type(model).__name__}; choose from {valid}.")
     if isinstance(model, TwoTower):
         want = "sigmoid_contrastive" if model.head == "sigmoid" else "softmax_contrastive"
         if want not in objectives:
-            raise ValueError(f"config.objectives: model.head={model.head!r} needs {want!r}.")
+            raise ConfigError(f"config.objectives: model.head={model.head!r} needs {want!r}.")
 
 
 def text_pad_id(model: Any) -> int:

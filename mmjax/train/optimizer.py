@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mmjax.errors import ConfigError
+
 # Parameter kinds by leaf name (the last path component).
 KERNELS = re.compile(r"(^|_)kernel$")
 EMBEDDINGS = frozenset({"embedding", "posemb", "position_embeddings", "query_tokens", "cls",
@@ -46,8 +48,8 @@ def lr_schedule(optim: Any, total_steps: int) -> optax.Schedule:
     elif optim.schedule == "const":
         decay = optax.constant_schedule(lr)
     else:
-        raise ValueError(f"config.optim.schedule={optim.schedule!r}; choose 'cosine', "
-                         "'linear' or 'const'.")
+        raise ConfigError(f"config.optim.schedule={optim.schedule!r}; choose 'cosine', "
+                          "'linear' or 'const'.")
     if warmup <= 0:
         return decay
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
@@ -91,8 +93,8 @@ def check_freeze(optim: Any, params: Any) -> None:
     """Every `config.optim.freeze` prefix must name at least one parameter."""
     for prefix in list(optim.get("freeze") or []):
         if "frozen" not in jax.tree.leaves(frozen_labels(params, [prefix])):
-            raise ValueError(f"config.optim.freeze: {prefix!r} matches no parameter; top-level "
-                             f"names are {sorted(flax.core.unfreeze(params))}.")
+            raise ConfigError(f"config.optim.freeze: {prefix!r} matches no parameter; top-level "
+                              f"names are {sorted(flax.core.unfreeze(params))}.")
 
 
 def build_optimizer(optim: Any, total_steps: int) -> tuple[optax.GradientTransformation, Any]:

@@ -18,6 +18,8 @@ import flax.linen as nn
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from mmjax.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -58,16 +60,16 @@ def make_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -> 
     sizes = [int(mesh_config[a]) if a in mesh_config else 1 for a in MESH_AXES]
     n = len(devices)
     if sizes.count(-1) > 1:
-        raise ValueError(f"config.mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+        raise ConfigError(f"config.mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
     if -1 in sizes:
         known = math.prod(s for s in sizes if s != -1)
         if n % known:
-            raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))}: {n} devices are not "
-                             f"divisible by {known}.")
+            raise ConfigError(f"config.mesh {dict(zip(MESH_AXES, sizes))}: {n} devices are not "
+                              f"divisible by {known}.")
         sizes[sizes.index(-1)] = n // known
     if math.prod(sizes) != n:
-        raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} "
-                         f"devices but {n} are available; set one axis to -1.")
+        raise ConfigError(f"config.mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} "
+                          f"devices but {n} are available; set one axis to -1.")
     return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
@@ -149,9 +151,9 @@ def local_batch_size(global_batch: int, mesh: Mesh) -> int:
     """Rows this process loads: global / process_count (checked divisible)."""
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if global_batch % shards:
-        raise ValueError(f"config.batch_size={global_batch} must be divisible by data x fsdp = "
-                         f"{shards}.")
+        raise ConfigError(f"config.batch_size={global_batch} must be divisible by data x fsdp = "
+                          f"{shards}.")
     if global_batch % jax.process_count():
-        raise ValueError(f"config.batch_size={global_batch} must be divisible by the process "
-                         f"count {jax.process_count()}.")
+        raise ConfigError(f"config.batch_size={global_batch} must be divisible by the process "
+                          f"count {jax.process_count()}.")
     return global_batch // jax.process_count()

@@ -17,6 +17,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mmjax.data.decode import normalize_on_device
+from mmjax.errors import ConfigError
 from mmjax.models.layers import KernelPolicy, kernel_policy
 from mmjax.train import sharding as shd
 from mmjax.train.objectives import compute_losses
@@ -44,8 +45,8 @@ class Trainer:
         frozen_dtype = config.optim.get("frozen_dtype")
         frozen_dtype = None if frozen_dtype in ("None", "none", "") else frozen_dtype
         if frozen_dtype and frozen_dtype not in DTYPES:
-            raise ValueError(f"config.optim.frozen_dtype={frozen_dtype!r}; choose one of "
-                             f"{sorted(DTYPES)} or None.")
+            raise ConfigError(f"config.optim.frozen_dtype={frozen_dtype!r}; choose one of "
+                              f"{sorted(DTYPES)} or None.")
         images, text = sample_inputs(config)
 
         def init(rng):
@@ -152,8 +153,8 @@ class Trainer:
         def split(x):
             b = x.shape[0]
             if b % (shards * accum):
-                raise ValueError(f"config.batch_size={b} must be divisible by data x fsdp x "
-                                 f"optim.accum_steps = {shards * accum}.")
+                raise ConfigError(f"config.batch_size={b} must be divisible by data x fsdp x "
+                                  f"optim.accum_steps = {shards * accum}.")
             x = x.reshape((shards, accum, b // (shards * accum)) + x.shape[1:])
             x = jnp.swapaxes(x, 0, 1).reshape((accum, b // accum) + x.shape[3:])
             return jax.lax.with_sharding_constraint(
