@@ -4,6 +4,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from mmjax.errors import ConfigError
+
 
 def make_global_batch(local: dict[str, np.ndarray],
                       sharding: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
@@ -27,7 +29,7 @@ def make_global_batch(local: dict[str, np.ndarray],
         try:
             out[name] = jax.make_array_from_process_local_data(sharding, value, global_shape)
         except ValueError as e:
-            raise ValueError(f"global batch field {name!r} with local shape {value.shape}: {e} "
-                             "(the local batch size must split evenly over this process's "
-                             "devices on the data axes)") from e
+            raise ConfigError(f"global batch field {name!r} with local shape {value.shape}: {e} "
+                              "(the local batch size must split evenly over this process's "
+                              "devices on the data axes)") from e
     return out

@@ -24,6 +24,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from mmjax.errors import ConfigError
+
 # CLIP's normalization constants (RGB, on a 0..1 scale).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -136,7 +138,7 @@ def decode_and_crop(data: bytes, size: int, rng: np.random.Generator | None, *,
     elif augment == "center":
         left, top, cw, ch = center_crop_box(width, height)
     else:
-        raise ValueError(f"data.train.augment must be 'rrc' or 'center', got {augment!r}")
+        raise ConfigError(f"data.train.augment must be 'rrc' or 'center', got {augment!r}")
     factor, pixels = 1, None
     if img.format == "JPEG":
         k = draft_factor(cw, ch, size) if use_draft else 1

@@ -18,6 +18,8 @@ from typing import Hashable, Mapping, Sequence
 
 import numpy as np
 
+from mmjax.errors import ConfigError
+
 
 def classification_metrics(topk: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
     """Top-1, top-5 and mean per-class recall from ranked predictions.
@@ -42,8 +44,8 @@ def classification_metrics(topk: np.ndarray, labels: np.ndarray, num_classes: in
     if n == 0:
         return dict(top1=0.0, top5=0.0, mean_per_class_recall=0.0, n=0)
     if labels.min() < 0 or labels.max() >= num_classes:
-        raise ValueError(f"labels must lie in [0, {num_classes}) (one per class name); found "
-                         f"{labels.min()}..{labels.max()}. Check evals.zeroshot.classnames.")
+        raise ConfigError(f"labels must lie in [0, {num_classes}) (one per class name); found "
+                          f"{labels.min()}..{labels.max()}. Check evals.zeroshot.classnames.")
     hit1 = topk[:, 0] == labels
     hit5 = np.any(topk[:, :5] == labels[:, None], axis=1)
     count = np.bincount(labels, minlength=num_classes)

@@ -9,6 +9,8 @@ import math
 
 import jax
 
+from mmjax.errors import ConfigError
+
 
 def active_batch_axes(axis_names):
     """Batch mesh axes to go manual over, or `()` for the plain path.
@@ -42,7 +44,7 @@ def check_divisible(batch, axes, what):
     """Raise a clear error when the global batch does not split evenly."""
     n = num_shards(axes)
     if batch % n:
-        raise ValueError(
+        raise ConfigError(
             f"{what}: global batch {batch} is not divisible by the {n} batch "
             f"shards of mesh axes {axes}; choose a global batch size that is a "
             f"multiple of {n} (the product of those mesh axis sizes).")
