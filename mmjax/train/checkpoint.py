@@ -25,6 +25,7 @@ import re
 import shutil
 import sys
 import time
+import traceback
 from typing import Any, Optional
 
 import jax
@@ -65,7 +66,15 @@ def _quiet_orbax_failures() -> None:
                 or f"{os.sep}orbax{os.sep}" not in (record.pathname or ""))
 
     def orbax_task(record: logging.LogRecord) -> bool:
-        return not (record.levelno >= logging.ERROR and "orbax" in record.getMessage())
+        # asyncio's "Future exception was never retrieved" names orbax only in the
+        # traceback of the exception it carries.
+        if record.levelno < logging.ERROR:
+            return True
+        if "orbax" in record.getMessage():
+            return False
+        tb = record.exc_info[2] if record.exc_info else None
+        return not any(f"{os.sep}orbax{os.sep}" in frame.filename
+                       for frame in traceback.extract_tb(tb))
 
     logging.getLogger("absl").addFilter(orbax_error)
     logging.getLogger("asyncio").addFilter(orbax_task)
