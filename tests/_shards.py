@@ -80,3 +80,19 @@ class CharTokenizer:
 
     def decode(self, ids) -> str:
         return "".join(chr(int(i) - 1) for i in ids if i > 0)
+
+
+def fault_config(shards, **kw):
+    """A data.train config for the fault tests: 16 px images, no workers, no shuffle,
+    every bad sample tolerated (`max_bad_fraction=1`), keys from `kw`."""
+    from mmjax.data import pipeline
+    cfg = pipeline.default_data_config()
+    cfg.shards = shards
+    cfg.image_size = 16
+    cfg.workers = 0
+    cfg.shuffle_buffer = 0
+    cfg.max_pixels = 50_000
+    cfg.max_bad_fraction = 1.0
+    for k, v in kw.items():
+        cfg[k] = v
+    return cfg

@@ -14,23 +14,11 @@ import zlib
 import numpy as np
 import pytest
 
-from _shards import CharTokenizer, make_image, sample_members, write_dataset, write_tar
+from _shards import (CharTokenizer, fault_config as _cfg, make_image, sample_members,
+                     write_dataset, write_tar)
 from mmjax.data import pipeline, tario
 
 TOK = CharTokenizer(16)
-
-
-def _cfg(shards, **kw):
-    cfg = pipeline.default_data_config()
-    cfg.shards = shards
-    cfg.image_size = 16
-    cfg.workers = 0
-    cfg.shuffle_buffer = 0
-    cfg.max_pixels = 50_000
-    cfg.max_bad_fraction = 1.0
-    for k, v in kw.items():
-        cfg[k] = v
-    return cfg
 
 
 # --- compressed shards cut short ----------------------------------------------
