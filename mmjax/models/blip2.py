@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from mmjax.models.layers import Dense, boundary, l2_normalize
 from mmjax.models.qformer import QFormer
-from mmjax.models.vit import ViT
+from mmjax.models.towers import build_tower
 
 
 class Blip2Stage1(nn.Module):
@@ -50,7 +50,7 @@ class Blip2Stage1(nn.Module):
     cache_len: Optional[int] = None
 
     def setup(self):
-        self.image_tower = ViT(**{"dtype": self.dtype, **dict(self.image)})
+        self.image_tower = build_tower(self.image, self.dtype)
         self.qformer_module = QFormer(**{"dtype": self.dtype, **dict(self.qformer),
                                          "decode": self.cached_decode,
                                          "cache_len": self.cache_len})

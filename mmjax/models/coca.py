@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from mmjax.models.layers import Dense, MAPHead, Norm, boundary, l2_normalize
 from mmjax.models.text import CaptionDecoder, TextEncoder
 from mmjax.models.two_tower import _scalar
-from mmjax.models.vit import ViT
+from mmjax.models.towers import build_tower
 
 
 class CoCa(nn.Module):
@@ -47,8 +47,7 @@ class CoCa(nn.Module):
     cache_len: Optional[int] = None
 
     def setup(self):
-        img = {"dtype": self.dtype, **dict(self.image), "pool": "none", "embed_dim": None}
-        self.image_tower = ViT(**img)
+        self.image_tower = build_tower(self.image, self.dtype, pool="none", embed_dim=None)
         self.pooler = MAPHead(self.pooler_heads, num_queries=1 + self.caption_queries,
                               use_mlp=False, dtype=self.dtype)
         self.pool_norm = Norm(dtype=self.dtype)

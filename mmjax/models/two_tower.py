@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from mmjax.errors import ConfigError
 from mmjax.models.layers import l2_normalize
 from mmjax.models.text import TextEncoder
-from mmjax.models.vit import ViT
+from mmjax.models.towers import build_tower
 
 HEADS = ("softmax", "sigmoid")
 
@@ -52,7 +52,7 @@ class TwoTower(nn.Module):
         if self.head not in HEADS:
             raise ConfigError(f"Unknown contrastive head {self.head!r} (config key "
                               f"`model.head`); choose one of {HEADS}.")
-        self.image_tower = ViT(**{"dtype": self.dtype, **dict(self.image)})
+        self.image_tower = build_tower(self.image, self.dtype)
         self.text_tower = TextEncoder(**{"dtype": self.dtype, **dict(self.text)})
         default_scale = math.log(1 / 0.07) if self.head == "softmax" else math.log(10.0)
         self.log_scale = _scalar(self, "log_scale",

@@ -33,7 +33,7 @@ from mmjax.errors import ConfigError
 from mmjax.models.layers import HIDDEN, TOKENS, Dense, boundary, constrain, gelu
 from mmjax.models.lm import DecoderLM
 from mmjax.models.qformer import QFormer
-from mmjax.models.vit import ViT
+from mmjax.models.towers import build_tower
 
 Array = jax.Array
 
@@ -113,7 +113,7 @@ class VisionLM(nn.Module):
                               "'qformer' (BLIP-2) or 'mlp' (LLaVA).")
         if self.connector == "qformer" and not self.qformer:
             raise ConfigError("model.connector='qformer' needs config key `model.qformer`.")
-        self.image_tower = ViT(**{"dtype": self.dtype, **dict(self.image)})
+        self.image_tower = build_tower(self.image, self.dtype)
         self.lm_module = DecoderLM(**{"dtype": self.dtype, **dict(self.lm)})
         width = self.lm_module.width
         dense = lambda act=None: Dense(width, ("mlp", "embed"), dtype=self.dtype,  # noqa: E731
