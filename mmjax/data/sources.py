@@ -6,9 +6,10 @@ or a list of patterns. Braces hold either a numeric range ``{a..b}`` (the
 zero padding of ``a`` is kept) or a comma set ``{x,y,z}``; several braces and
 nested braces expand as a cartesian product, left to right.
 
-Local paths are opened with plain ``open``; anything with a URL scheme
-(``gs://``, ``s3://``, ``http://``) goes through ``fsspec`` and needs that
-protocol's package installed (``gcsfs``, ``s3fs``, ``aiohttp``).
+Local paths and ``file://`` URLs are opened with plain ``open``; any other
+URL scheme (``gs://``, ``s3://``, ``http://``: ``mmjax.paths.is_remote``) goes
+through ``fsspec`` and needs that protocol's package installed (``gcsfs``,
+``s3fs``, ``aiohttp``).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import re
 from typing import Sequence
 
 from mmjax.errors import ConfigError
+from mmjax.paths import is_remote, local_path as _local
 
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
 _GLOB_CHARS = set("*?[")
@@ -81,15 +83,6 @@ def expand_braces(pattern: str) -> list[str]:
         return [head + "{" + body + "}" + t for t in expand_braces(tail)]
     tails = expand_braces(tail)
     return [head + c + t for c in choices for t in tails]
-
-
-def is_remote(path: str) -> bool:
-    """True for URLs with a scheme (``gs://``, ``s3://``, ``http://``...)."""
-    return "://" in path and not path.startswith("file://")
-
-
-def _local(path: str) -> str:
-    return path[len("file://"):] if path.startswith("file://") else path
 
 
 def _glob(path: str) -> list[str]:

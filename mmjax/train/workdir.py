@@ -1,5 +1,8 @@
 """Workdir paths that may be local or remote (`gs://`, `s3://`, ... through fsspec).
 
+`file://` URLs are local paths (`mmjax.paths.is_remote`, the rule shared with
+the data shards).
+
 Checkpoints go through orbax (which handles both); the small files of a run
 (config.json, metrics.jsonl, eval results) go through these helpers.
 """
@@ -8,15 +11,12 @@ from __future__ import annotations
 import os
 import posixpath
 from mmjax.errors import UserError
-
-
-def is_remote(path: str) -> bool:
-    return "://" in path
+from mmjax.paths import is_remote, local_path
 
 
 def resolve(path: str) -> str:
-    """Absolute local path, or the URL unchanged."""
-    return path.rstrip("/") if is_remote(path) else os.path.abspath(path)
+    """Absolute local path (`file://` prefix dropped), or the URL unchanged."""
+    return path.rstrip("/") if is_remote(path) else os.path.abspath(local_path(path))
 
 
 def join(path: str, *parts: str) -> str:
@@ -29,25 +29,25 @@ def _fs(path: str):
 
 
 def exists(path: str) -> bool:
-    return _fs(path).exists(path) if is_remote(path) else os.path.exists(path)
+    return _fs(path).exists(path) if is_remote(path) else os.path.exists(local_path(path))
 
 
 def isdir(path: str) -> bool:
-    return _fs(path).isdir(path) if is_remote(path) else os.path.isdir(path)
+    return _fs(path).isdir(path) if is_remote(path) else os.path.isdir(local_path(path))
 
 
 def makedirs(path: str) -> None:
     if is_remote(path):
         _fs(path).makedirs(path, exist_ok=True)
     else:
-        os.makedirs(path, exist_ok=True)
+        os.makedirs(local_path(path), exist_ok=True)
 
 
 def read_text(path: str) -> str:
     if is_remote(path):
         with _fs(path).open(path, "r", encoding="utf-8") as f:
             return f.read()
-    with open(path, encoding="utf-8") as f:
+    with open(local_path(path), encoding="utf-8") as f:
         return f.read()
 
 
@@ -57,6 +57,7 @@ def write_text(path: str, text: str) -> None:
         with _fs(path).open(path, "w", encoding="utf-8") as f:
             f.write(text)
         return
+    path = local_path(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
@@ -84,8 +85,8 @@ class WorkdirLock:
     NAME = ".lock"
 
     def __init__(self, workdir: str):
-        self.workdir = workdir
-        self.path = os.path.join(workdir, self.NAME)
+        self.workdir = local_path(workdir)
+        self.path = os.path.join(self.workdir, self.NAME)
         self._file = None
 
     def holder(self) -> str:

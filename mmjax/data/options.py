@@ -1,0 +1,210 @@
+"""The data pipeline's keys (``config.data.train``) and their checked, typed form.
+
+``default_data_config()`` lists every key with its default and meaning;
+``build_options`` checks a config and flattens it into a ``DataOptions``, the
+frozen, picklable object that the iterator and its worker processes read
+(``o.max_len``, ``o.paths``, ...).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import ml_collections
+
+from mmjax.data import decode as decode_lib
+from mmjax.data import media as media_lib
+from mmjax.data import sources as sources_lib
+from mmjax.data.dialog import dialog_template
+from mmjax.errors import ConfigError
+
+# "caption": one caption -> text [B, L]; "caption_list": a JSON list -> text
+# [B, num_captions, L]; "dialog": JSON Q/A turns -> text and loss_mask [B, L].
+TEXT_FORMATS = ("caption", "caption_list", "dialog")
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+    """Every key of the data pipeline (``config.data.train``), with defaults."""
+    c = ml_collections.ConfigDict()
+    c.shards = None            # required: pattern, "::"-joined patterns, or list; {000..099} / {a,b}
+    c.weights = None           # None, or one sampling weight per pattern (needs resampled=True)
+    c.modality = "image"       # media of each sample: "image" (mmjax.data.media lists them);
+                               # batches hold it under its key ("image": [B, S, S, 3])
+    c.caption_key = "txt"      # caption member: "txt", or "json:FIELD" for a JSON field
+    c.text_format = "caption"  # "caption"; "caption_list": text [B, num_captions, L] from a
+                               # JSON list (retrieval evals); "dialog": caption_key names JSON
+                               # Q/A turns (mmjax.data.dialog), batches gain loss_mask [B, L]
+    c.num_captions = 5         # "caption_list": rows per sample (missing ones are all pad)
+    c.image_token_id = None    # dialog: id that "<image>" in a question becomes (None: dropped)
+    c.dialog_template = "qa"   # dialog: "qa" ("Q: {q} A:"), "vicuna_v1" (LLaVA), "blip2_vqa"
+    c.tokenizer = "bytes"      # "bytes" | "sentencepiece:PATH" | "hf:PATH"
+    c.max_len = 32             # text length L of the int32 [B, L] token ids
+    c.image_size = 224         # output side in pixels (image; video frames)
+    c.augment = "rrc"          # "rrc" (random resized crop) or "center" (resize + center crop)
+    c.crop_scale = (0.9, 1.0)  # rrc: range of the crop's fraction of the image area
+    c.crop_ratio = (3 / 4, 4 / 3)  # rrc: range of the crop's aspect ratio (log-uniform)
+    c.flip = False             # random horizontal flip
+    c.mean = decode_lib.CLIP_MEAN  # per-channel mean on a 0..1 scale (CLIP's)
+    c.std = decode_lib.CLIP_STD    # per-channel std on a 0..1 scale (CLIP's)
+    c.output = "float32"       # "float32" (normalized on host) or "uint8" (normalize_on_device)
+    c.sample_rate = 48000      # audio: samples per second of the decoded waveform
+    c.clip_seconds = 10.0      # audio: every clip is cropped or zero-padded to this length
+    c.num_frames = 8           # video: frames per clip, T of [B, T, S, S, 3]
+    c.shuffle_buffer = 1000    # samples held for shuffling per worker; 0 or 1 = no shuffle
+    c.resampled = False        # True: infinite, shards drawn with replacement per worker
+    c.workers = 4              # decoding processes per JAX process; 0 = decode in this process
+    c.prefetch = 2             # batches each worker may prepare ahead
+    c.max_pixels = 89_478_485  # skip images whose header declares more pixels (PIL's limit)
+    c.max_bad_fraction = 0.1   # raise once this fraction of samples seen is bad ...
+    c.min_bad_count = 100      # ... and at least this many were bad
+    c.seed = 0                 # shard order, shuffle buffer and augmentation RNG seed
+    c.reset_stream_on_resume = False  # True: a resumed run keeps the checkpoint's train state
+                               # but starts the data stream afresh (needed to resume after
+                               # changing shards, seed, shuffle_buffer, resampled, weights, workers)
+    c.start_method = "spawn"   # multiprocessing start method for workers
+    return c
+
+
+@dataclasses.dataclass(frozen=True)
+class DataOptions:
+    """Checked data options of one iterator (what every worker process receives).
+
+    Built by ``build_options``; the keys of ``default_data_config`` plus what
+    the iterator derives: ``mode`` ("train" | "eval"), ``paths`` (resolved
+    shard list), ``probs`` (per-shard draw probability when resampled, else
+    None), the process's place, ``num_workers`` (``max(1, workers)``),
+    ``media`` (the ``MediaSpec`` of ``modality``; it travels to spawned
+    workers with the options, so an entry added to ``media.MEDIA`` at run
+    time works with worker processes too).
+    Eval options have ``augment="center"``, no flip and no shuffle buffer.
+    """
+    mode: str
+    paths: tuple[str, ...]
+    probs: tuple[float, ...] | None
+    resampled: bool
+    seed: int
+    process_index: int
+    process_count: int
+    workers: int
+    num_workers: int
+    modality: str
+    media: media_lib.MediaSpec
+    caption_key: str
+    tokenizer: str | Callable
+    text_format: str
+    image_token_id: int | None
+    dialog_template: str
+    num_captions: int
+    max_len: int
+    image_size: int
+    augment: str
+    crop_scale: tuple[float, float]
+    crop_ratio: tuple[float, float]
+    flip: bool
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    output: str
+    sample_rate: int
+    clip_seconds: float
+    num_frames: int
+    shuffle_buffer: int
+    prefetch: int
+    max_pixels: int | None
+    max_bad_fraction: float
+    min_bad_count: int
+    start_method: str
+
+
+def cfg_get(cfg, key: str, default=None):
+    """``cfg[key]`` of a ConfigDict or dict; ``default`` when missing, or when
+    the value is None and ``default`` is not."""
+    try:
+        value = cfg[key]
+    except (KeyError, AttributeError):
+        return default
+    return default if value is None and default is not None else value
+
+
+def _check_text_format(text_format) -> None:
+    if text_format == "captions":
+        raise ConfigError("data.train.text_format='captions' is now called 'caption_list' "
+                          "(text [B, num_captions, L] from a JSON list); set "
+                          "data.train.text_format='caption_list'.")
+    if text_format not in TEXT_FORMATS:
+        raise ConfigError(f"data.train.text_format must be one of "
+                          f"{', '.join(repr(f) for f in TEXT_FORMATS)}, got {text_format!r}")
+
+
+def _positive(key: str, value, kind):
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or number <= 0 or (kind is int and number != value):
+        what = "an integer" if kind is int else "a number"
+        raise ConfigError(f"data.train.{key} must be {what} > 0, got {value!r}")
+    return number
+
+
+def build_options(cfg, *, mode: str, process_index: int | None, process_count: int | None,
+                  seed: int | None, tokenizer: Callable | None) -> DataOptions:
+    """Checks a ``default_data_config()``-shaped config and flattens it.
+
+    Raises ``ConfigError`` naming the ``data.train.*`` key for a bad value
+    (unknown modality or text format, weights without resampling, fewer
+    shards than processes x workers, ...). ``process_index``/``process_count``
+    default to JAX's.
+    """
+    if process_index is None or process_count is None:
+        import jax
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    defaults = default_data_config()
+    get = lambda k: cfg_get(cfg, k, defaults[k])  # noqa: E731
+    weights = cfg_get(cfg, "weights")
+    resampled = bool(get("resampled")) and mode == "train"
+    if weights is not None and not resampled:
+        raise ConfigError("data.train.weights needs data.train.resampled=True (weighted "
+                          "sources are sampled with replacement).")
+    modality = get("modality")
+    media = media_lib.get_media_spec(modality)  # unknown: ConfigError naming the key
+    src = sources_lib.build_sources(get("shards"), weights)
+    workers = int(get("workers"))
+    if workers < 0:
+        raise ConfigError(f"data.train.workers must be >= 0, got {workers}")
+    num_workers = max(1, workers)
+    n = len(src.paths)
+    if mode == "train" and not resampled and n < process_count * num_workers:
+        raise ConfigError(
+            f"data.train.shards has {n} shards but {process_count} processes x {num_workers} "
+            f"workers need at least {process_count * num_workers} (one shard per worker per "
+            "epoch); lower data.train.workers, use more shards, or set data.train.resampled=True.")
+    _check_text_format(get("text_format"))
+    template = cfg_get(cfg, "dialog_template", "qa")
+    if get("text_format") == "dialog":
+        dialog_template(template)  # unknown name: clear error
+    if get("output") not in ("float32", "uint8"):
+        raise ConfigError(f"data.train.output must be 'float32' or 'uint8', got {get('output')!r}")
+    return DataOptions(
+        mode=mode, paths=tuple(src.paths),
+        probs=tuple(src.shard_probabilities()) if resampled else None,
+        resampled=resampled, seed=int(get("seed") if seed is None else seed),
+        process_index=int(process_index), process_count=int(process_count),
+        workers=workers, num_workers=num_workers, modality=modality, media=media,
+        caption_key=get("caption_key"), tokenizer=tokenizer or get("tokenizer"),
+        text_format=get("text_format"), image_token_id=cfg_get(cfg, "image_token_id"),
+        dialog_template=template,
+        num_captions=int(get("num_captions")),
+        max_len=int(get("max_len")), image_size=int(get("image_size")),
+        augment="center" if mode == "eval" else get("augment"),
+        crop_scale=tuple(get("crop_scale")), crop_ratio=tuple(get("crop_ratio")),
+        flip=bool(get("flip")) and mode == "train",
+        mean=tuple(get("mean")), std=tuple(get("std")), output=get("output"),
+        sample_rate=_positive("sample_rate", get("sample_rate"), int),
+        clip_seconds=_positive("clip_seconds", get("clip_seconds"), float),
+        num_frames=_positive("num_frames", get("num_frames"), int),
+        shuffle_buffer=int(get("shuffle_buffer")) if mode == "train" else 0,
+        prefetch=int(get("prefetch")), max_pixels=get("max_pixels"),
+        max_bad_fraction=float(get("max_bad_fraction")),
+        min_bad_count=int(get("min_bad_count")), start_method=get("start_method"),
+    )
