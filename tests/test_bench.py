@@ -13,7 +13,7 @@ import pytest
 from mmjax import cli
 from mmjax.models import build
 from mmjax.train.config_utils import load_config
-from mmjax.train.flops import model_train_flops
+from mmjax.families import model_train_flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

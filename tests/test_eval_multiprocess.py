@@ -60,7 +60,8 @@ def _child(out_dir):
     maybe_initialize_distributed()
     import jax
     assert jax.process_count() == 2 and jax.device_count() == 4
-    from mmjax.evaluate.runner import _combine, run_evals
+    from mmjax.evaluate.gather import combine as _combine
+    from mmjax.evaluate.runner import run_evals
     i = jax.process_index()
     config, model, variables = _setup(os.path.join(out_dir, "params.msgpack"))
     spread = _spread(variables)

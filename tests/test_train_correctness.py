@@ -12,7 +12,7 @@ import pytest
 from mmjax.models import Blip2Stage1, build
 from mmjax.train import sharding as shd
 from mmjax.train.config_utils import load_config
-from mmjax.train.objectives import compute_losses
+from mmjax.families import compute_losses
 from mmjax.train.optimizer import build_optimizer, frozen_labels
 from mmjax.train.step import Trainer, sample_inputs
 

@@ -19,7 +19,7 @@ from mmjax.train import sharding as shd
 from mmjax.train.checkpoint import Checkpointer
 from mmjax.train.config_utils import ConfigError, apply_override, load_config
 from mmjax.train.loop import train
-from mmjax.train.objectives import compute_losses
+from mmjax.families import compute_losses
 from mmjax.train.optimizer import build_optimizer
 from mmjax.train.step import Trainer
 

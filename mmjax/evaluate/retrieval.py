@@ -291,11 +291,12 @@ def retrieval_recall(image_emb, text_emb, text_to_image, ks: Sequence[int] = (1,
 
 
 def retrieval_embeddings(model: Any, variables: Any, batches: Iterable,
-                         mesh: Optional[Mesh] = None, pad_id: Optional[int] = None
-                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                         mesh: Optional[Mesh] = None, pad_id: Optional[int] = None,
+                         key: str = "image") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Image and caption embeddings of the valid rows of `batches`.
 
-    Arguments as in `retrieval_evaluate`. Whole batches are embedded (one
+    Arguments as in `retrieval_evaluate`; `key` is the batch field the model's
+    `encode_image` reads ("image", "audio", "video"). Whole batches are embedded (one
     compiled shape; invalid rows are dropped afterwards).
 
     Returns:
@@ -307,7 +308,7 @@ def retrieval_embeddings(model: Any, variables: Any, batches: Iterable,
     run_txt = BatchRunner(model_method(model, "encode_text"), mesh, run_img.variables)
     imgs, txts, owners, n = [], [], [], 0
     for batch in batches:
-        images, valid = _select(batch, "image")
+        images, valid = _select(batch, key)
         text = np.asarray(batch["text"])
         valid = np.ones(len(images), bool) if valid is None else valid
         if not valid.any():

@@ -99,10 +99,12 @@ def _topk_fn(model: Any, k: int) -> Callable:
 
 
 def zero_shot_predictions(model: Any, variables: Any, classifier, batches: Iterable,
-                          mesh: Optional[Mesh] = None) -> tuple[np.ndarray, np.ndarray]:
+                          mesh: Optional[Mesh] = None, key: str = "image"
+                          ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k class ids and labels of the valid rows of `batches`.
 
-    Arguments as in `zero_shot_evaluate`. Returns `(topk int32 [n, K], labels
+    Arguments as in `zero_shot_evaluate`; `key` is the batch field the model
+    encodes ("image", "audio", "video"). Returns `(topk int32 [n, K], labels
     int32 [n])` with K = min(5, C), rows in batch order; n = 0 when the data
     yields nothing.
     """
@@ -113,7 +115,7 @@ def zero_shot_predictions(model: Any, variables: Any, classifier, batches: Itera
     for batch in batches:
         if "label" not in batch:
             raise MissingFieldError(f"zero-shot batches need a 'label' field; got {sorted(batch)}.")
-        topk = runner(np.asarray(batch["image"]))
+        topk = runner(np.asarray(batch[key]))
         label = np.asarray(batch["label"])
         if batch.get("valid") is not None:
             valid = np.asarray(batch["valid"], bool)

@@ -19,14 +19,17 @@ from mmjax.models.qformer import QFormer
 from mmjax.models.text import CaptionDecoder, TextEncoder
 from mmjax.models.two_tower import TwoTower
 from mmjax.models.vit import ViT
+from mmjax.models import towers
 from mmjax.models.vlm import VisionLM
 
 MODELS = {"two_tower": TwoTower, "coca": CoCa, "blip2_stage1": Blip2Stage1,
           "vision_lm": VisionLM}
-SUBMODULES = {"two_tower": {"image": ViT, "text": TextEncoder},
-              "coca": {"image": ViT, "text": TextEncoder, "decoder": CaptionDecoder},
-              "blip2_stage1": {"image": ViT, "qformer": QFormer},
-              "vision_lm": {"image": ViT, "qformer": QFormer, "lm": DecoderLM}}
+# Nested sections of each model and the module their keys configure; "image" is
+# the media tower, whose class `model.image.kind` picks (mmjax.models.towers).
+SUBMODULES = {"two_tower": {"image": "tower", "text": TextEncoder},
+              "coca": {"image": "tower", "text": TextEncoder, "decoder": CaptionDecoder},
+              "blip2_stage1": {"image": "tower", "qformer": QFormer},
+              "vision_lm": {"image": "tower", "qformer": QFormer, "lm": DecoderLM}}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 __all__ = ["ViT", "TextEncoder", "CaptionDecoder", "QFormer", "TwoTower", "CoCa",
@@ -68,7 +71,11 @@ def build(model_config: Mapping) -> Any:
         raise ConfigError(f"config keys {['model.' + k for k in unknown]} are not fields of "
                           f"{cls.__name__}; valid keys: {sorted(fields)}.")
     for key, sub_cls in SUBMODULES.get(name, {}).items():
-        allowed = set(sub_cls.__dataclass_fields__) - {"parent", "name"}
+        if sub_cls == "tower":
+            sub_cls, _ = towers.tower_fields(cfg.get(key), f"model.{key}")
+            allowed = set(sub_cls.__dataclass_fields__) - {"parent", "name"} | {"kind"}
+        else:
+            allowed = set(sub_cls.__dataclass_fields__) - {"parent", "name"}
         bad = sorted(set(cfg.get(key) or {}) - allowed)
         if bad:
             raise ConfigError(f"config keys {[f'model.{key}.{k}' for k in bad]} are not fields of "

@@ -13,8 +13,10 @@ from typing import Any, Optional
 import einops
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from mmjax.errors import ConfigError
+from mmjax.models.flops import vit_flops
 from mmjax.models.layers import (Block, Dense, MAPHead, Norm, PositionEmbedding, boundary,
                                  broadcast_param,
                                  constrain, matmul_2d, default_kernel_init, logical, normal_init,
@@ -62,6 +64,26 @@ class ViT(nn.Module):
     remat: str = "none"
     attention: Optional[str] = "xla"
     dtype: Any = jnp.float32
+
+    # Tower protocol (mmjax.models.towers): the media it reads and its costs.
+    modality = "image"
+
+    @staticmethod
+    def example_input(cfg: dict, data: Any) -> tuple[tuple[int, ...], Any]:
+        """One example as the pipeline emits it: `([S, S, 3], uint8 | float32)`."""
+        s = int(data.image_size)
+        return (s, s, 3), np.uint8 if data.get("output", "float32") == "uint8" else np.float32
+
+    @staticmethod
+    def forward_flops(cfg: dict) -> float:
+        """Forward FLOPs per image (`mmjax.models.flops`)."""
+        return vit_flops(cfg)
+
+    @staticmethod
+    def tiny(cfg: dict) -> dict:
+        """Field updates of the `:tiny` shrink (32 px images, 2 small layers)."""
+        out = dict(image_size=32, patch_size=8, width=64, depth=2, heads=4, mlp_dim=128)
+        return dict(out, embed_dim=32) if cfg.get("embed_dim") else out
 
     @property
     def grid(self) -> int:

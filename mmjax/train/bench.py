@@ -31,7 +31,8 @@ from mmjax.data.batch import make_global_batch
 from mmjax.errors import UserError
 from mmjax.models import build
 from mmjax.train import sharding as shd
-from mmjax.train.flops import model_train_flops, peak_flops_per_device
+from mmjax.families import get_family, model_train_flops
+from mmjax.train.flops import peak_flops_per_device
 from mmjax.train.optimizer import build_optimizer
 from mmjax.train.step import Trainer
 
@@ -53,20 +54,12 @@ def build_trainer(config: Any, devices: Optional[Sequence[jax.Device]] = None) -
     return Trainer(config, build(config.model), tx, schedule, mesh)
 
 
-def _image_dtype(config: Any):
-    return np.uint8 if config.data.train.get("output", "float32") == "uint8" else np.float32
-
-
 def batch_shapes(config: Any, sharding: jax.sharding.Sharding) -> dict:
-    """`{"image": [B, S, S, 3], "text": [B, L] int32}` ShapeDtypeStructs of the global batch.
-
-    The image dtype is what the input pipeline produces (`data.train.output`:
-    uint8, normalized on device, or float32).
-    """
-    b, d = int(config.batch_size), config.data.train
-    s, length = int(d.image_size), int(d.max_len)
-    return {"image": jax.ShapeDtypeStruct((b, s, s, 3), _image_dtype(config), sharding=sharding),
-            "text": jax.ShapeDtypeStruct((b, length), np.int32, sharding=sharding)}
+    """ShapeDtypeStructs of the global batch: the family's media field (e.g. `image
+    [B, S, S, 3]`, uint8 when `data.train.output="uint8"`) and `text [B, L]` int32."""
+    spec = get_family(config).batch_spec(config, int(config.batch_size))
+    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+            for k, (shape, dtype) in spec.items()}
 
 
 def random_batch(config: Any, sharding: jax.sharding.Sharding, seed: int = 0) -> dict:
@@ -76,19 +69,21 @@ def random_batch(config: Any, sharding: jax.sharding.Sharding, seed: int = 0) ->
     are random ids below the vocabulary size ending in the EOS id.
     """
     rng = np.random.default_rng(seed + jax.process_index())
-    shapes = batch_shapes(config, sharding)
+    family = get_family(config)
     rows = int(config.batch_size) // jax.process_count()
-    image_shape = (rows,) + shapes["image"].shape[1:]
-    if _image_dtype(config) == np.uint8:
-        image = rng.integers(0, 256, image_shape, dtype=np.uint8)
-    else:
-        image = rng.standard_normal(image_shape, dtype=np.float32)
-    m = config.model
-    tcfg = m.qformer if "qformer" in m else m.text
-    vocab, eos = int(tcfg.vocab_size), tcfg.get("eos_id", 2)
-    text = rng.integers(3, vocab, (rows, shapes["text"].shape[1]), dtype=np.int32)
-    text[:, -1] = 2 if eos is None else int(eos)
-    return make_global_batch({"image": image, "text": text}, sharding)
+    local = {}
+    for key, (shape, dtype) in family.batch_spec(config, rows).items():
+        if key == "text":
+            section = config.model[family.text_section]
+            vocab, eos = int(section.vocab_size), section.get("eos_id", 2)
+            text = rng.integers(3, vocab, shape, dtype=np.int32)
+            text[:, -1] = 2 if eos is None else int(eos)
+            local[key] = text
+        elif dtype == np.uint8:
+            local[key] = rng.integers(0, 256, shape, dtype=np.uint8)
+        else:
+            local[key] = rng.standard_normal(shape, dtype=np.float32)
+    return make_global_batch(local, sharding)
 
 
 def memory_stats(compiled: Any) -> dict:
@@ -228,7 +223,7 @@ def time_pipeline(compiled, trainer: Trainer, state: dict, config: Any, steps: i
                 nonlocal state
                 t = time.perf_counter()
                 local = next(data)
-                batch = make_global_batch({"image": local["image"], "text": local["text"]},
+                batch = make_global_batch({k: local[k] for k in (trainer.media, "text")},
                                           trainer.batch_sharding)
                 waited = time.perf_counter() - t
                 state, metrics = compiled(state, batch)

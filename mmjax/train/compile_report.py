@@ -88,7 +88,7 @@ def compile_for_target(config: Any, target: Any, hbm_gib: Optional[float] = None
     from mmjax.train import sharding as shd
     from mmjax.train.bench import (batch_shapes, build_trainer, count_params, memory_stats,
                                    state_bytes_per_device)
-    from mmjax.train.flops import model_train_flops
+    from mmjax.families import model_train_flops
     from mmjax.train.hlo import step_collectives
     from mmjax.train.targets import hbm_bytes, target_devices
 

@@ -73,8 +73,12 @@ def make_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Shrink any recipe to a few-second CPU run on the built-in data (`:tiny` arg).
 
     Keeps the recipe's structure (model kind, pooling, heads, objectives,
-    freezing) and only reduces sizes, steps and data.
+    freezing) and only reduces sizes, steps and data: the generic part here,
+    the media tower's sizes from its `tiny()`, the family's own sections and
+    evaluators from `Family.shrink` (`mmjax.families`).
     """
+    from mmjax.families import get_family
+    family = get_family(c)
     c.total_steps, c.batch_size, c.log_every, c.checkpoint_every = 3, 8, 1, 3
     c.optim.warmup_steps = 1
     c.synthetic.update(dict(train_samples=64, test_samples=32, image_size=32,
@@ -84,23 +88,10 @@ def make_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                   workers=0, shuffle_buffer=16))
     c.evals.batch_size = 32
     c.evals.retrieval.shards = "synthetic"
-    if c.model.name in ("coca", "blip2_stage1"):
-        c.evals.captioning.update(dict(shards="synthetic", max_samples=8, max_len=8))
-    if c.model.name == "vision_lm":
-        c.evals.zeroshot.shards = c.evals.retrieval.shards = ""
-        c.init = ml_collections.ConfigDict()  # random frozen parts at tiny size
-        if d.get("text_format") == "dialog":
-            # The byte tokenizer and 192 tokens leave no room for a chat system prompt.
-            d.update(dict(caption_key="json:qa", max_len=192, dialog_template="qa"))
-            c.evals.vqa.update(dict(shards="synthetic", max_samples=4, max_new_tokens=4))
-        else:
-            c.evals.captioning.update(dict(shards="synthetic", max_samples=8, max_len=8))
     m = c.model
     small = dict(width=64, depth=2, heads=4, mlp_dim=128)
     if "image" in m:
-        m.image.update(dict(image_size=32, patch_size=8, **small))
-        if m.image.get("embed_dim"):
-            m.image.embed_dim = 32
+        m.image.update(family.tower(m).tiny(m.image.to_dict()))
     if "text" in m:
         m.text.update(dict(vocab_size=259, max_len=32, **small))
         if m.text.get("embed_dim"):
@@ -108,11 +99,9 @@ def make_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if "decoder" in m:
         m.decoder.update(dict(vocab_size=259, **small))
     if "qformer" in m:
-        m.qformer.update(dict(num_queries=4, max_len=32, vocab_size=260, **small))
-    if "lm" in m:
-        m.lm.update(dict(vocab_size=259, width=64, depth=2, num_heads=4, mlp_dim=128,
-                         max_len=256, remat="none"))
+        m.qformer.update(small)
     for key, value in (("embed_dim", 32), ("caption_queries", 4), ("pooler_heads", 4)):
         if key in m:
             m[key] = value
+    family.shrink(c)
     return c

@@ -112,9 +112,10 @@ def restore_run_params(workdir: str, step: Optional[int] = None) -> tuple[Any, d
     if entries:
         import flax.linen as nn
         from mmjax.models import build
-        from mmjax.train.inputs import sample_inputs
+        from mmjax.families import get_family
         model = build(config.model)
-        shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *sample_inputs(config)))
+        inputs = get_family(config).sample_inputs(config)
+        shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs))
         layout = flat(nn.meta.unbox(shapes["params"]))
     for prefix, spec in entries.items():
         src = load_source(spec, prefix, scan=_scanned(_relative(layout, prefix).values()))

@@ -25,9 +25,9 @@ from mmjax.train.checkpoint import Checkpointer
 from mmjax.train.config_utils import (ConfigError, all_differences, config_fingerprint,
                                       first_difference)
 from mmjax.train.init_sources import init_entries
-from mmjax.train.flops import model_train_flops, peak_flops_per_device
+from mmjax.families import get_family, model_train_flops
+from mmjax.train.flops import peak_flops_per_device
 from mmjax.train.logging_utils import MetricsWriter, Progress, format_line, setup_logging
-from mmjax.train.objectives import check_objectives
 from mmjax.train.optimizer import build_optimizer
 from mmjax.train.runtime import maybe_initialize_distributed
 from mmjax.train.step import Trainer
@@ -47,13 +47,9 @@ def resolve_train_shards(config: Any) -> None:
         raise ConfigError("config.data.train.shards is not set: give a shard pattern like "
                           "'/data/{00000..00099}.tar' or 'synthetic' for the built-in data.")
     if d.shards == "synthetic":
-        from mmjax.data.synthetic import ensure_synthetic_shards
-        cache = os.environ.get("MMJAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mmjax"))
+        from mmjax.data.builtin import builtin_shards
         with config.unlocked():
-            d.shards = "::".join(ensure_synthetic_shards(
-                cache, "train", num_samples=int(config.synthetic.train_samples),
-                image_size=int(config.synthetic.image_size),
-                samples_per_shard=int(config.synthetic.samples_per_shard), seed=0))
+            d.shards = "::".join(builtin_shards(config, "train"))
 
 
 # Keys that instruct one resume rather than describe the run (they log their own warning).
@@ -100,13 +96,12 @@ def check_tokenizer(config: Any, model: Any) -> None:
     """The tokenizer's ids must fit the model's vocabulary (JAX would clamp silently)."""
     from mmjax.data.tokenizers import build_tokenizer
     tok = build_tokenizer(config.data.train.tokenizer, int(config.data.train.max_len))
-    m = config.model
-    vocab = (m.lm.vocab_size if "lm" in m else
-             m.qformer.vocab_size if "qformer" in m else m.text.vocab_size)
+    family = get_family(config)
+    vocab = family.vocab_size(config.model)
     if tok.vocab_size > vocab:
         raise ConfigError(f"config.data.train.tokenizer={config.data.train.tokenizer!r} has "
                           f"{tok.vocab_size} tokens but the model's vocab_size is {vocab}; "
-                          "raise config.model.text.vocab_size (or qformer/lm.vocab_size).")
+                          f"raise config.model.{family.text_section}.vocab_size.")
 
 
 class _Preemption:
@@ -194,7 +189,7 @@ def train(config: Any, workdir: str) -> dict:
 
 def _train(config: Any, workdir: str) -> dict:
     model = build(config.model)
-    check_objectives(model, config.objectives)
+    get_family(config).check_objectives(model, config.objectives)
     check_workdir(config, workdir)
     resolve_train_shards(config)
     check_tokenizer(config, model)
@@ -250,7 +245,7 @@ def _train(config: Any, workdir: str) -> dict:
     try:
         while step < total:
             local = next(data)
-            batch = make_global_batch({k: local[k] for k in ("image", "text", "loss_mask")
+            batch = make_global_batch({k: local[k] for k in (trainer.media, "text", "loss_mask")
                                        if k in local}, trainer.batch_sharding)
             state, metrics = trainer.step(state, batch)
             step += 1

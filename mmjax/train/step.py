@@ -20,13 +20,17 @@ from mmjax.data.decode import normalize_on_device
 from mmjax.errors import ConfigError
 from mmjax.models.layers import KernelPolicy, kernel_policy
 from mmjax.train import sharding as shd
-from mmjax.train.objectives import compute_losses
+from mmjax.families import compute_losses, get_family
+from mmjax.models import DTYPES
 from mmjax.train import init_sources
-from mmjax.train.inputs import sample_inputs  # noqa: F401  (also importable from here)
 from mmjax.train.optimizer import check_freeze, clamp_params, frozen_labels
 from mmjax.train import trees
 
-DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
+
+
+def sample_inputs(config: Any, batch: int = 1) -> tuple[jax.Array, jax.Array]:
+    """Dummy `(media [b, ...], text [b, L])` of a config's shapes, for `model.init`."""
+    return get_family(config).sample_inputs(config, batch)
 
 
 class Trainer:
@@ -36,6 +40,8 @@ class Trainer:
                  schedule: Callable, mesh: jax.sharding.Mesh):
         self.config, self.model, self.tx, self.schedule, self.mesh = config, model, tx, schedule, mesh
         self.objectives = dict(config.objectives)
+        self.family = get_family(config)
+        self.media = self.family.media(config.model)
         self.policy = KernelPolicy(
             platform=mesh.devices.flat[0].platform,
             grad_reduce_dtype=str(config.optim.get("grad_reduce_dtype", "float32")))
@@ -177,9 +183,9 @@ class Trainer:
     def _prepare(self, state, batch):
         """The batch as the model takes it and this step's random key."""
         batch = dict(batch)
-        if batch["image"].dtype == jnp.uint8:
+        if batch[self.media].dtype == jnp.uint8:  # pixels (images, video frames)
             d = self.config.data.train
-            batch["image"] = normalize_on_device(batch["image"], d.mean, d.std)
+            batch[self.media] = normalize_on_device(batch[self.media], d.mean, d.std)
         rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         return batch, rng
 

@@ -1,0 +1,57 @@
+"""The built-in datasets (`shards="synthetic"`), one per media kind.
+
+`data.train.modality` picks the generator: "image" (coloured shapes,
+`mmjax.data.synthetic`), "audio" and "video" where registered in `BUILTIN`.
+Shards are written once into the cache (`$MMJAX_CACHE`, default
+`~/.cache/mmjax`) and reused; `config.synthetic` sets their size.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any
+
+from mmjax.errors import ConfigError
+
+# modality -> ("module:function(cache_dir, split, synthetic_config, seed) -> [shard paths]",
+#              "module:CLASS_NAMES" (the names of its `cls` labels, for zero-shot evals))
+BUILTIN = {
+    "image": ("mmjax.data.builtin:image_shards", "mmjax.data.synthetic:CLASSNAMES"),
+}
+
+
+def cache_dir() -> str:
+    """Where built-in shards are cached: `$MMJAX_CACHE` or `~/.cache/mmjax`."""
+    return os.environ.get("MMJAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mmjax"))
+
+
+def image_shards(cache: str, split: str, syn: Any, seed: int = 0) -> list[str]:
+    from mmjax.data.synthetic import ensure_synthetic_shards
+    return ensure_synthetic_shards(
+        cache, split, num_samples=int(syn[f"{split}_samples"]),
+        image_size=int(syn.image_size), samples_per_shard=int(syn.samples_per_shard), seed=seed)
+
+
+def builtin_shards(config: Any, split: str) -> list[str]:
+    """Shard paths of the built-in `split` ("train" or "test") for the config's modality."""
+    _check(config)
+    return _resolve(BUILTIN[config.data.train.get("modality", "image")][0])(
+        cache_dir(), split, config.synthetic, 0)
+
+
+def _check(config: Any) -> None:
+    modality = config.data.train.get("modality", "image")
+    if modality not in BUILTIN:
+        raise ConfigError(f"config.data.train.shards='synthetic': no built-in data for "
+                          f"data.train.modality={modality!r} (have {sorted(BUILTIN)}).")
+
+
+def builtin_classnames(config: Any) -> list[str]:
+    """Class names of the built-in data of the config's modality (index = `cls` label)."""
+    _check(config)
+    return list(_resolve(BUILTIN[config.data.train.get("modality", "image")][1]))
+
+
+def _resolve(ref: str) -> Any:
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)

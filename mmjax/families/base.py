@@ -1,0 +1,119 @@
+"""`Family`: what the trainer, bench, compile, evaluators and `:tiny` know of a model family.
+
+A family (CLIP/SigLIP two-tower, CoCa, BLIP-2 stage 1, VisionLM, ...) is one
+object that owns:
+  - the objectives it offers and how their losses are formed (`losses`);
+  - its inputs: the media the tower reads (`media`), dummy inputs for init
+    (`sample_inputs`) and the shapes of a global batch (`batch_spec`);
+  - its FLOP formula (`train_flops`) and its `:tiny` shrink (`shrink`);
+  - the evaluators that apply (`evaluators`) and its captioner, if any.
+Nothing outside `mmjax/families/` branches on a family name or model class.
+
+The media tower (image ViT, audio AST, video ViT, ...) is chosen by
+`model.image.kind` (`mmjax.models.towers`); a tower class says which media it
+reads (`modality`), its per-example input (`example_input`), its forward
+FLOPs (`forward_flops`) and its `:tiny` sizes (`tiny`).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmjax.errors import ConfigError
+from mmjax.models import towers
+
+
+def plain(cfg: Any) -> dict:
+    """ConfigDict / FrozenDict / dict -> dict (shallow)."""
+    if cfg is None:
+        return {}
+    return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+
+
+class Family:
+    """Base class; subclasses set the class attributes and override what differs."""
+    name: str = ""                        # config `model.name`
+    objectives: tuple[str, ...] = ()      # names valid in `config.objectives`
+    evaluators: tuple[str, ...] = ()      # `config.evals` sections that apply
+    text_section: str = "text"            # model section whose vocabulary the tokenizer feeds
+
+    # --- the media tower -------------------------------------------------------------
+    def tower(self, model_cfg: Mapping) -> type:
+        """The class of the media tower (`model.image.kind`, default "vit")."""
+        return towers.tower_class(plain(plain(model_cfg).get("image")).get("kind"))
+
+    def media(self, model_cfg: Mapping) -> str:
+        """Batch key (and `data.train.modality`) of the tower's input: "image", "audio", ..."""
+        return self.tower(model_cfg).modality
+
+    # --- inputs -------------------------------------------------------------------------
+    def media_example(self, config: Any) -> tuple[tuple[int, ...], Any]:
+        """`(shape, dtype)` of one example of the media input as the pipeline emits it."""
+        return self.tower(config.model).example_input(plain(config.model.get("image")),
+                                                      config.data.train)
+
+    def sample_inputs(self, config: Any, batch: int = 1) -> tuple[jax.Array, jax.Array]:
+        """Dummy `(media [b, ...] float32, text [b, L] int32)` for `model.init`."""
+        shape, _ = self.media_example(config)
+        length = int(config.data.train.max_len)
+        return (jnp.zeros((batch,) + tuple(shape), jnp.float32),
+                jnp.zeros((batch, length), jnp.int32))
+
+    def batch_spec(self, config: Any, batch: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+        """`{field: (shape, dtype)}` of a global training batch of `batch` rows."""
+        shape, dtype = self.media_example(config)
+        return {self.media(config.model): ((batch,) + tuple(shape), dtype),
+                "text": ((batch, int(config.data.train.max_len)), np.int32)}
+
+    def model_inputs(self, model: Any, batch: Mapping[str, jax.Array]) -> tuple:
+        """The positional arguments of `model.apply` for a batch."""
+        return batch[self.media({"image": model.image})], batch["text"]
+
+    # --- objectives ---------------------------------------------------------------------
+    def check_objectives(self, model: Any, objectives: Mapping[str, float]) -> None:
+        """Raise a ConfigError naming `config.objectives.X` if X does not apply."""
+        if not objectives:
+            raise ConfigError(f"config.objectives is empty; choose from {self.objectives}.")
+        for name in objectives:
+            if name not in self.objectives:
+                raise ConfigError(f"config.objectives.{name}: not an objective of "
+                                  f"{type(model).__name__}; choose from {self.objectives}.")
+
+    def losses(self, model: Any, params: Any, batch: Mapping[str, jax.Array],
+               objectives: Mapping[str, float], rng: jax.Array
+               ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+        """`(terms, extra)`: unweighted loss per objective and head scalars to log."""
+        raise NotImplementedError
+
+    def pad_id(self, model: Any) -> int:
+        return int(dict(model.text).get("pad_id", 0))
+
+    def vocab_size(self, model_cfg: Mapping) -> int:
+        """Vocabulary size the tokenizer's ids must fit."""
+        return int(plain(model_cfg)[self.text_section]["vocab_size"])
+
+    # --- cost ---------------------------------------------------------------------------
+    def media_flops(self, model_cfg: Mapping, **overrides) -> float:
+        """Forward FLOPs of the media tower per example."""
+        cfg = {**plain(plain(model_cfg).get("image")), **overrides}
+        cfg.pop("kind", None)
+        return self.tower(model_cfg).forward_flops(cfg)
+
+    def train_flops(self, model_cfg: Mapping, batch: int, text_len: int,
+                    frozen: tuple = ()) -> float:
+        """Model FLOPs of one training step over a global batch (`mmjax.train.flops`)."""
+        raise NotImplementedError
+
+    # --- :tiny --------------------------------------------------------------------------
+    def shrink(self, c: Any) -> None:
+        """Family-specific part of the `:tiny` shrink (sizes of the family's own sections,
+        which evaluators run). The generic part is `mmjax.train.defaults.make_tiny`."""
+
+    # --- evaluation ---------------------------------------------------------------------
+    def captioner(self, model: Any, variables: Any, beam_size: int
+                  ) -> Optional[Callable[[np.ndarray, Any, int], list[str]]]:
+        """`fn(media, tokenizer, max_len) -> captions`, or None if the family cannot caption."""
+        return None
