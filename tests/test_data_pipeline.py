@@ -10,6 +10,7 @@ from PIL import Image
 
 from _shards import CharTokenizer, make_image, sample_members, write_dataset, write_tar
 from mmjax.data import decode, pipeline, sources, tario
+from mmjax.errors import ConfigError
 
 TOK = CharTokenizer(16)
 
@@ -398,3 +399,35 @@ def test_eval_with_more_workers_than_shards(tmp_path):
     finally:
         it.close()
     assert labels == [0, 1, 2]
+
+
+# --- config names, paths ---------------------------------------------------
+
+def test_text_format_captions_is_refused_with_its_new_name(tmp_path):
+    write_dataset(tmp_path, 1, 2)
+    for fmt, match in (("captions", r"text_format='captions'.*'caption_list'"),
+                       ("lines", r"text_format must be one of 'caption', 'caption_list'")):
+        with pytest.raises(ConfigError, match=match):
+            pipeline.build_eval_iterator(_cfg(str(tmp_path / "shard-*.tar"), text_format=fmt),
+                                         2, process_index=0, process_count=1, tokenizer=TOK)
+
+
+def test_file_urls_are_local_for_shards_and_workdirs(tmp_path):
+    from mmjax.paths import is_remote
+    from mmjax.train import workdir as wd
+    assert not is_remote("file:///x/y") and not is_remote("/x/y") and is_remote("gs://b/y")
+    assert wd.is_remote is sources.is_remote is is_remote  # one answer everywhere
+    paths = write_dataset(tmp_path, 2, 3)
+    url = "file://" + str(tmp_path / "shard-{000..001}.tar")
+    assert sources.expand_shards(url) == ["file://" + p for p in paths]
+    batch = next(pipeline.build_eval_iterator(_cfg(url), 6, process_index=0, process_count=1,
+                                              tokenizer=TOK))
+    assert [TOK.decode(t) for t in batch["text"]] == [f"shard-{i}-{j}" for i in range(2)
+                                                        for j in range(3)]
+    run = "file://" + str(tmp_path / "run")
+    assert wd.resolve(run) == str(tmp_path / "run")
+    wd.makedirs(run)
+    wd.write_text(wd.join(run, "config.json"), "{}")
+    assert (tmp_path / "run" / "config.json").read_text() == "{}"
+    assert wd.exists(wd.join(run, "config.json")) and wd.isdir(run)
+    assert wd.read_text(wd.join(run, "config.json")) == "{}"
