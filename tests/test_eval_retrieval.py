@@ -166,7 +166,7 @@ def test_blip2_rerank_vs_numpy(blip2_case, k, itm_score, add_itc):
 
 
 def test_json_caption_lists_from_shards(two_tower, tmp_path):
-    """`text_format="captions"`: each image's JSON list (1 to 3 captions here)
+    """`text_format="caption_list"`: each image's JSON list (1 to 3 captions here)
     becomes its caption set; missing rows are padding and are left out."""
     import json
     from mmjax.data.pipeline import build_eval_iterator, default_data_config
@@ -181,7 +181,7 @@ def test_json_caption_lists_from_shards(two_tower, tmp_path):
                     (f"{i:03d}.json", json.dumps({"captions": c}).encode())]
     write_tar(tmp_path / "s.tar", members)
     cfg = default_data_config()
-    cfg.update(dict(shards=str(tmp_path / "s.tar"), text_format="captions",
+    cfg.update(dict(shards=str(tmp_path / "s.tar"), text_format="caption_list",
                     caption_key="json:captions", num_captions=3, max_len=MAX_LEN,
                     image_size=IMAGE, workers=0))
     batches = list(build_eval_iterator(cfg, 4, process_index=0, process_count=1))
