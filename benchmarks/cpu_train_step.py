@@ -66,7 +66,7 @@ def jax_step_fn(dtype: str, scan: bool = False):
     c.batch_size = B
     c.optim.update(dict(lr=1e-4, warmup_steps=0, schedule="const", clip_norm=None))
     c.data.train.image_size, c.data.train.max_len = IMG, TXT_LEN
-    c.model.name, c.model.head, c.model.dtype = "two_tower", "softmax", dtype
+    c.model.name, c.model.contrastive, c.model.dtype = "two_tower", "softmax", dtype
     c.model.image = dict(image_size=IMG, patch_size=PATCH, width=WIDTH, depth=DEPTH,
                          heads=HEADS, pool="cls", ln_pre=True, patch_bias=False,
                          embed_dim=PROJ, act="gelu", scan=scan)

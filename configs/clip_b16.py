@@ -26,7 +26,7 @@ def get_config(arg=None):
     d.image_size, d.max_len, d.augment, d.crop_scale = 224, 77, "rrc", (0.9, 1.0)
     d.output, d.workers, d.resampled = "uint8", 8, True
     c.model.name = "two_tower"
-    c.model.head = "softmax"
+    c.model.contrastive = "softmax"
     c.model.dtype = "bfloat16"
     c.model.image = dict(image_size=224, patch_size=16, width=768, depth=12, heads=12,
                          pool="cls", ln_pre=True, patch_bias=False, embed_dim=512,

@@ -33,7 +33,7 @@ def get_config(arg=None):
     d.shuffle_buffer = 2000
 
     c.model.name = "two_tower"
-    c.model.head = "softmax"
+    c.model.contrastive = "softmax"
     c.model.image = dict(image_size=32, patch_size=8, width=128, depth=2, heads=4,
                          embed_dim=128, pool="gap", posemb="learned", ln_pre=False)
     c.model.text = dict(vocab_size=259, max_len=32, width=128, depth=2, heads=4,

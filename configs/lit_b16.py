@@ -25,7 +25,7 @@ def get_config(arg=None):
     d.image_size, d.max_len, d.augment = 224, 64, "center"
     d.output, d.workers, d.resampled = "uint8", 8, True
     c.model.name = "two_tower"
-    c.model.head = "softmax"
+    c.model.contrastive = "softmax"
     c.model.dtype = "bfloat16"
     c.model.image = dict(image_size=224, patch_size=16, width=768, depth=12, heads=12,
                          pool="gap", posemb="sincos2d", embed_dim=768, scan=True)

@@ -24,7 +24,7 @@ def get_config(arg=None):
     d.mean, d.std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
     d.output, d.workers, d.resampled = "uint8", 8, True
     c.model.name = "two_tower"
-    c.model.head = "sigmoid"
+    c.model.contrastive = "sigmoid"
     c.model.dtype = "bfloat16"
     c.model.image = dict(image_size=224, patch_size=16, width=768, depth=12, heads=12,
                          pool="map", posemb="learned", ln_pre=False, patch_bias=True,

@@ -109,7 +109,7 @@ def test_aot_memory_report_shrinks_per_device_state_with_fsdp(tmp_path):
 
 def test_model_train_flops_matches_xla_count_for_two_tower():
     model_cfg = dict(
-        name="two_tower", head="softmax",
+        name="two_tower", contrastive="softmax",
         image=dict(image_size=32, patch_size=4, width=256, depth=2, heads=4, mlp_dim=1024,
                    embed_dim=128, pool="cls"),
         text=dict(vocab_size=300, max_len=16, width=256, depth=2, heads=4, mlp_dim=1024,

@@ -350,7 +350,7 @@ def test_text_too_long_names_config_key(causal_text):
 # ----------------------------------------------------------------------------
 
 def _two_tower(head, **kw):
-    return TwoTower(image=dict(**VIT, embed_dim=6), text=dict(**TXT, embed_dim=6), head=head, **kw)
+    return TwoTower(image=dict(**VIT, embed_dim=6), text=dict(**TXT, embed_dim=6), contrastive=head, **kw)
 
 
 def test_two_tower_softmax_head():
@@ -392,7 +392,7 @@ def test_two_tower_sigmoid_head():
 
 
 def test_two_tower_unknown_head():
-    with pytest.raises(ValueError, match="`model.head`"):
+    with pytest.raises(ValueError, match="`model.contrastive`"):
         jax.eval_shape(_two_tower("cosine").init, KEY, images(), IDS)
 
 
@@ -542,12 +542,12 @@ def test_every_param_has_logical_names(name, scan):
 
 def _config(**kw):
     return {"name": "two_tower", "image": dict(**VIT, embed_dim=6),
-            "text": dict(**TXT, embed_dim=6), "head": "sigmoid", **kw}
+            "text": dict(**TXT, embed_dim=6), "contrastive": "sigmoid", **kw}
 
 
 def test_build_makes_the_named_model():
     model = build(_config(dtype="bfloat16"))
-    assert isinstance(model, TwoTower) and model.dtype == jnp.bfloat16 and model.head == "sigmoid"
+    assert isinstance(model, TwoTower) and model.dtype == jnp.bfloat16 and model.contrastive == "sigmoid"
     out, variables = jax.eval_shape(model.init_with_output, KEY, images(), IDS)
     assert out["zimg"].dtype == jnp.float32  # embeddings come back in float32
     # Params stay float32 under a bfloat16 compute dtype.

@@ -35,25 +35,37 @@ from mmjax.errors import ConvertError
 # CLIP
 # ----------------------------------------------------------------------------
 
+def _vit_fields(v: dict, *, act: str, eps: float, scan: bool, **layout) -> dict:
+    """ViT fields from a Hugging Face `vision_config` (sizes, activation, eps) plus the
+    family's layout (`pool`, `ln_pre`, `patch_bias`, `embed_dim`, ...)."""
+    return dict(image_size=v["image_size"], patch_size=v["patch_size"], width=v["hidden_size"],
+                depth=v["num_hidden_layers"], heads=v["num_attention_heads"],
+                mlp_dim=v["intermediate_size"], act=_act(v.get("hidden_act", act)),
+                norm_eps=v.get("layer_norm_eps", eps), posemb="learned", ln_post=True,
+                scan=scan, **layout)
+
+
+def _text_fields(t: dict, *, act: str, eps: float, scan: bool, **layout) -> dict:
+    """TextEncoder fields from a Hugging Face `text_config` plus the family's layout."""
+    return dict(vocab_size=t["vocab_size"], max_len=t["max_position_embeddings"],
+                width=t["hidden_size"], depth=t["num_hidden_layers"],
+                heads=t["num_attention_heads"], mlp_dim=t["intermediate_size"],
+                act=_act(t.get("hidden_act", act)), norm_eps=t.get("layer_norm_eps", eps),
+                scan=scan, **layout)
+
+
 def _clip_model(config: dict, scan: bool, dtype) -> TwoTower:
     v, t = config["vision_config"], config["text_config"]
     eos = t.get("eos_token_id", 2)
-    image = dict(image_size=v["image_size"], patch_size=v["patch_size"], width=v["hidden_size"],
-                 depth=v["num_hidden_layers"], heads=v["num_attention_heads"],
-                 mlp_dim=v["intermediate_size"], act=_act(v.get("hidden_act", "quick_gelu")),
-                 norm_eps=v.get("layer_norm_eps", 1e-5), pool="cls", posemb="learned",
-                 ln_pre=True, ln_post=True, patch_bias=False,
-                 embed_dim=config.get("projection_dim", 512), scan=scan)
-    text = dict(vocab_size=t["vocab_size"], max_len=t["max_position_embeddings"],
-                width=t["hidden_size"], depth=t["num_hidden_layers"],
-                heads=t["num_attention_heads"], mlp_dim=t["intermediate_size"],
-                act=_act(t.get("hidden_act", "quick_gelu")), norm_eps=t.get("layer_norm_eps", 1e-5),
-                # Causal attention already hides padding from every position up to
-                # EOS, and CLIP tokenizers often pad with the EOS id itself.
-                causal=True, mask_padding=False, pool="eos",
-                eos_id=None if eos == 2 else eos, pad_id=t.get("pad_token_id", 1) or 0,
-                embed_dim=config.get("projection_dim", 512), scan=scan)
-    return TwoTower(image=image, text=text, head="softmax", dtype=dtype)
+    proj = config.get("projection_dim", 512)
+    image = _vit_fields(v, act="quick_gelu", eps=1e-5, scan=scan, pool="cls", ln_pre=True,
+                        patch_bias=False, embed_dim=proj)
+    # Causal attention already hides padding from every position up to EOS, and
+    # CLIP tokenizers often pad with the EOS id itself.
+    text = _text_fields(t, act="quick_gelu", eps=1e-5, scan=scan, causal=True,
+                        mask_padding=False, pool="eos", eos_id=None if eos == 2 else eos,
+                        pad_id=t.get("pad_token_id", 1) or 0, embed_dim=proj)
+    return TwoTower(image=image, text=text, contrastive="softmax", dtype=dtype)
 
 
 def _act(name: str) -> str:
@@ -205,19 +217,13 @@ def load_siglip(path: str, *, scan: bool = False, dtype=jnp.float32) -> tuple[Tw
     """
     config, state = read_hf_checkpoint(path)
     v, t = config["vision_config"], config["text_config"]
-    image = dict(image_size=v["image_size"], patch_size=v["patch_size"], width=v["hidden_size"],
-                 depth=v["num_hidden_layers"], heads=v["num_attention_heads"],
-                 mlp_dim=v["intermediate_size"], act=_act(v.get("hidden_act", "gelu_pytorch_tanh")),
-                 norm_eps=v.get("layer_norm_eps", 1e-6), pool="map", posemb="learned",
-                 ln_pre=False, ln_post=True, patch_bias=True, embed_dim=None, scan=scan)
-    text = dict(vocab_size=t["vocab_size"], max_len=t["max_position_embeddings"],
-                width=t["hidden_size"], depth=t["num_hidden_layers"],
-                heads=t["num_attention_heads"], mlp_dim=t["intermediate_size"],
-                act=_act(t.get("hidden_act", "gelu_pytorch_tanh")),
-                norm_eps=t.get("layer_norm_eps", 1e-6), causal=False, mask_padding=False,
-                pool="last", eos_id=t.get("eos_token_id"), pad_id=t.get("pad_token_id", 1),
-                embed_dim=t.get("projection_size", t["hidden_size"]), proj_bias=True, scan=scan)
-    model = TwoTower(image=image, text=text, head="sigmoid", dtype=dtype)
+    image = _vit_fields(v, act="gelu_pytorch_tanh", eps=1e-6, scan=scan, pool="map",
+                        ln_pre=False, patch_bias=True, embed_dim=None)
+    text = _text_fields(t, act="gelu_pytorch_tanh", eps=1e-6, scan=scan, causal=False,
+                        mask_padding=False, pool="last", eos_id=t.get("eos_token_id"),
+                        pad_id=t.get("pad_token_id", 1), proj_bias=True,
+                        embed_dim=t.get("projection_size", t["hidden_size"]))
+    model = TwoTower(image=image, text=text, contrastive="sigmoid", dtype=dtype)
     params = apply_rules(_siglip_rules(config), state, path)
     params = _maybe_scan(params, [("image_tower", v["num_hidden_layers"]),
                                   ("text_tower", t["num_hidden_layers"])], scan)
@@ -294,11 +300,8 @@ def load_blip2_qformer(path: str, *, scan: bool = False, dtype=jnp.float32,
     """
     config, state = read_hf_checkpoint(path)
     v, q = config["vision_config"], config["qformer_config"]
-    image = dict(image_size=v["image_size"], patch_size=v["patch_size"], width=v["hidden_size"],
-                 depth=v["num_hidden_layers"], heads=v["num_attention_heads"],
-                 mlp_dim=v["intermediate_size"], act=_act(v.get("hidden_act", "gelu")),
-                 norm_eps=v.get("layer_norm_eps", 1e-6), pool="cls", posemb="learned",
-                 ln_pre=False, ln_post=True, patch_bias=True, embed_dim=None, scan=scan)
+    image = _vit_fields(v, act="gelu", eps=1e-6, scan=scan, pool="cls", ln_pre=False,
+                        patch_bias=True, embed_dim=None)
     qformer = dict(num_queries=config.get("num_query_tokens", 32), width=q["hidden_size"],
                    depth=q["num_hidden_layers"], heads=q["num_attention_heads"],
                    mlp_dim=q["intermediate_size"],

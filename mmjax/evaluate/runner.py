@@ -336,7 +336,7 @@ def _eval_hf(path: str, config_spec: Optional[str], overrides: list[str]) -> dic
                         f"(supported: {sorted(loaders)})")
     model, variables = loaders[kind](path)
     config = base_config()
-    config.model = ml_collections.ConfigDict(dict(name="two_tower", head=model.head,
+    config.model = ml_collections.ConfigDict(dict(name="two_tower", contrastive=model.contrastive,
                                                   image=dict(model.image), text=dict(model.text)))
     config.data.train.image_size = model.image["image_size"]
     config.data.train.max_len = model.text["max_len"]

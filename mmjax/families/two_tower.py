@@ -40,9 +40,9 @@ class TwoTowerFamily(Family):
 
     def check_objectives(self, model: Any, objectives: Mapping[str, float]) -> None:
         super().check_objectives(model, objectives)
-        want = "sigmoid_contrastive" if model.head == "sigmoid" else "softmax_contrastive"
+        want = "sigmoid_contrastive" if model.contrastive == "sigmoid" else "softmax_contrastive"
         if want not in objectives:
-            raise ConfigError(f"config.objectives: model.head={model.head!r} needs {want!r}.")
+            raise ConfigError(f"config.objectives: model.contrastive={model.contrastive!r} needs {want!r}.")
 
     def losses(self, model, params, batch, objectives, rng):
         out = model.apply({"params": params}, *self.model_inputs(model, batch))

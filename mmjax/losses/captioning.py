@@ -4,8 +4,9 @@ Plain `jnp`: with the batch dim sharded, the compiler's partitioner turns
 the two sums into global reductions, so the mean is over the real tokens of
 the GLOBAL batch.
 """
-import jax
 import jax.numpy as jnp
+
+from mmjax.losses.xent import smoothed_cross_entropy
 
 
 def caption_loss(logits, targets, mask, label_smoothing=0.0):
@@ -32,13 +33,7 @@ def caption_loss(logits, targets, mask, label_smoothing=0.0):
             f"{targets.shape}.")
     logits = logits.astype(jnp.float32)
     mask = mask.astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(
-        logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    # -Σ_v target_v·log_softmax_v with target = (1-eps)·onehot + eps/V.
-    token_loss = lse - (1.0 - label_smoothing) * picked
-    if label_smoothing:
-        token_loss = token_loss - label_smoothing * jnp.mean(logits, axis=-1)
+    token_loss = smoothed_cross_entropy(logits, targets, label_smoothing)
     # max(., 1) keeps an all-padding batch at 0 instead of NaN.
     return jnp.sum(token_loss * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 

@@ -21,18 +21,12 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from mmjax.losses import _mesh
+from mmjax.losses.xent import smoothed_cross_entropy
 
 
 def _soft_ce_sum(logits, labels, label_smoothing):
     """Sum over rows of CE with smoothed one-hot targets; logits `[n, C]` f32."""
-    num_classes = logits.shape[-1]
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
-    # CE with targets (1-eps)*onehot + eps/C = lse - (1-eps)*x_y - eps*mean(x).
-    per_row = lse - (1.0 - label_smoothing) * picked
-    if label_smoothing:
-        per_row = per_row - label_smoothing * jnp.sum(logits, axis=-1) / num_classes
-    return jnp.sum(per_row)
+    return jnp.sum(smoothed_cross_entropy(logits, labels, label_smoothing))
 
 
 def _check_pair(zimg, ztxt, name):

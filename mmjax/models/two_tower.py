@@ -1,6 +1,6 @@
 """Two-tower contrastive models: CLIP (softmax head), SigLIP (sigmoid head), LiT.
 
-`TwoTower(image=..., text=..., head=...)(images [B, H, W, 3], text [B, L])`
+`TwoTower(image=..., text=..., contrastive=...)(images [B, H, W, 3], text [B, L])`
 returns a dict:
   zimg, ztxt: `[B, E]` L2-normalized embeddings (float32)
   scale:      scalar multiplier exp(t)
@@ -20,7 +20,7 @@ from mmjax.models.layers import l2_normalize
 from mmjax.models.text import TextEncoder
 from mmjax.models.towers import build_tower
 
-HEADS = ("softmax", "sigmoid")
+CONTRASTIVE = ("softmax", "sigmoid")
 
 
 def _scalar(module: nn.Module, name: str, value: float):
@@ -34,7 +34,7 @@ class TwoTower(nn.Module):
     Fields:
       image: keyword arguments of `ViT`.
       text: keyword arguments of `TextEncoder`.
-      head: "softmax" (CLIP: log-scale init log(1/0.07), kept in [0, log 100])
+      contrastive: "softmax" (CLIP: log-scale init log(1/0.07), kept in [0, log 100])
         or "sigmoid" (SigLIP: t = log 10, b = -10, never clamped, as in big_vision).
       scale_init, bias_init: override the head's initial log-scale / bias.
       max_log_scale: upper bound of the softmax head's log-scale, applied to the
@@ -42,22 +42,22 @@ class TwoTower(nn.Module):
     """
     image: dict
     text: dict
-    head: str = "softmax"
+    contrastive: str = "softmax"
     scale_init: Optional[float] = None
     bias_init: Optional[float] = None
     max_log_scale: Optional[float] = math.log(100.0)
     dtype: Any = jnp.float32
 
     def setup(self):
-        if self.head not in HEADS:
-            raise ConfigError(f"Unknown contrastive head {self.head!r} (config key "
-                              f"`model.head`); choose one of {HEADS}.")
+        if self.contrastive not in CONTRASTIVE:
+            raise ConfigError(f"Unknown contrastive head {self.contrastive!r} (config key "
+                              f"`model.contrastive`); choose one of {CONTRASTIVE}.")
         self.image_tower = build_tower(self.image, self.dtype)
         self.text_tower = TextEncoder(**{"dtype": self.dtype, **dict(self.text)})
-        default_scale = math.log(1 / 0.07) if self.head == "softmax" else math.log(10.0)
+        default_scale = math.log(1 / 0.07) if self.contrastive == "softmax" else math.log(10.0)
         self.log_scale = _scalar(self, "log_scale",
                                  default_scale if self.scale_init is None else self.scale_init)
-        if self.head == "sigmoid":
+        if self.contrastive == "sigmoid":
             self.logit_bias = _scalar(self, "logit_bias",
                                       -10.0 if self.bias_init is None else self.bias_init)
 
@@ -72,13 +72,13 @@ class TwoTower(nn.Module):
     def param_bounds(self) -> dict:
         """Top-level scalars the trainer clamps after each update: the softmax head's
         log-scale to [0, max_log_scale] (open_clip); nothing for the sigmoid head."""
-        if self.head == "softmax" and self.max_log_scale is not None:
+        if self.contrastive == "softmax" and self.max_log_scale is not None:
             return {"log_scale": (0.0, float(self.max_log_scale))}
         return {}
 
     def head_params(self):
         """`(scale, bias)`: exp of the log-scale, and the bias (or None)."""
-        return jnp.exp(self.log_scale), (self.logit_bias if self.head == "sigmoid" else None)
+        return jnp.exp(self.log_scale), (self.logit_bias if self.contrastive == "sigmoid" else None)
 
     def __call__(self, images, text):
         scale, bias = self.head_params()
