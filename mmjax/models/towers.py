@@ -18,6 +18,7 @@ from mmjax.errors import ConfigError
 # dependencies are only needed by the runs that use it).
 TOWERS: dict[str, str] = {
     "vit": "mmjax.models.vit:ViT",
+    "video_vit": "mmjax.models.video:VideoViT",
 }
 DEFAULT_KIND = "vit"
 

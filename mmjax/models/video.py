@@ -1,0 +1,140 @@
+"""Video tower (CLIP4Clip): a ViT on every frame, then a temporal model over frames.
+
+`VideoViT(...)(videos [B, T, H, W, 3]) -> (pooled [B, E], tokens [B, T, E])`
+
+The frames are folded into the batch (`[B*T, H, W, 3]`) for the per-frame
+ViT, whose parameters sit under `frame` with exactly a `ViT`'s tree: an
+image-text run's image tower (`image_tower` of its parameters) initialises
+`image_tower/frame` as it is. The pooled frame embeddings `[B, T, E]`
+(E = `embed_dim`, else `width`) then go through the temporal model:
+
+* `temporal="mean"` (CLIP4Clip "meanP"): pooled = mean over frames.
+* `temporal="transformer"` (CLIP4Clip "seqTransf"): a learned frame position
+  embedding (`frame_posemb [num_frames, E]`) is added, `temporal_depth`
+  pre-norm Transformer blocks (`temporal_heads` heads, MLP 4E) run over the
+  frames, their output is added back to the frame embeddings (residual), and
+  pooled = mean over frames.
+
+`normalize_frames=True` L2-normalizes each frame's embedding before the mean,
+as CLIP4Clip does (the default, False, averages them as they are).
+`tokens` are the per-frame embeddings after the temporal model. With
+`pool="none"` (towers whose consumer attends over tokens: CoCa, BLIP-2)
+pooled is None and tokens are every frame's ViT tokens, `[B, T*N, D]`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mmjax.errors import ConfigError
+from mmjax.models.flops import layer_flops, vit_flops
+from mmjax.models.layers import (Block, boundary, broadcast_param, constrain, logical,
+                                 normal_init, stacked)
+from mmjax.models.vit import ViT
+
+TEMPORAL = ("mean", "transformer")
+_VIT_FIELDS = tuple(f.name for f in dataclasses.fields(ViT) if f.name not in ("parent", "name"))
+
+
+class VideoViT(ViT):
+    """CLIP4Clip video tower. Fields: every `ViT` field (the per-frame encoder), plus
+
+      num_frames: frames per clip the frame position embedding covers (inputs
+        may have fewer).
+      temporal: "mean" (meanP) or "transformer" (seqTransf).
+      temporal_depth, temporal_heads: size of the temporal Transformer.
+      normalize_frames: L2-normalize frame embeddings before the mean.
+
+    Returns `(pooled [B, E], tokens [B, T, E])`, or `(None, [B, T*N, D])` with
+    `pool="none"`.
+    """
+    num_frames: int = 8
+    temporal: str = "mean"
+    temporal_depth: int = 4
+    temporal_heads: int = 8
+    normalize_frames: bool = False
+
+    # Tower protocol (mmjax.models.towers).
+    modality = "video"
+
+    @staticmethod
+    def example_input(cfg: dict, data: Any) -> tuple[tuple[int, ...], Any]:
+        """One example as the pipeline emits it: `([T, S, S, 3], uint8 | float32)`,
+        T = `data.num_frames`."""
+        (s, _, c), dtype = ViT.example_input(cfg, data)
+        return (int(data.num_frames), s, s, c), dtype
+
+    @staticmethod
+    def forward_flops(cfg: dict, frames: int | None = None) -> float:
+        """Forward FLOPs per clip: `frames` (default `num_frames`) ViT passes plus the
+        temporal Transformer."""
+        c = {f.name: f.default for f in dataclasses.fields(VideoViT)
+             if f.name not in ("parent", "name")}
+        c.update(cfg)
+        t = int(frames or c["num_frames"])
+        f = t * vit_flops(c)
+        if c["temporal"] == "transformer":
+            e = c["embed_dim"] or c["width"]
+            f += c["temporal_depth"] * layer_flops(t, e, 4 * e)
+        return f
+
+    @staticmethod
+    def tiny(cfg: dict) -> dict:
+        """Field updates of the `:tiny` shrink: the ViT's, and one temporal block."""
+        return dict(ViT.tiny(cfg), temporal_depth=1, temporal_heads=2)
+
+    def frame_vit(self, **overrides) -> ViT:
+        """The per-frame encoder: a `ViT` with this module's ViT fields."""
+        kwargs = {k: getattr(self, k) for k in _VIT_FIELDS}
+        return ViT(**{**kwargs, **overrides})
+
+    @nn.compact
+    def __call__(self, videos):
+        if videos.ndim != 5:
+            raise ConfigError(f"VideoViT expects videos [B, T, H, W, 3], got shape "
+                              f"{tuple(videos.shape)} (model.image.kind='video_vit' reads "
+                              "data.train.modality='video').")
+        if self.temporal not in TEMPORAL:
+            raise ConfigError(f"Unknown temporal model {self.temporal!r} (config key "
+                              f"`model.image.temporal`); choose one of {TEMPORAL}.")
+        b, t = videos.shape[:2]
+        videos = constrain(videos, ("act_batch", None, None, None, None))
+        frames = constrain(videos.reshape((b * t,) + videos.shape[2:]),
+                           ("act_batch", None, None, None))
+        pooled, tokens = self.frame_vit(name="frame")(frames)
+        if pooled is None:                                   # pool="none": every frame's tokens
+            n, d = tokens.shape[1:]
+            return None, boundary(tokens.reshape(b, t * n, d))
+        x = boundary(pooled.reshape(b, t, pooled.shape[-1]))  # [B, T, E]
+        if self.temporal == "transformer":
+            x = x + self._temporal(x)
+        if self.normalize_frames:
+            xf = x.astype(jnp.float32)
+            x = (xf * jnp.reciprocal(jnp.linalg.norm(xf, axis=-1, keepdims=True) + 1e-6)
+                 ).astype(x.dtype)
+        x = boundary(x)
+        return boundary(x.astype(jnp.float32).mean(axis=1).astype(x.dtype)), x
+
+    def _temporal(self, x):
+        """seqTransf: frame position embedding + `temporal_depth` blocks; `[B, T, E]`."""
+        b, t, e = x.shape
+        if t > self.num_frames:
+            raise ConfigError(f"clips have {t} frames, more than model.image.num_frames="
+                              f"{self.num_frames} (the frame position embedding's length); "
+                              "raise num_frames or lower data.train.num_frames.")
+        if e % self.temporal_heads:
+            raise ConfigError(f"model.image.temporal_heads={self.temporal_heads} does not "
+                              f"divide the frame embedding width {e}.")
+        pe = self.param("frame_posemb", logical(normal_init(0.02), (None, "embed")),
+                        (self.num_frames, e))
+        h = x + broadcast_param(pe[None, :t], (b, t, e), x.dtype)
+        h = constrain(h, ("act_batch", "act_length", "act_embed"))
+        blocks = stacked(Block, self.temporal_depth, scan=False, remat=self.remat,
+                         name="temporal", num_heads=self.temporal_heads, mlp_dim=4 * e,
+                         act=self.act, norm_eps=self.norm_eps,
+                         implementation=self.attention, dtype=self.dtype)
+        return blocks(h, (None, None, None))
+
