@@ -1,4 +1,9 @@
-"""Shared Transformer layers: attention, MLP, norms, position embeddings, pooling.
+"""Shared Transformer layers (Flax modules): dense, attention, MLP, norms, position
+embeddings, pooling, and the (optionally scanned) block stack.
+
+The kernels these modules call (matmul paths, LayerNorm backward, attention
+einsums, the `KernelPolicy` that picks them) live in `mmjax.models.ops`; the
+names below re-export them for existing imports.
 
 Every parameter carries logical axis names (see `mmjax.train.sharding` for the
 table that maps them to mesh axes):
@@ -15,11 +20,8 @@ Shapes: B batch, T query length, S key length, D width, H heads, K head width.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import dataclasses
 import functools
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -27,6 +29,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.errors import ConfigError
+from mmjax.models.ops.activations import ACTIVATIONS, get_activation, gelu, quick_gelu  # noqa: F401
+from mmjax.models.ops.attention import dot_product_attention, make_attention_mask  # noqa: F401
+from mmjax.models.ops.matmul import (CPU_PATH_SCOPE, broadcast_param, fused_matmul_2d,  # noqa: F401
+                                     linear, matmul_2d)
+from mmjax.models.ops.norm import layer_norm, rms_norm
+from mmjax.models.ops.policy import (GRAD_REDUCE_DTYPES, KernelPolicy,  # noqa: F401
+                                     current_platform, fuse_projections, kernel_policy)
 
 Dtype = Any
 Array = jax.Array
@@ -64,99 +73,11 @@ def boundary(x: Optional[Array]) -> Optional[Array]:
     return constrain(x, {2: POOLED, 3: TOKENS}[x.ndim])
 
 
-# ----------------------------------------------------------------------------
-# Kernel policy: which matmul path and which gradient precision
-# ----------------------------------------------------------------------------
-
-GRAD_REDUCE_DTYPES = ("float32", "compute")
-
-
-@dataclasses.dataclass(frozen=True)
-class KernelPolicy:
-    """How low-precision matmuls are lowered, read while a function is traced.
-
-    platform: "cpu", "gpu" or "tpu" of the devices the computation is compiled
-      for (the trainer sets it from its mesh); None = `jax.default_backend()`,
-      right for code that runs where it is traced. Never the host's backend when
-      compiling for an accelerator from a CPU host.
-    grad_reduce_dtype: "float32" (default): a float32 kernel used in a bfloat16
-      matmul gets its gradient from a float32-output dW GEMM, so the sum of the
-      per-replica partial gradients (all-reduce / reduce-scatter over the batch
-      axes) runs in float32, as large-scale recipes do. "compute": dW in the
-      compute dtype (half the gradient traffic, bfloat16 rounding of the sum).
-    """
-    platform: Optional[str] = None
-    grad_reduce_dtype: str = "float32"
-
-    def __post_init__(self):
-        if self.grad_reduce_dtype not in GRAD_REDUCE_DTYPES:
-            raise ConfigError(f"config.optim.grad_reduce_dtype={self.grad_reduce_dtype!r}; "
-                              f"choose one of {GRAD_REDUCE_DTYPES}.")
-
-
-_POLICY: contextvars.ContextVar[KernelPolicy] = contextvars.ContextVar(
-    "mmjax_kernel_policy", default=KernelPolicy())
-
-
-@contextlib.contextmanager
-def kernel_policy(policy: KernelPolicy) -> Iterator[KernelPolicy]:
-    """Trace under `policy` (see `KernelPolicy`)."""
-    token = _POLICY.set(policy)
-    try:
-        yield policy
-    finally:
-        _POLICY.reset(token)
-
-
-def current_platform() -> str:
-    """The platform matmuls are lowered for: the policy's, else the default backend."""
-    return _POLICY.get().platform or jax.default_backend()
-
-
-def broadcast_param(p: Array, shape: Sequence[int], dtype: Dtype) -> Array:
-    """A parameter broadcast to `shape` (e.g. a class token to `[B, 1, D]`), then cast
-    to `dtype`. In this order the gradient's sum over the broadcast (batch) axes
-    runs in the parameter's float32, and so does its reduction across replicas;
-    cast first, both would be bfloat16."""
-    return jnp.broadcast_to(p, tuple(shape)).astype(dtype)
-
-
-# ----------------------------------------------------------------------------
-# Activations and norms
-# ----------------------------------------------------------------------------
-
-def quick_gelu(x: Array) -> Array:
-    """x * sigmoid(1.702 x), the activation of the original CLIP models."""
-    return x * jax.nn.sigmoid(1.702 * x)
-
-
-def gelu(x: Array) -> Array:
-    """Exact GELU `x * Phi(x)`, written with `erf` (as PyTorch does): the same values
-    as `jax.nn.gelu(approximate=False)` (which uses `erfc`; max difference 5e-7 on
-    N(0, 1) inputs) at 2.5x its forward speed on CPU."""
-    return x * (0.5 + 0.5 * jax.lax.erf(x * np.asarray(1 / np.sqrt(2), x.dtype)))
-
-
-ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    "gelu": gelu,
-    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
-    "quick_gelu": quick_gelu,
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-}
-
-
-def get_activation(name: str) -> Callable[[Array], Array]:
-    if name not in ACTIVATIONS:
-        raise ConfigError(f"Unknown activation {name!r} (config key `act`); "
-                          f"choose one of {sorted(ACTIVATIONS)}.")
-    return ACTIVATIONS[name]
-
-
 class Norm(nn.Module):
     """LayerNorm (`kind="layernorm"`) or RMSNorm (`kind="rmsnorm"`) over the last dim.
 
-    Statistics are computed in float32; the output is cast to `dtype`.
+    Statistics are computed in float32; the output is cast to `dtype`
+    (`ops.norm.layer_norm`, `ops.norm.rms_norm`).
     """
     kind: str = "layernorm"
     eps: float = 1e-5
@@ -171,297 +92,15 @@ class Norm(nn.Module):
             bias = (self.param("bias", logical(nn.initializers.zeros, ("embed",)), (d,))
                     if self.use_bias else jnp.zeros((d,), jnp.float32))
             return layer_norm(x, scale, bias, self.eps, self.dtype)
-        elif self.kind == "rmsnorm":
-            xf = x.astype(jnp.float32)
-            ms = jnp.square(xf).mean(-1, keepdims=True)
-            y = xf * jax.lax.rsqrt(ms + self.eps) * scale
-        else:
-            raise ConfigError(f"Unknown norm {self.kind!r} (config key `norm`); "
-                              "choose 'layernorm' or 'rmsnorm'.")
-        return y.astype(self.dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def layer_norm(x: Array, scale: Array, bias: Array, eps: float, dtype: Dtype) -> Array:
-    """LayerNorm over the last axis in float32, cast to `dtype`: `x [..., D]`,
-    `scale, bias [D]` -> `[..., D]`.
-
-    The backward pass is the closed form (dx = rstd * (dxhat - mean(dxhat) -
-    xhat * mean(dxhat * xhat)), from the saved input, mean and 1/std) instead of
-    autodiff's chain of broadcasts and reductions: the same values, ~30% less
-    time per norm on CPU.
-    """
-    return _layer_norm_fwd(x, scale, bias, eps, dtype)[0]
-
-
-def _layer_norm_fwd(x, scale, bias, eps, dtype):
-    xf = x.astype(jnp.float32)
-    mean = xf.mean(-1, keepdims=True)
-    rstd = jax.lax.rsqrt(jnp.square(xf - mean).mean(-1, keepdims=True) + eps)
-    return (((xf - mean) * rstd * scale + bias).astype(dtype),
-            (x, mean, rstd, scale, jnp.zeros((0,), bias.dtype)))
-
-
-def _layer_norm_bwd(eps, dtype, res, g):
-    x, mean, rstd, scale, bias_like = res
-    g = g.astype(jnp.float32)
-    xhat = (x.astype(jnp.float32) - mean) * rstd
-    axes = tuple(range(g.ndim - 1))
-    dxhat = g * scale
-    dx = rstd * (dxhat - dxhat.mean(-1, keepdims=True)
-                 - xhat * (dxhat * xhat).mean(-1, keepdims=True))
-    return (dx.astype(x.dtype), jnp.sum(g * xhat, axes).astype(scale.dtype),
-            jnp.sum(g, axes).astype(bias_like.dtype))
-
-
-layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+        if self.kind == "rmsnorm":
+            return rms_norm(x, scale, self.eps, self.dtype)
+        raise ConfigError(f"Unknown norm {self.kind!r} (config key `norm`); "
+                          "choose 'layernorm' or 'rmsnorm'.")
 
 
 # ----------------------------------------------------------------------------
-# Attention
+# Dense and attention
 # ----------------------------------------------------------------------------
-
-def make_attention_mask(query_valid: Optional[Array], key_valid: Optional[Array],
-                        causal: bool = False, q_len: Optional[int] = None,
-                        k_len: Optional[int] = None) -> Optional[Array]:
-    """Boolean attention mask `[B, 1, T, S]` (True = attend), or None if nothing is masked.
-
-    Args:
-      query_valid: `[B, T]` bool or None (padding queries still attend; their
-        outputs are simply ignored downstream, so this is only used for shape).
-      key_valid: `[B, S]` bool or None: keys that may be attended.
-      causal: additionally forbid attending to later positions (T == S).
-    """
-    del query_valid
-    mask = None
-    if key_valid is not None:
-        mask = key_valid[:, None, None, :]
-    if causal:
-        t = q_len if q_len is not None else key_valid.shape[1]
-        s = k_len if k_len is not None else t
-        c = jnp.tril(jnp.ones((t, s), bool))[None, None]
-        mask = c if mask is None else jnp.logical_and(mask, c)
-    return mask
-
-
-def dot_product_attention(q: Array, k: Array, v: Array, mask: Optional[Array] = None,
-                          implementation: Optional[str] = "xla") -> Array:
-    """Scaled dot-product attention: `_xla_attention` for "xla", else
-    `jax.nn.dot_product_attention` (cuDNN's fused kernel, or JAX's choice).
-
-    Args:
-      q: `[B, T, H, K]`; k, v: `[B, S, H, K]`.
-      mask: bool, broadcastable to `[B, H, T, S]`, True = attend.
-      implementation: "xla" (any device), "cudnn" (GPU fused kernel) or None
-        (let JAX pick).
-    Returns: `[B, T, H, K]`.
-    """
-    if implementation not in ("xla", "cudnn", None):
-        raise ConfigError(f"attention implementation {implementation!r} (config key "
-                          "`attention`): choose 'xla', 'cudnn' or None.")
-    if mask is not None:
-        b, t, h, _ = q.shape
-        mask = jnp.reshape(mask, (1,) * (4 - jnp.ndim(mask)) + jnp.shape(mask))  # [T, S] -> 4-D
-        mask = jnp.broadcast_to(mask, (b, mask.shape[1], t, k.shape[1]))
-    if implementation == "xla":
-        return _xla_attention(q, k, v, mask)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
-
-
-def _xla_attention(q: Array, k: Array, v: Array, mask: Optional[Array]) -> Array:
-    """The math of `jax.nn.dot_product_attention(implementation="xla")` (float32
-    logits and softmax, masked logits at the dtype's most negative value,
-    grouped-query heads), with heads moved before the sequence axes so each
-    einsum is a plain batched matmul: on CPU this runs the forward 2.5x and
-    the backward 2.4x faster ([64, 50, 4, 64]: 8.7 vs 21 ms per gradient)."""
-    b, t, n, d = q.shape
-    s, kv = k.shape[1], k.shape[2]
-    g = n // kv
-    qh = q.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4)  # [B, KV, G, T, D]
-    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, S, D]
-    low = _f32_accumulating(q.dtype) and k.dtype == v.dtype == q.dtype
-    if low:  # bf16 x bf16 -> f32 batched GEMMs, as in `linear`
-        logits = _matmul_f32_out(qh.reshape(b, kv, g * t, d), _transposed(kh), q.dtype)
-        logits = logits.reshape(b, kv, g, t, s)
-    else:
-        logits = jnp.einsum("bkgtd,bksd->bkgts", qh, kh, preferred_element_type=jnp.float32)
-    logits = logits * (1.0 / np.sqrt(d))
-    if mask is not None:
-        m = mask.reshape(b, kv, g, t, s) if mask.shape[1] == n else mask[:, :, None]
-        logits = jnp.where(m, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    if low:
-        out = _matmul_f32_out(probs.reshape(b, kv, g * t, s), vh, v.dtype).astype(v.dtype)
-        out = out.reshape(b, kv, g, t, d)
-    else:
-        out = jnp.einsum("bkgts,bksd->bkgtd", probs, vh)
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, d)
-
-
-class _HeadsIn(nn.Module):
-    """`[B, T, Din] -> [B, T, H, K]` projection; kernel `[Din, H, K]` (logical embed, heads, kv)."""
-    in_features: int
-    heads: int
-    head_dim: int
-    use_bias: bool
-    dtype: Dtype
-    kernel_init: Callable
-
-    def setup(self):
-        self.kernel = self.param("kernel", logical(self.kernel_init, ("embed", "heads", "kv")),
-                                 (self.in_features, self.heads, self.head_dim))
-        self.bias = (self.param("bias", logical(nn.initializers.zeros, ("heads", "kv")),
-                                (self.heads, self.head_dim)) if self.use_bias else None)
-
-    def __call__(self, x):
-        return matmul_2d(x, self.kernel, 1, self.bias, self.dtype)
-
-
-def _low_precision(dtype: Dtype) -> bool:
-    return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-
-
-def _f32_accumulating(dtype: Dtype) -> bool:
-    """Whether matmuls of `dtype` inputs run as `dtype x dtype -> float32` (see `linear`)."""
-    return _low_precision(dtype) and current_platform() == "cpu"
-
-
-def _transposed(a: Array) -> Array:
-    """`a [..., n, k] -> [..., k, n]` as a row-major copy. A plain transpose feeding a
-    dot becomes a column-major layout of the operand, which XLA:CPU's YNNPACK GEMM
-    rejects; the dot then falls back to float32 (upcast operands, ~3x slower in
-    bfloat16)."""
-    *lead, n, k = a.shape
-    return jnp.swapaxes(a.reshape(*lead, n, k, 1), -3, -1)[..., 0, :, :]
-
-
-def _mm(a: Array, b: Array) -> Array:
-    return jnp.matmul(a, b, preferred_element_type=jnp.float32)
-
-
-# Name scope of the CPU-only low-precision GEMM path, visible in HLO op names, so a
-# compile for an accelerator can show that the path did not leak into it.
-CPU_PATH_SCOPE = "mmjax_cpu_bf16_gemm"
-
-
-@jax.named_scope(CPU_PATH_SCOPE)
-def _matmul_f32_out(x: Array, w: Array, dtype: Dtype) -> Array:
-    return _matmul_f32_out_vjp(x, w, dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _matmul_f32_out_vjp(x: Array, w: Array, dtype: Dtype) -> Array:
-    """`x [..., N, In] @ w [..., In, Out]` (same leading batch dims) with both operands
-    cast to the low-precision `dtype`, accumulated and returned in float32.
-
-    The backward pass casts the cotangent to `dtype` so its two matmuls are
-    low-precision-in, float32-out too (autodiff would multiply the float32
-    cotangent by the low-precision operand, i.e. run float32 GEMMs). Gradients
-    come back in the operands' own dtypes: a float32 kernel gets its float32 dW
-    without a round trip through `dtype`.
-    """
-    return _matmul_f32_out_fwd(x, w, dtype)[0]
-
-
-def _matmul_f32_out_fwd(x, w, dtype):
-    xl, wl = x.astype(dtype), w.astype(dtype)
-    return _mm(xl, wl), (xl, wl, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
-
-
-def _matmul_f32_out_bwd(dtype, res, g):
-    x, w, x_like, w_like = res
-    g = g.astype(dtype)
-    dx = _mm(g, _transposed(w)).astype(x_like.dtype)
-    # dW = x^T g, with the narrower of x [N, In] and g [N, Out] transposed.
-    dw = (_mm(_transposed(x), g) if x.shape[-1] <= g.shape[-1]
-          else _transposed(_mm(_transposed(g), x)))
-    return dx, dw.astype(w_like.dtype)
-
-
-_matmul_f32_out_vjp.defvjp(_matmul_f32_out_fwd, _matmul_f32_out_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _matmul_f32_dw(x: Array, w: Array, dtype: Dtype) -> Array:
-    """`x [N, In] @ w [In, Out]` in `dtype` (output `dtype`), whose kernel gradient
-    `x^T g` is a float32-output GEMM returned in `w`'s float32: the partial dW of
-    each batch shard is then summed across replicas in float32."""
-    return _matmul_f32_dw_fwd(x, w, dtype)[0]
-
-
-def _matmul_f32_dw_fwd(x, w, dtype):
-    xl, wl = x.astype(dtype), w.astype(dtype)
-    return xl @ wl, (xl, wl, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
-
-
-def _matmul_f32_dw_bwd(dtype, res, g):
-    x, w, x_like, w_like = res
-    g = g.astype(dtype)
-    dx = (g @ w.T).astype(x_like.dtype)
-    dw = jnp.matmul(x.T, g, preferred_element_type=jnp.float32)
-    return dx, dw.astype(w_like.dtype)
-
-
-_matmul_f32_dw.defvjp(_matmul_f32_dw_fwd, _matmul_f32_dw_bwd)
-
-
-def linear(x: Array, kernel: Array, bias: Optional[Array], dtype: Dtype,
-           act: Optional[Callable[[Array], Array]] = None) -> Array:
-    """`act(x [N, In] @ kernel [In, Out] (+ bias [Out]))` computed in `dtype`: `[N, Out]`.
-
-    On the CPU backend with bfloat16/float16 `dtype` the product is accumulated
-    and returned in float32, the bias is added in float32 and the sum is cast to
-    `dtype` once; the backward pass multiplies `dtype` operands into float32 as
-    well (`_matmul_f32_out`). That is the only low-precision GEMM XLA:CPU runs
-    fast (YNNPACK with avx512_bf16: 750-850 GFLOP/s on [3200, 256] x [256, 1024]
-    here, vs 300-375 for a bfloat16-output dot and ~400 in float32), and it keeps
-    the bias gradient a float32 sum (a bfloat16 one becomes a slow, rounding
-    chain of 32-wide reduce-windows). The activation `act` (if any) is applied to
-    the float32 sum too: XLA:CPU computes bfloat16 elementwise ops in float32
-    with a rounding after every op, slower and less exact. GPUs and TPUs
-    accumulate in float32 inside their bfloat16 GEMMs already, so there the plain
-    `dtype` product is kept (and remat policies that save dot outputs keep them
-    in `dtype`); with `KernelPolicy.grad_reduce_dtype="float32"` (the default) the
-    float32 kernel's dW and the bias gradient come out in float32, so their sum
-    across data-parallel replicas is a float32 sum. The platform is the kernel
-    policy's (the mesh's devices under the trainer), not the host's.
-    """
-    if _f32_accumulating(dtype):
-        y = _matmul_f32_out(x, kernel, dtype)
-        y = y if bias is None else y + bias.astype(jnp.float32)
-        return (y if act is None else act(y)).astype(dtype)
-    if (_low_precision(dtype) and kernel.dtype == jnp.float32
-            and _POLICY.get().grad_reduce_dtype == "float32"):
-        # float32 parameter gradients: dW from a float32-output GEMM, the bias
-        # gradient summed over rows in float32 (see `KernelPolicy`).
-        y = _matmul_f32_dw(x, kernel, dtype)
-        y = y if bias is None else y + broadcast_param(bias, y.shape, dtype)
-    else:
-        y = x.astype(dtype) @ kernel.astype(dtype)
-        y = y if bias is None else y + bias.astype(dtype)
-    return y if act is None else act(y)
-
-
-def matmul_2d(x: Array, kernel: Array, in_dims: int, bias: Optional[Array] = None,
-              dtype: Optional[Dtype] = None,
-              act: Optional[Callable[[Array], Array]] = None) -> Array:
-    """`act(x [..., *kernel.shape[:in_dims]] @ kernel (+ bias [*kernel.shape[in_dims:]]))`
-    computed as ONE 2-D matmul `[N, In] @ [In, Out]` (N = product of x's leading
-    dims) by `linear` in `dtype` (default: x's dtype).
-
-    Same numbers as the einsum, but XLA's CPU backend runs the backward pass
-    of the 2-D form about 2x faster than that of a rank-3 dot_general
-    (measured: [64, 50, 256] x [256, 1024], 21 vs 48 ms); merging the leading
-    (batch-sharded) dims is free under SPMD.
-    """
-    lead = x.shape[:x.ndim - in_dims]
-    k_in, k_out = kernel.shape[:in_dims], kernel.shape[in_dims:]
-    n_in, n_out = int(np.prod(k_in)), int(np.prod(k_out))
-    y = linear(x.reshape((-1, n_in)), kernel.reshape((n_in, n_out)),
-               None if bias is None else bias.reshape((n_out,)),
-               x.dtype if dtype is None else dtype, act)
-    return y.reshape(lead + k_out)
-
 
 class Dense(nn.Module):
     """`[..., In] -> [..., features]` (then `act`, if given) through `linear`; parameters
@@ -485,16 +124,23 @@ class Dense(nn.Module):
         return matmul_2d(x, kernel, 1, bias, self.dtype, self.act)
 
 
-def _fused_qkv(x: Array, projs: Sequence[_HeadsIn], dtype: Dtype) -> list[Array]:
-    """q, k, v of self-attention as ONE matmul against the concatenated kernels
-    (same parameters and numbers as three projections; fewer, larger matmuls
-    run faster, notably on CPU)."""
-    kernel = jnp.concatenate([p.kernel for p in projs], axis=1)
-    bias = jnp.concatenate([p.bias for p in projs], axis=0) if projs[0].use_bias else None
-    y = matmul_2d(x, kernel, 1, bias, dtype)
-    # split (not three slices): its gradient is one concatenate, where the slices'
-    # is three pads summed (on CPU 5-10x slower in bfloat16).
-    return jnp.split(y, 3, axis=-2)
+class _HeadsIn(nn.Module):
+    """`[B, T, Din] -> [B, T, H, K]` projection; kernel `[Din, H, K]` (logical embed, heads, kv)."""
+    in_features: int
+    heads: int
+    head_dim: int
+    use_bias: bool
+    dtype: Dtype
+    kernel_init: Callable
+
+    def setup(self):
+        self.kernel = self.param("kernel", logical(self.kernel_init, ("embed", "heads", "kv")),
+                                 (self.in_features, self.heads, self.head_dim))
+        self.bias = (self.param("bias", logical(nn.initializers.zeros, ("heads", "kv")),
+                                (self.heads, self.head_dim)) if self.use_bias else None)
+
+    def __call__(self, x):
+        return matmul_2d(x, self.kernel, 1, self.bias, self.dtype)
 
 
 class _HeadsOut(nn.Module):
@@ -577,11 +223,10 @@ class Attention(nn.Module):
             context = x if context is None else context
             projs = [heads_in(name, inp)
                      for name, inp in (("query", x), ("key", context), ("value", context))]
-            if context is x and current_platform() == "cpu":
-                # One matmul for q, k and v is faster on CPU; on accelerators the
-                # concatenation of head-sharded kernels costs all-to-alls under
-                # tensor parallelism, and three matmuls cost nothing extra.
-                q, k, v = _fused_qkv(x, projs, self.dtype)
+            if context is x and fuse_projections():  # one matmul for q, k, v (CPU)
+                q, k, v = fused_matmul_2d(x, [p.kernel for p in projs],
+                                          [p.bias for p in projs] if self.qkv_bias else None,
+                                          self.dtype)
             else:
                 q, k, v = projs[0](x), projs[1](context), projs[2](context)
             if self.kv_cache == "self":
