@@ -54,7 +54,7 @@ def train_main(argv: list[str]) -> int:
     import jax
     if "zeroshot/top1" in result and jax.process_index() == 0:  # one line per job
         shards = config.evals.zeroshot.shards
-        where = ("held-out built-in shapes (evals.zeroshot.shards=synthetic)"
+        where = ("held-out built-in data (evals.zeroshot.shards=synthetic)"
                  if shards == "synthetic" else f"evals.zeroshot.shards={shards}")
         print(f"zero-shot top-1 on {where}: {100 * result['zeroshot/top1']:.1f}% "
               f"(top-5 {100 * result['zeroshot/top5']:.1f}%, chance "

@@ -65,7 +65,7 @@ def test_final_zero_shot_line_names_its_data_and_eval_says_when_nothing_to_do(
     final = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("zero-shot")]
     assert len(final) == 1, final
     assert final[0].startswith(
-        "zero-shot top-1 on held-out built-in shapes (evals.zeroshot.shards=synthetic): "), final
+        "zero-shot top-1 on held-out built-in data (evals.zeroshot.shards=synthetic): "), final
 
     # The same run with every evaluation switched off: say so, and how to ask for one.
     code = cli.main(["eval", "--workdir", str(run), "--config.evals.zeroshot.shards=",

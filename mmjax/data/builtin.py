@@ -11,12 +11,14 @@ import importlib
 import os
 from typing import Any
 
+from mmjax.data.cache import cached_shards
 from mmjax.errors import ConfigError
 
 # modality -> ("module:function(cache_dir, split, synthetic_config, seed) -> [shard paths]",
 #              "module:CLASS_NAMES" (the names of its `cls` labels, for zero-shot evals))
 BUILTIN = {
     "image": ("mmjax.data.builtin:image_shards", "mmjax.data.synthetic:CLASSNAMES"),
+    "video": ("mmjax.data.builtin:video_shards", "mmjax.data.synthetic_video:CLASSES"),
 }
 
 
@@ -30,6 +32,21 @@ def image_shards(cache: str, split: str, syn: Any, seed: int = 0) -> list[str]:
     return ensure_synthetic_shards(
         cache, split, num_samples=int(syn[f"{split}_samples"]),
         image_size=int(syn.image_size), samples_per_shard=int(syn.samples_per_shard), seed=seed)
+
+
+def video_shards(cache: str, split: str, syn: Any, seed: int = 0) -> list[str]:
+    """Moving shapes (`mmjax.data.synthetic_video`): `syn.video_frames` frames of
+    `syn.image_size` px per clip."""
+    from mmjax.data.synthetic_video import write_video_shards
+    params = dict(kind="video", version=1, split=split, num_samples=int(syn[f"{split}_samples"]),
+                  frames=int(syn.video_frames), size=int(syn.image_size),
+                  samples_per_shard=int(syn.samples_per_shard), seed=seed)
+
+    def write(folder, progress):
+        write_video_shards(folder, params["num_samples"], params["frames"], params["size"],
+                           samples_per_shard=params["samples_per_shard"], seed=seed, split=split)
+    return cached_shards(cache, f"synthetic-video-{split}", params, write,
+                         what=f"built-in {split} video clips")
 
 
 def builtin_shards(config: Any, split: str) -> list[str]:

@@ -127,6 +127,8 @@ def stack_arrays(arrays: list[np.ndarray], options) -> np.ndarray:
 MEDIA: dict[str, MediaSpec] = {
     "image": MediaSpec("image", IMAGE_EXTS, "mmjax.data.media:decode_image",
                        "mmjax.data.media:stack_pixels"),  # [B, S, S, 3]
+    "video": MediaSpec("video", ("mp4", "webm", "mkv", "avi"), "mmjax.data.video:decode_video",
+                       "mmjax.data.media:stack_pixels"),  # [B, T, S, S, 3]
 }
 
 

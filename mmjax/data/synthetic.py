@@ -24,18 +24,13 @@ random stream, so "train" and "test" never share a sample.
 from __future__ import annotations
 
 import collections
-import hashlib
 import io
-import json
 import logging
-import os
-import shutil
-import tempfile
-import time
 import zlib
 
 import numpy as np
 
+from mmjax.data.cache import cached_shards
 from mmjax.errors import ConfigError
 
 log = logging.getLogger("mmjax")
@@ -328,25 +323,6 @@ def write_synthetic_shards(out_dir: str, split: str = "train", num_samples: int 
     return writer.shards
 
 
-class _ProgressLog:
-    """Logs 'N/total samples, rate, ETA' through the mmjax logger every `every_s` seconds."""
-
-    def __init__(self, what: str, total: int, every_s: float):
-        self.what, self.total, self.every_s = what, total, every_s
-        self.start = self.last = time.perf_counter()
-
-    def __call__(self, done: int) -> None:
-        now = time.perf_counter()
-        if now - self.last < self.every_s and done < self.total:
-            return
-        self.last = now
-        rate = done / max(now - self.start, 1e-9)
-        eta = (self.total - done) / rate if rate > 0 else float("nan")
-        log.info("%s: %d/%d samples | %.0f samples/s | %s", self.what, done, self.total, rate,
-                 f"eta {int(eta // 60)}m{int(eta % 60):02d}s" if done < self.total
-                 else f"done in {now - self.start:.1f}s")
-
-
 def ensure_synthetic_shards(cache_dir: str, split: str = "train", num_samples: int = 10_000,
                             image_size: int = 64, samples_per_shard: int = 1_000,
                             seed: int = 0, image_format: str = "jpg",
@@ -368,28 +344,9 @@ def ensure_synthetic_shards(cache_dir: str, split: str = "train", num_samples: i
     params = dict(version=GENERATOR_VERSION, split=split, num_samples=int(num_samples),
                   image_size=int(image_size), samples_per_shard=int(samples_per_shard),
                   seed=int(seed), image_format=image_format)
-    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
-    final = os.path.join(os.fspath(cache_dir), f"synthetic-{split}-{digest}")
-    if not os.path.exists(os.path.join(final, "params.json")):
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".tmp-synthetic-{split}-", dir=cache_dir)
-        what = f"built-in {split} data"
-        log.info("writing the %s (%d samples, %dpx) to %s, once: later runs reuse it",
-                 what, num_samples, image_size, final)
-        try:
-            write_synthetic_shards(tmp, split, num_samples, image_size,
-                                   samples_per_shard, seed, image_format,
-                                   progress=_ProgressLog(what, int(num_samples), log_every_s))
-            # params.json is written last: its presence marks a complete set.
-            with open(os.path.join(tmp, "params.json"), "w", encoding="utf-8") as f:
-                json.dump(params, f, indent=1)
-            try:
-                os.rename(tmp, final)
-            except OSError:
-                if not os.path.exists(os.path.join(final, "params.json")):
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    with open(os.path.join(final, "sizes.json"), encoding="utf-8") as f:
-        names = sorted(json.load(f))
-    return [os.path.join(final, name) for name in names]
+
+    def write(folder, progress):
+        write_synthetic_shards(folder, split, num_samples, image_size, samples_per_shard, seed,
+                               image_format, progress=progress)
+    return cached_shards(cache_dir, f"synthetic-{split}", params, write,
+                         what=f"built-in {split} data ({image_size}px)", log_every_s=log_every_s)

@@ -142,7 +142,7 @@ def _zeroshot(config, model, variables, tokenizer) -> dict:
         raise EvalError(f"config.evals.zeroshot.shards={zs.shards!r} yielded no batches.")
     topk, labels = combine(share.rows(), topk, labels)
     m = classification_metrics(topk, labels, len(classnames))
-    _info("zero-shot top-1 %.2f%% top-5 %.2f%% on %d images (%d classes)",
+    _info("zero-shot top-1 %.2f%% top-5 %.2f%% on %d examples (%d classes)",
           100 * m["top1"], 100 * m["top5"], m["n"], len(classnames))
     return {"zeroshot/top1": m["top1"], "zeroshot/top5": m["top5"],
             "zeroshot/mean_per_class_recall": m["mean_per_class_recall"],
@@ -168,7 +168,7 @@ def _retrieval(config, model, variables, tokenizer) -> dict:
         raise EvalError(f"config.evals.retrieval.shards={section.shards!r} yielded no valid "
                         "samples.")
     m = retrieval_recall(l2_normalize(img), l2_normalize(txt), text_to_image)
-    _info("retrieval i2t R@1 %.2f%% t2i R@1 %.2f%% over %d images",
+    _info("retrieval i2t R@1 %.2f%% t2i R@1 %.2f%% over %d examples",
           100 * m["i2t_r1"], 100 * m["t2i_r1"], m["n_images"])
     return {f"retrieval/{k}": v for k, v in m.items()}
 

@@ -73,3 +73,15 @@ def model_train_flops(model_cfg: Mapping, batch: int, text_len: int,
     """Training FLOPs of one step over a global batch (`mmjax.train.flops` rules).
     `frozen`: the `optim.freeze` prefixes (used by VisionLM)."""
     return get_family(model_cfg.get("name")).train_flops(model_cfg, batch, text_len, frozen)
+
+
+def check_modality(config: Any) -> None:
+    """`data.train.modality` must be what the model's media tower reads."""
+    family = get_family(config)
+    media = family.media(config.model)
+    modality = config.data.train.get("modality", "image")
+    if modality != media:
+        kind = (config.model.get("image") or {}).get("kind", "vit")
+        raise ConfigError(f"config.data.train.modality={modality!r} but the model's tower "
+                          f"(model.image.kind={kind!r}) reads {media!r}; set "
+                          f"--config.data.train.modality={media}.")

@@ -40,9 +40,12 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.train = default_data_config()
-    # Built-in data (used when data.train.shards == "synthetic").
+    # Built-in data (used when data.train.shards == "synthetic"), of data.train.modality:
+    # images / video frames of image_size px, video_frames frames per clip,
+    # audio_seconds of sound at audio_sample_rate.
     c.synthetic = ml_collections.ConfigDict(dict(
-        train_samples=20000, test_samples=1000, image_size=64, samples_per_shard=2500))
+        train_samples=20000, test_samples=1000, image_size=64, samples_per_shard=2500,
+        video_frames=16, audio_seconds=2.0, audio_sample_rate=16000))
 
     c.evals = ml_collections.ConfigDict()
     c.evals.every = 0                  # steps between periodic evals (0: only at the end)

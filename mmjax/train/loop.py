@@ -25,7 +25,7 @@ from mmjax.train.checkpoint import Checkpointer
 from mmjax.train.config_utils import (ConfigError, all_differences, config_fingerprint,
                                       first_difference)
 from mmjax.train.init_sources import init_entries
-from mmjax.families import get_family, model_train_flops
+from mmjax.families import check_modality, get_family, model_train_flops
 from mmjax.train.flops import peak_flops_per_device
 from mmjax.train.logging_utils import MetricsWriter, Progress, format_line, setup_logging
 from mmjax.train.optimizer import build_optimizer
@@ -190,6 +190,7 @@ def train(config: Any, workdir: str) -> dict:
 def _train(config: Any, workdir: str) -> dict:
     model = build(config.model)
     get_family(config).check_objectives(model, config.objectives)
+    check_modality(config)
     check_workdir(config, workdir)
     resolve_train_shards(config)
     check_tokenizer(config, model)
