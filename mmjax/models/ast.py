@@ -1,0 +1,210 @@
+"""Audio Spectrogram Transformer (AST, Gong et al. 2021) audio encoder.
+
+`AST(...)(x) -> (pooled [B, E] or [B, D], tokens [B, 2 + N, D])`, the tower
+contract of `mmjax.models.towers` (`model.image.kind = "ast"`).
+
+The input is chosen by its rank:
+
+  x [B, S] float32   waveform of `num_samples = round(sample_rate * clip_seconds)`
+                     samples: `spectrogram` turns it into the normalized log-mel
+                     below, on device;
+  x [B, T, F]        a spectrogram already normalized, `T = frames`,
+                     `F = n_mels` (what Hugging Face `ASTModel` takes as
+                     `input_values`).
+
+Front end (`spectrogram`): `mmjax.models.audio.log_mel` with the fields
+below, padded with zeros (before normalization, as `ASTFeatureExtractor`) or
+cut to `max_length` frames when that is set, then `(x - spec_mean) / (2 *
+spec_std)` (AST's normalization; the defaults are AST's AudioSet statistics).
+The defaults (16 kHz, 25 ms Hann window in a 512-point FFT, 10 ms hop, 128 HTK
+mel bins without area normalization, natural log) approximate the Kaldi fbank
+that AST checkpoints were trained on; they are not bit-equal to it (Kaldi
+adds dithering, pre-emphasis, DC removal, a symmetric window and no
+centering), so an imported checkpoint sees slightly different features than
+in its own training.
+
+The tower is deterministic: no augmentation inside. For SpecAugment, a
+training step computes `spec = model.apply(v, wave, method="spectrogram")`,
+masks it with `mmjax.models.audio.spec_augment(spec, key)` and calls the tower
+on the spectrogram.
+
+Transformer: overlapping `patch_size`² patches of the [F, T] spectrogram
+with strides (`frequency_stride`, `time_stride`), one matmul (the math of
+AST's strided Conv2d), frequency-major token order; a class and a
+distillation token first, learned position embeddings, pre-norm
+`layers.Block`s, a final LayerNorm over all tokens. `pool`: "cls_dist" (mean
+of the two tokens, `ASTModel`'s pooler output), "cls", "gap" (mean of the
+patch tokens) or "none" (pooled = None). `embed_dim` adds a projection of the
+pooled vector, as in `ViT`.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mmjax.errors import ConfigError
+from mmjax.models import audio
+from mmjax.models.layers import (Block, Dense, Norm, PositionEmbedding, boundary, broadcast_param,
+                                 constrain, default_kernel_init, logical, matmul_2d, normal_init,
+                                 stacked)
+
+AST_MEAN, AST_STD = -4.2677393, 4.5689974  # AST's AudioSet fbank statistics
+POOLS = ("cls_dist", "cls", "gap", "none")
+
+
+def _windows(x, axis: int, size: int, stride: int, count: int):
+    """`count` windows of `size` along `axis` with `stride`, as a new axis after
+    `axis` holding the window index and `axis + 1` the offset inside the window
+    (static strided slices; no gather)."""
+    parts = []
+    for i in range(size):
+        idx = [slice(None)] * x.ndim
+        idx[axis] = slice(i, i + stride * (count - 1) + 1, stride)
+        parts.append(x[tuple(idx)])
+    return jnp.stack(parts, axis=axis + 1)
+
+
+class AST(nn.Module):
+    """Audio Spectrogram Transformer (see the module docstring).
+
+    Fields:
+      sample_rate, clip_seconds: waveform input (`num_samples` samples).
+      n_fft, hop_length, win_length, n_mels, f_min, f_max, mel_scale, mel_norm,
+        center, pad_mode, log, top_db: the log-mel (`mmjax.models.audio.log_mel`).
+      spec_mean, spec_std: normalization `(x - spec_mean) / (2 * spec_std)`.
+      max_length: frames the Transformer takes; None = the frames of a clip.
+      patch_size, frequency_stride, time_stride: patch side and strides (bins, frames).
+      width, depth, heads, mlp_dim, act, norm_eps: Transformer size.
+      pool: "cls_dist", "cls", "gap" or "none".
+      embed_dim, proj_bias: output projection (None: none).
+      scan / remat / attention / dtype: as in `ViT`.
+    """
+    sample_rate: int = 16000
+    clip_seconds: float = 10.0
+    n_fft: int = 512
+    hop_length: int = 160
+    win_length: Optional[int] = 400
+    n_mels: int = 128
+    f_min: float = 0.0
+    f_max: Optional[float] = None
+    mel_scale: str = "htk"
+    mel_norm: Optional[str] = None
+    center: bool = True
+    pad_mode: str = "reflect"
+    log: str = "ln"
+    top_db: Optional[float] = 80.0
+    spec_mean: float = AST_MEAN
+    spec_std: float = AST_STD
+    max_length: Optional[int] = None
+    patch_size: int = 16
+    frequency_stride: int = 10
+    time_stride: int = 10
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_dim: Optional[int] = None
+    act: str = "gelu"
+    norm_eps: float = 1e-12
+    pool: str = "cls_dist"
+    embed_dim: Optional[int] = None
+    proj_bias: bool = False
+    scan: bool = False
+    remat: str = "none"
+    attention: Optional[str] = "xla"
+    dtype: Any = jnp.float32
+
+    @property
+    def num_samples(self) -> int:
+        """Waveform length the tower takes: `round(sample_rate * clip_seconds)`."""
+        return int(round(self.sample_rate * self.clip_seconds))
+
+    @property
+    def frames(self) -> int:
+        """Spectrogram frames the Transformer takes (`max_length` or a clip's frames)."""
+        if self.max_length is not None:
+            return int(self.max_length)
+        return audio.num_frames(self.num_samples, self.n_fft, self.hop_length, self.center)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Patches along (frequency, time)."""
+        p = self.patch_size
+        if self.n_mels < p or self.frames < p:
+            raise ConfigError(f"AST needs at least patch_size={p} mel bins and frames, got "
+                              f"n_mels={self.n_mels}, frames={self.frames} (config keys "
+                              "`n_mels`, `clip_seconds` / `max_length`, `patch_size`).")
+        return ((self.n_mels - p) // self.frequency_stride + 1,
+                (self.frames - p) // self.time_stride + 1)
+
+    def spectrogram(self, waveform):
+        """Normalized log-mel of `waveform [B, num_samples]` -> `[B, frames, n_mels]`
+        float32 (no parameters: `model.apply({}, wave, method="spectrogram")`)."""
+        if waveform.ndim != 2 or waveform.shape[1] != self.num_samples:
+            raise ConfigError(f"AST expects waveforms [B, {self.num_samples}] "
+                              f"(config keys `sample_rate` x `clip_seconds`), got "
+                              f"{tuple(waveform.shape)}.")
+        spec = audio.log_mel(waveform, sample_rate=self.sample_rate, n_fft=self.n_fft,
+                             hop_length=self.hop_length, win_length=self.win_length,
+                             n_mels=self.n_mels, f_min=self.f_min, f_max=self.f_max,
+                             mel_scale=self.mel_scale, mel_norm=self.mel_norm,
+                             center=self.center, pad_mode=self.pad_mode, log=self.log,
+                             top_db=self.top_db)
+        t = spec.shape[1]
+        if t < self.frames:
+            spec = jnp.pad(spec, ((0, 0), (0, self.frames - t), (0, 0)))
+        spec = spec[:, :self.frames]
+        return (spec - self.spec_mean) / (2.0 * self.spec_std)
+
+    @nn.compact
+    def __call__(self, x):
+        if self.pool not in POOLS:
+            raise ConfigError(f"Unknown pool {self.pool!r} (config key `pool`); choose one of "
+                              f"{POOLS}.")
+        if x.ndim == 2:
+            x = self.spectrogram(x)
+        elif x.ndim != 3 or x.shape[1:] != (self.frames, self.n_mels):
+            raise ConfigError(f"AST takes waveforms [B, {self.num_samples}] or spectrograms "
+                              f"[B, {self.frames}, {self.n_mels}] (config keys `clip_seconds`, "
+                              f"`max_length`, `n_mels`), got {tuple(x.shape)}.")
+        b, p = x.shape[0], self.patch_size
+        gf, gt = self.grid
+        # [B, T, F] -> [B, F, T] -> patches [B, gf, gt, p (freq), p (time)]: the
+        # math of AST's Conv2d(kernel p, stride (frequency_stride, time_stride)).
+        x = jnp.swapaxes(x.astype(self.dtype), 1, 2)
+        x = _windows(x, 1, p, self.frequency_stride, gf)          # [B, gf, p, T]
+        x = _windows(x, 3, p, self.time_stride, gt)               # [B, gf, p, gt, p]
+        patches = x.transpose(0, 1, 3, 2, 4).reshape(b, gf * gt, p * p)
+        kernel = self.param("patch_kernel", logical(default_kernel_init, (None, None, "embed")),
+                            (p, p, self.width))
+        bias = self.param("patch_bias", logical(nn.initializers.zeros, ("embed",)), (self.width,))
+        x = matmul_2d(patches, kernel.reshape(p * p, self.width), 1, bias, self.dtype)
+
+        special = [broadcast_param(self.param(name, logical(normal_init(0.02), ("embed",)),
+                                              (self.width,)), (b, 1, self.width), self.dtype)
+                   for name in ("cls", "dist")]
+        x = jnp.concatenate(special + [x], axis=1)
+        x = PositionEmbedding("learned", name="posemb")(x)
+        x = constrain(x, ("act_batch", "act_length", "act_embed"))
+
+        encoder = stacked(Block, self.depth, scan=self.scan, remat=self.remat, name="layers",
+                          num_heads=self.heads, mlp_dim=self.mlp_dim or 4 * self.width,
+                          act=self.act, norm_eps=self.norm_eps,
+                          implementation=self.attention, dtype=self.dtype)
+        x = encoder(x, (None, None, None))
+        x = boundary(Norm(eps=self.norm_eps, dtype=self.dtype, name="ln_post")(x))
+
+        if self.pool == "none":
+            return None, x
+        if self.pool == "cls_dist":
+            pooled = (x[:, 0] + x[:, 1]) / 2
+        elif self.pool == "cls":
+            pooled = x[:, 0]
+        else:
+            pooled = x[:, 2:].mean(axis=1)
+        pooled = boundary(pooled)
+        if self.embed_dim is not None:
+            pooled = boundary(Dense(self.embed_dim, ("embed", "proj"), use_bias=self.proj_bias,
+                                    dtype=self.dtype, name="proj")(pooled))
+        return pooled, x
