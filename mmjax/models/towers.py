@@ -19,6 +19,7 @@ from mmjax.errors import ConfigError
 TOWERS: dict[str, str] = {
     "vit": "mmjax.models.vit:ViT",
     "video_vit": "mmjax.models.video:VideoViT",
+    "ast": "mmjax.models.ast:AST",
 }
 DEFAULT_KIND = "vit"
 
