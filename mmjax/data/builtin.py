@@ -19,6 +19,7 @@ from mmjax.errors import ConfigError
 BUILTIN = {
     "image": ("mmjax.data.builtin:image_shards", "mmjax.data.synthetic:CLASSNAMES"),
     "video": ("mmjax.data.builtin:video_shards", "mmjax.data.synthetic_video:CLASSES"),
+    "audio": ("mmjax.data.builtin:audio_shards", "mmjax.data.synthetic_audio:CLASSES"),
 }
 
 
@@ -32,6 +33,16 @@ def image_shards(cache: str, split: str, syn: Any, seed: int = 0) -> list[str]:
     return ensure_synthetic_shards(
         cache, split, num_samples=int(syn[f"{split}_samples"]),
         image_size=int(syn.image_size), samples_per_shard=int(syn.samples_per_shard), seed=seed)
+
+
+def audio_shards(cache: str, split: str, syn: Any, seed: int = 0) -> list[str]:
+    """Procedural sounds (`mmjax.data.synthetic_audio`): `syn.audio_seconds` at
+    `syn.audio_sample_rate`."""
+    from mmjax.data.synthetic_audio import ensure_audio_shards
+    return ensure_audio_shards(cache, split, num_samples=int(syn[f"{split}_samples"]),
+                               sample_rate=int(syn.audio_sample_rate),
+                               seconds=float(syn.audio_seconds),
+                               samples_per_shard=int(syn.samples_per_shard), seed=seed)
 
 
 def video_shards(cache: str, split: str, syn: Any, seed: int = 0) -> list[str]:

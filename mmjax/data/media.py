@@ -129,6 +129,8 @@ MEDIA: dict[str, MediaSpec] = {
                        "mmjax.data.media:stack_pixels"),  # [B, S, S, 3]
     "video": MediaSpec("video", ("mp4", "webm", "mkv", "avi"), "mmjax.data.video:decode_video",
                        "mmjax.data.media:stack_pixels"),  # [B, T, S, S, 3]
+    "audio": MediaSpec("audio", ("flac", "wav", "ogg", "mp3"), "mmjax.data.audio:decode_audio",
+                       "mmjax.data.media:stack_arrays"),  # [B, num_samples] float32
 }
 
 

@@ -27,18 +27,14 @@ Samples are a pure function of ``(seed, split, index)`` (``make_sample``);
 """
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import logging
-import os
-import shutil
-import tempfile
 import zlib
 from typing import Union
 
 import numpy as np
 
+from mmjax.data.cache import cached_shards
 from mmjax.errors import ConfigError
 
 log = logging.getLogger("mmjax")
@@ -317,25 +313,9 @@ def ensure_audio_shards(cache_dir: str, split: str = "train", num_samples: int =
     params = dict(version=GENERATOR_VERSION, split=split, num_samples=int(num_samples),
                   sample_rate=int(sample_rate), seconds=float(seconds),
                   samples_per_shard=int(samples_per_shard), seed=int(seed))
-    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
-    final = os.path.join(os.fspath(cache_dir), f"synthetic-audio-{split}-{digest}")
-    if not os.path.exists(os.path.join(final, "params.json")):
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".tmp-synthetic-audio-{split}-", dir=cache_dir)
-        log.info("writing the built-in %s audio (%d clips of %.1f s) to %s, once", split,
-                 num_samples, seconds, final)
-        try:
-            write_audio_shards(tmp, num_samples, sample_rate, seconds, samples_per_shard, seed,
-                               split)
-            with open(os.path.join(tmp, "params.json"), "w", encoding="utf-8") as f:
-                json.dump(params, f, indent=1)  # written last: marks a complete set
-            try:
-                os.rename(tmp, final)
-            except OSError:
-                if not os.path.exists(os.path.join(final, "params.json")):
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    with open(os.path.join(final, "sizes.json"), encoding="utf-8") as f:
-        names = sorted(json.load(f))
-    return [os.path.join(final, name) for name in names]
+
+    def write(folder, progress):
+        write_audio_shards(folder, num_samples, sample_rate, seconds, samples_per_shard, seed,
+                           split, progress=progress)
+    return cached_shards(cache_dir, f"synthetic-audio-{split}", params, write,
+                         what=f"built-in {split} audio ({seconds:.1f} s clips)")

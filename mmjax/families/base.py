@@ -72,6 +72,12 @@ class Family:
         """The positional arguments of `model.apply` for a batch."""
         return batch[self.media({"image": model.image})], batch["text"]
 
+    def apply(self, model: Any, params: Any, *args, rng: jax.Array, **kwargs):
+        """`model.apply` for training: towers with random augmentation on device
+        (e.g. AST's SpecAugment) draw from the "augment" rng, derived from `rng`."""
+        return model.apply({"params": params}, *args,
+                           rngs={"augment": jax.random.fold_in(rng, 0x6175)}, **kwargs)
+
     # --- objectives ---------------------------------------------------------------------
     def check_objectives(self, model: Any, objectives: Mapping[str, float]) -> None:
         """Raise a ConfigError naming `config.objectives.X` if X does not apply."""

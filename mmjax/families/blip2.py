@@ -18,7 +18,7 @@ class Blip2Family(Family):
     def losses(self, model, params, batch, objectives, rng):
         v = {"params": params}
         media, text = self.model_inputs(model, batch)
-        f = model.apply(v, media, text, method="itc_features")
+        f = self.apply(model, params, media, text, rng=rng, method="itc_features")
         terms, extra = {}, {"temp": f["temp"]}
         itc, sim = losses.blip2_itc_loss(f["image_feats"], f["text_feat"], f["temp"])
         if "itc" in objectives:

@@ -14,7 +14,7 @@ class CoCaFamily(Family):
 
     def losses(self, model, params, batch, objectives, rng):
         media, text = self.model_inputs(model, batch)
-        out = model.apply({"params": params}, media, text)
+        out = self.apply(model, params, media, text, rng=rng)
         terms, extra = contrastive_terms(out, objectives)
         if "caption" in objectives:
             terms["caption"] = losses.next_token_loss(out["logits"], text, self.pad_id(model))

@@ -45,7 +45,7 @@ class TwoTowerFamily(Family):
             raise ConfigError(f"config.objectives: model.contrastive={model.contrastive!r} needs {want!r}.")
 
     def losses(self, model, params, batch, objectives, rng):
-        out = model.apply({"params": params}, *self.model_inputs(model, batch))
+        out = self.apply(model, params, *self.model_inputs(model, batch), rng=rng)
         return contrastive_terms(out, objectives)
 
     def train_flops(self, model_cfg, batch, text_len, frozen=()):

@@ -22,7 +22,7 @@ class VisionLMFamily(Family):
 
     def losses(self, model, params, batch, objectives, rng):
         media, text = self.model_inputs(model, batch)
-        out = model.apply({"params": params}, media, text)
+        out = self.apply(model, params, media, text, rng=rng)
         targets, weights = vlm_targets(text, batch.get("loss_mask"), out["text_index"],
                                        model.pad_id)
         return {"lm": losses.caption_loss(out["logits"][:, :-1], targets, weights)}, {}

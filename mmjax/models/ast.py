@@ -23,10 +23,11 @@ adds dithering, pre-emphasis, DC removal, a symmetric window and no
 centering), so an imported checkpoint sees slightly different features than
 in its own training.
 
-The tower is deterministic: no augmentation inside. For SpecAugment, a
-training step computes `spec = model.apply(v, wave, method="spectrogram")`,
-masks it with `mmjax.models.audio.spec_augment(spec, key)` and calls the tower
-on the spectrogram.
+SpecAugment: with `spec_augment` set (keyword arguments of
+`mmjax.models.audio.spec_augment`, e.g. `dict(time_masks=2, time_width=20,
+freq_masks=2, freq_width=8)`), a waveform input is masked when the call has an
+"augment" rng (`apply(..., rngs={"augment": key})`, what the train step
+passes); evaluation passes none and sees the clean spectrogram.
 
 Transformer: overlapping `patch_size`² patches of the [F, T] spectrogram
 with strides (`frequency_stride`, `time_stride`), one matmul (the math of
@@ -43,9 +44,11 @@ from typing import Any, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from mmjax.errors import ConfigError
 from mmjax.models import audio
+from mmjax.models.flops import layer_flops
 from mmjax.models.layers import (Block, Dense, Norm, PositionEmbedding, boundary, broadcast_param,
                                  constrain, default_kernel_init, logical, matmul_2d, normal_init,
                                  stacked)
@@ -114,6 +117,38 @@ class AST(nn.Module):
     remat: str = "none"
     attention: Optional[str] = "xla"
     dtype: Any = jnp.float32
+    spec_augment: Optional[dict] = None
+
+    # Tower protocol (mmjax.models.towers): the media it reads and its costs.
+    modality = "audio"
+
+    @staticmethod
+    def example_input(cfg: dict, data: Any) -> tuple[tuple[int, ...], Any]:
+        """One example as the pipeline emits it: `([num_samples], float32)` from
+        `data.train.sample_rate` x `clip_seconds`, which must be the tower's."""
+        for key, default in (("sample_rate", 16000), ("clip_seconds", 10.0)):
+            if float(cfg.get(key, default)) != float(data[key]):
+                raise ConfigError(f"config.model.image.{key}={cfg.get(key, default)} but "
+                                  f"config.data.train.{key}={data[key]}; set them equal.")
+        return (int(round(float(data.sample_rate) * float(data.clip_seconds))),), np.float32
+
+    @staticmethod
+    def forward_flops(cfg: dict) -> float:
+        """Forward FLOPs per clip: mel filterbank, patch embedding, Transformer, projection
+        (`mmjax.models.flops` rules; the FFT is not counted)."""
+        m = AST(**{k: v for k, v in cfg.items() if k != "dtype"})
+        gf, gt = m.grid
+        n, w, p = gf * gt, m.width, m.patch_size
+        f = 2 * m.frames * (m.n_fft // 2 + 1) * m.n_mels + 2 * n * p * p * w
+        f += m.depth * layer_flops(n + 2, w, m.mlp_dim or 4 * w, gated=m.act == "swiglu")
+        return f + (2 * w * m.embed_dim if m.embed_dim else 0)
+
+    @staticmethod
+    def tiny(cfg: dict) -> dict:
+        """Field updates of the `:tiny` shrink (1 s at 16 kHz, 32 mel bins, 12 patches)."""
+        out = dict(sample_rate=16000, clip_seconds=1.0, n_mels=32, patch_size=16,
+                   frequency_stride=16, time_stride=16, width=64, depth=2, heads=4, mlp_dim=128)
+        return dict(out, embed_dim=32) if cfg.get("embed_dim") else out
 
     @property
     def num_samples(self) -> int:
@@ -164,6 +199,8 @@ class AST(nn.Module):
                               f"{POOLS}.")
         if x.ndim == 2:
             x = self.spectrogram(x)
+            if self.spec_augment and self.has_rng("augment"):  # training only
+                x = audio.spec_augment(x, self.make_rng("augment"), **dict(self.spec_augment))
         elif x.ndim != 3 or x.shape[1:] != (self.frames, self.n_mels):
             raise ConfigError(f"AST takes waveforms [B, {self.num_samples}] or spectrograms "
                               f"[B, {self.frames}, {self.n_mels}] (config keys `clip_seconds`, "

@@ -1,0 +1,51 @@
+"""Tiny CLAP (audio-text contrastive, AST audio tower) on the built-in procedural sounds.
+
+    mmjax train --config configs/clap_tiny.py --workdir ./mmjax_runs/clap_tiny
+
+One-second clips at 16 kHz: a low or high tone, clicks or noise bursts,
+steady, rising or falling, with a second short sound before or after (18
+classes; captions like "the sound of deep bursts of noise sweeping upward").
+The log-mel spectrogram is computed on device (`mmjax.models.audio`), with
+SpecAugment masking in training. The run ends with zero-shot top-1 on held-out
+clips (chance 1/18 = 5.6%); README, "Audio-text", has measured numbers.
+"""
+from mmjax.train.defaults import base_config, make_tiny
+
+
+def get_config(arg=None):
+    c = base_config()
+    c.total_steps = 400
+    c.batch_size = 128
+    c.log_every = 50
+    c.checkpoint_every = 400
+    c.optim.lr = 2e-3
+    c.optim.warmup_steps = 50
+    c.optim.weight_decay = 0.05
+
+    c.synthetic.update(dict(train_samples=12000, test_samples=540, samples_per_shard=1500,
+                            audio_seconds=1.0, audio_sample_rate=16000))
+    d = c.data.train
+    d.modality = "audio"
+    d.sample_rate = 16000
+    d.clip_seconds = 1.0
+    d.shards = "synthetic"
+    d.tokenizer = "bytes"
+    d.max_len = 48
+    d.augment = "center"
+    d.workers = 1
+    d.shuffle_buffer = 2000
+
+    c.model.name = "two_tower"
+    c.model.contrastive = "softmax"
+    c.model.image = dict(kind="ast", sample_rate=16000, clip_seconds=1.0, n_mels=64,
+                         patch_size=16, frequency_stride=16, time_stride=16,
+                         width=128, depth=2, heads=4, embed_dim=128, pool="gap",
+                         spec_augment=dict(time_masks=1, time_width=10, freq_masks=1,
+                                           freq_width=6))
+    c.model.text = dict(vocab_size=259, max_len=48, width=128, depth=2, heads=4,
+                        embed_dim=128, causal=True, pool="eos", eos_id=2, pad_id=0)
+    c.objectives.softmax_contrastive = 1.0
+    c.evals.zeroshot.templates = "{}"
+    c.evals.retrieval.shards = "synthetic"
+    c.evals.retrieval.num_captions = 1
+    return make_tiny(c) if arg == "tiny" else c
