@@ -3,7 +3,7 @@
     mmjax train --config configs/video_clip_tiny.py --workdir ./mmjax_runs/video_clip_tiny
     mmjax train --config configs/video_clip_tiny.py:single_frame ...   # the baseline
 
-Clips of 16 frames at 32 px show a red, green or blue circle or square moving
+Clips of 8 frames at 32 px show a red, green or blue circle or square moving
 left, right, up or down (24 classes; captions like "a red circle moving left").
 One frame shows colour and shape but never the motion, so a single-frame model
 tops out at 1/4 of the classes; the model sees 4 frames (one per segment) and a
@@ -25,8 +25,8 @@ def get_config(arg=None):
     c.optim.weight_decay = 0.05
 
     frames = 1 if arg == "single_frame" else 4
-    c.synthetic.update(dict(image_size=32, train_samples=8000, test_samples=480,
-                            samples_per_shard=1000, video_frames=16))
+    c.synthetic.update(dict(image_size=32, train_samples=6000, test_samples=480,
+                            samples_per_shard=1000, video_frames=8))
     d = c.data.train
     d.modality = "video"
     d.num_frames = frames

@@ -49,13 +49,14 @@ def video_shards(cache: str, split: str, syn: Any, seed: int = 0) -> list[str]:
     """Moving shapes (`mmjax.data.synthetic_video`): `syn.video_frames` frames of
     `syn.image_size` px per clip."""
     from mmjax.data.synthetic_video import write_video_shards
-    params = dict(kind="video", version=1, split=split, num_samples=int(syn[f"{split}_samples"]),
+    params = dict(kind="video", version=2, split=split, num_samples=int(syn[f"{split}_samples"]),
                   frames=int(syn.video_frames), size=int(syn.image_size),
                   samples_per_shard=int(syn.samples_per_shard), seed=seed)
 
     def write(folder, progress):
         write_video_shards(folder, params["num_samples"], params["frames"], params["size"],
-                           samples_per_shard=params["samples_per_shard"], seed=seed, split=split)
+                           samples_per_shard=params["samples_per_shard"], seed=seed, split=split,
+                           progress=progress)
     return cached_shards(cache, f"synthetic-video-{split}", params, write,
                          what=f"built-in {split} video clips")
 
