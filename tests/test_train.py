@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from mmjax import cli
+from mmjax.families import get_family
 from mmjax.models import build
 from mmjax.train import sharding as shd
 from mmjax.train.checkpoint import Checkpointer
@@ -25,8 +26,10 @@ def _cache(tmp_path_factory, monkeypatch):
 
 
 def _batches(config, n, seed=0):
+    """`n` random batches of the config's family inputs (images, audio or video + text)."""
     rng = np.random.RandomState(seed)
-    s, l, b = config.data.train.image_size, config.data.train.max_len, config.batch_size
+    l, b = config.data.train.max_len, config.batch_size
+    spec = get_family(config).batch_spec(config, b)
     out = []
     for _ in range(n):
         text = rng.randint(3, 200, (b, l)).astype(np.int32)
@@ -34,7 +37,12 @@ def _batches(config, n, seed=0):
         for row, length in zip(text, rng.randint(4, l, b)):  # EOS then padding
             row[length] = 2
             row[length + 1:] = 0
-        out.append({"image": rng.randn(b, s, s, 3).astype(np.float32), "text": text})
+        batch = {"text": text}
+        for key, (shape, dtype) in spec.items():
+            if key != "text":
+                batch[key] = (rng.randint(0, 256, shape).astype(np.uint8) if dtype == np.uint8
+                              else rng.randn(*shape).astype(np.float32))
+        out.append(batch)
     return out
 
 
@@ -105,7 +113,7 @@ def _leaf_errors(grads, ref):
 # batch shards (tests/test_xla_shard_swap.py).
 GRAD_RECIPES = [("clip_b16", "tiny"), ("siglip_b16", "tiny"), ("lit_b16", "tiny"),
                 ("coca_b16", "tiny"), ("blip2_stage1", "tiny"), ("blip2_stage2", "tiny"),
-                ("llava", "finetune,tiny")]
+                ("llava", "finetune,tiny"), ("clap_tiny", "tiny"), ("video_clip_tiny", "tiny")]
 
 
 @pytest.mark.parametrize("recipe,arg", GRAD_RECIPES, ids=[r for r, _ in GRAD_RECIPES])
@@ -116,7 +124,9 @@ def test_sharded_gradients_equal_single_device(recipe, arg):
     (`_perturbed`), so no gradient is degenerate except the ones that are zero in
     exact arithmetic (attention key biases: softmax is invariant to a per-row
     shift), which are checked against the global gradient scale instead."""
-    config = load_config(f"{recipe}:{arg}", ["batch_size=16", "model.dtype=float32"])
+    config = load_config(f"{recipe}:{arg}", ["batch_size=16"])
+    with config.unlocked():  # (the CPU recipes have no dtype key: float32 already)
+        config.model.dtype = "float32"
     batch = _batches(config, 1, seed=1)[0]
     params = _perturbed(jax.device_get(_trainer(config, (1, 1, 1)).init_state(0)["params"]))
     ref_loss, ref, _, _ = _grads(config, (1, 1, 1), batch, params)

@@ -12,8 +12,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL = 24
 
 
-def _cmd(workdir, total=TOTAL, every=3):
-    return [sys.executable, "-m", "mmjax.cli", "train", "--config", "clip_tiny:tiny",
+def _cmd(workdir, total=TOTAL, every=3, config="clip_tiny:tiny"):
+    return [sys.executable, "-m", "mmjax.cli", "train", "--config", config,
             "--workdir", str(workdir), f"--config.total_steps={total}",
             f"--config.checkpoint_every={every}", "--config.log_every=1",
             "--config.synthetic.train_samples=400"]
@@ -53,12 +53,17 @@ def _final_params(workdir, step):
     return jax.tree.leaves(restored["params"]), int(np.asarray(restored["step"]))
 
 
-def test_sigkill_then_resume_is_bitwise_exact(tmp_path, env):
+# Images, audio (log-mel and SpecAugment on device) and video (frames sampled per segment).
+@pytest.mark.parametrize("config", ["clip_tiny:tiny", "clap_tiny:tiny", "video_clip_tiny:tiny"])
+def test_sigkill_then_resume_is_bitwise_exact(tmp_path, env, config):
+    """Killed after a checkpoint and restarted, a run ends with the very parameters of an
+    uninterrupted run: same data order, augmentation and step randomness."""
     ref, run = tmp_path / "ref", tmp_path / "killed"
-    out = subprocess.run(_cmd(ref), env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(_cmd(ref, config=config), env=env, capture_output=True, text=True,
+                         timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
 
-    proc = subprocess.Popen(_cmd(run), env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(_cmd(run, config=config), env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
         _wait_for_checkpoint(proc, run, 6)
@@ -68,7 +73,8 @@ def test_sigkill_then_resume_is_bitwise_exact(tmp_path, env):
         if proc.poll() is None:
             proc.kill()
     assert TOTAL not in _steps(run), "the run finished before it was killed"
-    out = subprocess.run(_cmd(run), env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(_cmd(run, config=config), env=env, capture_output=True, text=True,
+                         timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "resumed from step" in out.stdout
 
