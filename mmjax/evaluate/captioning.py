@@ -19,8 +19,9 @@ Decoding reads next-token logits from one of two kinds of source:
 
 `n` is a multiple of the batch size B: with beam search the rows are the
 beams, grouped by image (row r belongs to image r // (n // B)); when beams
-are re-ranked the cache rows follow their parents. Either way the whole
-decode is one jitted `lax.while_loop`, compiled once per shape and source.
+are re-ranked the cache rows follow their parents. Either way the search is
+`mmjax.models.decoding`'s (`greedy_search`, `beam_search`) over a step
+function, one jitted `lax.while_loop`, compiled once per shape and source.
 
 A row stops at EOS; the positions after it hold `pad_id`. The pad token is
 never generated (unless it equals EOS, as with Hugging Face CLIP tokenizers).
@@ -36,7 +37,7 @@ import numpy as np
 from jax.tree_util import Partial
 
 from mmjax.evaluate.retrieval import model_method
-from mmjax.models.layers import gather_cache
+from mmjax.models import decoding
 
 
 class _ModelRef:
@@ -106,10 +107,7 @@ class CaptionStepFn:
     def prefill(self, prefix, cache_len: int):
         dec = self.model.clone(cached_decode=True, cache_len=cache_len)
         args = self._args(prefix, self._images(prefix.shape[0]))
-        # A zero cache of the right structure, as `lm.init_cache` (init for shapes only).
-        shapes = jax.eval_shape(
-            lambda: dec.init(jax.random.key(0), *args, method=self.method))["cache"]
-        cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        cache = decoding.zero_cache(dec, *args, method=self.method)
         logits, state = dec.apply({**self.variables, "cache": cache}, *args, method=self.method,
                                   mutable=["cache"])
         return logits[:, -1].astype(jnp.float32), state["cache"]
@@ -144,56 +142,47 @@ def _check(prefix_ids, max_len: int) -> np.ndarray:
     return prefix
 
 
-def _log_probs(logits, pad_id: int, eos_id):
-    """float32 log-probabilities `[n, V]` of next-token `logits [n, V]` (pad
-    excluded unless it is EOS; `eos_id` may be traced)."""
-    logits = logits.astype(jnp.float32)
-    never = (jnp.arange(logits.shape[-1]) == pad_id) & (pad_id != eos_id)
-    return jax.nn.log_softmax(jnp.where(never, -jnp.inf, logits), axis=-1)
+def _source(fn, prefix, max_len: int, pad_id: int, cached: bool):
+    """The step function the search runs, for rows starting from `prefix [n, P]`.
 
-
-def _source(fn, seqs, p: int, max_len: int, cached: bool):
-    """Next-token logits for the decode loops, with or without a cache.
-
-    Returns `(state, logits(state, seqs [n, max_len], t) -> [n, V],
-    advance(state, rows [n] | None, tokens [n]) -> state)`: `advance` is
-    called once the tokens at position t + 1 are chosen, `rows` being the
-    parent row of each row when beams were re-ranked.
+    Returns `(logits [n, V] of the token after the prefix, state, step,
+    reorder)` for `decoding.greedy_search` / `beam_search`. Cached: the step
+    function's prefill and one-token steps against a `max_len`-slot cache.
+    Uncached: the state is the token buffer `[n, max_len]` (prefix, then pad)
+    and the position of its last token; each step writes the new tokens and
+    re-runs `fn` on the whole buffer, reading the next position (exact, as the
+    decoders are causal: position t never sees the pad after it).
     """
-    if not cached:
-        def logits_at(state, seqs, t):
-            return jax.lax.dynamic_index_in_dim(fn(seqs), t, axis=1, keepdims=False)
-        return (), logits_at, lambda state, rows, tokens: state
+    if cached:
+        logits, cache = fn.prefill(prefix, max_len)
+        return (logits, cache, lambda cache, tokens: fn.step(cache, tokens, max_len),
+                decoding.gather_cache)
+    n, p = prefix.shape
 
-    def advance(state, rows, tokens):
-        cache = state[0] if rows is None else gather_cache(state[0], rows)
-        logits, cache = fn.step(cache, tokens, max_len)
-        return cache, logits
+    def logits_at(buf, t):
+        return jax.lax.dynamic_index_in_dim(fn(buf), t, axis=1,
+                                            keepdims=False).astype(jnp.float32)
 
-    logits, cache = fn.prefill(seqs[:, :p], max_len)
-    return (cache, logits), lambda state, seqs, t: state[1], advance
+    def step(state, tokens):
+        buf, t = state
+        buf = buf.at[:, t + 1].set(tokens)
+        return logits_at(buf, t + 1), (buf, t + 1)
+
+    def reorder(state, rows):
+        return jnp.take(state[0], rows, axis=0), state[1]
+
+    buf = jnp.full((n, max_len), pad_id, jnp.int32).at[:, :p].set(prefix)
+    t = jnp.int32(p - 1)
+    return logits_at(buf, t), (buf, t), step, reorder
 
 
 # eos_id is traced: one program serves every EOS id.
 @functools.partial(jax.jit, static_argnames=("max_len", "pad_id", "cached"))
 def _greedy(logits_fn, prefix, *, max_len: int, eos_id, pad_id: int, cached: bool):
-    b, p = prefix.shape
-    buf = jnp.full((b, max_len), pad_id, jnp.int32).at[:, :p].set(prefix)
-    src, logits_at, advance = _source(logits_fn, buf, p, max_len, cached)
-
-    def cond(state):
-        t, _, done, _ = state
-        return (t < max_len - 1) & ~jnp.all(done)
-
-    def body(state):
-        t, buf, done, src = state
-        logp = _log_probs(logits_at(src, buf, t), pad_id, eos_id)
-        nxt = jnp.where(done, pad_id, jnp.argmax(logp, axis=-1)).astype(jnp.int32)
-        buf = buf.at[:, t + 1].set(nxt)
-        return t + 1, buf, done | (nxt == eos_id), advance(src, None, nxt)
-
-    state = (jnp.int32(p - 1), buf, jnp.zeros((b,), bool), src)
-    return jax.lax.while_loop(cond, body, state)[1]
+    logits, state, step, _ = _source(logits_fn, prefix, max_len, pad_id, cached)
+    new = decoding.greedy_search(step, logits, state, max_len - prefix.shape[1],
+                                 eos_id=eos_id, pad_id=pad_id, ban_pad=True)
+    return jnp.concatenate([prefix, new], axis=1)
 
 
 def _use_cache(logits_fn, use_cache: bool) -> bool:
@@ -202,7 +191,7 @@ def _use_cache(logits_fn, use_cache: bool) -> bool:
 
 def greedy_decode(logits_fn: Callable, prefix_ids, max_len: int, eos_id: int,
                   pad_id: int, use_cache: bool = True) -> np.ndarray:
-    """Greedy decoding in one compiled `while_loop`.
+    """Greedy decoding in one compiled `while_loop` (`decoding.greedy_search`).
 
     Args:
       logits_fn: a `CaptionStepFn`, or tokens `[B, max_len]` -> logits
@@ -229,50 +218,20 @@ def greedy_decode(logits_fn: Callable, prefix_ids, max_len: int, eos_id: int,
 def _beam(logits_fn, prefix, *, beam_size: int, max_len: int, eos_id, pad_id: int,
           length_penalty: float, cached: bool):
     b, p = prefix.shape
-    k = beam_size
-    seqs = jnp.full((b, k, max_len), pad_id, jnp.int32).at[:, :, :p].set(prefix[:, None])
     # Every beam starts as the prefix (the cache is prefilled for all b * k rows).
-    src, logits_at, advance = _source(logits_fn, seqs.reshape(b * k, max_len), p, max_len,
-                                      cached)
-    # Only beam 0 is live at the start, so the first step does not pick K copies.
-    scores = jnp.where(jnp.arange(k) == 0, 0.0, -jnp.inf)[None].repeat(b, axis=0)
-    state = (jnp.int32(p - 1), seqs, scores, jnp.zeros((b, k), bool), jnp.zeros((b, k), jnp.int32),
-             src)
-
-    def cond(state):
-        t, _, _, done, _, _ = state
-        return (t < max_len - 1) & ~jnp.all(done)
-
-    def body(state):
-        t, seqs, scores, done, lengths, src = state
-        logp = _log_probs(logits_at(src, seqs.reshape(b * k, max_len), t), pad_id, eos_id)
-        vocab = logp.shape[-1]
-        logp = logp.reshape(b, k, vocab)
-        # A finished beam has one continuation, pad, at no cost: it keeps its
-        # score and competes with the live beams.
-        finished = jnp.where(jnp.arange(vocab) == pad_id, 0.0, -jnp.inf)
-        logp = jnp.where(done[..., None], finished, logp)
-        total = (scores[..., None] + logp).reshape(b, k * vocab)
-        scores, flat = jax.lax.top_k(total, k)                           # [b, k]
-        parent, token = flat // vocab, (flat % vocab).astype(jnp.int32)
-        seqs = jnp.take_along_axis(seqs, parent[..., None], axis=1).at[:, :, t + 1].set(token)
-        was_done = jnp.take_along_axis(done, parent, axis=1)
-        lengths = jnp.take_along_axis(lengths, parent, axis=1) + (~was_done).astype(jnp.int32)
-        # Each new beam continues its parent's cache row.
-        rows = (jnp.arange(b)[:, None] * k + parent).reshape(-1)
-        src = advance(src, rows, token.reshape(-1))
-        return t + 1, seqs, scores, was_done | (token == eos_id), lengths, src
-
-    _, seqs, scores, _, lengths, _ = jax.lax.while_loop(cond, body, state)
-    normalized = scores / jnp.maximum(lengths, 1).astype(jnp.float32) ** length_penalty
-    best = jnp.argmax(normalized, axis=1)
-    return seqs[jnp.arange(b), best], normalized[jnp.arange(b), best]
+    logits, state, step, reorder = _source(logits_fn, jnp.repeat(prefix, beam_size, axis=0),
+                                           max_len, pad_id, cached)
+    new, scores = decoding.beam_search(step, logits, state, max_len - p, beam_size=beam_size,
+                                       eos_id=eos_id, pad_id=pad_id,
+                                       length_penalty=length_penalty, ban_pad=True,
+                                       reorder=reorder)
+    return jnp.concatenate([prefix, new], axis=1), scores
 
 
 def beam_search(logits_fn: Callable, prefix_ids, beam_size: int, max_len: int, eos_id: int,
                 pad_id: int, length_penalty: float = 1.0, return_scores: bool = False,
                 use_cache: bool = True):
-    """Beam search in one compiled `while_loop`.
+    """Beam search in one compiled `while_loop` (`decoding.beam_search`).
 
     Each step extends every live beam by every token and keeps the
     `beam_size` best by summed log-probability; a beam that produced EOS stays

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.errors import ConfigError
+from mmjax.models.decoding import append_kv, context_kv, gather_cache, write_rows  # noqa: F401
 from mmjax.models.ops.activations import ACTIVATIONS, get_activation, gelu, quick_gelu  # noqa: F401
 from mmjax.models.ops.attention import dot_product_attention, make_attention_mask  # noqa: F401
 from mmjax.models.ops.matmul import (CPU_PATH_SCOPE, broadcast_param, fused_matmul_2d,  # noqa: F401
@@ -170,7 +171,8 @@ class Attention(nn.Module):
     returns `[B, T, D]`. With `context=None` it is self-attention.
 
     Optional key/value cache for incremental decoding (`kv_cache`, variables in
-    the `cache` collection; the non-cached path is unchanged):
+    the `cache` collection, see `mmjax.models.decoding`; the non-cached path is
+    unchanged):
       "self"     self-attention; the keys/values of `x` are written into
                  `[B, cache_len, H, K]` buffers at each row's `write_index [B]`
                  and the queries attend to the whole buffer (S = cache_len;
@@ -207,18 +209,9 @@ class Attention(nn.Module):
 
         if self.kv_cache == "context":
             q = heads_in("query", x)(x)
-            if context is not None:
-                k, v = heads_in("key", context)(context), heads_in("value", context)(context)
-                for name, new in (("cached_key", k), ("cached_value", v)):
-                    var = self.variable("cache", name, jnp.zeros, new.shape, self.dtype)
-                    var.value = new.astype(self.dtype)
-            elif not self.has_variable("cache", "cached_key"):
-                raise ValueError("cross-attention with kv_cache='context' got context=None "
-                                 "before any call stored the context's keys/values: pass the "
-                                 "context (e.g. image tokens) on the first (prefill) call.")
-            else:
-                k = self.get_variable("cache", "cached_key")
-                v = self.get_variable("cache", "cached_value")
+            k, v = context_kv(self, None if context is None else
+                              (heads_in("key", context)(context),
+                               heads_in("value", context)(context)), self.dtype)
         else:
             context = x if context is None else context
             projs = [heads_in(name, inp)
@@ -230,11 +223,7 @@ class Attention(nn.Module):
             else:
                 q, k, v = projs[0](x), projs[1](context), projs[2](context)
             if self.kv_cache == "self":
-                if write_index is None:
-                    raise ValueError("self-attention with kv_cache='self' needs `write_index` "
-                                     "[B] (each row's first cache slot for this call).")
-                k, v = (self._write_cache(name, new, write_index)
-                        for name, new in (("cached_key", k), ("cached_value", v)))
+                k, v = append_kv(self, k, v, write_index, self.cache_len, self.dtype)
         q = constrain(q, ("act_batch", "act_length", "act_heads", "act_kv"))
         k = constrain(k, ("act_batch", "act_length", "act_heads", "act_kv"))
         v = constrain(v, ("act_batch", "act_length", "act_heads", "act_kv"))
@@ -242,14 +231,6 @@ class Attention(nn.Module):
         out = _HeadsOut(self.out_features or d, self.out_bias, self.dtype, self.kernel_init,
                         name="out")(out)
         return constrain(out, ("act_batch", "act_length", "act_embed"))
-
-    def _write_cache(self, name: str, new: Array, write_index: Array) -> Array:
-        """Writes `new [B, T, H, K]` into the `[B, cache_len, H, K]` buffer `name`
-        at each row's `write_index`; returns the whole buffer."""
-        b, _, h, k = new.shape
-        buf = self.variable("cache", name, jnp.zeros, (b, self.cache_len, h, k), self.dtype)
-        buf.value = write_rows(buf.value, new, write_index)
-        return buf.value
 
 
 # ----------------------------------------------------------------------------
@@ -420,28 +401,6 @@ def stacked(block_cls: type[nn.Module], depth: int, *, scan: bool, remat: str,
             x = blk(x, extras)[0]
         return x
     return run_unrolled
-
-
-def write_rows(buf: Array, new: Array, index: Array) -> Array:
-    """`buf [B, S, ...]` with `new [B, T, ...]` written at slots `index[b]..index[b]+T-1`
-    of each row b (per-row cache offsets: rows of a batch sit at different lengths)."""
-    def one(row, upd, i):
-        return jax.lax.dynamic_update_slice(row, upd, (i,) + (0,) * (row.ndim - 1))
-    return jax.vmap(one)(buf, new.astype(buf.dtype), index)
-
-
-# Names of scanned stacks: their cache leaves carry a leading depth axis.
-SCANNED_STACKS = ("layers", "groups")
-
-
-def gather_cache(cache: Any, rows: Array) -> Any:
-    """Cache for rows `rows [B']` (select, reorder or repeat; beam search) of a
-    `cache` collection. Leaves under a scanned stack (`layers`, the Q-Former's
-    `groups`) have the depth axis first and the batch axis second."""
-    def take(path, x):
-        scanned = any(getattr(k, "key", None) in SCANNED_STACKS for k in path)
-        return jnp.take(x, rows, axis=1 if scanned else 0)
-    return jax.tree_util.tree_map_with_path(take, cache)
 
 
 def stack_layer_params(tree: dict, depth: int, name: str = "layers") -> dict:

@@ -9,8 +9,9 @@
 
 Incremental decoding: `model.clone(decode=True, cache_len=S)` keeps, per
 layer, fixed-size key/value buffers `[B, S, kv_heads, head_dim]` in the
-`cache` collection and one write index per row. Each call appends its tokens
-at each row's index and attends to everything written before.
+`cache` collection and one write index per row (`mmjax.models.decoding`).
+Each call appends its tokens at each row's index and attends to everything
+written before.
 
 Padding convention: prompts are RIGHT-padded. Each row keeps positions
 0..len-1; a prefill call with `attention_mask` advances each row's index by
@@ -19,8 +20,8 @@ its padding slots. A decode-mode `attention_mask` must therefore be a prefix
 of ones per row.
 
 `generate(model, variables, prompt_ids, prompt_lengths, max_new_tokens, ...)`
-runs prefill + a `lax.scan` over new tokens for greedy, sampling (temperature,
-nucleus top-p) and beam search.
+runs prefill, then `decoding.greedy_search` / `beam_search` over one-token
+steps: greedy, sampling (temperature, nucleus top-p) and beam search.
 """
 from __future__ import annotations
 
@@ -33,9 +34,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.errors import ConfigError
+from mmjax.models import decoding
+from mmjax.models.decoding import CacheIndex, append_kv, gather_cache, slot_mask
 from mmjax.models.layers import (Dense, Mlp, Norm, _HeadsIn, _HeadsOut, boundary, constrain,
-                                 dot_product_attention, gather_cache, logical,
-                                 make_attention_mask, normal_init, remat_policy, write_rows)
+                                 logical, normal_init, remat_policy)
+from mmjax.models.ops.attention import dot_product_attention, make_attention_mask
 
 Array = jax.Array
 
@@ -102,12 +105,7 @@ class GQAttention(nn.Module):
         cos, sin = rope_tables(positions, self.head_dim, self.rope_theta)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.decode:
-            shape = (x.shape[0], self.cache_len, self.num_kv_heads, self.head_dim)
-            cached_k = self.variable("cache", "cached_key", jnp.zeros, shape, self.dtype)
-            cached_v = self.variable("cache", "cached_value", jnp.zeros, shape, self.dtype)
-            cached_k.value = write_rows(cached_k.value, k, write_index)
-            cached_v.value = write_rows(cached_v.value, v, write_index)
-            k, v = cached_k.value, cached_v.value
+            k, v = append_kv(self, k, v, write_index, self.cache_len, self.dtype)
         out = dot_product_attention(q, k, v, mask, self.implementation)
         out = _HeadsOut(x.shape[-1], False, self.dtype, self.kernel_init, name="out")(out)
         return constrain(out, ("act_batch", "act_length", "act_embed"))
@@ -143,19 +141,6 @@ class DecoderBlock(nn.Module):
         h = Mlp(self.mlp_dim, act="swiglu", use_bias=False, dtype=self.dtype,
                 kernel_init=self.kernel_init, name="mlp")(norm(name="mlp_norm")(x))
         return x + h, None
-
-
-class CacheIndex(nn.Module):
-    """Per-row write position `[B]` of the KV cache; returns it and advances it."""
-
-    @nn.compact
-    def __call__(self, batch: int, advance: Array) -> Array:
-        initializing = not self.has_variable("cache", "index")
-        index = self.variable("cache", "index", jnp.zeros, (batch,), jnp.int32)
-        start = index.value
-        if not initializing:
-            index.value = start + advance
-        return start
 
 
 # ----------------------------------------------------------------------------
@@ -258,21 +243,19 @@ class DecoderLM(nn.Module):
         b, t = x.shape[:2]
         x = constrain(x, ("act_batch", "act_length", "act_embed"))
         valid = None if attention_mask is None else attention_mask.astype(bool)
-        steps = jnp.arange(t, dtype=jnp.int32)
         if self.decode:
             advance = (jnp.full((b,), t, jnp.int32) if valid is None
                        else valid.sum(-1).astype(jnp.int32))
             start = self.cache_index(b, advance)  # [B]
-            slot = start[:, None] + steps  # cache slot of each new token [B, T]
+            # A query sees every cache slot up to its own (earlier slots are filled);
+            # slot [B, T]: the cache slot of each new token.
+            mask, slot = slot_mask(start, t, self.cache_len or self.max_len)
             if positions is None:
                 positions = slot
-            # A query sees every cache slot up to its own (earlier slots are filled).
-            cache_len = self.cache_len or self.max_len
-            mask = (jnp.arange(cache_len)[None, None, :] <= slot[:, :, None])[:, None]
             write_index = start
         else:
             if positions is None:
-                positions = jnp.broadcast_to(steps, (b, t))
+                positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
             mask = make_attention_mask(None, valid, causal=True, q_len=t, k_len=t)
             write_index = None
 
@@ -296,28 +279,13 @@ class DecoderLM(nn.Module):
 
 def init_cache(model: DecoderLM, batch_size: int, cache_len: int) -> dict:
     """Zero KV cache for `model.clone(decode=True, cache_len=cache_len)` and `batch_size` rows."""
-    dec = model.clone(decode=True, cache_len=cache_len)
-    shapes = jax.eval_shape(
-        lambda: dec.init(jax.random.key(0), jnp.zeros((batch_size, 1), jnp.int32)))["cache"]
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    return decoding.zero_cache(model.clone(decode=True, cache_len=cache_len),
+                               jnp.zeros((batch_size, 1), jnp.int32))
 
 
 # ----------------------------------------------------------------------------
 # Generation
 # ----------------------------------------------------------------------------
-
-def _nucleus_sample(logits: Array, key: Array, temperature: Array, top_p: Array) -> Array:
-    """Sample ids `[B]` from `logits [B, V]` after temperature and top-p filtering."""
-    logits = logits / jnp.maximum(temperature, 1e-6)
-    sorted_logits = -jnp.sort(-logits, axis=-1)
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    # Keep the smallest prefix whose mass reaches top_p (the top token always).
-    keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
-    keep = keep.at[:, 0].set(True)
-    cutoff = jnp.take_along_axis(sorted_logits, keep.sum(-1, keepdims=True) - 1, axis=-1)
-    logits = jnp.where(logits >= cutoff, logits, -jnp.inf)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
-
 
 def _prefill(dec: DecoderLM, params, prompt_ids, prompt_embeds, prompt_lengths, batch_rows,
              cache_len):
@@ -331,12 +299,6 @@ def _prefill(dec: DecoderLM, params, prompt_ids, prompt_embeds, prompt_lengths, 
     return last, state["cache"]
 
 
-def _step(dec: DecoderLM, params, cache, tokens):
-    logits, state = dec.apply({"params": params, "cache": cache}, tokens[:, None],
-                              mutable=["cache"])
-    return logits[:, 0], state["cache"]
-
-
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "method", "beam_size",
                                              "eos_id", "pad_id"))
 def _generate(model, params, prompt_ids, prompt_embeds, prompt_lengths, rng, temperature, top_p,
@@ -345,51 +307,25 @@ def _generate(model, params, prompt_ids, prompt_embeds, prompt_lengths, rng, tem
     dec = model.clone(decode=True, cache_len=p + max_new_tokens)
     last, cache = _prefill(dec, params, prompt_ids, prompt_embeds, prompt_lengths, b,
                            p + max_new_tokens)
-    is_eos = (lambda t: t == eos_id) if eos_id is not None else (lambda t: jnp.zeros_like(t, bool))
+
+    def step(cache, tokens):  # one token per row: logits [n, V]
+        logits, state = dec.apply({"params": params, "cache": cache}, tokens[:, None],
+                                  mutable=["cache"])
+        return logits[:, 0], state["cache"]
 
     if method in ("greedy", "sample"):
-        def body(carry, i):
-            cache, logits, done = carry
-            if method == "greedy":
-                tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-            else:
-                tok = _nucleus_sample(logits, jax.random.fold_in(rng, i), temperature, top_p)
-            tok = jnp.where(done, pad_id, tok)
-            done = done | is_eos(tok)
-            logits, cache = _step(dec, params, cache, tok)
-            return (cache, logits, done), tok
-
-        _, toks = jax.lax.scan(body, (cache, last, jnp.zeros((b,), bool)),
-                               jnp.arange(max_new_tokens))
-        return toks.T
-
-    # Beam search: rows b*W .. b*W+W-1 are the beams of prompt b. Scores are
-    # summed log-probabilities; a finished beam stays in the beam, extended by
-    # pad at no cost.
-    w, v = beam_size, last.shape[-1]
-    cache = gather_cache(cache, jnp.repeat(jnp.arange(b), w))
-    logp = jnp.repeat(jax.nn.log_softmax(last, -1)[:, None], w, axis=1)  # [B, W, V]
-    scores = jnp.where(jnp.arange(w) == 0, 0.0, -jnp.inf)[None].repeat(b, 0)  # one live beam
-    pad_only = jnp.where(jnp.arange(v) == pad_id, 0.0, -jnp.inf)
-
-    def beam_body(carry, i):
-        cache, logp, scores, seqs, done = carry
-        logp = jnp.where(done[..., None], pad_only, logp)
-        cand = (scores[..., None] + logp).reshape(b, w * v)
-        scores, flat = jax.lax.top_k(cand, w)
-        parent, tok = flat // v, (flat % v).astype(jnp.int32)
-        seqs = jnp.take_along_axis(seqs, parent[..., None], axis=1).at[:, :, i].set(tok)
-        done = jnp.take_along_axis(done, parent, axis=1) | is_eos(tok)
-        rows = (jnp.arange(b)[:, None] * w + parent).reshape(-1)
-        logits, cache = _step(dec, params, gather_cache(cache, rows), tok.reshape(-1))
-        logp = jax.nn.log_softmax(logits, -1).reshape(b, w, v)
-        return (cache, logp, scores, seqs, done), None
-
-    seqs = jnp.full((b, w, max_new_tokens), pad_id, jnp.int32)
-    init = (cache, logp, scores, seqs, jnp.zeros((b, w), bool))
-    (_, _, scores, seqs, _), _ = jax.lax.scan(beam_body, init, jnp.arange(max_new_tokens))
-    best = jnp.argmax(scores, axis=-1)
-    return seqs[jnp.arange(b), best]
+        select = None if method == "greedy" else (
+            lambda logits, i: decoding.nucleus_sample(logits, jax.random.fold_in(rng, i),
+                                                      temperature, top_p))
+        return decoding.greedy_search(step, last, cache, max_new_tokens, eos_id=eos_id,
+                                      pad_id=pad_id, select=select)
+    # Beam search: rows b*W .. b*W+W-1 are the beams of prompt b, best summed
+    # log-probability returned (no length normalization).
+    rows = jnp.repeat(jnp.arange(b), beam_size)
+    tokens, _ = decoding.beam_search(step, last[rows], gather_cache(cache, rows), max_new_tokens,
+                                     beam_size=beam_size, eos_id=eos_id, pad_id=pad_id,
+                                     length_penalty=0.0)
+    return tokens
 
 
 def generate(model: DecoderLM, variables: dict, prompt_ids, prompt_lengths,
@@ -408,8 +344,9 @@ def generate(model: DecoderLM, variables: dict, prompt_ids, prompt_lengths,
         (`beam_size` beams, best summed log-probability returned).
       eos_id: once a row emits it, the row's later tokens are `pad_id`.
       rng: PRNG key for "sample" (a fixed key gives the same tokens).
-    The whole loop is one jitted call (prefill, then a `lax.scan` of
-    one-token steps against a KV cache of length P + max_new_tokens).
+    The whole loop is one jitted call (prefill, then a `lax.while_loop` of
+    one-token steps against a KV cache of length P + max_new_tokens, ended
+    early once every row has emitted `eos_id`).
     """
     if method not in ("greedy", "sample", "beam"):
         raise ValueError(f"generate: method {method!r}; choose 'greedy', 'sample' or 'beam'.")

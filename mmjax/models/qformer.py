@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from mmjax.errors import ConfigError
 from mmjax.models.layers import (HIDDEN, Attention, Dense, Norm, boundary, constrain,
                                  get_activation, logical, normal_init, remat_policy)
-from mmjax.models.text import decode_slots
+from mmjax.models.decoding import decode_slots
 
 MASK_MODES = ("unimodal", "bidirectional", "causal")
 

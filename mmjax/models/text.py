@@ -13,42 +13,21 @@ one write index per row and the validity of every written key (pad keys stay
 masked, as in a full pass). Each call appends its tokens at each row's index
 (learned positions follow the index) and attends to everything written
 before; the decoder's cross-attention keys/values of the image tokens are
-computed on the first call and kept (pass `image_tokens=None` after it). See
-`mmjax.models.lm` for the same design in the Llama decoder.
+computed on the first call and kept (pass `image_tokens=None` after it). The
+cache mechanism is `mmjax.models.decoding`'s, shared with the Q-Former and the
+Llama decoder.
 """
 from __future__ import annotations
 
 from typing import Any, Optional
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from mmjax.errors import ConfigError
+from mmjax.models.decoding import decode_slots
 from mmjax.models.layers import (Block, Dense, Norm, boundary, broadcast_param, constrain,
-                                 logical, make_attention_mask, normal_init, stacked,
-                                 write_rows)
-from mmjax.models.lm import CacheIndex
-
-
-def decode_slots(module: nn.Module, key_valid: Optional[jax.Array], batch: int, length: int,
-                 cache_len: int):
-    """Cache bookkeeping of one decode-mode call of `module` (inside its compact method).
-
-    Advances the module's per-row cache index (`cache/cache_index/index [B]`)
-    by `length`, records which of the new keys may be attended
-    (`cache/key_valid [B, S]`, from `key_valid [B, T]`, None = all) and
-    returns `(mask [B, 1, T, S], start [B], slots [B, T])`: the causal mask
-    over the cache slots (a token sees the valid slots up to its own), each
-    row's first slot and the slot of every new token.
-    """
-    start = CacheIndex(name="cache_index")(batch, jnp.full((batch,), length, jnp.int32))
-    slots = start[:, None] + jnp.arange(length, dtype=jnp.int32)
-    valid = module.variable("cache", "key_valid", jnp.zeros, (batch, cache_len), bool)
-    new = jnp.ones((batch, length), bool) if key_valid is None else key_valid.astype(bool)
-    valid.value = write_rows(valid.value, new, start)
-    mask = (jnp.arange(cache_len)[None, None] <= slots[:, :, None]) & valid.value[:, None]
-    return mask[:, None], start, slots
+                                 logical, make_attention_mask, normal_init, stacked)
 
 
 def eos_positions(ids, eos_id: Optional[int], pad_id: int):
