@@ -38,7 +38,7 @@ def get_config(arg=None):
                          width=768, depth=12, heads=12, pool="cls_dist", embed_dim=512,
                          spec_augment=dict(time_masks=2, time_width=192, freq_masks=2,
                                            freq_width=48),
-                         scan=True, remat="dots_no_batch")
+                         scan=True, remat="full")  # 1,214 tokens a clip: recompute all
     c.model.text = dict(vocab_size=259, max_len=77, width=512, depth=12, heads=8,
                         embed_dim=512, causal=True, pool="eos", eos_id=2, pad_id=0,
                         act="gelu", scan=True, remat="dots_no_batch")

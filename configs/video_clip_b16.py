@@ -7,7 +7,7 @@
 Shards hold `key.mp4` (or webm/mkv/avi) + `key.txt`. Training takes 8 frames
 per clip (one random frame per segment, one crop and flip for the whole clip),
 224 px, global batch 1024 (8192 frames per step), bf16, full remat, FSDP over
-16 chips: `mmjax compile --config configs/video_clip_b16.py --target v5p-16`
+the 8 chips of a v5p-16: `mmjax compile --config configs/video_clip_b16.py --target v5p-16`
 shows the step fitting (BENCHMARKS.md). CLIP4Clip (ViT-B/32, seqTransf)
 reports MSR-VTT text-to-video R@1 44.5 after fine-tuning on MSR-VTT.
 The frame ViT initialises from an image-text run's image tower (`config.init`)
@@ -23,7 +23,7 @@ def get_config(arg=None):
     c.log_every = 100
     c.checkpoint_every = 2000
     c.optim.update(dict(lr=1e-4, warmup_steps=2000, weight_decay=0.2))
-    c.mesh.update(dict(data=-1, fsdp=16, tensor=1))
+    c.mesh.update(dict(data=-1, fsdp=8, tensor=1))
     d = c.data.train
     d.modality = "video"
     d.num_frames = 8

@@ -428,7 +428,7 @@ class MAPHead(nn.Module):
     """Multihead attention pooling: learned queries attend to the tokens.
 
     `[B, N, D] -> [B, num_queries, D]` (SigLIP / big_vision MAP head:
-    y = attn(probe, x); y = y + mlp(norm(y))). With `mlp=False` only the
+    y = attn(probe, x); y = y + mlp(norm(y))). With `use_mlp=False` only the
     attention (CoCa's attentional pooler, followed by a norm outside).
     """
     num_heads: int
