@@ -123,3 +123,15 @@ class Family:
                   ) -> Optional[Callable[[np.ndarray, Any, int], list[str]]]:
         """`fn(media, tokenizer, max_len) -> captions`, or None if the family cannot caption."""
         return None
+
+
+def step_captioner(make_logits_fn: Callable, model: Any, variables: Any, beam_size: int
+                   ) -> Callable[[np.ndarray, Any, int], list[str]]:
+    """A captioner from a caption step function maker of `mmjax.evaluate.captioning`
+    (`coca_logits_fn`, `blip2_itg_logits_fn`): greedy or beam search."""
+    from mmjax.evaluate import captioning
+
+    def run(media, tokenizer, max_len):
+        return captioning.generate_captions(make_logits_fn(model, variables, media), len(media),
+                                            tokenizer, max_len, beam_size=beam_size)
+    return run

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from mmjax import losses
-from mmjax.families.base import Family, plain
+from mmjax.families.base import Family, plain, step_captioner
 from mmjax.models.flops import layer_flops
 
 
@@ -58,10 +58,5 @@ class Blip2Family(Family):
         c.evals.captioning.update(dict(shards="synthetic", max_samples=8, max_len=8))
 
     def captioner(self, model, variables, beam_size):
-        from mmjax.evaluate import captioning
-
-        def run(media, tokenizer, max_len):
-            return captioning.generate_captions(
-                captioning.blip2_itg_logits_fn(model, variables, media), len(media), tokenizer,
-                max_len, beam_size=beam_size)
-        return run
+        from mmjax.evaluate.captioning import blip2_itg_logits_fn
+        return step_captioner(blip2_itg_logits_fn, model, variables, beam_size)

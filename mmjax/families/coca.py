@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from mmjax import losses
-from mmjax.families.base import Family, plain
+from mmjax.families.base import Family, plain, step_captioner
 from mmjax.families.two_tower import contrastive_terms
 from mmjax.models.flops import layer_flops, text_flops
 
@@ -39,10 +39,5 @@ class CoCaFamily(Family):
         c.evals.captioning.update(dict(shards="synthetic", max_samples=8, max_len=8))
 
     def captioner(self, model, variables, beam_size):
-        from mmjax.evaluate import captioning
-
-        def run(media, tokenizer, max_len):
-            return captioning.generate_captions(
-                captioning.coca_logits_fn(model, variables, media), len(media), tokenizer,
-                max_len, beam_size=beam_size)
-        return run
+        from mmjax.evaluate.captioning import coca_logits_fn
+        return step_captioner(coca_logits_fn, model, variables, beam_size)
