@@ -1,0 +1,40 @@
+"""A video tower's frame ViT starts from an image-text run's image tower (`config.init`)."""
+import jax
+import numpy as np
+import pytest
+
+from mmjax.models import build
+from mmjax.train import sharding as shd
+from mmjax.train.config_utils import load_config
+from mmjax.train.init_sources import restore_run_params
+from mmjax.train.loop import train
+from mmjax.train.optimizer import build_optimizer
+from mmjax.train.step import Trainer
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("MMJAX_CACHE", str(tmp_path_factory.getbasetemp() / "mmjax_cache"))
+
+
+def test_frame_vit_starts_from_an_image_text_run(tmp_path):
+    image_run = str(tmp_path / "clip")
+    train(load_config("clip_b16:tiny", ["evals.zeroshot.shards=", "evals.retrieval.shards="]),
+          image_run)
+    _, source, _ = restore_run_params(image_run)
+    config = load_config("video_clip_tiny:tiny",
+                         [f"init.image_tower/frame=workdir:{image_run}#image_tower"])
+    # The same ViT layout as the image run (clip_b16:tiny scans its layers).
+    with config.unlocked():
+        config.model.image.update({k: v for k, v in load_config("clip_b16:tiny", []).model.image
+                                   .to_dict().items() if k not in ("kind",)})
+    mesh = shd.make_mesh(config.mesh, jax.devices()[:1])
+    tx, schedule = build_optimizer(config.optim, int(config.total_steps))
+    state = Trainer(config, build(config.model), tx, schedule, mesh).init_state(0)
+    frame = jax.device_get(state["params"]["image_tower"]["frame"])
+    want = source["image_tower"]
+    assert jax.tree.structure(frame) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(frame), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Only the frame ViT comes from the image run: the temporal model is new.
+    assert any(k.startswith("temporal") for k in state["params"]["image_tower"])
