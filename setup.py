@@ -1,4 +1,4 @@
-"""mmjax: multimodal (image-text) pretraining in JAX/Flax."""
+"""mmjax: multimodal (image-, audio- and video-text) pretraining in JAX/Flax."""
 from setuptools import find_packages, setup
 
 PARITY = ["torch>=2.4", "transformers>=4.45"]
@@ -6,8 +6,8 @@ PARITY = ["torch>=2.4", "transformers>=4.45"]
 setup(
     name="mmjax",
     version="0.1.0",
-    description="JAX/Flax pretraining and evaluation of image-text models "
-                "(CLIP, SigLIP, LiT, CoCa, BLIP-2).",
+    description="JAX/Flax pretraining and evaluation of image-, audio- and video-text "
+                "models (CLIP, SigLIP, LiT, CoCa, BLIP-2, LLaVA, CLAP, video CLIP).",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["mmjax", "mmjax.*"]),
@@ -31,11 +31,16 @@ setup(
         "tensorboardX>=2.6",
         "tqdm>=4.66",
         "pycocoevalcap>=1.2",
+        "soundfile>=0.12",            # audio decoding (libsndfile, bundled in the wheels)
+        "soxr>=0.3.7",                # audio resampling
+        "av>=12.0",                   # video decoding (PyAV, FFmpeg bundled in the wheels)
     ],
     extras_require={
         # The test suite includes parity tests against Hugging Face transformers and
         # compiles the train step for TPU slices deviceless (libtpu through jax[tpu]).
-        "test": ["pytest>=8.0", "tensorflow-datasets>=4.9.6", "jax[tpu]>=0.6.0", *PARITY],
+        # librosa: the log-mel parity reference.
+        "test": ["pytest>=8.0", "tensorflow-datasets>=4.9.6", "jax[tpu]>=0.6.0", "librosa>=0.10",
+                 *PARITY],
         "parity": PARITY,
         "tfds": ["tensorflow-datasets>=4.9.6"],
         "gpu": ["jax[cuda12]>=0.6.0"],
