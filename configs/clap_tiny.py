@@ -7,7 +7,8 @@ steady, rising or falling, with a second short sound before or after (18
 classes; captions like "the sound of deep bursts of noise sweeping upward").
 The log-mel spectrogram is computed on device (`mmjax.models.audio`), with
 SpecAugment masking in training. The run ends with zero-shot top-1 on held-out
-clips (chance 1/18 = 5.6%); README, "Audio-text", has measured numbers.
+clips (chance 1/18 = 5.6%): measured 62.0% top-1, 97.8% top-5 (2-core Intel Xeon
+VM under load, 6 min 50 s; README, "Audio-text").
 """
 from mmjax.train.defaults import base_config, make_tiny
 
