@@ -40,18 +40,18 @@ class ProgressLog:
 
 
 def cached_shards(cache_dir: str, name: str, params: dict,
-                  write: Callable[[str, ProgressLog], object], *, what: str,
+                  write: Callable[[str, ProgressLog], object], *, what: str, detail: str = "",
                   log_every_s: float = 5.0) -> list[str]:
     """Shard paths of `cache_dir/{name}-{hash(params)}`, written by `write(folder,
     progress)` the first time (progress(done) logs rate and ETA of
-    `params["num_samples"]`)."""
+    `params["num_samples"]`); `detail` is added to the first log line."""
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
     final = os.path.join(os.fspath(cache_dir), f"{name}-{digest}")
     if not os.path.exists(os.path.join(final, "params.json")):
         os.makedirs(cache_dir, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=cache_dir)
-        log.info("writing the %s (%d samples) to %s, once: later runs reuse it",
-                 what, params["num_samples"], final)
+        log.info("writing the %s (%d samples%s) to %s, once: later runs reuse it",
+                 what, params["num_samples"], detail, final)
         try:
             write(tmp, ProgressLog(what, int(params["num_samples"]), log_every_s))
             with open(os.path.join(tmp, "params.json"), "w", encoding="utf-8") as f:

@@ -349,4 +349,5 @@ def ensure_synthetic_shards(cache_dir: str, split: str = "train", num_samples: i
         write_synthetic_shards(folder, split, num_samples, image_size, samples_per_shard, seed,
                                image_format, progress=progress)
     return cached_shards(cache_dir, f"synthetic-{split}", params, write,
-                         what=f"built-in {split} data ({image_size}px)", log_every_s=log_every_s)
+                         what=f"built-in {split} data", detail=f", {image_size}px",
+                         log_every_s=log_every_s)

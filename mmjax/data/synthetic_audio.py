@@ -318,4 +318,4 @@ def ensure_audio_shards(cache_dir: str, split: str = "train", num_samples: int =
         write_audio_shards(folder, num_samples, sample_rate, seconds, samples_per_shard, seed,
                            split, progress=progress)
     return cached_shards(cache_dir, f"synthetic-audio-{split}", params, write,
-                         what=f"built-in {split} audio ({seconds:.1f} s clips)")
+                         what=f"built-in {split} audio", detail=f", {seconds:g} s clips")
