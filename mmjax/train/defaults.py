@@ -90,11 +90,14 @@ def make_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     d.update(dict(shards="synthetic", tokenizer="bytes", max_len=32, image_size=32,
                   workers=0, shuffle_buffer=16))
     c.evals.batch_size = 32
-    c.evals.retrieval.shards = "synthetic"
+    c.evals.zeroshot.shards = c.evals.retrieval.shards = "synthetic"
     m = c.model
     small = dict(width=64, depth=2, heads=4, mlp_dim=128)
     if "image" in m:
         m.image.update(family.tower(m).tiny(m.image.to_dict()))
+        for key in ("sample_rate", "clip_seconds", "num_frames"):  # the data feeds the tower
+            if key in m.image:
+                d[key] = m.image[key]
     if "text" in m:
         m.text.update(dict(vocab_size=259, max_len=32, **small))
         if m.text.get("embed_dim"):
