@@ -26,6 +26,7 @@ import shutil
 import sys
 import time
 import traceback
+import warnings
 from typing import Any, Optional
 
 import jax
@@ -154,6 +155,11 @@ class Checkpointer:
         if self._failed is not None:
             return self._failed
         step = self._pending if self._pending is not None else step
+        # The failed save leaves orbax's other write coroutines unawaited; Python would
+        # report each at exit ("coroutine ... was never awaited") under the one-line error.
+        if not os.environ.get("MMJAX_DEBUG"):
+            warnings.filterwarnings("ignore", category=RuntimeWarning,
+                                    message=r"coroutine '.*' was never awaited")
         removed = self.remove_partial() if jax.process_index() == 0 else []
         free = ""
         if not wd.is_remote(self.directory):
