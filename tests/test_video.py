@@ -265,14 +265,25 @@ def test_synthetic_motion_is_what_separates_same_colour_and_shape():
         clip = sv.render_clip(params, np.random.default_rng(7), frames=8, size=32)
         assert clip.shape == (8, 32, 32, 3) and clip.dtype == np.uint8
         pos = np.stack([_centroid(f, sv.COLORS["green"]) for f in clip])
-        step = (np.diff(pos, axis=0) + 0.5) % 1.0 - 0.5   # displacement on the torus
-        mean = step.mean(0)
-        assert np.sign(np.round(mean, 3)).tolist() == [vx, vy], (motion, mean)
-        assert 0.02 < np.abs(mean).max() < 0.05
-        seen[motion] = clip
-    # Same draws, same first frame: one frame does not tell the motion.
-    assert all(np.abs(c[0].astype(int) - seen["left"][0]).mean() < 3 for c in seen.values())
-    assert np.abs(seen["left"][-1].astype(int) - seen["right"][-1]).mean() > 5
+        step = np.diff(pos, axis=0)
+        axis = 0 if vx else 1
+        assert np.all(np.sign(step[:, axis]) == vx + vy), (motion, step)  # every frame
+        assert np.abs(step[:, 1 - axis]).max() < 0.01, (motion, step)     # not across
+        assert 0.02 < np.abs(step.mean(0)).max() < 0.05
+        seen[motion] = pos
+    # Same draws: moving left is moving right backwards (and up is down backwards), so
+    # the set of positions, and any one frame's distribution, is the same for both.
+    np.testing.assert_allclose(seen["left"], seen["right"][::-1], atol=0.01)
+    np.testing.assert_allclose(seen["up"], seen["down"][::-1], atol=0.01)
+    assert np.abs(seen["left"][-1] - seen["right"][-1]).max() > 0.15
+    # The shape stays whole in the frame, also in clips too long for its speed.
+    for frames in (8, 32):
+        for seed in range(20):
+            params = {"color": "red", "shape": "square", "motion": "right"}
+            clip = sv.render_clip(params, np.random.default_rng(seed), frames=frames, size=32)
+            red = np.abs(clip.astype(int) - sv.COLORS["red"]).sum(-1) < 60
+            area = red.sum((1, 2))
+            assert area.min() > 0.8 * area.max(), (frames, seed, area)
     assert len(sv.CLASSES) == 24 and len(set(sv.CLASSES)) == 24
     assert sv.class_label(sv.class_params(13)) == 13
 
@@ -375,6 +386,37 @@ def test_temporal_transformer_shapes_gradients_and_order(towers_params):
     with pytest.raises(ConfigError, match="num_frames"):
         jax.eval_shape(VideoViT(**VIT, num_frames=2, temporal="transformer",
                                 temporal_heads=2).init, jax.random.key(0), x)
+
+
+def test_centred_frames_feed_the_temporal_blocks_what_changes(towers_params):
+    """`center_frames=True`: the blocks see each clip's frame embeddings minus their
+    mean over frames at unit RMS (independent numpy formula), so a clip whose frames
+    are all alike gives the blocks zeros, and the output stays x + blocks(...)."""
+    _, params = towers_params
+    model = VideoViT(**VIT, num_frames=4, temporal="transformer", temporal_depth=2,
+                     temporal_heads=2, center_frames=True)
+    x = _video()
+    still = jnp.repeat(x[:, :1], 3, axis=1)  # three identical frames per clip
+    ident = dict(params, **{k: jax.tree.map(jnp.zeros_like, params[k])
+                            for k in ("temporal_0", "temporal_1")})
+    run = jax.jit(lambda p, x: (model.apply({"params": p}, x)[0], ViT(**VIT).apply(
+        {"params": p["frame"]}, x.reshape(-1, 16, 16, 3))[0]))
+    pe = np.asarray(params["frame_posemb"])[:3]
+    for clip in (x, still):
+        got, per_frame = run(ident, clip)
+        f = np.float64(per_frame).reshape(2, 3, 16)
+        d = f - f.mean(1, keepdims=True)
+        ms = (d ** 2).mean((1, 2), keepdims=True)
+        centred = d / np.sqrt(ms + 1e-4 * (f ** 2).mean((1, 2), keepdims=True))
+        # identity blocks return their input (centred + posemb); the residual adds f.
+        np.testing.assert_allclose(got, (f + centred + pe).mean(1), atol=1e-4)
+        if clip is x:
+            np.testing.assert_allclose(np.sqrt((centred ** 2).mean((1, 2))), 1, atol=1e-3)
+        else:
+            assert np.abs(centred).max() < 1e-3
+    # frame_posemb starts at the scale of its centred input (std 1, not 0.02).
+    pe_init = nn.unbox(jax.jit(model.init)(jax.random.key(3), x)["params"])["frame_posemb"]
+    assert pe_init.shape == (4, 16) and 0.7 < float(jnp.std(pe_init)) < 1.3
 
 
 def test_registry_and_token_mode():

@@ -26,8 +26,9 @@ def test_frame_vit_starts_from_an_image_text_run(tmp_path):
                          [f"init.image_tower/frame=workdir:{image_run}#image_tower"])
     # The same ViT layout as the image run (clip_b16:tiny scans its layers).
     with config.unlocked():
-        config.model.image.update({k: v for k, v in load_config("clip_b16:tiny", []).model.image
-                                   .to_dict().items() if k not in ("kind",)})
+        image = load_config("clip_b16:tiny", []).model.image.to_dict()
+        config.model.image.update({k: v for k, v in image.items() if k not in ("kind",)})
+        config.model.image.posemb = image.get("posemb", "learned")  # (the ViT default)
     mesh = shd.make_mesh(config.mesh, jax.devices()[:1])
     tx, schedule = build_optimizer(config.optim, int(config.total_steps))
     state = Trainer(config, build(config.model), tx, schedule, mesh).init_state(0)

@@ -49,7 +49,7 @@ def video_shards(cache: str, split: str, syn: Any, seed: int = 0) -> list[str]:
     """Moving shapes (`mmjax.data.synthetic_video`): `syn.video_frames` frames of
     `syn.image_size` px per clip."""
     from mmjax.data.synthetic_video import write_video_shards
-    params = dict(kind="video", version=2, split=split, num_samples=int(syn[f"{split}_samples"]),
+    params = dict(kind="video", version=3, split=split, num_samples=int(syn[f"{split}_samples"]),
                   frames=int(syn.video_frames), size=int(syn.image_size),
                   samples_per_shard=int(syn.samples_per_shard), seed=seed)
 

@@ -7,13 +7,13 @@ phrasings (``"a red circle moving left"``, ``"a video of a red circle moving
 to the left"``, ...).
 
 Only the motion tells apart the four classes of one colour and shape, and no
-single frame shows it: the shape moves at a constant velocity on a torus
-(it leaves one edge and comes back at the opposite one) from a uniformly
-random start, so its position in any one frame is uniform whatever its
-motion. Moving left and moving right (and up and down) are also time
-reversals of each other: a model that pools frames without their order
-(mean pooling) can tell horizontal from vertical motion, not the direction;
-a temporal model over the frames can.
+single frame shows it: the shape crosses the frame in a straight line at a
+constant velocity, staying whole inside it, along a path drawn uniformly among
+the paths that fit; moving left is moving right played backwards (and up is
+down backwards), so the position in one frame has the same distribution for
+both directions of an axis. A model that pools frames without their order
+(mean pooling) can tell horizontal from vertical motion at best, not the
+direction; a temporal model over the frames can.
 
 Per clip: size, start, speed (0.025-0.045 of the frame per frame), shade of
 the colour, background grey and pixel noise vary. Clips are a pure function
@@ -46,6 +46,8 @@ _TEMPLATES = (
     "a {c} {s} moving {to}{m}", "a clip of a {c} {s} going {m}",
 )
 _SUPERSAMPLE = 2  # render at 2x and average: smooth edges without a drawing library
+SIZE_RANGE = (0.28, 0.4)      # object side, fraction of the frame
+SPEED_RANGE = (0.025, 0.045)  # frame widths per frame
 
 
 def class_params(label: int) -> dict:
@@ -67,17 +69,26 @@ def render_clip(params: Mapping, rng: np.random.Generator, frames: int = 16,
 
     ``params`` names the class (``{"color", "shape", "motion"}``); ``rng``
     draws everything else: object size, shade, background, start position
-    (uniform), speed, noise. The object moves ``speed`` frame widths per frame
-    along its motion, wrapping around the edges.
+    (uniform among the paths that keep it whole), speed, noise. The object moves
+    ``speed`` frame widths per frame along its motion (slower in clips too long
+    for the path to fit at that speed).
     """
     if frames < 2 or size < 8:
         raise ConfigError(f"a synthetic clip needs frames >= 2 and size >= 8, got "
                           f"frames={frames}, size={size}")
     vx, vy = MOTIONS[params["motion"]]
     shape = params["shape"]
-    side = rng.uniform(0.28, 0.4)                      # object size, fraction of the frame
-    x0, y0 = rng.uniform(0, 1, 2)
-    speed = rng.uniform(0.025, 0.045)
+    side = rng.uniform(*SIZE_RANGE)                    # object size, fraction of the frame
+    start, across = rng.uniform(0, 1, 2)
+    speed = rng.uniform(*SPEED_RANGE)
+    lo, hi = side / 2, 1 - side / 2                    # centre positions that keep it whole
+    speed = min(speed, (hi - lo) / (frames - 1))        # long clips: slower, still whole
+    travel = speed * (frames - 1)
+    first = lo + (hi - lo - travel) * start            # path [first, first + travel]
+    along = first + speed * np.arange(frames)          # moving right / down
+    if vx + vy < 0:
+        along = along[::-1]                            # left / up: the same path backwards
+    across = lo + (hi - lo) * across
     rgb = np.clip(np.array(COLORS[params["color"]]) + rng.uniform(-18, 18, 3), 0, 255)
     background = rng.uniform(95, 165) + rng.uniform(-8, 8, 3)
 
@@ -86,9 +97,8 @@ def render_clip(params: Mapping, rng: np.random.Generator, frames: int = 16,
     xx, yy = np.meshgrid(coords, coords)
     out = np.empty((frames, size, size, 3), np.float32)
     for f in range(frames):
-        cx, cy = (x0 + vx * speed * f) % 1.0, (y0 + vy * speed * f) % 1.0
-        dx = (xx - cx + 0.5) % 1.0 - 0.5                 # offsets on the torus
-        dy = (yy - cy + 0.5) % 1.0 - 0.5
+        cx, cy = (along[f], across) if vx else (across, along[f])
+        dx, dy = xx - cx, yy - cy
         if shape == "circle":
             mask = dx * dx + dy * dy <= (side / 2) ** 2
         else:
