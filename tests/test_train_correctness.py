@@ -135,10 +135,9 @@ def test_accumulated_micro_batches_draw_their_own_itm_negatives():
     key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
     params = jax.device_get(state["params"])
     _, metrics = trainer.step(state, jax.device_put(batch, trainer.batch_sharding))
-    per_micro = [float(compute_losses(trainer.model, params, half,
-                                      dict(config.objectives),
-                                      jax.random.fold_in(key, i))[1]["loss/itm"])
-                 for i in range(2)]
+    itm = jax.jit(lambda p, b, k: compute_losses(trainer.model, p, b, dict(config.objectives),
+                                                 k)[1]["loss/itm"])
+    per_micro = [float(itm(params, half, jax.random.fold_in(key, i))) for i in range(2)]
     assert per_micro[0] != per_micro[1]  # the two keys draw different negatives
     assert float(metrics["loss/itm"]) == pytest.approx(np.mean(per_micro), rel=1e-5)
 
@@ -157,13 +156,15 @@ def test_blip2_stage2_qformer_sees_the_stage1_tokens():
     p1 = jax.jit(stage1.init)(jax.random.key(2), images, text)
     p1 = {"params": {**p1["params"], "image_tower": pv["params"]["image_tower"],
                      "qformer_module": pv["params"]["qformer_module"]}}
-    queries = stage1.apply(p1, images, method=lambda m, x: m.qformer_module(m.image_tokens(x)))
+    queries = jax.jit(lambda p, x: stage1.apply(
+        p, x, method=lambda m, x: m.qformer_module(m.image_tokens(x))))(p1, images)
     proj = pv["params"]["projector"]
     want = jnp.einsum("bqd,de->bqe", queries, getattr(proj["kernel"], "value", proj["kernel"]))
     want = want + getattr(proj["bias"], "value", proj["bias"])
-    got = vlm.apply(pv, images, method="image_embeds")
+    got = jax.jit(lambda p, x: vlm.apply(p, x, method="image_embeds"))(pv, images)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     # and what the Q-Former attends to is the full token set
-    n_tokens = stage1.apply(p1, images, method="image_tokens").shape[1]
+    n_tokens = jax.eval_shape(lambda p, x: stage1.apply(p, x, method="image_tokens"),
+                              p1, images).shape[1]
     grid = config.model.image.image_size // config.model.image.patch_size
     assert n_tokens == grid * grid + 1
