@@ -353,6 +353,12 @@ def test_mean_pooling_is_the_mean_of_the_image_vit_on_each_frame(towers_params):
     np.testing.assert_allclose(normed, unit.mean(1), atol=1e-5)
 
 
+def _identity_blocks(params):
+    """seqTransf parameters with both temporal blocks zeroed: each block returns its input."""
+    return dict(params, **{k: jax.tree.map(jnp.zeros_like, params[k])
+                           for k in ("temporal_0", "temporal_1")})
+
+
 def test_temporal_transformer_shapes_gradients_and_order(towers_params):
     model, params = towers_params
     x = _video()
@@ -373,8 +379,7 @@ def test_temporal_transformer_shapes_gradients_and_order(towers_params):
         assert bool(jnp.all(jnp.isfinite(g))) and float(jnp.abs(g).max()) > 0, name
     # seqTransf with identity blocks (all block parameters zero): the blocks return
     # their input x + posemb, and the residual adds x again: pooled = mean(2 x + posemb).
-    ident = dict(params, **{k: jax.tree.map(jnp.zeros_like, params[k])
-                            for k in ("temporal_0", "temporal_1")})
+    ident = _identity_blocks(params)
     got, per_frame = jax.jit(lambda p, x: (model.apply({"params": p}, x)[0], ViT(**VIT).apply(
         {"params": p["frame"]}, x.reshape(6, 16, 16, 3))[0]))(ident, x)
     per_frame = np.asarray(per_frame).reshape(2, 3, 16)
@@ -397,8 +402,7 @@ def test_centred_frames_feed_the_temporal_blocks_what_changes(towers_params):
                      temporal_heads=2, center_frames=True)
     x = _video()
     still = jnp.repeat(x[:, :1], 3, axis=1)  # three identical frames per clip
-    ident = dict(params, **{k: jax.tree.map(jnp.zeros_like, params[k])
-                            for k in ("temporal_0", "temporal_1")})
+    ident = _identity_blocks(params)
     run = jax.jit(lambda p, x: (model.apply({"params": p}, x)[0], ViT(**VIT).apply(
         {"params": p["frame"]}, x.reshape(-1, 16, 16, 3))[0]))
     pe = np.asarray(params["frame_posemb"])[:3]
