@@ -1,5 +1,6 @@
 """Caption decoding: hand-made logits functions with known answers, and a tiny
-random CoCa / BLIP-2 against slow step-by-step Python references."""
+random CoCa (beam 1 = greedy, a batch = its rows one by one, EOS stops a row).
+Model captions against full-recompute Python searches: tests/test_decoding.py."""
 import itertools
 
 import jax
@@ -7,10 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmjax.evaluate.captioning import (beam_search, blip2_itg_logits_fn, coca_logits_fn,
-                                       greedy_decode)
-from mmjax.evaluate.retrieval import model_method
-from mmjax.models import Blip2Stage1, CoCa
+from mmjax.evaluate.captioning import beam_search, coca_logits_fn, greedy_decode
+from mmjax.models import CoCa
 
 PAD, BOS, EOS = 0, 1, 2
 
@@ -119,32 +118,6 @@ def coca():
     return model, variables, images
 
 
-def _reference_greedy(step_logits, batch, max_len):
-    """Slow loop: call the model on the growing sequences (no buffer, no padding).
-    Rows are independent, so a finished row just keeps going and is cut at EOS."""
-    tokens = np.full((batch, 1), BOS, np.int32)
-    while tokens.shape[1] < max_len:
-        logits = np.array(step_logits(tokens)[:, -1])
-        logits[:, PAD] = -np.inf
-        tokens = np.concatenate([tokens, logits.argmax(axis=1)[:, None].astype(np.int32)], 1)
-    out = np.full((batch, max_len), PAD, np.int32)
-    for i, row in enumerate(tokens.tolist()):
-        end = row.index(EOS) + 1 if EOS in row[1:] else max_len
-        out[i, :end] = row[:end]
-    return out
-
-
-def test_coca_greedy_equals_python_reference(coca):
-    model, variables, images = coca
-    out = greedy_decode(coca_logits_fn(model, variables, images), np.full((3, 1), BOS),
-                        MAX_LEN, EOS, PAD)
-    image_tokens = model.apply(variables, images, method="image_tokens")
-    decode = jax.jit(model_method(model, "decode"))
-    ref = _reference_greedy(lambda t: decode(variables, t, image_tokens), 3, MAX_LEN)
-    np.testing.assert_array_equal(out, ref)
-    assert len({tuple(r) for r in out.tolist()}) > 1   # captions depend on the image
-
-
 def test_coca_beam1_equals_greedy_and_batch_equals_single(coca):
     model, variables, images = coca
     prefix = np.full((3, 1), BOS)
@@ -169,17 +142,3 @@ def test_decoding_stops_at_eos_with_tiny_coca(coca):
     out = greedy_decode(boosted, np.full((3, 1), BOS), MAX_LEN, EOS, PAD)
     assert (out[:, 3] == EOS).all() and (out[:, 4:] == PAD).all()
     assert (out[:, 1:3] != EOS).all()
-
-
-def test_blip2_itg_greedy_equals_python_reference():
-    model = Blip2Stage1(image=VIT, qformer=dict(num_queries=4, width=32, depth=2, heads=2,
-                                                mlp_dim=64, vocab_size=VOCAB, max_len=MAX_LEN),
-                        embed_dim=16, dec_id=3)
-    images = np.random.default_rng(1).standard_normal((2, IMAGE, IMAGE, 3)).astype(np.float32)
-    variables = jax.jit(model.init)(jax.random.key(2), images, np.ones((2, MAX_LEN), np.int32))
-    out = greedy_decode(blip2_itg_logits_fn(model, variables, images), np.full((2, 1), BOS),
-                        MAX_LEN, EOS, PAD)
-    image_tokens = model.apply(variables, images, method="image_tokens")
-    itg = jax.jit(model_method(model, "itg_logits"))
-    ref = _reference_greedy(lambda t: itg(variables, image_tokens, t), 2, MAX_LEN)
-    np.testing.assert_array_equal(out, ref)

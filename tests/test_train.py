@@ -67,13 +67,21 @@ def _trainer(config, mesh_shape):
     return Trainer(config, build(config.model), tx, schedule, mesh)
 
 
-def _grads(config, mesh_shape, batch, params=None):
-    """Loss and gradients of the public step's objective on one mesh (host numpy).
-    The state is initialized on that mesh (same seed), or takes `params`."""
+def _host_state(config, perturb=True):
+    """Host copy of the state initialized on one device, with `_perturbed`
+    parameters: every mesh below starts from this very state (put onto its
+    shardings), so no test compiles an init per mesh."""
+    state = jax.device_get(_trainer(config, (1, 1, 1)).init_state(0))
+    if perturb:
+        state["params"] = _perturbed(state["params"])
+    return state
+
+
+def _grads(config, mesh_shape, batch, state):
+    """Loss and gradients of the public step's objective on one mesh (host numpy),
+    at the host `state` put onto that mesh's shardings."""
     trainer = _trainer(config, mesh_shape)
-    state = trainer.init_state(0)
-    if params is not None:
-        state["params"] = jax.device_put(params, trainer.state_sharding["params"])
+    state = jax.device_put(state, trainer.state_sharding)
     loss, _, grads = trainer.grads(state, jax.device_put(batch, trainer.batch_sharding))
     return float(loss), jax.device_get(grads), trainer, state
 
@@ -132,13 +140,13 @@ def test_sharded_gradients_equal_single_device(recipe, arg):
     with config.unlocked():  # (the CPU recipes have no dtype key: float32 already)
         config.model.dtype = "float32"
     batch = _batches(config, 1, seed=1)[0]
-    params = _perturbed(jax.device_get(_trainer(config, (1, 1, 1)).init_state(0)["params"]))
-    ref_loss, ref, _, _ = _grads(config, (1, 1, 1), batch, params)
+    state = _host_state(config)
+    ref_loss, ref, _, _ = _grads(config, (1, 1, 1), batch, state)
     global_norm = np.sqrt(sum(np.sum(np.float64(g) ** 2) for g in jax.tree.leaves(ref)))
     assert np.isfinite(ref_loss) and global_norm > 0
     frozen = list(config.optim.freeze)
     for shape in [(2, 2, 2)] + ([(1, 4, 2)] if recipe in SECOND_MESH else []):
-        loss, grads, trainer, _ = _grads(config, shape, batch, params)
+        loss, grads, trainer, _ = _grads(config, shape, batch, state)
         np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
         checked = 0
         for path, (err, norm) in _leaf_errors(grads, ref).items():
@@ -166,14 +174,14 @@ def test_sharded_bfloat16_gradients_as_accurate_as_single_device():
     c32 = load_config("clip_b16:tiny", ["batch_size=16", "model.dtype=float32"])
     c16 = load_config("clip_b16:tiny", ["batch_size=16", "model.dtype=bfloat16"])
     batch = _batches(c32, 1, seed=1)[0]
-    params = _perturbed(jax.device_get(_trainer(c32, (1, 1, 1)).init_state(0)["params"]))
-    _, truth, _, _ = _grads(c32, (1, 1, 1), batch, params)
-    one = _leaf_errors(_grads(c16, (1, 1, 1), batch, params)[1], truth)
+    state = _host_state(c32)  # float32 parameters in both (bfloat16 is the compute dtype)
+    _, truth, _, _ = _grads(c32, (1, 1, 1), batch, state)
+    one = _leaf_errors(_grads(c16, (1, 1, 1), batch, state)[1], truth)
     norm = np.sqrt(sum(n ** 2 for _, n in one.values()))
     base = np.sqrt(sum((e * n) ** 2 for e, n in one.values())) / norm
     assert 0 < base < 0.1  # bfloat16 rounding, not float32 and not garbage
     for shape in [(2, 2, 2), (8, 1, 1)]:
-        errs = _leaf_errors(_grads(c16, shape, batch, params)[1], truth)
+        errs = _leaf_errors(_grads(c16, shape, batch, state)[1], truth)
         total = np.sqrt(sum((e * n) ** 2 for e, n in errs.values())) / norm
         assert total <= 1.15 * base, (shape, total, base)
         for path, (err, n) in errs.items():

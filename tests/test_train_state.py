@@ -1,4 +1,6 @@
 """Train-state details: gradient accumulation, restoring onto another mesh."""
+import logging
+
 import jax
 import numpy as np
 
@@ -53,13 +55,35 @@ def test_accumulated_gradient_is_mean_of_micro_batch_gradients():
         np.testing.assert_allclose(g, want, rtol=1e-4, atol=atol)
 
 
+class _Compiles(logging.Handler):
+    """Names of the XLA compilations logged while attached (`jax.log_compiles`)."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.names = []
+
+    def emit(self, record):
+        message = record.getMessage()
+        if "Finished XLA compilation of" in message:
+            self.names.append(message.split("Finished XLA compilation of ")[1].split(" in ")[0])
+
+
 def test_restore_onto_a_different_mesh(tmp_path):
     config, trainer = _trainer(["batch_size=8"], (8, 1, 1))
     state = trainer.init_state(0)
     state, _ = trainer.step(state, jax.device_put(_batch(config), trainer.batch_sharding))
     ckpt = Checkpointer(str(tmp_path), async_save=False)
-    ckpt.save(1, state, {"position": 7})
-    ckpt.wait()
+    compiled = _Compiles()
+    logging.getLogger("jax").addHandler(compiled)
+    try:
+        with jax.log_compiles():
+            ckpt.save(1, state, {"position": 7})
+            ckpt.wait()
+    finally:
+        logging.getLogger("jax").removeHandler(compiled)
+    # Small replicated arrays are written whole, not split over their 8 replicas
+    # (orbax's default compiles a slice program per array shape for that).
+    assert compiled.names == []
     want = jax.device_get(state["params"])
     _, other = _trainer(["batch_size=8", "mesh.fsdp=4"], (2, 4, 1))
     restored, data_state, step = ckpt.restore(None, other.abstract_state)

@@ -109,12 +109,43 @@ def _megabytes(n: int) -> str:
     return f"{n / 2 ** 20:.1f} MiB" if n < 2 ** 30 else f"{n / 2 ** 30:.1f} GiB"
 
 
+# Replica-parallel saving (each replica of a replicated array writes a slice of
+# it) costs one compiled slice program per array shape; below this many bytes
+# per replica the split saves less write time than it costs.
+REPLICA_PARALLEL_MIN_BYTES = 1 << 20
+
+
+def _register_array_handler() -> None:
+    """jax.Array saving: replica-parallel only for slices of 1 MiB or more.
+
+    Orbax splits every replicated array over its replicas by default, which
+    compiles a slice program per array shape at the first save of a run (96
+    programs, ~3 s on a 2-core CPU, for the tiny CLIP; several seconds more for
+    larger trees of small leaves). Large arrays of pod runs are still split.
+    Registered in orbax's default type-handler registry (the one
+    `StandardSave` uses); the handler is orbax's own with this one option set.
+    """
+    if getattr(_register_array_handler, "done", False):
+        return
+    absl_log = logging.getLogger("absl")  # orbax warns about every override
+    level = absl_log.level
+    absl_log.setLevel(logging.ERROR)
+    try:
+        ocp.type_handlers.register_type_handler(
+            jax.Array, ocp.type_handlers.ArrayHandler(
+                min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES), override=True)
+    finally:
+        absl_log.setLevel(level)
+    _register_array_handler.done = True
+
+
 class Checkpointer:
     """Save / restore `(state, data_states)` under `workdir/checkpoints`."""
 
     def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
         self.directory = wd.join(wd.resolve(workdir), "checkpoints")
         _quiet_orbax_failures()
+        _register_array_handler()
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,

@@ -23,12 +23,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import re
 import sys
 import tempfile
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from mmjax.train.hlo import summarize_collectives
 
@@ -189,54 +190,101 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _slack(report: dict) -> Optional[float]:
+    """Bytes per device over (> 0) or under (< 0) the limit, from one compile's
+    report: `total - hbm` when it compiled, `needed - available` from the
+    compiler's out-of-memory error (both count the batch-dependent part the
+    same way); None when the error gave no figures."""
+    mem = report.get("memory", {})
+    if "total" in mem:
+        return float(mem["total"]) - float(report["hbm"])
+    needed, available = mem.get("needed"), mem.get("available")
+    if needed is None or available is None or needed != needed or available != available:
+        return None
+    return float(needed) - float(available)
+
+
+def largest_fitting(probe: Callable[[int], tuple[bool, Optional[float]]], start: int,
+                    top: int) -> int:
+    """Largest k in [1, top] with `probe(k)[0]` true (0 if none), for a `probe`
+    that fits every k below some boundary and none above it.
+
+    `probe(k) -> (fits, slack)`, slack = bytes over (> 0) or under (< 0) the
+    limit, or None. Slack grows about linearly with k, so after two probes the
+    line through their slacks predicts the boundary and each further probe lands
+    next to it (regula falsi between the largest k known to fit and the smallest
+    known not to, with a bisection step whenever the same side has moved twice in
+    a row, so the bracket always narrows; doubling / halving until there is a
+    bracket, by at most 8x a probe). The answer is always probed on both sides
+    (it fits; k + 1 does not, unless k = top)."""
+    seen: dict[int, tuple[bool, Optional[float]]] = {}
+
+    def run(k: int) -> bool:
+        seen[k] = probe(k)
+        return bool(seen[k][0])
+
+    def predicted(a: int, b: int) -> Optional[int]:
+        sa, sb = seen[a][1], seen[b][1]
+        if sa is None or sb is None or sa == sb:
+            return None
+        k = a + (b - a) * (-sa) / (sb - sa)
+        return int(math.floor(k)) if math.isfinite(k) else None
+
+    k = min(top, max(1, start))
+    lo, hi = (k, None) if run(k) else (0, k)  # largest fitting (0: none), smallest not
+    stuck, last_side = 0, None
+    while hi is None or hi - lo > 1:
+        if hi is None:  # everything so far fits: extrapolate up
+            if lo >= top:
+                break
+            ok = sorted(x for x in seen if seen[x][0])
+            guess = predicted(ok[-2], ok[-1]) if len(ok) > 1 else None
+            cand = min(top, 8 * lo, max(lo + 1, guess) if guess is not None and guess >= lo
+                       else 2 * lo)
+        elif lo == 0:  # nothing fits yet: extrapolate down
+            if hi <= 1:
+                break
+            miss = sorted(seen)
+            guess = predicted(miss[0], miss[1]) if len(miss) > 1 else None
+            cand = max(1, hi // 8, guess if guess is not None and guess < hi else hi // 2)
+        else:  # bracketed
+            guess = predicted(lo, hi) if stuck < 2 else None
+            cand = min(hi - 1, max(lo + 1, guess if guess is not None else (lo + hi) // 2))
+        side = "lo" if run(cand) else "hi"
+        if side == "lo":
+            lo = max(lo, cand)
+        else:
+            hi = cand if hi is None else min(hi, cand)
+        stuck, last_side = (stuck + 1 if side == last_side else 1), side
+    return lo
+
+
 def max_batch(config: Any, target: Any, hbm_gib: Optional[float] = None,
               limit: int = 2 ** 20, log=print) -> tuple[int, list[dict]]:
-    """Largest global batch (a multiple of data x fsdp) whose step fits `target`, by
-    doubling then bisection over compiles. Returns `(batch or 0, reports)`."""
+    """Largest global batch (a multiple of data x fsdp) whose step fits `target`,
+    by `largest_fitting` over real compiles (memory per device grows about
+    linearly with the batch: 4-5 compiles where that holds, bisection steps where
+    it does not, e.g. near HBM, where the TPU compiler trades time for memory).
+    Returns `(batch or 0, reports)`."""
     from mmjax.train.targets import target_devices
     from mmjax.train import sharding as shd
     mesh = shd.make_mesh(config.mesh, target_devices(target))
     unit = mesh.shape["data"] * mesh.shape["fsdp"]
     reports: list[dict] = []
 
-    def fits(batch: int) -> bool:
+    def probe(k: int) -> tuple[bool, Optional[float]]:
         c = config.copy_and_resolve_references()
-        c.batch_size = batch
+        c.batch_size = k * unit
         r = compile_for_target(c, target, hbm_gib)
         reports.append(r)
-        log(f"batch {batch}: {'fits' if r['fits'] else 'does not fit'} "
-            f"({r['compile_s']:.0f} s)")
-        return r["fits"]
+        mem = r["memory"].get("total", r["memory"].get("needed"))
+        used = f"{mem / 2 ** 30:.2f} GiB/device, " if mem == mem and mem is not None else ""
+        log(f"batch {k * unit}: {'fits' if r['fits'] else 'does not fit'} "
+            f"({used}compile {r['compile_s']:.0f} s)")
+        return bool(r["fits"]), _slack(r)
 
-    b = max(unit, int(config.batch_size) // unit * unit)
-    if fits(b):
-        lo, hi = b, None
-        while hi is None and lo * 2 <= limit:
-            if fits(lo * 2):
-                lo *= 2
-            else:
-                hi = lo * 2
-        if hi is None:
-            return lo, reports
-    else:
-        hi, lo = b, 0
-        while lo == 0 and hi > unit:
-            cand = max(unit, hi // 2 // unit * unit)
-            if fits(cand):
-                lo = cand
-            else:
-                hi = cand
-        if lo == 0:
-            return 0, reports
-    while hi - lo > unit:
-        mid = (lo + hi) // 2 // unit * unit
-        if mid <= lo:
-            break
-        if fits(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo, reports
+    best = largest_fitting(probe, int(config.batch_size) // unit, max(1, limit // unit))
+    return best * unit, reports
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -81,7 +81,7 @@ class Trainer:
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
             abstract, self.state_sharding)
         self.batch_sharding = shd.batch_sharding(mesh)
-        self._step = self._grad_fn = None
+        self._step = self._grad_fn = self._init_fn = None
 
     def context(self):
         """Mesh, logical rules and kernel policy active while tracing (losses read the
@@ -96,8 +96,10 @@ class Trainer:
 
     def init_state(self, seed: int) -> dict:
         """Fresh state: random init, then the `config.init` sources."""
+        if self._init_fn is None:  # one compile per trainer, whatever the seed
+            self._init_fn = jax.jit(self._init, out_shardings=self.state_sharding)
         with self.context():
-            state = jax.jit(self._init, out_shardings=self.state_sharding)(jax.random.key(seed))
+            state = self._init_fn(jax.random.key(seed))
         state["params"] = clamp_params(init_sources.apply_init(state["params"], self.config),
                                        self.param_bounds)
         return state
