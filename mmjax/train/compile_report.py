@@ -168,7 +168,10 @@ def format_report(report: dict) -> str:
         lines.append("memory per device: " + ", ".join(
             f"{k} {format_bytes(mem[k])}" for k in ("argument", "output", "alias", "temp",
                                                     "total") if k in mem)
-            + f" of {format_bytes(r['hbm'])} HBM: " + ("fits" if r["fits"] else "DOES NOT FIT"))
+            + f" of {format_bytes(r['hbm'])} HBM: " + ("fits" if r["fits"] else "DOES NOT FIT")
+            + (f"; XLA's peak estimate {format_bytes(mem['peak'])} (on TPU the compiler's verdict "
+               f"and this peak are what count: total adds up temporaries not live at once)"
+               if mem.get("peak") else ""))
     else:
         lines.append("memory per device: compiler out of memory: " + misfit_line(r))
     lines.append(f"model FLOPs per step: {r['flops']:.4e} ({r['flops'] / r['devices']:.3e} per "
