@@ -107,11 +107,19 @@ def test_logit_scale_clamped_only_for_the_softmax_head(recipe, clamped):
         assert float(metrics["scale"]) == pytest.approx(math.exp(5.0), rel=1e-6)
 
 
-def test_blip2_temperature_keeps_its_gradient_and_is_clamped_after_the_update():
+@pytest.fixture(scope="module")
+def blip2_trainer():
+    """One tiny BLIP-2 stage-1 trainer (two micro-batches of 8) for the tests below:
+    its step compiles once for both."""
+    config = load_config("blip2_stage1:tiny", ["batch_size=16", "optim.accum_steps=2",
+                                               "optim.warmup_steps=0"])
+    return config, _trainer(config)
+
+
+def test_blip2_temperature_keeps_its_gradient_and_is_clamped_after_the_update(blip2_trainer):
     """LAVIS clamps the ITC temperature in place to [0.001, 0.5]; clipping it in the
     forward pass instead zeroes its gradient outside the range, where it then sticks."""
-    config = load_config("blip2_stage1:tiny", ["optim.warmup_steps=0"])
-    trainer = _trainer(config)
+    config, trainer = blip2_trainer
     state = trainer.init_state(0)
     state["params"]["temp"] = jax.device_put(jnp.float32(0.6), state["params"]["temp"].sharding)
     batch = jax.device_put(_batch(config), trainer.batch_sharding)
@@ -123,12 +131,11 @@ def test_blip2_temperature_keeps_its_gradient_and_is_clamped_after_the_update():
     assert 0.001 <= float(trainer.init_state(0)["params"]["temp"]) <= 0.5
 
 
-def test_accumulated_micro_batches_draw_their_own_itm_negatives():
+def test_accumulated_micro_batches_draw_their_own_itm_negatives(blip2_trainer):
     """With optim.accum_steps=2 and two identical micro-batches, the ITM loss is the
     mean of the losses under the two folded keys (one per micro-batch), not twice
     the same draw."""
-    config = load_config("blip2_stage1:tiny", ["batch_size=16", "optim.accum_steps=2"])
-    trainer = _trainer(config)
+    config, trainer = blip2_trainer
     state = trainer.init_state(0)
     half = _batch(config, rows=8)
     batch = {k: np.concatenate([v, v]) for k, v in half.items()}
