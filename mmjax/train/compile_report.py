@@ -196,8 +196,10 @@ def format_report(report: dict) -> str:
 def _slack(report: dict) -> Optional[float]:
     """Bytes per device over (> 0) or under (< 0) the limit, from one compile's
     report: `total - hbm` when it compiled, `needed - available` from the
-    compiler's out-of-memory error (both count the batch-dependent part the
-    same way); None when the error gave no figures."""
+    compiler's out-of-memory error; None when the error gave no figures. On TPU
+    the two are not the same measure (`total` over-counts temporaries that are
+    not live at once), so the line through them only guides the search; the
+    compiler's verdicts decide it."""
     mem = report.get("memory", {})
     if "total" in mem:
         return float(mem["total"]) - float(report["hbm"])
