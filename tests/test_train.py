@@ -67,13 +67,12 @@ def _trainer(config, mesh_shape):
     return Trainer(config, build(config.model), tx, schedule, mesh)
 
 
-def _host_state(config, perturb=True):
+def _host_state(config):
     """Host copy of the state initialized on one device, with `_perturbed`
     parameters: every mesh below starts from this very state (put onto its
     shardings), so no test compiles an init per mesh."""
     state = jax.device_get(_trainer(config, (1, 1, 1)).init_state(0))
-    if perturb:
-        state["params"] = _perturbed(state["params"])
+    state["params"] = _perturbed(state["params"])
     return state
 
 

@@ -19,6 +19,7 @@ resume on a different mesh.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import re
@@ -115,6 +116,7 @@ def _megabytes(n: int) -> str:
 REPLICA_PARALLEL_MIN_BYTES = 1 << 20
 
 
+@functools.lru_cache(maxsize=None)  # once per process
 def _register_array_handler() -> None:
     """jax.Array saving: replica-parallel only for slices of 1 MiB or more.
 
@@ -125,8 +127,6 @@ def _register_array_handler() -> None:
     Registered in orbax's default type-handler registry (the one
     `StandardSave` uses); the handler is orbax's own with this one option set.
     """
-    if getattr(_register_array_handler, "done", False):
-        return
     absl_log = logging.getLogger("absl")  # orbax warns about every override
     level = absl_log.level
     absl_log.setLevel(logging.ERROR)
@@ -136,7 +136,6 @@ def _register_array_handler() -> None:
                 min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES), override=True)
     finally:
         absl_log.setLevel(level)
-    _register_array_handler.done = True
 
 
 class Checkpointer:
