@@ -1,11 +1,32 @@
-"""Test-session setup: 8 simulated CPU devices, set before jax starts.
+"""Test-session setup: 8 simulated CPU devices, set before jax starts, and one
+persistent XLA compilation cache for the session.
 
 Single-device computations run on device 0; sharding tests build meshes over
 all 8. Multi-process tests start their own subprocesses.
+
+Many tests run the same small job (`mmjax train --config clip_tiny:tiny`, in
+this process or in `mmjax` subprocesses that inherit the environment): the
+cache lets each compiled program be built once per session. It starts empty in
+a fresh directory, so no result depends on an earlier session; a compile whose
+result is read back is the same executable (the cache key is the program, the
+compile options and the jaxlib/XLA version).
 """
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flag = "--xla_force_host_platform_device_count=8"
 if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+
+_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _CACHE = tempfile.mkdtemp(prefix="mmjax-test-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+
+def pytest_unconfigure(config):
+    if _CACHE:
+        shutil.rmtree(_CACHE, ignore_errors=True)

@@ -47,3 +47,27 @@ def test_largest_fitting_search_equals_exhaustive_search(seed):
         if kind == "linear":
             counts.append(len(probed))
     assert np.median(counts) <= 4 and max(counts) <= 8, counts
+
+
+def test_fit_and_slack_read_peak_on_tpu_total_elsewhere_needed_on_refusal():
+    """Which per-device figure decides a fit: XLA's peak on TPU (a v5e step the
+    compiler accepted: total 18.35 GiB, peak 15.17 GiB, HBM 15.75 GiB, so the
+    peak agrees with the compiler and the total does not), `total` on GPU, and
+    the `needed` of an out-of-memory refusal; the search's slack is that figure
+    minus the memory available."""
+    from mmjax.train.compile_report import _slack, misfit_line, used_bytes
+    gib = 2 ** 30
+    hbm = 15.75 * gib
+    memory = {"argument": 2.0 * gib, "output": 2.0 * gib, "alias": 2.0 * gib,
+              "temp": 16.35 * gib, "total": 18.35 * gib, "peak": 15.17 * gib}
+    tpu = {"platform": "tpu", "hbm": hbm, "memory": memory}
+    gpu = {"platform": "gpu", "hbm": hbm, "memory": memory}
+    refused = {"platform": "tpu", "hbm": hbm, "target": "v5litepod-16", "batch": 4064,
+               "mesh": "data=16", "memory": {"needed": 16.06 * gib, "available": 15.5 * gib}}
+    assert used_bytes(tpu) == memory["peak"] and _slack(tpu) == memory["peak"] - hbm < 0
+    assert used_bytes(gpu) == memory["total"] and _slack(gpu) == memory["total"] - hbm > 0
+    assert used_bytes(refused) == 16.06 * gib
+    assert abs(_slack(refused) - 0.56 * gib) < 1e-3 * gib
+    assert "16.06 GiB" in misfit_line(refused) and "15.50 GiB" in misfit_line(refused)
+    assert _slack({"platform": "tpu", "hbm": hbm,
+                   "memory": {"needed": float("nan"), "available": float("nan")}}) is None

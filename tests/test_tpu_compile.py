@@ -186,16 +186,16 @@ def test_max_batch_is_the_largest_batch_that_fits():
     checked against its own compiles: the answer fits and one more step of the
     batch does not (the search itself against exhaustive search:
     tests/test_max_batch_search.py)."""
-    from mmjax.train.compile_report import max_batch
-    # 128 fits, 256 (doubling) does not; then the line through the memory figures
-    # (6 compiles here: at this size memory is not quite linear in the batch;
-    # bisection took 7).
+    from mmjax.train.compile_report import max_batch, used_bytes
+    # 128 and 256 (doubling) fit; the line through their peaks points at 280,
+    # which fits, and 284 does not: 4 compiles.
     config = load_config("clip_b16:tiny", ["batch_size=128", "model.dtype=bfloat16"])
     target = parse_target("v5p-8")  # 4 chips: batches in steps of 4
-    hbm_gib = 40 / 1024  # 40 MiB per chip: a batch of a few dozen images
+    hbm_gib = 24 / 1024  # 24 MiB per chip: a few hundred tiny images
     best, reports = max_batch(config, target, hbm_gib, log=lambda *_: None)
     by_batch = {r["batch"]: r for r in reports}
     assert best % 4 == 0 and by_batch[best]["fits"]
-    assert by_batch[best]["memory"]["total"] <= hbm_gib * 2 ** 30
+    # On TPU the fit is read from XLA's peak (tests/test_max_batch_search.py).
+    assert used_bytes(by_batch[best]) == by_batch[best]["memory"]["peak"] <= hbm_gib * 2 ** 30
     assert not by_batch[best + 4]["fits"]
-    assert len(reports) <= 6, sorted(by_batch)
+    assert len(reports) <= 5, sorted(by_batch)

@@ -101,7 +101,7 @@ def compile_for_target(config: Any, target: Any, hbm_gib: Optional[float] = None
                               int(config.data.train.max_len),
                               tuple(config.optim.get("freeze") or ()))
     report = {"target": target.name, "chip": target.chip.device_kind,
-              "topology": target.topology, "devices": n, "mesh": shd.describe(trainer.mesh),
+              "platform": target.platform, "topology": target.topology, "devices": n, "mesh": shd.describe(trainer.mesh),
               "batch": int(config.batch_size), "params": count_params(trainer.abstract_state),
               "state": state_bytes_per_device(trainer.abstract_state),
               "hbm": hbm_bytes(target, hbm_gib), "flops": flops,
@@ -131,7 +131,7 @@ def compile_for_target(config: Any, target: Any, hbm_gib: Optional[float] = None
     # The TPU compiler refuses a program that does not fit its HBM (handled above),
     # so a TPU executable fits by construction; GPU compilers do not check.
     report["fits"] = (target.platform == "tpu" and hbm_gib is None) or \
-        bool(mem.get("total", 0) <= report["hbm"])
+        bool(used_bytes(report) <= report["hbm"])
     text = compiled.as_text()
     colls, unknown = step_collectives(text)
     report["collectives"] = summarize_collectives(colls)
@@ -145,10 +145,24 @@ def compile_for_target(config: Any, target: Any, hbm_gib: Optional[float] = None
     return report
 
 
+def used_bytes(report: dict) -> Optional[float]:
+    """Per-device bytes that decide whether a compiled step fits: on TPU XLA's
+    peak estimate (`total` = argument + output - alias + temp over-counts
+    temporaries that are never live at once: a fitting v5e step can read 18.4 GiB
+    total on a 15.75 GiB chip with a 15.2 GiB peak), elsewhere `total`; for a
+    step the compiler refused, the `needed` figure of its out-of-memory error."""
+    mem = report.get("memory", {})
+    if "needed" in mem:
+        return mem["needed"]
+    if report.get("platform") == "tpu" and mem.get("peak"):
+        return mem["peak"]
+    return mem.get("total")
+
+
 def misfit_line(report: dict) -> str:
     """One line for a step that does not fit."""
     mem = report["memory"]
-    needed = mem.get("needed", mem.get("total"))
+    needed = used_bytes(report)
     from mmjax.train.bench import format_bytes
     have = mem.get("available") or report["hbm"]
     return (f"the step does not fit {report['target']}: it needs {format_bytes(needed)} per "
@@ -167,11 +181,11 @@ def format_report(report: dict) -> str:
     if "total" in mem:
         lines.append("memory per device: " + ", ".join(
             f"{k} {format_bytes(mem[k])}" for k in ("argument", "output", "alias", "temp",
-                                                    "total") if k in mem)
-            + f" of {format_bytes(r['hbm'])} HBM: " + ("fits" if r["fits"] else "DOES NOT FIT")
-            + (f"; XLA's peak estimate {format_bytes(mem['peak'])} (on TPU the compiler's verdict "
-               f"and this peak are what count: total adds up temporaries not live at once)"
-               if mem.get("peak") else ""))
+                                                    "total", "peak") if k in mem)
+            + f"; {format_bytes(used_bytes(r))} of {format_bytes(r['hbm'])} HBM: "
+            + ("fits" if r["fits"] else "DOES NOT FIT")
+            + (" (on TPU XLA's peak counts: total adds up temporaries not live at once)"
+               if r.get("platform") == "tpu" else ""))
     else:
         lines.append("memory per device: compiler out of memory: " + misfit_line(r))
     lines.append(f"model FLOPs per step: {r['flops']:.4e} ({r['flops'] / r['devices']:.3e} per "
@@ -195,18 +209,14 @@ def format_report(report: dict) -> str:
 
 def _slack(report: dict) -> Optional[float]:
     """Bytes per device over (> 0) or under (< 0) the limit, from one compile's
-    report: `total - hbm` when it compiled, `needed - available` from the
-    compiler's out-of-memory error; None when the error gave no figures. On TPU
-    the two are not the same measure (`total` over-counts temporaries that are
-    not live at once), so the line through them only guides the search; the
-    compiler's verdicts decide it."""
-    mem = report.get("memory", {})
-    if "total" in mem:
-        return float(mem["total"]) - float(report["hbm"])
-    needed, available = mem.get("needed"), mem.get("available")
-    if needed is None or available is None or needed != needed or available != available:
+    report (`used_bytes` minus HBM, or minus the error's `available`); None when
+    the compiler's error gave no figures. The line through two slacks only
+    guides the search; the compiler's verdicts decide it."""
+    used = used_bytes(report)
+    have = report.get("memory", {}).get("available", report.get("hbm"))
+    if used is None or have is None or used != used or have != have:
         return None
-    return float(needed) - float(available)
+    return float(used) - float(have)
 
 
 def largest_fitting(probe: Callable[[int], tuple[bool, Optional[float]]], start: int,
@@ -282,7 +292,7 @@ def max_batch(config: Any, target: Any, hbm_gib: Optional[float] = None,
         c.batch_size = k * unit
         r = compile_for_target(c, target, hbm_gib)
         reports.append(r)
-        mem = r["memory"].get("total", r["memory"].get("needed"))
+        mem = used_bytes(r)
         used = f"{mem / 2 ** 30:.2f} GiB/device, " if mem == mem and mem is not None else ""
         log(f"batch {k * unit}: {'fits' if r['fits'] else 'does not fit'} "
             f"({used}compile {r['compile_s']:.0f} s)")
@@ -321,6 +331,11 @@ def compile_command(argv: list[str]) -> int:
         return 0
     if not args.target:
         return fail("mmjax compile needs --target (e.g. v5p-16, h100x8); see --list-targets.")
+    # Every compile goes to the target's compiler: a persistent cache
+    # (JAX_COMPILATION_CACHE_DIR) would skip it, hiding compile time and the
+    # partitioner's warnings, and deviceless executables cannot be read back.
+    import jax
+    jax.config.update("jax_enable_compilation_cache", False)
     try:
         from mmjax.train.config_utils import load_config
         target = parse_target(args.target)
