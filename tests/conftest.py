@@ -15,6 +15,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flag = "--xla_force_host_platform_device_count=8"
 if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
@@ -30,3 +32,30 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 def pytest_unconfigure(config):
     if _CACHE:
         shutil.rmtree(_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """`tiny_run(recipe) -> (workdir, result)`: `mmjax.train.loop.train` of
+    `recipe:tiny` (a configs/ file path), run once per session and shared by the
+    tests that only read its workdir (metrics, checkpoints, stage-1 sources)."""
+    runs = {}
+
+    def run(recipe):
+        key = os.path.realpath(recipe)
+        if key not in runs:
+            from mmjax.train.config_utils import load_config
+            from mmjax.train.loop import train
+            workdir = tmp_path_factory.mktemp(os.path.basename(key)[:-3])
+            old = os.environ.get("MMJAX_CACHE")
+            os.environ["MMJAX_CACHE"] = str(tmp_path_factory.getbasetemp() / "mmjax_cache")
+            try:
+                runs[key] = (workdir, train(load_config(f"{key}:tiny"), str(workdir)))
+            finally:
+                if old is None:
+                    os.environ.pop("MMJAX_CACHE")
+                else:
+                    os.environ["MMJAX_CACHE"] = old
+        return runs[key]
+
+    return run

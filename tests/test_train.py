@@ -13,7 +13,6 @@ from mmjax.models import build
 from mmjax.train import sharding as shd
 from mmjax.train.checkpoint import Checkpointer
 from mmjax.train.config_utils import load_config
-from mmjax.train.loop import train
 from mmjax.train.optimizer import build_optimizer
 from mmjax.train.step import Trainer
 
@@ -189,10 +188,10 @@ def test_sharded_bfloat16_gradients_as_accurate_as_single_device():
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[os.path.basename(c)[:-3] for c in CONFIGS])
-def test_every_recipe_runs_tiny(path, tmp_path):
+def test_every_recipe_runs_tiny(path, tiny_run):
     config = load_config(f"{path}:tiny")
-    result = train(config, str(tmp_path))
-    lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    workdir, result = tiny_run(path)
+    lines = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
     assert [l["step"] for l in lines] == [1, 2, 3]
     assert all(np.isfinite(l["loss"]) for l in lines)
     for name in config.objectives:
@@ -207,7 +206,7 @@ def test_every_recipe_runs_tiny(path, tmp_path):
         assert 0.0 <= result["retrieval/t2i_r1"] <= result["retrieval/t2i_r5"] <= 1.0
     if config.model.name in ("coca", "blip2_stage1"):
         assert result["captioning/n"] == 8 and result["captioning/bleu4"] >= 0.0
-    assert os.path.exists(tmp_path / "eval" / "step_3.json")
+    assert os.path.exists(workdir / "eval" / "step_3.json")
     # Frozen groups provably do not change; the rest does.
     frozen = list(config.optim.freeze)
     if frozen:
@@ -215,7 +214,7 @@ def test_every_recipe_runs_tiny(path, tmp_path):
         tx, schedule = build_optimizer(config.optim, 3)
         trainer = Trainer(config, model, tx, schedule, shd.make_mesh(config.mesh))
         init = jax.device_get(trainer.init_state(int(config.seed))["params"])
-        ckpt = Checkpointer(str(tmp_path), async_save=False)
+        ckpt = Checkpointer(str(workdir), async_save=False)
         final, _, step = trainer.restore(ckpt)
         ckpt.close()
         final = jax.device_get(final["params"])

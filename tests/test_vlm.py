@@ -25,6 +25,7 @@ from mmjax.train.step import Trainer
 
 from _shards import make_image, write_tar
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE = dict(image_size=32, patch_size=8, width=32, depth=1, heads=2, pool="cls",
              embed_dim=None)
 LM = dict(vocab_size=260, width=48, depth=2, num_heads=4, num_kv_heads=2, mlp_dim=96,
@@ -137,14 +138,14 @@ def _save_hf_llama(path, cfg):
     return {k: v.detach().numpy() for k, v in model.state_dict().items()}
 
 
-def test_stage2_checkpoint_holds_only_trained_parts(tmp_path):
+def test_stage2_checkpoint_holds_only_trained_parts(tmp_path, tiny_run):
     """BLIP-2 stage 2 from a stage-1 run and a Hugging Face LM: frozen parts
     equal their sources after training, the checkpoint stores only the
     Q-Former + projection (+ their optimizer state) and names the sources,
     and restoring rebuilds the full model."""
-    s1 = str(tmp_path / "stage1")
+    # The stage-1 run of tests/test_train.py::test_every_recipe_runs_tiny[blip2_stage1].
+    s1 = str(tiny_run(os.path.join(ROOT, "configs", "blip2_stage1.py"))[0])
     no_evals = ["evals.zeroshot.shards=", "evals.retrieval.shards=", "evals.captioning.shards="]
-    train(load_config("configs/blip2_stage1.py:tiny", no_evals), s1)
     config = load_config("configs/blip2_stage2.py:tiny", no_evals)
     hf_dir = str(tmp_path / "llama")
     hf = _save_hf_llama(hf_dir, dict(config.model.lm))
