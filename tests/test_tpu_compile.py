@@ -149,6 +149,20 @@ def test_target_names_and_usage_errors(capsys):
     assert "v5p-256" in capsys.readouterr().out.split()
 
 
+@pytest.mark.parametrize("name,chips", [("v4-16", 8), ("v5p-16", 8), ("v6e-8", 8)])
+def test_every_tpu_generation_gives_one_device_per_chip(name, chips):
+    """A mesh over a TPU slice has one device per chip: two-TensorCore chips
+    (v4, v5p) as one megacore device, as on the real slice (the compiler's
+    default description of v4 lists both cores, which JAX meshes refuse)."""
+    from mmjax.train.targets import target_devices
+    target = parse_target(name)
+    devices = target_devices(target)
+    assert len(devices) == target.num_devices == chips
+    assert {d.core_on_chip for d in devices} == {0} and len({tuple(d.coords) for d in devices}) == chips
+    mesh = shd.make_mesh({"data": -1}, devices)
+    assert mesh.shape["data"] == chips
+
+
 def test_collectives_in_loops_count_every_iteration(tpu_devices):
     """An independent check of the trip-count accounting: a scan of 5 steps whose
     body all-reduces a [64] float32 array over 4 chips runs that all-reduce 5 times."""

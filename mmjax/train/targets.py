@@ -33,11 +33,13 @@ class Chip:
 
 
 CHIPS = {
-    "v4": Chip("v4", "TPU v4", 32 * GIB, 275e12, dims=3, cores_per_chip=2),
-    "v5p": Chip("v5p", "TPU v5", 95 * GIB, 459e12, dims=3, cores_per_chip=2),
-    # 16 GiB per v5e chip, of which its compiler lets a program use 15.75 GiB.
+    # TPU HBM as the TPU compiler lets a program use it (its out-of-memory
+    # errors give it as the available HBM): v4 30.75 of 32 GiB, v5p 95.74,
+    # v5e 15.75 of 16, v6e 31.25 of 32.
+    "v4": Chip("v4", "TPU v4", int(30.75 * GIB), 275e12, dims=3, cores_per_chip=2),
+    "v5p": Chip("v5p", "TPU v5", int(95.74 * GIB), 459e12, dims=3, cores_per_chip=2),
     "v5e": Chip("v5e", "TPU v5 lite", int(15.75 * GIB), 197e12, dims=2),
-    "v6e": Chip("v6e", "TPU v6 lite", 32 * GIB, 918e12, dims=2),
+    "v6e": Chip("v6e", "TPU v6 lite", int(31.25 * GIB), 918e12, dims=2),
     "h100": Chip("h100", "NVIDIA H100 80GB HBM3", 80 * GIB, 989e12),
     "h200": Chip("h200", "NVIDIA H200", 141 * GIB, 989e12),
     "a100": Chip("a100", "NVIDIA A100-SXM4-80GB", 80 * GIB, 312e12),
@@ -187,9 +189,12 @@ def target_devices(target: Target) -> list:
         if importlib.util.find_spec("libtpu") is None:
             raise TargetError("compiling for a TPU needs libtpu (the TPU compiler): pip "
                               "install 'mmjax[tpu]' (about 700 MB installed; no TPU needed).")
+        # Two-TensorCore chips (v4, v5p) run as one device per chip ("megacore"),
+        # as JAX meshes on them require; the default description lists both cores.
+        extra = {"chip_config_name": "megacore"} if target.chip.cores_per_chip == 2 else {}
         topo = topologies.get_topology_desc(platform="tpu",
                                             topology_name=f"{target.chip.family}:"
-                                                          f"{target.topology}")
+                                                          f"{target.topology}", **extra)
         return list(topo.devices)
     try:
         topo = topologies.get_topology_desc(
