@@ -4,6 +4,12 @@ persistent XLA compilation cache for the session.
 Single-device computations run on device 0; sharding tests build meshes over
 all 8. Multi-process tests start their own subprocesses.
 
+CPU programs compile at XLA's lowest optimization level
+(`jax_disable_most_optimizations`): the suite is compile-bound (tiny models, a
+few steps each), and this compiles them about a third faster. Tests about what
+the compiler produces (HLO, memory figures, TPU compiles: `FULL_OPTIMIZATION`)
+compile at full optimization; `MMJAX_TEST_FULL_XLA=1` runs every test so.
+
 Many tests run the same small job (`mmjax train --config clip_tiny:tiny`, in
 this process or in `mmjax` subprocesses that inherit the environment): the
 cache lets each compiled program be built once per session. It starts empty in
@@ -22,11 +28,31 @@ _flag = "--xla_force_host_platform_device_count=8"
 if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 
+FULL_OPTIMIZATION = {"test_tpu_compile", "test_bench", "test_linear", "test_losses_sharded",
+                     "test_xla_shard_swap"}
+_FAST_COMPILE = os.environ.get("MMJAX_TEST_FULL_XLA", "") in ("", "0")
+if _FAST_COMPILE:  # read at `import jax`, here and in the `mmjax` subprocesses of tests
+    os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
+
 _CACHE = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _CACHE = tempfile.mkdtemp(prefix="mmjax-test-xla-cache-")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+
+@pytest.fixture(autouse=True)
+def _xla_optimization(request):
+    """Full XLA optimization for the tests of `FULL_OPTIMIZATION`."""
+    if not _FAST_COMPILE or request.module.__name__.rsplit(".", 1)[-1] not in FULL_OPTIMIZATION:
+        yield
+        return
+    import jax
+    jax.config.update("jax_disable_most_optimizations", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", True)
 
 
 def pytest_unconfigure(config):
