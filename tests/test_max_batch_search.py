@@ -71,3 +71,39 @@ def test_fit_and_slack_read_peak_on_tpu_total_elsewhere_needed_on_refusal():
     assert "16.06 GiB" in misfit_line(refused) and "15.50 GiB" in misfit_line(refused)
     assert _slack({"platform": "tpu", "hbm": hbm,
                    "memory": {"needed": float("nan"), "available": float("nan")}}) is None
+
+
+def test_search_on_a_measured_tpu_memory_curve():
+    """clip_b16 on v5p-16 as the TPU compiler measured it (peak GiB per chip by
+    global batch; steps past 18,144 refused with the `needed` figure; HBM the
+    compiler allows: 95.74 GiB). Memory is not linear near HBM (2.5 GiB per
+    1,000 images, then 5.4, then +0.9 GiB for 8 images), yet the search finds
+    18,144 in at most 8 compiles. With HBM taken as 95 GiB, fitting steps read
+    as over the limit and the same search needs twice as many."""
+    from mmjax.train.compile_report import largest_fitting
+    measured = {16384: 89.20, 17536: 92.10, 18088: 95.06, 18104: 95.13, 18128: 95.29,
+                18144: 95.36, 18152: 96.29, 18200: 96.55, 18304: 97.06, 21760: 114.94,
+                25424: 133.31, 32768: 172.00}
+    xs = sorted(measured)
+    gib = 2 ** 30
+
+    def search(hbm):
+        probed = []
+
+        def probe(k):  # k in units of the 8 data-parallel chips
+            batch = 8 * k
+            probed.append(batch)
+            used = float(np.interp(batch, xs, [measured[x] for x in xs]))
+            if batch > xs[-1]:
+                used = measured[xs[-1]] + (batch - xs[-1]) * 5.2e-3
+            fits = batch <= 18144
+            return fits, (used - (hbm if fits else 95.74)) * gib
+
+        return largest_fitting(probe, 16384 // 8, 2 ** 17) * 8, probed
+
+    from mmjax.train.targets import CHIPS
+    best, probed = search(CHIPS["v5p"].hbm_bytes / gib)  # mmjax's figure for v5p
+    assert best == 18144 and len(probed) <= 8, probed
+    assert 18144 in probed and 18152 in probed
+    best, probed_wrong_hbm = search(95.0)
+    assert best == 18144 and len(probed_wrong_hbm) >= 2 * len(probed), probed_wrong_hbm
