@@ -73,15 +73,9 @@ def tiny_run(tmp_path_factory):
             from mmjax.train.config_utils import load_config
             from mmjax.train.loop import train
             workdir = tmp_path_factory.mktemp(os.path.basename(key)[:-3])
-            old = os.environ.get("MMJAX_CACHE")
-            os.environ["MMJAX_CACHE"] = str(tmp_path_factory.getbasetemp() / "mmjax_cache")
-            try:
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setenv("MMJAX_CACHE", str(tmp_path_factory.getbasetemp() / "mmjax_cache"))
                 runs[key] = (workdir, train(load_config(f"{key}:tiny"), str(workdir)))
-            finally:
-                if old is None:
-                    os.environ.pop("MMJAX_CACHE")
-                else:
-                    os.environ["MMJAX_CACHE"] = old
         return runs[key]
 
     return run

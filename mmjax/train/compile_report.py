@@ -101,7 +101,8 @@ def compile_for_target(config: Any, target: Any, hbm_gib: Optional[float] = None
                               int(config.data.train.max_len),
                               tuple(config.optim.get("freeze") or ()))
     report = {"target": target.name, "chip": target.chip.device_kind,
-              "platform": target.platform, "topology": target.topology, "devices": n, "mesh": shd.describe(trainer.mesh),
+              "platform": target.platform, "topology": target.topology, "devices": n,
+              "mesh": shd.describe(trainer.mesh),
               "batch": int(config.batch_size), "params": count_params(trainer.abstract_state),
               "state": state_bytes_per_device(trainer.abstract_state),
               "hbm": hbm_bytes(target, hbm_gib), "flops": flops,
