@@ -7,8 +7,9 @@ all 8. Multi-process tests start their own subprocesses.
 CPU programs compile at XLA's lowest optimization level
 (`jax_disable_most_optimizations`): the suite is compile-bound (tiny models, a
 few steps each), and this compiles them about a third faster. Tests about what
-the compiler produces (HLO, memory figures, TPU compiles: `FULL_OPTIMIZATION`)
-compile at full optimization; `MMJAX_TEST_FULL_XLA=1` runs every test so.
+the compiler produces (HLO, memory figures, TPU compiles) and the few whose time
+goes to running, not compiling (a 150-step training run), compile at full
+optimization (`FULL_OPTIMIZATION`); `MMJAX_TEST_FULL_XLA=1` runs every test so.
 
 Many tests run the same small job (`mmjax train --config clip_tiny:tiny`, in
 this process or in `mmjax` subprocesses that inherit the environment): the
@@ -29,7 +30,7 @@ if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 
 FULL_OPTIMIZATION = {"test_tpu_compile", "test_bench", "test_linear", "test_losses_sharded",
-                     "test_xla_shard_swap"}
+                     "test_xla_shard_swap", "test_eval_runner"}
 _FAST_COMPILE = os.environ.get("MMJAX_TEST_FULL_XLA", "") in ("", "0")
 if _FAST_COMPILE:  # read at `import jax`, here and in the `mmjax` subprocesses of tests
     os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
@@ -41,9 +42,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def _xla_optimization(request):
-    """Full XLA optimization for the tests of `FULL_OPTIMIZATION`."""
+    """Full XLA optimization for the modules of `FULL_OPTIMIZATION` (module-scoped,
+    so it also covers their module-scoped fixtures, which run before any test)."""
     if not _FAST_COMPILE or request.module.__name__.rsplit(".", 1)[-1] not in FULL_OPTIMIZATION:
         yield
         return
