@@ -38,9 +38,10 @@ setup(
     extras_require={
         # The test suite includes parity tests against Hugging Face transformers and
         # compiles the train step for TPU slices deviceless (libtpu through jax[tpu]).
-        # librosa: the log-mel parity reference.
-        "test": ["pytest>=8.0", "tensorflow-datasets>=4.9.6", "jax[tpu]>=0.6.0", "librosa>=0.10",
-                 *PARITY],
+        # librosa: the log-mel parity reference; pytest-xdist: two test processes
+        # (the suite is compile-bound, and one XLA compile uses one core).
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "tensorflow-datasets>=4.9.6",
+                 "jax[tpu]>=0.6.0", "librosa>=0.10", *PARITY],
         "parity": PARITY,
         "tfds": ["tensorflow-datasets>=4.9.6"],
         "gpu": ["jax[cuda12]>=0.6.0"],
