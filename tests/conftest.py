@@ -57,6 +57,25 @@ def _xla_optimization(request):
         jax.config.update("jax_disable_most_optimizations", True)
 
 
+@pytest.fixture(autouse=True)
+def _mmjax_logger():
+    """Every test starts and ends with the "mmjax" logger as at start-up (no
+    handler, records propagate to the root logger, where pytest's `caplog`
+    listens): `train()` gives it a stdout handler and stops propagation
+    (`setup_logging`), which would otherwise hide the records of tests that run
+    after it in the same process, an order pytest-xdist changes."""
+    import logging
+    log = logging.getLogger("mmjax")
+
+    def reset():
+        log.handlers.clear()
+        log.propagate = True
+        log.setLevel(logging.NOTSET)
+    reset()
+    yield
+    reset()
+
+
 def pytest_unconfigure(config):
     if _CACHE:
         shutil.rmtree(_CACHE, ignore_errors=True)

@@ -108,7 +108,7 @@ def test_bad_samples_of_a_registered_decoder_are_skipped_and_counted(toy, tmp_pa
     assert stats == {"ok": 6, "short_toy": 2, "corrupt_toy": 2, "no_toy": 2}
 
 
-def test_decoder_bad_samples_follow_max_bad_fraction(toy, tmp_path):
+def test_decoder_bad_samples_follow_max_bad_fraction(toy, tmp_path, caplog):
     members = []
     for j in range(6):
         members += [(f"k{j}.npy", _npy(np.arange(2))), (f"k{j}.json", b'{"caption": "c"}')]
@@ -116,20 +116,11 @@ def test_decoder_bad_samples_follow_max_bad_fraction(toy, tmp_path):
     it = pipeline.build_train_iterator(
         _cfg(str(tmp_path / "short.tar"), min_bad_count=3, max_bad_fraction=0.5), 2,
         process_index=0, process_count=1, tokenizer=TOK)
-    # A handler on the pipeline's own logger: other tests may stop "mmjax" records
-    # from reaching the root logger (setup_logging), which pytest's caplog listens on.
-    records = []
-    handler = logging.Handler(logging.DEBUG)
-    handler.emit = records.append
-    logger = logging.getLogger("mmjax.data.pipeline")
-    logger.addHandler(handler)
-    try:
-        with pytest.raises(pipeline.DataError, match=r"3 of 3 samples.*short\.tar \(short_toy: "
-                           r"sample 2: 2 values, need 4\)"):
-            next(it)
-    finally:
-        logger.removeHandler(handler)
-    assert any("short_toy" in r.getMessage() for r in records)
+    with caplog.at_level(logging.WARNING, logger="mmjax.data.pipeline"), \
+            pytest.raises(pipeline.DataError, match=r"3 of 3 samples.*short\.tar \(short_toy: "
+                          r"sample 2: 2 values, need 4\)"):
+        next(it)
+    assert any("short_toy" in r.getMessage() for r in caplog.records)
 
 
 def test_caption_list_and_labels_work_for_any_modality(toy, tmp_path):
