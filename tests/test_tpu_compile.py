@@ -115,10 +115,17 @@ def test_every_recipe_compiles_for_a_tpu_slice(recipe):
     assert report["cpu_path_ops"] == 0  # the CPU-only bf16 GEMM path did not leak in
     assert "f32" in report["reduction_dtypes"]
     assert report["collectives"] and not report["unknown_loops"]
+    # (kind, scope) of the losses' collectives: forward `jvp(<loss>)`, backward
+    # `transpose(jvp(<loss>))`, from the losses' named scopes.
+    loss_sources = {(c["kind"], c["source"].split("/shard_map")[0].split("/")[-1])
+                    for c in report["collective_sources"] if "/shard_map" in c["source"]}
     if recipe.startswith("siglip"):  # the sigmoid loss is a ring: no all-gather of the batch
         assert report["loss_collectives"] == ["collective-permute"]
+        assert loss_sources == {("collective-permute", "jvp(sigmoid_contrastive_loss)"),
+                                ("collective-permute", "transpose(jvp(sigmoid_contrastive_loss))")}
     if recipe.startswith("clip"):    # the softmax loss gathers the other devices' features
         assert "all-gather" in report["loss_collectives"]
+        assert ("all-gather", "jvp(softmax_contrastive_loss)") in loss_sources
 
 
 def test_oversized_batch_exits_1_with_one_line(capsys):
@@ -167,12 +174,13 @@ def test_collectives_in_loops_count_every_iteration(tpu_devices):
     """An independent check of the trip-count accounting: a scan of 5 steps whose
     body all-reduces a [64] float32 array over 4 chips runs that all-reduce 5 times."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from mmjax.train.hlo import step_collectives
+    from mmjax.train.hlo import step_collectives, summarize_collectives
     mesh = Mesh(np.array(tpu_devices[:4]), ("x",))
 
     def body(c, _):
-        y = jax.shard_map(lambda a: jax.lax.psum(a * 2.0, "x"), mesh=mesh, in_specs=P(),
-                          out_specs=P())(c)
+        with jax.named_scope("my_reduction"):
+            y = jax.shard_map(lambda a: jax.lax.psum(a * 2.0, "x"), mesh=mesh, in_specs=P(),
+                              out_specs=P())(c)
         return y + 1.0, None
 
     f = jax.jit(lambda c: jax.lax.scan(body, c, None, length=5)[0])
@@ -182,6 +190,11 @@ def test_collectives_in_loops_count_every_iteration(tpu_devices):
     assert not unknown and reduces
     assert sum(c.runs for c in reduces) == 5 and all(c.group == 4 for c in reduces)
     assert all(c.bytes == 64 * 4 for c in reduces)
+    # Where each came from: the named scope, without the outer jit(...).
+    by_source = summarize_collectives(reduces, by="source")
+    assert [r["runs_per_step"] for r in by_source] == [5]
+    assert "/my_reduction/" in by_source[0]["source"] + "/"
+    assert not by_source[0]["source"].startswith("jit(")
 
 
 def test_gpu_target_compiles_with_the_cuda_plugin():

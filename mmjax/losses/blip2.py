@@ -77,9 +77,10 @@ def blip2_itc_loss(query_feats, text_feat, temp, *, label_smoothing=0.1,
         loss = jax.lax.psum(total, axes) / (2 * batch)
         return loss, jax.lax.stop_gradient(sim_rows)
 
-    return jax.shard_map(
-        local, in_specs=(P(axes), P(axes), P()), out_specs=(P(), P(axes)),
-        axis_names=frozenset(axes))(query_feats, text_feat, temp)
+    with jax.named_scope("blip2_itc_loss"):  # names its collectives in the HLO
+        return jax.shard_map(
+            local, in_specs=(P(axes), P(axes), P()), out_specs=(P(), P(axes)),
+            axis_names=frozenset(axes))(query_feats, text_feat, temp)
 
 
 def blip2_itm_triples(sim_i2t, rng, temp=None):

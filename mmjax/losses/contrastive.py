@@ -84,9 +84,10 @@ def softmax_contrastive_loss(zimg, ztxt, scale, *, label_smoothing=0.0,
                  + _soft_ce_sum(t2i, labels, label_smoothing))
         return jax.lax.psum(total, axes) / (2 * batch)
 
-    return jax.shard_map(
-        local, in_specs=(P(axes), P(axes), P()), out_specs=P(),
-        axis_names=frozenset(axes))(zimg, ztxt, scale)
+    with jax.named_scope("softmax_contrastive_loss"):  # names its collectives in the HLO
+        return jax.shard_map(
+            local, in_specs=(P(axes), P(axes), P()), out_specs=P(),
+            axis_names=frozenset(axes))(zimg, ztxt, scale)
 
 
 # ---------------------------------------------------------------------------
@@ -212,6 +213,7 @@ def sigmoid_contrastive_loss(zimg, ztxt, scale, bias, *,
         bias = jax.lax.pcast(bias, axes, to="varying")
         return jax.lax.psum(ring_loss(zimg_l, ztxt_l, scale, bias), axes) / batch
 
-    return jax.shard_map(
-        local, in_specs=(P(axes), P(axes), P(), P()), out_specs=P(),
-        axis_names=frozenset(axes))(zimg, ztxt, scale, bias)
+    with jax.named_scope("sigmoid_contrastive_loss"):  # names its collectives in the HLO
+        return jax.shard_map(
+            local, in_specs=(P(axes), P(axes), P(), P()), out_specs=P(),
+            axis_names=frozenset(axes))(zimg, ztxt, scale, bias)

@@ -80,7 +80,8 @@ def compile_for_target(config: Any, target: Any, hbm_gib: Optional[float] = None
     (`bench.memory_stats`: argument/output/alias/temp/total/peak bytes per
     device, or `needed` from the compiler's out-of-memory error), `flops`,
     `ideal_step_s` (model FLOPs / (devices x peak)), `collectives`
-    (`summarize_collectives`), `reduction_dtypes`, `unknown_loops`,
+    (`summarize_collectives`), `collective_sources` (the same by the JAX
+    operation each came from), `reduction_dtypes`, `unknown_loops`,
     `loss_collectives` (kinds of the losses' shard_map collectives),
     `cpu_path_ops` (ops of the CPU-only GEMM path: must be 0 on an
     accelerator), `remat_warnings`.
@@ -136,6 +137,7 @@ def compile_for_target(config: Any, target: Any, hbm_gib: Optional[float] = None
     text = compiled.as_text()
     colls, unknown = step_collectives(text)
     report["collectives"] = summarize_collectives(colls)
+    report["collective_sources"] = summarize_collectives(colls, by="source")
     report["reduction_dtypes"] = sorted({d for c in colls if c.kind in ("all-reduce",
                                                                         "reduce-scatter")
                                          for d in c.dtypes if d in ("f32", "bf16", "f16")})
@@ -171,8 +173,9 @@ def misfit_line(report: dict) -> str:
             f"(now batch_size={report['batch']}, mesh {report['mesh'].split(' (')[0]}).")
 
 
-def format_report(report: dict) -> str:
-    """The text `mmjax compile` prints."""
+def format_report(report: dict, sources: int = 0) -> str:
+    """The text `mmjax compile` prints; with `sources` > 0 also the `sources`
+    largest collectives by the JAX operation they came from."""
     from mmjax.train.bench import format_bytes
     r = report
     lines = [f"mmjax compile: {r['target']} ({r['devices']} x {r['chip']}, topology "
@@ -199,6 +202,12 @@ def format_report(report: dict) -> str:
         lines += [f"| {c['kind']} | {c['dtype']} | {c['group'] or '-'} | {c['instructions']} | "
                   f"{c['runs_per_step']} | {format_bytes(c['bytes_per_step'])} |"
                   for c in r["collectives"]]
+        if sources and r.get("collective_sources"):
+            lines += ["", "| collective | dtype | from (op_name) | instructions | runs/step | "
+                      "bytes/step/device |", "|---|---|---|---:|---:|---:|"]
+            lines += [f"| {c['kind']} | {c['dtype']} | {c['source']} | {c['instructions']} | "
+                      f"{c['runs_per_step']} | {format_bytes(c['bytes_per_step'])} |"
+                      for c in r["collective_sources"][:sources]]
         if r["unknown_loops"]:
             lines.append(f"(loops without a known trip count, counted once: "
                          f"{len(r['unknown_loops'])})")
@@ -316,6 +325,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="find the largest global batch that fits (several compiles)")
     p.add_argument("--hbm-gib", type=float, default=None,
                    help="memory per device to fit in (default: the chip's HBM)")
+    p.add_argument("--sources", type=int, default=0, metavar="N",
+                   help="also print the N largest collectives by the JAX operation each "
+                   "came from (its op_name: forward or backward, which layer or loss)")
     p.add_argument("--list-targets", action="store_true", help="print the named targets")
     return p
 
@@ -351,7 +363,7 @@ def compile_command(argv: list[str]) -> int:
         return fail(str(e))
     except user_errors() as e:
         return fail(error_text(e))
-    print(format_report(report))
+    print(format_report(report, args.sources))
     if args.max_batch:
         print(f"largest global batch that fits: {report['max_batch'] or 'none'}")
     if args.json:

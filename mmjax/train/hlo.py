@@ -8,6 +8,9 @@ instruction over a tuple of arrays, as XLA merges gradient reductions) count
 each array. `step_collectives` also multiplies each by the number of times it
 runs per step (collectives inside a scanned layer stack run once per layer):
 XLA's cost analysis counts a loop body once, so it cannot give per-step traffic.
+`summarize_collectives(colls, by="source")` groups them by the JAX operation
+each came from (its `op_name` metadata), which tells a weight gather of FSDP
+from a loss's gather and the forward pass from the backward.
 """
 from __future__ import annotations
 
@@ -175,15 +178,41 @@ def step_collectives(hlo_text: str) -> tuple[list[Collective], list[str]]:
     return out, unknown
 
 
-def summarize_collectives(colls: list) -> list[dict]:
-    """Group collectives by (kind, dtype, group size): instructions, runs per step and
-    bytes per step per device (array bytes x runs; for reduce-scatter the operand)."""
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_WRAPPER = re.compile(r"^(?:jit|pjit)\([^()]*\)$")
+
+
+def source(line: str) -> str:
+    """The JAX operation a collective instruction came from: its `op_name`
+    metadata without the outer `jit(...)` scopes, e.g.
+    `transpose(jvp(TwoTower))/encode_image/vision_tower/.../dot_general` (the
+    backward of an image-tower matmul); "?" when the line has none (a
+    collective XLA built from others)."""
+    m = _OP_NAME.search(line)
+    if not m:
+        return "?"
+    parts = m.group(1).split("/")
+    while len(parts) > 1 and _WRAPPER.match(parts[0]):
+        parts = parts[1:]
+    return "/".join(parts)
+
+
+def summarize_collectives(colls: list, by: str = "kind") -> list[dict]:
+    """Group collectives by (kind, dtype, group size), or with `by="source"` by
+    (kind, dtype, `source`): instructions, runs per step and bytes per step per
+    device (array bytes x runs; for reduce-scatter the operand), largest first."""
+    if by not in ("kind", "source"):
+        raise ValueError(f"summarize_collectives: by must be 'kind' or 'source', not {by!r}")
     rows: dict[tuple, dict] = collections.OrderedDict()
     for c in colls:
         dtype = "+".join(sorted(c.dtypes)) or "?"
-        key = (c.kind, dtype, c.group)
-        row = rows.setdefault(key, {"kind": c.kind, "dtype": dtype, "group": c.group,
-                                    "instructions": 0, "runs_per_step": 0,
+        if by == "source":
+            key = (c.kind, dtype, source(c.line))
+            fields = {"kind": c.kind, "dtype": dtype, "source": key[2]}
+        else:
+            key = (c.kind, dtype, c.group)
+            fields = {"kind": c.kind, "dtype": dtype, "group": c.group}
+        row = rows.setdefault(key, {**fields, "instructions": 0, "runs_per_step": 0,
                                     "bytes_per_step": 0})
         payload = c.bytes * (c.group or 1) if c.kind == "reduce-scatter" else c.bytes
         row["instructions"] += 1
