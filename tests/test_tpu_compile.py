@@ -156,6 +156,31 @@ def test_target_names_and_usage_errors(capsys):
     assert "v5p-256" in capsys.readouterr().out.split()
 
 
+def test_gpu_memory_is_the_share_jax_takes(monkeypatch, capsys):
+    """A GPU step may use what JAX's allocator takes of the device's memory:
+    75% by default, XLA_CLIENT_MEM_FRACTION (or the older name) when set, all
+    of it without a pool; `--hbm-gib` overrides; a bad fraction is a usage error."""
+    from mmjax.train.targets import CHIPS, gpu_memory_fraction, hbm_bytes
+    h100 = parse_target("h100x8")
+    total = CHIPS["h100"].hbm_bytes
+    assert 79 * 2 ** 30 < total < 80 * 2 ** 30  # CUDA's total for an "80 GB" H100
+    for name in ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION",
+                 "XLA_PYTHON_CLIENT_ALLOCATOR"):
+        monkeypatch.delenv(name, raising=False)
+    assert hbm_bytes(h100) == int(0.75 * total)
+    assert hbm_bytes(parse_target("v5p-16")) == CHIPS["v5p"].hbm_bytes  # TPU: no share
+    assert gpu_memory_fraction({"XLA_PYTHON_CLIENT_MEM_FRACTION": ".9"}) == 0.9
+    monkeypatch.setenv("XLA_CLIENT_MEM_FRACTION", "0.95")
+    assert hbm_bytes(h100) == int(0.95 * total)
+    assert hbm_bytes(h100, 40.0) == 40 * 2 ** 30
+    assert gpu_memory_fraction({"XLA_PYTHON_CLIENT_ALLOCATOR": "platform"}) == 1.0
+    monkeypatch.setenv("XLA_CLIENT_MEM_FRACTION", "95")
+    with pytest.raises(TargetError, match="XLA_CLIENT_MEM_FRACTION='95'"):
+        hbm_bytes(h100)
+    assert compile_command(["--config", "clip_tiny", "--target", "h100x8"]) == 2
+    assert "XLA_CLIENT_MEM_FRACTION='95'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name,chips", [("v4-16", 8), ("v5p-16", 8), ("v6e-8", 8)])
 def test_every_tpu_generation_gives_one_device_per_chip(name, chips):
     """A mesh over a TPU slice has one device per chip: two-TensorCore chips

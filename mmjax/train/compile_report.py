@@ -76,7 +76,8 @@ def compile_for_target(config: Any, target: Any, hbm_gib: Optional[float] = None
 
     Returns a dict: `target`, `chip`, `topology`, `devices`, `mesh`, `batch`,
     `params`, `state` (bytes of the sharded train state per device), `compile_s`,
-    `hbm` (bytes per device), `fits`, `memory`
+    `hbm` (bytes per device a step may use: the TPU compiler's limit, or on GPU
+    `hbm_share` of the device's memory, `targets.gpu_memory_fraction`), `fits`, `memory`
     (`bench.memory_stats`: argument/output/alias/temp/total/peak bytes per
     device, or `needed` from the compiler's out-of-memory error), `flops`,
     `ideal_step_s` (model FLOPs / (devices x peak)), `collectives`
@@ -92,7 +93,7 @@ def compile_for_target(config: Any, target: Any, hbm_gib: Optional[float] = None
                                    state_bytes_per_device)
     from mmjax.families import model_train_flops
     from mmjax.train.hlo import step_collectives
-    from mmjax.train.targets import hbm_bytes, target_devices
+    from mmjax.train.targets import gpu_memory_fraction, hbm_bytes, target_devices
 
     with _captured_stderr():  # libtpu's start-up warnings about the absent TPU host
         devices = target_devices(target)
@@ -107,6 +108,8 @@ def compile_for_target(config: Any, target: Any, hbm_gib: Optional[float] = None
               "batch": int(config.batch_size), "params": count_params(trainer.abstract_state),
               "state": state_bytes_per_device(trainer.abstract_state),
               "hbm": hbm_bytes(target, hbm_gib), "flops": flops,
+              "hbm_share": (gpu_memory_fraction() if target.platform == "gpu" and not hbm_gib
+                            else None),
               "ideal_step_s": flops / (n * target.chip.peak_flops)}
     start = time.perf_counter()
     with _captured_stderr() as log:
@@ -168,9 +171,12 @@ def misfit_line(report: dict) -> str:
     needed = used_bytes(report)
     from mmjax.train.bench import format_bytes
     have = mem.get("available") or report["hbm"]
+    share = report.get("hbm_share")
+    gpu = (f", or let JAX take more of the GPU (XLA_CLIENT_MEM_FRACTION, now {share:g})"
+           if share and share < 1 else "")
     return (f"the step does not fit {report['target']}: it needs {format_bytes(needed)} per "
             f"device, {format_bytes(have)} available; trade memory with {MEMORY_KEYS} "
-            f"(now batch_size={report['batch']}, mesh {report['mesh'].split(' (')[0]}).")
+            f"(now batch_size={report['batch']}, mesh {report['mesh'].split(' (')[0]}){gpu}.")
 
 
 def format_report(report: dict, sources: int = 0) -> str:
@@ -186,7 +192,9 @@ def format_report(report: dict, sources: int = 0) -> str:
         lines.append("memory per device: " + ", ".join(
             f"{k} {format_bytes(mem[k])}" for k in ("argument", "output", "alias", "temp",
                                                     "total", "peak") if k in mem)
-            + f"; {format_bytes(used_bytes(r))} of {format_bytes(r['hbm'])} HBM: "
+            + f"; {format_bytes(used_bytes(r))} of {format_bytes(r['hbm'])} HBM"
+            + (f" ({100 * r['hbm_share']:.0f}% of the GPU's memory, as JAX's allocator takes "
+               f"it: XLA_CLIENT_MEM_FRACTION)" if r.get("hbm_share") else "") + ": "
             + ("fits" if r["fits"] else "DOES NOT FIT")
             + (" (on TPU XLA's peak counts: total adds up temporaries not live at once)"
                if r.get("platform") == "tpu" else ""))
@@ -336,7 +344,7 @@ def compile_command(argv: list[str]) -> int:
     """Runs `mmjax compile` with `argv` (without the subcommand); returns the exit code."""
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host only traces; targets compile
     from mmjax.cli_util import error_text, fail, split_overrides, user_errors
-    from mmjax.train.targets import TargetError, list_targets, parse_target
+    from mmjax.train.targets import TargetError, hbm_bytes, list_targets, parse_target
     rest, overrides = split_overrides(list(argv))
     args = _parser().parse_args(rest)
     if args.list_targets:
@@ -352,6 +360,7 @@ def compile_command(argv: list[str]) -> int:
     try:
         from mmjax.train.config_utils import load_config
         target = parse_target(args.target)
+        hbm_bytes(target, args.hbm_gib)  # a bad XLA_CLIENT_MEM_FRACTION: usage error, first
         config = load_config(args.config, overrides)
         if args.max_batch:
             best, reports = max_batch(config, target, args.hbm_gib)

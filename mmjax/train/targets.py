@@ -26,7 +26,7 @@ class Chip:
     """Facts about one accelerator chip (datasheets)."""
     family: str             # topology prefix ("v5p") or GPU name ("h100")
     device_kind: str        # as jax reports it
-    hbm_bytes: int          # memory per device
+    hbm_bytes: int          # memory per device (TPU: what a program may use; GPU: total)
     peak_flops: float       # dense bf16 FLOP/s per device
     dims: int = 0           # TPU torus dimensions (2 or 3); 0 for GPUs
     cores_per_chip: int = 1  # TensorCores counted by the accelerator type's number
@@ -40,9 +40,12 @@ CHIPS = {
     "v5p": Chip("v5p", "TPU v5", int(95.74 * GIB), 459e12, dims=3, cores_per_chip=2),
     "v5e": Chip("v5e", "TPU v5 lite", int(15.75 * GIB), 197e12, dims=2),
     "v6e": Chip("v6e", "TPU v6 lite", int(31.25 * GIB), 918e12, dims=2),
-    "h100": Chip("h100", "NVIDIA H100 80GB HBM3", 80 * GIB, 989e12),
-    "h200": Chip("h200", "NVIDIA H200", 141 * GIB, 989e12),
-    "a100": Chip("a100", "NVIDIA A100-SXM4-80GB", 80 * GIB, 312e12),
+    # GPU memory as CUDA reports the device's total (not the "80 GB" of the name):
+    # H100 SXM 79.10 GiB (XLA's own H100 description), H200 140.40, A100 80GB 79.32.
+    # JAX's allocator takes a fraction of it (`gpu_memory_fraction`).
+    "h100": Chip("h100", "NVIDIA H100 80GB HBM3", 84_929_347_584, 989e12),
+    "h200": Chip("h200", "NVIDIA H200", 150_754_820_096, 989e12),
+    "a100": Chip("a100", "NVIDIA A100-SXM4-80GB", 85_167_243_264, 312e12),
 }
 # Accelerator-type prefixes as Cloud TPU spells them.
 TPU_TYPES = {"v4": "v4", "v5p": "v5p", "v5litepod": "v5e", "v5e": "v5e", "v6e": "v6e"}
@@ -141,9 +144,9 @@ def _gpu_target_config(chip: Chip) -> str:
     """A GPU target description (XLA's `GpuTargetConfigProto` as text) written from
     the device's published facts: compute capability, SMs, memory, clocks."""
     facts = {  # cc, SMs, memory bytes, core clock kHz, memory clock kHz, bus width bits, L2
-        "h100": ((9, 0), 132, 80 * GIB, 1980000, 2619000, 5120, 50 * 2 ** 20),
-        "h200": ((9, 0), 132, 141 * GIB, 1980000, 3201000, 6144, 50 * 2 ** 20),
-        "a100": ((8, 0), 108, 80 * GIB, 1410000, 1593000, 5120, 40 * 2 ** 20),
+        "h100": ((9, 0), 132, chip.hbm_bytes, 1980000, 2619000, 5120, 50 * 2 ** 20),
+        "h200": ((9, 0), 132, chip.hbm_bytes, 1980000, 3201000, 6144, 50 * 2 ** 20),
+        "a100": ((8, 0), 108, chip.hbm_bytes, 1410000, 1593000, 5120, 40 * 2 ** 20),
     }[chip.family]
     (major, minor), sms, mem, clock, mem_clock, bus, l2 = facts
     return f"""gpu_device_info {{
@@ -207,6 +210,33 @@ def target_devices(target: Target) -> list:
     return list(topo.devices)
 
 
+def gpu_memory_fraction(env: Optional[dict] = None) -> float:
+    """The fraction of a GPU's memory JAX's allocator lets a program use, from
+    the environment the job will run with: `XLA_CLIENT_MEM_FRACTION` (or the
+    older `XLA_PYTHON_CLIENT_MEM_FRACTION`), JAX's default 0.75 when unset, 1.0
+    with `XLA_PYTHON_CLIENT_ALLOCATOR=platform` (no pool)."""
+    env = os.environ if env is None else env
+    if env.get("XLA_PYTHON_CLIENT_ALLOCATOR", "").lower() == "platform":
+        return 1.0
+    text = env.get("XLA_CLIENT_MEM_FRACTION") or env.get("XLA_PYTHON_CLIENT_MEM_FRACTION")
+    if not text:
+        return 0.75
+    try:
+        fraction = float(text)
+    except ValueError:
+        fraction = -1.0
+    if not 0.0 < fraction <= 1.0:
+        raise TargetError(f"XLA_CLIENT_MEM_FRACTION={text!r}: expected a fraction in (0, 1], "
+                          f"e.g. 0.9.")
+    return fraction
+
+
 def hbm_bytes(target: Target, override: Optional[float] = None) -> int:
-    """Memory per device (bytes) of `target`, or `override` (GiB)."""
-    return int(float(override) * GIB) if override else target.chip.hbm_bytes
+    """Memory per device (bytes) a step of `target` may use, or `override` (GiB).
+    TPU: what the compiler allows. GPU: the device's total times
+    `gpu_memory_fraction()` (JAX preallocates that share and cannot grow past it)."""
+    if override:
+        return int(float(override) * GIB)
+    if target.platform == "gpu":
+        return int(target.chip.hbm_bytes * gpu_memory_fraction())
+    return target.chip.hbm_bytes
