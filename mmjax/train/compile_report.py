@@ -71,8 +71,10 @@ def _out_of_memory(message: str) -> Optional[tuple[float, float]]:
     return (float("nan"), float("nan"))
 
 
-def compile_for_target(config: Any, target: Any, hbm_gib: Optional[float] = None) -> dict:
-    """Compile `config`'s train step for `target` (`targets.Target`) and report.
+def compile_for_target(config: Any, target: Any, hbm_gib: Optional[float] = None,
+                       hlo_path: Optional[str] = None) -> dict:
+    """Compile `config`'s train step for `target` (`targets.Target`) and report;
+    with `hlo_path`, also write the optimized HLO text there (for `mmjax.train.hlo`).
 
     Returns a dict: `target`, `chip`, `topology`, `devices`, `mesh`, `batch`,
     `params`, `state` (bytes of the sharded train state per device), `compile_s`,
@@ -138,6 +140,9 @@ def compile_for_target(config: Any, target: Any, hbm_gib: Optional[float] = None
     report["fits"] = (target.platform == "tpu" and hbm_gib is None) or \
         bool(used_bytes(report) <= report["hbm"])
     text = compiled.as_text()
+    if hlo_path:
+        with open(hlo_path, "w") as f:
+            f.write(text)
     colls, unknown = step_collectives(text)
     report["collectives"] = summarize_collectives(colls)
     report["collective_sources"] = summarize_collectives(colls, by="source")
@@ -336,6 +341,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sources", type=int, default=0, metavar="N",
                    help="also print the N largest collectives by the JAX operation each "
                    "came from (its op_name: forward or backward, which layer or loss)")
+    p.add_argument("--hlo", default=None, metavar="PATH",
+                   help="also write the compiled step's optimized HLO text to PATH")
     p.add_argument("--list-targets", action="store_true", help="print the named targets")
     return p
 
@@ -367,7 +374,7 @@ def compile_command(argv: list[str]) -> int:
             report = next((r for r in reversed(reports) if r["batch"] == best), reports[-1])
             report = dict(report, max_batch=best)
         else:
-            report = compile_for_target(config, target, args.hbm_gib)
+            report = compile_for_target(config, target, args.hbm_gib, args.hlo)
     except TargetError as e:
         return fail(str(e))
     except user_errors() as e:

@@ -93,8 +93,12 @@ def collectives(hlo_text: str) -> list[Collective]:
             continue
         arrays = tuple((d, tuple(int(x) for x in dims.split(",") if x))
                        for d, dims in _ARRAY.findall(shape))
-        if op.group(2) and op.group(1) == "all-gather" and len(arrays) == 2:
-            arrays = arrays[1:]  # async all-gather-start returns (operand, result)
+        if op.group(2) and op.group(1) in ("all-gather", "collective-permute"):
+            # The async -start forms return (operands, results[, u32 contexts]):
+            # count what arrives, once.
+            arrays = tuple(a for a in arrays if a[1] or a[0] not in ("u32", "s32"))
+            if len(arrays) >= 2 and len(arrays) % 2 == 0:
+                arrays = arrays[len(arrays) // 2:]
         group = None if op.group(1) == "collective-permute" else _group_size(line)
         found.append(Collective(op.group(1), arrays, line.strip(), group))
     return found
@@ -126,18 +130,91 @@ def computations(hlo_text: str) -> tuple[dict[str, list[str]], Optional[str]]:
     return comps, entry
 
 
-def trip_count(condition: list[str], line: str) -> Optional[int]:
-    """Iterations of a `while` from its `known_trip_count` or its condition
-    computation (`counter < constant`, the form scans lower to)."""
+_SCALAR_INT = r"[su](?:8|16|32|64)\[\]"
+
+
+def _definitions(lines: list[str]) -> dict[str, str]:
+    """`{instruction name: its line}` of one computation."""
+    out = {}
+    for line in lines:
+        m = re.match(r"\s*(?:ROOT\s+)?%([\w.\-]+)\s*=", line)
+        if m:
+            out[m.group(1)] = line
+    return out
+
+
+def _int_constant(line: Optional[str]) -> Optional[int]:
+    m = re.search(_SCALAR_INT + r"[^ ]* constant\((-?\d+)\)", line or "")
+    return int(m.group(1)) if m else None
+
+
+def _tuple_index(line: Optional[str]) -> Optional[int]:
+    """`i` of a `get-tuple-element(...), index=i` line."""
+    m = re.search(r"get-tuple-element\(%[\w.\-]+\), index=(\d+)", line or "")
+    return int(m.group(1)) if m else None
+
+
+def _operands(line: str, op: str) -> list[str]:
+    """Operand names of the `op(...)` call on `line`."""
+    m = re.search(r"\b" + re.escape(op) + r"\(([^)]*)\)", line)
+    return re.findall(r"%([\w.\-]+)", m.group(1)) if m else []
+
+
+def _through_copies(defs: dict[str, str], name: Optional[str]) -> Optional[str]:
+    """The line defining `name`, following `copy(...)` chains to what was copied."""
+    line = defs.get(name or "")
+    for _ in range(8):
+        copied = _operands(line, "copy") if line else []
+        if len(copied) != 1 or copied[0] not in defs:
+            break
+        line = defs[copied[0]]
+    return line
+
+
+def trip_count(condition: list[str], line: str, body: Optional[list[str]] = None,
+               caller: Optional[list[str]] = None) -> Optional[int]:
+    """Iterations of the `while` on `line`: XLA's `known_trip_count` when given,
+    else from the loop counter: `counter < limit` (or `<=`) in `condition`, the
+    counter's start in the tuple the `while` starts from (`caller`) and its step
+    in `body`'s root tuple (`counter + step`); a scan counts 0, 1, ..., n - 1, and
+    XLA:TPU's windowed matmul loops count 0, 2, 4, ... Where the start or step
+    cannot be followed (or without `body`/`caller`) the counter is taken to
+    start at 0 and step by 1. None without a `counter < constant` condition."""
     m = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
     if m:
         return int(m.group(1))
-    consts = dict(re.findall(r"%([\w.\-]+) = s32\[\][^ ]* constant\((\d+)\)", "\n".join(condition)))
+    cond = _definitions(condition)
+    index = limit = None
     for l in condition:
-        m = re.search(r"compare\(%[\w.\-]+, %([\w.\-]+)\), direction=LT", l)
-        if m and m.group(1) in consts:
-            return int(consts[m.group(1)])
-    return None
+        c = re.search(r"compare\(%([\w.\-]+), %([\w.\-]+)\), direction=(LT|LE)", l)
+        if c:
+            index, limit = _tuple_index(cond.get(c.group(1))), _int_constant(cond.get(c.group(2)))
+            limit = None if limit is None else limit + (c.group(3) == "LE")
+            break
+    if index is None or limit is None:
+        return None
+    start, step = 0, 1
+    if body is not None and caller is not None:
+        defs = _definitions(body)
+        root = next((l for l in body if l.lstrip().startswith("ROOT") and " tuple(" in l), None)
+        elems = _operands(root, "tuple") if root else []
+        update = _through_copies(defs, elems[index]) if index < len(elems) else None
+        args = _operands(update, "add") if update else []
+        steps = [_int_constant(_through_copies(defs, a)) for a in args]
+        counters = [_tuple_index(_through_copies(defs, a)) for a in args]
+        init = _operands(line, "while")
+        start_line = None
+        if init:
+            calls = _definitions(caller)
+            start_tuple = _operands(calls.get(init[0], ""), "tuple")
+            if index < len(start_tuple):
+                start_line = _through_copies(calls, start_tuple[index])
+        if len(args) == 2 and index in counters and _int_constant(start_line) is not None \
+                and any(x is not None and x > 0 for x in steps):
+            step = next(x for x in steps if x is not None and x > 0)
+            start = _int_constant(start_line)
+        # else: a counter this reading does not follow; taken as 0, 1, ..., limit - 1
+    return max(0, -(-(limit - start) // step))
 
 
 def step_collectives(hlo_text: str) -> tuple[list[Collective], list[str]]:
@@ -154,7 +231,8 @@ def step_collectives(hlo_text: str) -> tuple[list[Collective], list[str]]:
                 factor = 1
                 if kind == "body":
                     cond = re.search(r"condition=%?([\w.\-]+)", line)
-                    n = trip_count(comps.get(cond.group(1), []) if cond else [], line)
+                    n = trip_count(comps.get(cond.group(1), []) if cond else [], line,
+                                   comps.get(names[0], []), lines)
                     if n is None:
                         unknown.append(names[0])
                     factor = n or 1
