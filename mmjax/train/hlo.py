@@ -191,10 +191,10 @@ def trip_count(condition: list[str], line: str, body: Optional[list[str]] = None
             index, limit = _tuple_index(cond.get(c.group(1))), _int_constant(cond.get(c.group(2)))
             limit = None if limit is None else limit + (c.group(3) == "LE")
             break
-    if index is None or limit is None:
+    if limit is None:
         return None
     start, step = 0, 1
-    if body is not None and caller is not None:
+    if index is not None and body is not None and caller is not None:
         defs = _definitions(body)
         root = next((l for l in body if l.lstrip().startswith("ROOT") and " tuple(" in l), None)
         elems = _operands(root, "tuple") if root else []
