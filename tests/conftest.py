@@ -15,10 +15,9 @@ Many tests run the same small job (`mmjax train --config clip_tiny:tiny`, in
 this process or in `mmjax` subprocesses that inherit the environment): the
 cache lets each compiled program be built once per session. pytest-xdist
 workers (the README's `-n 2`) inherit it from the main process, which removes
-it at the end. It starts empty in
-a fresh directory, so no result depends on an earlier session; a compile whose
-result is read back is the same executable (the cache key is the program, the
-compile options and the jaxlib/XLA version).
+it at the end. It starts empty in a fresh directory, so no result depends on an
+earlier session; a compile whose result is read back is the same executable
+(the cache key is the program, the compile options and the jaxlib/XLA version).
 """
 import os
 import shutil

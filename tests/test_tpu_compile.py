@@ -227,7 +227,7 @@ def test_fsdp_weight_gather_bytes_in_windowed_matmul_loops():
     windowed loop of collective-permutes, counter 0, 2, ... < 4: every loop's
     trip count is found, each permute counts the block that arrives once (the
     async form returns operand and result), so the gathered bytes are the
-    weight's 7/8 that live elsewhere, up to XLA's one spare block."""
+    weight's 7/8 that live elsewhere, up to XLA's two spare blocks (9/8)."""
     import jax.numpy as jnp
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     from mmjax.train.hlo import step_collectives

@@ -79,7 +79,7 @@ def compile_for_target(config: Any, target: Any, hbm_gib: Optional[float] = None
     Returns a dict: `target`, `chip`, `topology`, `devices`, `mesh`, `batch`,
     `params`, `state` (bytes of the sharded train state per device), `compile_s`,
     `hbm` (bytes per device a step may use: the TPU compiler's limit, or on GPU
-    `hbm_share` of the device's memory, `targets.gpu_memory_fraction`), `fits`, `memory`
+    `hbm_share` of the device's memory, `targets.memory_share`), `fits`, `memory`
     (`bench.memory_stats`: argument/output/alias/temp/total/peak bytes per
     device, or `needed` from the compiler's out-of-memory error), `flops`,
     `ideal_step_s` (model FLOPs / (devices x peak)), `collectives`
@@ -95,7 +95,7 @@ def compile_for_target(config: Any, target: Any, hbm_gib: Optional[float] = None
                                    state_bytes_per_device)
     from mmjax.families import model_train_flops
     from mmjax.train.hlo import step_collectives
-    from mmjax.train.targets import gpu_memory_fraction, hbm_bytes, target_devices
+    from mmjax.train.targets import hbm_bytes, memory_share, target_devices
 
     with _captured_stderr():  # libtpu's start-up warnings about the absent TPU host
         devices = target_devices(target)
@@ -110,8 +110,7 @@ def compile_for_target(config: Any, target: Any, hbm_gib: Optional[float] = None
               "batch": int(config.batch_size), "params": count_params(trainer.abstract_state),
               "state": state_bytes_per_device(trainer.abstract_state),
               "hbm": hbm_bytes(target, hbm_gib), "flops": flops,
-              "hbm_share": (gpu_memory_fraction() if target.platform == "gpu" and not hbm_gib
-                            else None),
+              "hbm_share": memory_share(target, hbm_gib),
               "ideal_step_s": flops / (n * target.chip.peak_flops)}
     start = time.perf_counter()
     with _captured_stderr() as log:

@@ -23,7 +23,7 @@ from typing import Optional
 KINDS = ("all-reduce", "reduce-scatter", "all-gather", "all-to-all", "collective-permute")
 BYTES = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "s64": 8, "u64": 8, "s32": 4, "u32": 4,
          "s16": 2, "u16": 2, "s8": 1, "u8": 1, "pred": 1, "f8e4m3fn": 1, "f8e5m2": 1}
-_HEAD = re.compile(r"^\s*(?:ROOT\s+)?%[\w.\-]+\s*=\s*")
+_HEAD = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*")  # an instruction's name
 _OP = re.compile(r"\s*(" + "|".join(KINDS) + r")(-start)?\(")
 _ARRAY = re.compile(r"\b([a-z]+\d*[a-z0-9]*)\[([\d,]*)\]")
 
@@ -135,12 +135,7 @@ _SCALAR_INT = r"[su](?:8|16|32|64)\[\]"
 
 def _definitions(lines: list[str]) -> dict[str, str]:
     """`{instruction name: its line}` of one computation."""
-    out = {}
-    for line in lines:
-        m = re.match(r"\s*(?:ROOT\s+)?%([\w.\-]+)\s*=", line)
-        if m:
-            out[m.group(1)] = line
-    return out
+    return {m.group(1): line for line in lines if (m := _HEAD.match(line))}
 
 
 def _int_constant(line: Optional[str]) -> Optional[int]:

@@ -231,12 +231,18 @@ def gpu_memory_fraction(env: Optional[dict] = None) -> float:
     return fraction
 
 
+def memory_share(target: Target, override: Optional[float] = None) -> Optional[float]:
+    """The share of each device's memory a step of `target` may use: on a GPU
+    `gpu_memory_fraction()`; None for TPUs (the chip figure is already what the
+    compiler allows) and when `override` (GiB) replaces the figure."""
+    return gpu_memory_fraction() if target.platform == "gpu" and not override else None
+
+
 def hbm_bytes(target: Target, override: Optional[float] = None) -> int:
     """Memory per device (bytes) a step of `target` may use, or `override` (GiB).
     TPU: what the compiler allows. GPU: the device's total times
-    `gpu_memory_fraction()` (JAX preallocates that share and cannot grow past it)."""
+    `memory_share` (JAX preallocates that share and cannot grow past it)."""
     if override:
         return int(float(override) * GIB)
-    if target.platform == "gpu":
-        return int(target.chip.hbm_bytes * gpu_memory_fraction())
-    return target.chip.hbm_bytes
+    share = memory_share(target)
+    return int(target.chip.hbm_bytes * share) if share else target.chip.hbm_bytes
