@@ -56,8 +56,8 @@ def _spread(variables):
 
 
 def _child(out_dir):
-    from mmjax.train.loop import maybe_initialize_distributed
-    maybe_initialize_distributed()
+    from mmjax.train.multihost import join
+    join()
     import jax
     assert jax.process_count() == 2 and jax.device_count() == 4
     from mmjax.evaluate.gather import combine as _combine

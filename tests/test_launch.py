@@ -373,8 +373,8 @@ PRINT_ENV = ("import json, os; print(json.dumps({k: os.environ.get(k) for k in "
              "('MMJAX_COORDINATOR', 'MMJAX_NUM_PROCESSES', 'MMJAX_PROCESS_ID', 'XLA_FLAGS')}))")
 
 # Each process joins the job the way `mmjax train` does, then reports what JAX sees.
-JOIN = ("import json, jax; from mmjax.train.loop import maybe_initialize_distributed; "
-        "maybe_initialize_distributed(); "
+JOIN = ("import json, jax; from mmjax.train.multihost import join; "
+        "join(); "
         "print(json.dumps([jax.process_index(), jax.process_count(), jax.device_count(), "
         "jax.local_device_count()]))")
 
@@ -409,3 +409,70 @@ def test_local_processes_form_one_jax_job():
                        sys.executable, "-c", JOIN])
     got = _per_process_json(proc.stdout)
     assert got == {0: [0, 2, 4, 2], 1: [1, 2, 4, 2]}, proc.stdout
+
+
+# A child for the launcher's own tests: writes its pid (and that of a grandchild
+# `sleep`) to OUT_pN, records a SIGTERM in OUT_termN and exits 0 on it; process
+# FAIL exits with status 3 after 1 s. Others wait up to 60 s.
+CHILD = """
+import os, signal, subprocess, sys, time
+out, fail = sys.argv[1], int(sys.argv[2])
+i = int(os.environ["MMJAX_PROCESS_ID"])
+grand = subprocess.Popen(["sleep", "300"])
+open(f"{out}_p{i}", "w").write(f"{os.getpid()} {grand.pid}")
+def term(*_):
+    open(f"{out}_term{i}", "w").write("TERM")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, term)
+if i == fail:
+    time.sleep(1)
+    sys.exit(3)
+time.sleep(60)
+"""
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _start_local(tmp_path, fail):
+    out = str(tmp_path / "c")
+    proc = subprocess.Popen([sys.executable, "launch/local.py", "--processes", "2", "--grace",
+                             "10", "--", sys.executable, "-c", CHILD, out, str(fail)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    end = time.monotonic() + 30
+    while not all(os.path.exists(f"{out}_p{i}") for i in range(2)):
+        assert time.monotonic() < end and proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    time.sleep(0.3)  # the pid files are written before the handlers are installed
+    pids = [int(p) for i in range(2) for p in open(f"{out}_p{i}").read().split()]
+    return proc, out, pids
+
+
+def test_local_forwards_sigterm_and_leaves_no_process(tmp_path):
+    """SIGTERM to the launcher reaches every process (they exit 0: the launcher
+    does too); no child or grandchild survives it."""
+    proc, out, pids = _start_local(tmp_path, fail=-1)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+    assert all(open(f"{out}_term{i}").read() == "TERM" for i in range(2))
+    assert "SIGTERM received: passed to every process" in stderr
+    assert not any(_alive(p) for p in pids), [p for p in pids if _alive(p)]
+
+
+def test_local_stops_the_others_when_one_fails(tmp_path):
+    """Process 1 exits 3 while process 0 runs on: the launcher notices at once
+    (not when process 0 ends), names it, stops process 0 and exits 3."""
+    start = time.monotonic()
+    proc, out, pids = _start_local(tmp_path, fail=1)
+    stdout, stderr = proc.communicate(timeout=45)
+    assert time.monotonic() - start < 30  # process 0 alone would run 60 s
+    assert proc.returncode == 3, stderr
+    assert "process 1 exited with status 3; stopping process 0" in stderr, stderr
+    assert os.path.exists(f"{out}_term0")  # stopped by SIGTERM, its handler ran
+    assert not any(_alive(p) for p in pids), [p for p in pids if _alive(p)]

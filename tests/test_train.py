@@ -75,13 +75,55 @@ def _host_state(config):
     return state
 
 
-def _grads(config, mesh_shape, batch, state):
+def _grads(config, mesh_shape, batch, state, trainer=None):
     """Loss and gradients of the public step's objective on one mesh (host numpy),
-    at the host `state` put onto that mesh's shardings."""
-    trainer = _trainer(config, mesh_shape)
+    at the host `state` put onto that mesh's shardings (`trainer`: reuse its
+    compiled function instead of building one for `mesh_shape`)."""
+    trainer = trainer or _trainer(config, mesh_shape)
     state = jax.device_put(state, trainer.state_sharding)
     loss, _, grads = trainer.grads(state, jax.device_put(batch, trainer.batch_sharding))
     return float(loss), jax.device_get(grads), trainer, state
+
+
+def _one_ulp(params, seed):
+    """`params` with every float32 element moved by one unit in the last place
+    (x * (1 +- 2^-23), random sign): the smallest change float32 can represent."""
+    rng = np.random.RandomState(seed)
+
+    def one(x):
+        x = np.asarray(x)
+        if x.dtype != np.float32:
+            return x
+        return (x * (1 + np.float32(2.0 ** -23) * rng.choice([-1, 1], x.shape))).astype(x.dtype)
+    return jax.tree.map(one, params)
+
+
+def _noise_floor(config, batch, state, ref, trainer, draws=2):
+    """Per-leaf float32 noise floor of the single-device gradient `ref`: the
+    largest relative change of each leaf over `draws` one-ulp perturbations of
+    the parameters (`_one_ulp`), path -> relative change.
+
+    A leaf whose gradient is a small sum of large cancelling terms (a bias
+    behind a normalization, a cross-attention query bias) changes by ~1e-4 of
+    itself under a one-ulp change; a well-conditioned one by ~1e-6. Any
+    reordering of float32 sums (another mesh, another CPU's vector width) moves
+    a leaf by about as much: measured on every recipe of GRAD_RECIPES, the
+    sharded error is at most 1.5x this floor, on AMD Zen 3/Zen 4 and under
+    `XLA_FLAGS=--xla_cpu_max_isa=SSE4_2` (README, "Numerics on every CPU").
+    """
+    floor = {}
+    for seed in range(draws):
+        perturbed = dict(state, params=_one_ulp(state["params"], seed))
+        for path, (err, _) in _leaf_errors(_grads(config, None, batch, perturbed,
+                                                  trainer)[1], ref).items():
+            floor[path] = max(floor.get(path, 0.0), err)
+    return floor
+
+
+# Sharded gradient leaf vs single device: within FLOOR_FACTOR x the leaf's measured
+# noise floor (`_noise_floor`), plus ULPS units of float32 rounding of the leaf itself
+# (a scalar leaf such as SigLIP's logit bias has a zero floor and a one-ulp error).
+FLOOR_FACTOR, ULPS = 4.0, 64
 
 
 def _perturbed(params, scale=0.1, seed=0):
@@ -130,16 +172,20 @@ SECOND_MESH = ("clip_b16", "coca_b16", "blip2_stage1", "llava")
 def test_sharded_gradients_equal_single_device(recipe, arg):
     """Gradients (not Adam-normalized updates, which hide a 1% error) of the step's
     loss on (2, 2, 2) (and (1, 4, 2), `SECOND_MESH`) meshes vs one device: each
-    trained leaf within 1e-4 relative error. Random images and texts at a random point near the init
+    trained leaf within its measured float32 noise floor (`_noise_floor`, x
+    FLOOR_FACTOR, + ULPS ulps). Random images and texts at a random point near the init
     (`_perturbed`), so no gradient is degenerate except the ones that are zero in
     exact arithmetic (attention key biases: softmax is invariant to a per-row
-    shift), which are checked against the global gradient scale instead."""
+    shift), which are checked against the global gradient scale instead. A
+    sharding defect (a swapped batch shard, a missing reduction) moves every
+    leaf by 1e-3 or more; the floors are 1e-7..1e-4."""
     config = load_config(f"{recipe}:{arg}", ["batch_size=16"])
     with config.unlocked():  # (the CPU recipes have no dtype key: float32 already)
         config.model.dtype = "float32"
     batch = _batches(config, 1, seed=1)[0]
     state = _host_state(config)
-    ref_loss, ref, _, _ = _grads(config, (1, 1, 1), batch, state)
+    ref_loss, ref, single, _ = _grads(config, (1, 1, 1), batch, state)
+    floor = _noise_floor(config, batch, state, ref, single)
     global_norm = np.sqrt(sum(np.sum(np.float64(g) ** 2) for g in jax.tree.leaves(ref)))
     assert np.isfinite(ref_loss) and global_norm > 0
     frozen = list(config.optim.freeze)
@@ -154,7 +200,8 @@ def test_sharded_gradients_equal_single_device(recipe, arg):
             if norm <= 1e-6 * global_norm:  # zero in exact arithmetic
                 assert err * norm <= 1e-6 * global_norm, (shape, path, err, norm)
                 continue
-            assert err <= 1e-4, (shape, path, err, norm)
+            limit = FLOOR_FACTOR * floor[path] + ULPS * np.finfo(np.float32).eps
+            assert err <= limit, (shape, path, err, norm, floor[path])
             checked += 1
         assert checked >= 10
         # The mesh really shards: FSDP and tensor parallelism both hold weights.

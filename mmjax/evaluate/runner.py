@@ -269,8 +269,8 @@ def eval_command(config_spec: Optional[str], workdir: Optional[str], step: Optio
     """`mmjax eval`: evaluate a workdir checkpoint or a Hugging Face folder
     (in one process, or in every process of a job started as for `mmjax train`)."""
     from mmjax.train.config_utils import load_config
-    from mmjax.train.runtime import maybe_initialize_distributed
-    maybe_initialize_distributed()
+    from mmjax.train import multihost
+    multihost.join()  # (the timeouts of config.multihost's defaults)
     if hf_path:
         return _eval_hf(hf_path, config_spec, overrides)
     if not workdir:

@@ -151,7 +151,7 @@ class Checkpointer:
                                                  enable_async_checkpointing=async_save),
             item_names=("state", "data"))
         self._pending: Optional[int] = None  # step of the save in flight
-        self._failed: Optional[CheckpointError] = None
+        self._failed: Optional[Exception] = None
 
     def partial(self) -> list[str]:
         """Temporary folders of unfinished saves (local workdirs only)."""
@@ -185,6 +185,13 @@ class Checkpointer:
         if self._failed is not None:
             return self._failed
         step = self._pending if self._pending is not None else step
+        from mmjax.train.multihost import PeerLostError, is_peer_failure
+        if jax.process_count() > 1 and is_peer_failure(e):
+            # Not the storage: a peer died during the save's collectives / barriers.
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            self._failed = PeerLostError(f"checkpoint {step} was not completed: another "
+                                         f"process of the job is gone ({first})")
+            return self._failed
         # The failed save leaves orbax's other write coroutines unawaited; Python would
         # report each at exit ("coroutine ... was never awaited") under the one-line error.
         if not os.environ.get("MMJAX_DEBUG"):
@@ -210,6 +217,18 @@ class Checkpointer:
             f"{gone}; {kept}")
         return self._failed
 
+    def last_complete_step(self) -> Optional[int]:
+        """The newest complete checkpoint, read from the folder itself (no orbax
+        call, no collective: safe in a failure report after a peer is lost)."""
+        try:
+            if wd.is_remote(self.directory):
+                return self.manager.latest_step()
+            names = os.listdir(self.directory) if os.path.isdir(self.directory) else []
+        except Exception:  # noqa: BLE001 - a report must not fail
+            return None
+        steps = [int(n) for n in names if n.isdigit()]
+        return max(steps) if steps else None
+
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
 
@@ -225,6 +244,8 @@ class Checkpointer:
         `frozen_sources` (prefix -> `config.init` source) records where the
         parameters left out of `state` come from.
         """
+        if self._pending is not None:
+            self.wait()  # a failure of the previous save names that step, not this one
         payload = {"process_count": jax.process_count(), "frozen_sources": frozen_sources or {}}
         if jax.process_count() > 1:
             import json
@@ -279,8 +300,16 @@ class Checkpointer:
             reader.close()
         return jax.tree.map(np.asarray, restored["state"]["params"]), step
 
-    def restore(self, step: Optional[int], abstract_state: Any) -> tuple[dict, Optional[dict], int]:
-        """`(state, this process's data state, step)`; `step=None` = latest."""
+    def restore(self, step: Optional[int], abstract_state: Any,
+                reset_stream: bool = False) -> tuple[dict, Optional[dict], int]:
+        """`(state, this process's data state, step)`; `step=None` = latest.
+
+        Each process's data position is its own share of the stream, so a job
+        with another process count cannot continue it exactly: that is a
+        StreamMismatchError naming the key, unless `reset_stream`
+        (`config.data.train.reset_stream_on_resume`), which gives no data
+        state (the stream starts fresh from its seed).
+        """
         step = self.resolve_step(step)
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
@@ -288,10 +317,15 @@ class Checkpointer:
         data_state = None
         if data and data.get("process_count") == jax.process_count():
             data_state = data["processes"][jax.process_index()]
-        elif data:
-            log.warning("checkpoint %d was written by %s processes, now %d: the data stream "
-                        "restarts from its seed instead of the exact position",
-                        step, data.get("process_count"), jax.process_count())
+        elif data and not reset_stream:
+            from mmjax.data.resume import StreamMismatchError
+            raise StreamMismatchError(
+                f"checkpoint {step} in {self.directory} was written by a job of "
+                f"{data.get('process_count')} processes, this one has {jax.process_count()}: "
+                "each process's data position is its own share of the stream, so it cannot "
+                "be continued exactly. Rerun with the original process count, or set "
+                "config.data.train.reset_stream_on_resume=True to keep the train state and "
+                "start a fresh data stream (it replays data from the seed).")
         return restored["state"], data_state, step
 
     def wait(self) -> None:

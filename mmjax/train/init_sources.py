@@ -34,7 +34,7 @@ import numpy as np
 
 from mmjax.train import workdir as wd
 from mmjax.train.config_utils import ConfigError
-from mmjax.train.optimizer import frozen_labels
+from mmjax.train.optimizer import cast_frozen, frozen_labels
 from mmjax.train.trees import SEP, flat, nested
 
 log = logging.getLogger("mmjax")
@@ -122,7 +122,8 @@ def restore_run_params(workdir: str, step: Optional[int] = None) -> tuple[Any, d
         for rel, value in flat(src).items():
             full = f"{prefix}{SEP}{rel}" if rel else prefix
             params.setdefault(full, value)
-    return config, nested(params), step
+    # The dtypes the run trained with (a frozen LM in config.optim.frozen_dtype).
+    return config, cast_frozen(nested(params), config.optim), step
 
 
 def load_source(spec: str, key: str = "?", scan: Optional[bool] = None) -> dict:

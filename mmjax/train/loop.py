@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import signal
 from typing import Any, Optional
 
 import jax
@@ -28,7 +27,7 @@ from mmjax.families import check_modality, get_family, model_train_flops
 from mmjax.train.flops import peak_flops_per_device
 from mmjax.train.logging_utils import MetricsWriter, Progress, format_line, setup_logging
 from mmjax.train.optimizer import build_optimizer
-from mmjax.train.runtime import maybe_initialize_distributed
+from mmjax.train import multihost
 from mmjax.train.step import Trainer
 from mmjax.errors import UserError
 
@@ -58,6 +57,17 @@ RESUME_DIRECTIVES = {"config.data.train.reset_stream_on_resume"}
 def check_workdir(config: Any, workdir: str) -> None:
     """Refuse to resume a workdir created by a different model/objectives config.
 
+    In a job of several processes, process 0 alone reads and writes
+    `config.json` (atomically) and every process raises the same error
+    (`multihost.agree_on_error`): no process reads the file while another
+    writes it. See `_check_config_file` for what is checked.
+    """
+    multihost.agree_on_error(lambda: _check_config_file(config, workdir))
+
+
+def _check_config_file(config: Any, workdir: str) -> None:
+    """The fingerprint check and `config.json` update of `check_workdir`.
+
     Other keys may change when a run is resumed (batch size, steps, learning
     rate, ...): the change is logged as one warning line, `config.json` then
     holds the config in use and its `config_history` lists each change (date
@@ -74,7 +84,7 @@ def check_workdir(config: Any, workdir: str) -> None:
         current = json.loads(config.to_json_best_effort())
         changes = [c for c in all_differences(saved.get("config", {}), current)
                    if c[0] not in RESUME_DIRECTIVES]
-        if changes and jax.process_index() == 0:
+        if changes:
             log.warning("resuming with a changed config: %s (config.json updated, the "
                         "change is kept in its config_history)",
                         "; ".join(f"{k} {old!r} -> {new!r}" for k, old, new in changes))
@@ -84,7 +94,7 @@ def check_workdir(config: Any, workdir: str) -> None:
                 timespec="seconds"), "changes": {k: [old, new] for k, old, new in changes}})
             wd.write_text(path, json.dumps({**saved, "config": current,
                                             "config_history": history}, indent=1))
-    elif jax.process_index() == 0:
+    else:
         wd.makedirs(workdir)
         wd.write_text(path, json.dumps({"fingerprint": mine,
                                         "config": json.loads(config.to_json_best_effort())},
@@ -101,21 +111,6 @@ def check_tokenizer(config: Any, model: Any) -> None:
         raise ConfigError(f"config.data.train.tokenizer={config.data.train.tokenizer!r} has "
                           f"{tok.vocab_size} tokens but the model's vocab_size is {vocab}; "
                           f"raise config.model.{family.text_section}.vocab_size.")
-
-
-class _Preemption:
-    """Turns SIGTERM into a flag the loop checks after each step."""
-
-    def __init__(self):
-        self.requested = False
-        self._old = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-        log.info("SIGTERM received: saving a checkpoint after this step, then exiting")
-
-    def restore(self):
-        signal.signal(signal.SIGTERM, self._old)
 
 
 def _nan_advice(optim: Any) -> str:
@@ -146,47 +141,43 @@ def lock_workdir(workdir: str) -> Optional[wd.WorkdirLock]:
     """Take the run's exclusive lock on `workdir` (WorkdirBusy if another run holds it).
 
     All processes of a job share the workdir, so the lock is per job: process 0
-    takes it and tells the others whether it got it, and every process of a
-    second job on the same workdir stops with WorkdirBusy. Remote workdirs
-    (object stores) have no lock.
+    takes it (`multihost.agree_on_error`), and every process of a second job on
+    the same workdir stops with the same WorkdirBusy. Remote workdirs (object
+    stores) have no lock.
     """
-    lock, busy = None, ""
-    if jax.process_index() == 0:
+    def take() -> Optional[wd.WorkdirLock]:
         if wd.is_remote(workdir):
             log.info("%s is remote: no workdir lock, make sure one run at a time uses it",
                      workdir)
-        else:
-            try:
-                lock = wd.WorkdirLock(workdir).acquire()
-            except wd.WorkdirBusy as e:
-                busy = str(e)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        if int(multihost_utils.broadcast_one_to_all(np.int32(bool(busy)))) and not busy:
-            busy = (f"--workdir {workdir} is in use by another `mmjax train` (process 0 of "
-                    "this job found it locked)")
-    if busy:
-        raise wd.WorkdirBusy(busy)
-    return lock
+            return None
+        return wd.WorkdirLock(workdir).acquire()
+    return multihost.agree_on_error(take)
 
 
 def train(config: Any, workdir: str) -> dict:
     """Train `config` in `workdir`, resuming from its latest checkpoint. Returns final metrics.
 
-    Holds the workdir lock (`lock_workdir`) from start to end.
+    Holds the workdir lock (`lock_workdir`) from start to end. In a
+    multi-process job (`multihost`), an error in any process ends every
+    process within seconds, each with one line (`multihost.fail_fast`).
     """
     setup_logging()
-    maybe_initialize_distributed()
-    workdir = wd.resolve(workdir)
-    lock = lock_workdir(workdir)
+    multihost.join(config)
+    status = multihost.RunStatus()
     try:
-        return _train(config, workdir)
-    finally:
-        if lock is not None:
-            lock.release()
+        workdir = wd.resolve(workdir)
+        lock = lock_workdir(workdir)
+        try:
+            return _train(config, workdir, status)
+        finally:
+            if lock is not None:
+                lock.release()
+    except BaseException as e:
+        multihost.fail_fast(e, status)  # ends this process in a multi-process job
+        raise
 
 
-def _train(config: Any, workdir: str) -> dict:
+def _train(config: Any, workdir: str, status: multihost.RunStatus) -> dict:
     model = build(config.model)
     get_family(config).check_objectives(model, config.objectives)
     check_modality(config)
@@ -203,14 +194,16 @@ def _train(config: Any, workdir: str) -> dict:
              jax.process_count(), config.batch_size)
 
     ckpt = Checkpointer(workdir, keep=int(config.keep_checkpoints))
+    status.last_checkpoint = ckpt.last_complete_step
     if jax.process_index() == 0:  # this run holds the workdir lock
         for path in ckpt.remove_partial():
             log.info("removed %s, left by a save that did not finish", path)
     data_state = None
+    reset_stream = bool(config.data.train.get("reset_stream_on_resume"))
     if ckpt.latest_step() is not None:
         try:
-            state, data_state, start = trainer.restore(ckpt)
-        except ConfigError:
+            state, data_state, start = trainer.restore(ckpt, reset_stream=reset_stream)
+        except UserError:
             raise
         except (ValueError, KeyError) as e:
             first = str(e).strip().splitlines()[0][:300]
@@ -223,7 +216,7 @@ def _train(config: Any, workdir: str) -> dict:
     log.info("model %s: %.2fM parameters", config.model.name, n_params / 1e6)
 
     data = build_train_iterator(config.data.train, local_batch)
-    if data_state is not None and config.data.train.get("reset_stream_on_resume"):
+    if start and reset_stream:
         log.warning("config.data.train.reset_stream_on_resume=True: the train state resumes at "
                     "step %d but the data stream starts fresh from its seed (the checkpoint's "
                     "data position is not used)", start)
@@ -235,7 +228,10 @@ def _train(config: Any, workdir: str) -> dict:
                               frozen=tuple(config.optim.get("freeze") or ()))
     peak = peak_flops_per_device(config.get("peak_flops"), mesh.devices.flat[0])
     writer = MetricsWriter(workdir, resume_step=start)
-    preempt = _Preemption()
+    mh = multihost.options(config)
+    stop = multihost.StopAgreement(mesh, every=mh["stop_check_every"],
+                                   deadline_s=mh["preemption_deadline_s"],
+                                   last_checkpoint=ckpt.last_complete_step)
     progress = Progress(start, total)
     objectives = list(config.objectives.keys())
     evals_every = int(config.evals.get("every", 0) or 0)
@@ -249,6 +245,8 @@ def _train(config: Any, workdir: str) -> dict:
                                        if k in local}, trainer.batch_sharding)
             state, metrics = trainer.step(state, batch)
             step += 1
+            status.step = step
+            stop_now = stop.should_stop()  # the same answer on every process
             # NaN guard with a one-step lag, so the host never stalls the device.
             if pending is not None:
                 _nan_check(jax.device_get(pending[1]), pending[0], objectives, config.optim)
@@ -266,22 +264,30 @@ def _train(config: Any, workdir: str) -> dict:
                     log.info(format_line(step, total, m, t["eta_s"]))
                 writer.write(step, m)
                 last = m
-            if step % int(config.checkpoint_every) == 0 or is_last or preempt.requested:
+            if step % int(config.checkpoint_every) == 0 or is_last or stop_now:
                 _nan_check(jax.device_get(metrics), step, objectives, config.optim)
+                status.saving = step
                 ckpt.save(step, trainer.checkpoint_view(state), data.get_state(), force=True,
                           frozen_sources=init_entries(config))
+                status.saving = None
             if evals_every and step % evals_every == 0 and not is_last:
                 _run_evals(config, model, state, mesh, step, writer, workdir)
-            if preempt.requested:
+            if stop_now:
+                status.saving = step
                 ckpt.wait()
                 log.info("checkpoint at step %d written; exiting for preemption", step)
                 return last
+        status.saving = step
         ckpt.wait()
+        status.saving = None
         results = _run_evals(config, model, state, mesh, step, writer, workdir)
         last.update(results)
         return last
+    except BaseException as e:
+        multihost.fail_fast(e, status)  # before the cleanup below, which may wait on peers
+        raise
     finally:
-        preempt.restore()
+        stop.close()
         ckpt.close()
         data.close()
         writer.close()

@@ -90,6 +90,33 @@ def frozen_labels(params: Any, freeze: list[str]) -> Any:
     return jax.tree_util.tree_map_with_path(label, params)
 
 
+def frozen_dtype(optim: Any) -> Any:
+    """The dtype `config.optim.frozen_dtype` stores frozen weights in (None: as initialized)."""
+    from mmjax.models import DTYPES
+    name = optim.get("frozen_dtype")
+    if name in (None, "None", "none", ""):
+        return None
+    if name not in DTYPES:
+        raise ConfigError(f"config.optim.frozen_dtype={name!r}; choose one of "
+                          f"{sorted(DTYPES)} or None.")
+    return DTYPES[name]
+
+
+def cast_frozen(params: Any, optim: Any) -> Any:
+    """`params` with the frozen ones (`optim.freeze`) in `optim.frozen_dtype`.
+
+    Training stores frozen weights this way (a frozen LM in bfloat16), so every
+    path that rebuilds a run's model (`Trainer`, `restore_run_params` for
+    `mmjax generate` and `config.init` sources) computes with the same weights.
+    Works on jax and numpy leaves alike.
+    """
+    dtype, freeze = frozen_dtype(optim), list(optim.get("freeze") or [])
+    if dtype is None or not freeze:
+        return params
+    return jax.tree.map(lambda p, lab: p.astype(dtype) if lab == "frozen" else p,
+                        params, frozen_labels(params, freeze))
+
+
 def check_freeze(optim: Any, params: Any) -> None:
     """Every `config.optim.freeze` prefix must name at least one parameter."""
     for prefix in list(optim.get("freeze") or []):

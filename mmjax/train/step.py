@@ -21,9 +21,9 @@ from mmjax.errors import ConfigError
 from mmjax.models.layers import KernelPolicy, kernel_policy
 from mmjax.train import sharding as shd
 from mmjax.families import compute_losses, get_family
-from mmjax.models import DTYPES
 from mmjax.train import init_sources
-from mmjax.train.optimizer import check_freeze, clamp_params, frozen_labels
+from mmjax.train.optimizer import (cast_frozen, check_freeze, clamp_params, frozen_dtype,
+                                   frozen_labels)
 from mmjax.train import trees
 
 
@@ -48,19 +48,13 @@ class Trainer:
         # Scalars kept in a range after every update (CLIP's logit scale, BLIP-2's temperature).
         self.param_bounds = model.param_bounds() if hasattr(model, "param_bounds") else {}
         self.freeze = list(config.optim.get("freeze") or [])
-        frozen_dtype = config.optim.get("frozen_dtype")
-        frozen_dtype = None if frozen_dtype in ("None", "none", "") else frozen_dtype
-        if frozen_dtype and frozen_dtype not in DTYPES:
-            raise ConfigError(f"config.optim.frozen_dtype={frozen_dtype!r}; choose one of "
-                              f"{sorted(DTYPES)} or None.")
+        frozen_dtype(config.optim)  # a bad config.optim.frozen_dtype fails here, named
         images, text = sample_inputs(config)
 
         def init(rng):
-            params = nn.meta.unbox(model.init(rng, images, text)["params"])
-            if frozen_dtype and self.freeze:  # frozen weights stored in a smaller dtype
-                params = jax.tree.map(
-                    lambda p, lab: p.astype(DTYPES[frozen_dtype]) if lab == "frozen" else p,
-                    params, frozen_labels(params, self.freeze))
+            # Frozen weights may be stored in a smaller dtype (config.optim.frozen_dtype).
+            params = cast_frozen(nn.meta.unbox(model.init(rng, images, text)["params"]),
+                                 config.optim)
             return {"step": jnp.zeros((), jnp.int32), "params": params,
                     "opt_state": tx.init(params),
                     "rng": jax.random.key_data(jax.random.fold_in(rng, 1))}
@@ -112,12 +106,14 @@ class Trainer:
         """What a checkpoint stores of `state` (see `init_sources`)."""
         return init_sources.strip_referenced(state, self.referenced_keys())
 
-    def restore(self, ckpt: Any, step: Any = None) -> tuple[dict, Any, int]:
+    def restore(self, ckpt: Any, step: Any = None,
+                reset_stream: bool = False) -> tuple[dict, Any, int]:
         """`(state, data_state, step)` from `ckpt`; parameters the checkpoint
-        references instead of storing are reloaded from their sources."""
+        references instead of storing are reloaded from their sources
+        (`reset_stream`: see `Checkpointer.restore`)."""
         refs = self.referenced_keys()
         abstract = init_sources.strip_referenced(self.abstract_state, refs)
-        restored, data_state, step = ckpt.restore(step, abstract)
+        restored, data_state, step = ckpt.restore(step, abstract, reset_stream=reset_stream)
         if refs:
             # Only the referenced sources are loaded, into the abstract tree's
             # shardings; no random init and no optimizer state is built.

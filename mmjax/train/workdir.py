@@ -52,15 +52,24 @@ def read_text(path: str) -> str:
 
 
 def write_text(path: str, text: str) -> None:
-    """Write a whole file (object stores have no append; callers rewrite)."""
+    """Write a whole file, atomically: a reader sees the old file or the new one,
+    never a part (local: a temporary file in the same folder, then a rename;
+    object stores publish an object only when its upload completes)."""
     if is_remote(path):
         with _fs(path).open(path, "w", encoding="utf-8") as f:
             f.write(text)
         return
     path = local_path(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 class WorkdirBusy(UserError, RuntimeError):
