@@ -14,6 +14,8 @@ from mmjax.losses import (blip2_itc_loss, blip2_itm_triples, caption_loss,
                           next_token_loss, sigmoid_contrastive_loss,
                           softmax_contrastive_loss)
 
+pytestmark = pytest.mark.numerics
+
 MESHES = [(8, 1, 1), (4, 2, 1), (2, 2, 2)]
 BATCH = 16
 TOL = 1e-5

@@ -197,17 +197,33 @@ def test_stage2_checkpoint_holds_only_trained_parts(tmp_path, tiny_run):
     from mmjax.data.dialog import encode_prompt
     from mmjax.data.synthetic import make_sample
     from mmjax.evaluate.generate import generate_answer
+    # Its parameters are the trained model's, bit for bit and in the same dtypes (the
+    # frozen LM in config.optim.frozen_dtype, as training keeps it), so it runs the
+    # same programs on the same inputs as answer_questions below: equal answers on
+    # any CPU. (Greedy decoding of a random tiny LM meets near-ties, so answers are
+    # compared only between identical computations; the eager forward is checked
+    # against the jitted one to float32 rounding instead.)
+    from mmjax.evaluate.vqa import image_embeds
+    from mmjax.train.init_sources import restore_run_params
+    _, rebuilt, _ = restore_run_params(s2)
+    rebuilt = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(rebuilt)}
+    for path, a in jax.tree_util.tree_leaves_with_path(full):
+        b = rebuilt[jax.tree_util.keystr(path)]
+        assert np.asarray(b).dtype == a.dtype, (jax.tree_util.keystr(path), b.dtype, a.dtype)
+        np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
     image = make_sample(0, "test", 32)["image"]
     Image.fromarray(image).save(tmp_path / "x.png")
     got = generate_answer(s2, str(tmp_path / "x.png"), "colour?", max_new_tokens=6)
     tok = build_tokenizer("bytes", 32)
     d = config.data.train
     variables = {"params": full}
-    emb = model.apply(variables, jnp.asarray(normalize(image[None], d.mean, d.std)),
-                      method="image_embeds")
-    want = answer_questions(model, variables, np.asarray(emb), [encode_prompt(tok, "colour?")],
+    pixels = normalize(image[None], d.mean, d.std)
+    emb = image_embeds(model, variables, pixels)
+    want = answer_questions(model, variables, emb, [encode_prompt(tok, "colour?")],
                             tok, max_new_tokens=6, chunk=1)[0]
     assert got == want
+    eager = np.asarray(model.apply(variables, jnp.asarray(pixels), method="image_embeds"))
+    np.testing.assert_allclose(eager, emb, rtol=0, atol=1e-5 * np.abs(emb).max())
     assert cli.main(["generate", "--workdir", str(tmp_path / "none"), "--image", "x"]) == 2
 
 
