@@ -131,3 +131,26 @@ def test_model_train_flops_matches_xla_count_for_two_tower():
     xla_train = jax.jit(jax.grad(forward)).lower(params, images, text).compile() \
         .cost_analysis()["flops"]
     assert formula == pytest.approx(xla_train, rel=0.1)
+
+
+@pytest.mark.parametrize("depth,freq", [(14, 4), (12, 2), (3, 2), (6, 6)])
+def test_qformer_cross_attention_count_and_flops_match_the_model(depth, freq):
+    """The FLOP formulas count the Q-Former's cross-attention layers as the model
+    builds them (layers 0, f, 2f, ...: 4 of 14 with f=4), and the query pass's
+    formula matches XLA's own count of the compiled forward."""
+    from mmjax.models import QFormer
+    from mmjax.models.flops import cross_attention_flops, cross_attention_layers, layer_flops
+    nq, w, mlp, n, dv = 32, 256, 1024, 256, 512  # large context: one cross layer is ~10%
+    q = QFormer(num_queries=nq, width=w, depth=depth, heads=4, mlp_dim=mlp,
+                cross_attention_freq=freq, vocab_size=64, max_len=8)
+    feats = jnp.zeros((2, n, dv), jnp.float32)
+    params = jax.eval_shape(lambda: q.init(jax.random.key(0), feats))["params"]
+    built = sum("cross_attn" in params[f"layers_{i}"] for i in range(depth))
+    assert built == cross_attention_layers(depth, freq)
+    if depth != 14:
+        return
+    params = q.init(jax.random.key(0), feats)["params"]
+    xla = jax.jit(lambda p, f: q.apply({"params": p}, f).sum()).lower(params, feats).compile() \
+        .cost_analysis()["flops"]
+    formula = 2 * (depth * layer_flops(nq, w, mlp) + built * cross_attention_flops(nq, w, n, dv))
+    assert formula == pytest.approx(xla, rel=0.03)

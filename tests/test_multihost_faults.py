@@ -29,9 +29,10 @@ OVERRIDES = [f"--config.total_steps={STEPS}", f"--config.checkpoint_every={EVERY
 
 # ------------------------------------------------------------------ child side
 
-def _child_train(workdir, out_dir, fail_process, fail_step):
+def _child_train(workdir, out_dir, fail_process, fail_step, extra=()):
     """`mmjax train` with each data batch delayed by STEP_DELAY; process
-    `fail_process` raises a DataError at its `fail_step`-th batch (-1: never)."""
+    `fail_process` raises a DataError at its `fail_step`-th batch (-1: never);
+    `extra`: more `--config.KEY=VALUE` arguments."""
     from mmjax import cli
     from mmjax.data.counters import DataError
     from mmjax.train import loop
@@ -56,7 +57,7 @@ def _child_train(workdir, out_dir, fail_process, fail_step):
 
     loop.build_train_iterator = lambda *a, **k: Slow(build(*a, **k))
     sys.exit(cli.main(["train", "--config", "clip_tiny:tiny", "--workdir", workdir]
-                      + OVERRIDES))
+                      + OVERRIDES + list(extra)))
 
 
 def _child_race(out_dir, iterations):
@@ -112,7 +113,7 @@ def _child_race(out_dir, iterations):
 
 # ------------------------------------------------------------------ test side
 
-def _launch(args, out_dir, grace=30):
+def _launch(args, out_dir, grace=20):
     """Start launch/local.py (2 processes x 2 CPU devices) running this file's child `args`."""
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.pop("XLA_FLAGS", None)
@@ -138,9 +139,10 @@ def _log(out_dir):
         return f.read()
 
 
-def _train_job(workdir, out_dir, fail_process=-1, fail_step=-1):
+def _train_job(workdir, out_dir, fail_process=-1, fail_step=-1, extra=(), grace=20):
     os.makedirs(out_dir, exist_ok=True)
-    return _launch(["train", workdir, out_dir, fail_process, fail_step], out_dir)
+    return _launch(["train", workdir, out_dir, fail_process, fail_step, *extra], out_dir,
+                   grace=grace)
 
 
 def _wait_for_step(workdir, proc, out_dir, step, timeout=180):
@@ -263,6 +265,29 @@ def test_killed_peer_stops_the_job_with_one_line_and_rerun_resumes(tmp_path, ref
     _resume_and_compare(workdir, str(tmp_path / "out2"), reference)
 
 
+def test_preemption_deadline_when_a_peer_hangs(tmp_path):
+    """Process 1 hangs (SIGSTOP) and process 0 gets SIGTERM: no step can be
+    agreed on, so after config.multihost.preemption_deadline_s process 0 exits
+    143 with one line naming the last complete checkpoint; the launcher then
+    stops the hung process (SIGTERM, SIGKILL after --grace)."""
+    workdir, out = str(tmp_path / "run"), str(tmp_path / "out")
+    proc = _train_job(workdir, out, extra=["--config.multihost.preemption_deadline_s=5"],
+                      grace=3)
+    _wait_for_step(workdir, proc, out, EVERY + 2)  # a checkpoint exists
+    p0, p1 = _pids(out)
+    os.kill(p1, signal.SIGSTOP)
+    os.kill(p0, signal.SIGTERM)
+    signalled = time.monotonic()
+    rc, log = _finish(proc, out, timeout=90)
+    assert time.monotonic() - signalled < 40, log[-3000:]
+    assert rc == 143 and "process 0 exited with status 143" in log, log[-3000:]
+    lines = [l for l in log.splitlines() if l.startswith("[p0] mmjax: error:")]
+    assert len(lines) == 1, log[-3000:]
+    assert ("no agreed stop within 5 s (config.multihost.preemption_deadline_s)" in lines[0]
+            and f"the last complete checkpoint is step {EVERY}" in lines[0]), lines
+    assert not _alive(p0) and not _alive(p1)
+
+
 def test_error_on_one_process_stops_the_others_within_a_minute(tmp_path):
     """A data error on process 1 only: process 1 prints its error as one line,
     process 0 stops within 60 s with one line naming process 1's reason."""
@@ -344,6 +369,7 @@ def test_resume_with_another_process_count_is_an_error(tmp_path, reference, caps
 if __name__ == "__main__":
     kind = sys.argv[1]
     if kind == "train":
-        _child_train(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+        _child_train(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]),
+                     sys.argv[6:])
     elif kind == "race":
         _child_race(sys.argv[2], int(sys.argv[3]))

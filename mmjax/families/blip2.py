@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from mmjax import losses
 from mmjax.families.base import Family, plain, step_captioner
-from mmjax.models.flops import layer_flops
+from mmjax.models.flops import cross_attention_flops, cross_attention_layers, layer_flops
 
 
 class Blip2Family(Family):
@@ -41,8 +41,7 @@ class Blip2Family(Family):
         mlp, freq = qc.get("mlp_dim", 3072), qc.get("cross_attention_freq", 2)
         n = (img["image_size"] // img["patch_size"]) ** 2 + 1
         dv = img["width"]
-        cross = (2 * nq * 2 * w * w + 2 * n * 2 * dv * w + 4 * nq * n * w) * (
-            depth // freq + depth % freq)
+        cross = cross_attention_flops(nq, w, n, dv) * cross_attention_layers(depth, freq)
 
         def qformer(tokens):
             return depth * layer_flops(tokens, w, mlp) + cross

@@ -7,7 +7,7 @@ import ml_collections
 from mmjax import losses
 from mmjax.errors import ConfigError
 from mmjax.families.base import Family, plain
-from mmjax.models.flops import layer_flops
+from mmjax.models.flops import cross_attention_flops, cross_attention_layers, layer_flops
 from mmjax.models.vlm import vlm_targets
 
 
@@ -41,8 +41,9 @@ class VisionLMFamily(Family):
             w, p = qc.get("width", 768), qc.get("num_queries", 32)
             depth, freq = qc.get("depth", 12), qc.get("cross_attention_freq", 2)
             n_ctx = n + (1 if img.get("pool", "cls") == "cls" else 0)
-            conn = depth * layer_flops(p, w, qc.get("mlp_dim", 3072)) + (depth // freq) * (
-                2 * p * 2 * w * w + 2 * n_ctx * 2 * dv * w + 4 * p * n_ctx * w) + 2 * p * w * d
+            conn = (depth * layer_flops(p, w, qc.get("mlp_dim", 3072))
+                    + cross_attention_layers(depth, freq) * cross_attention_flops(p, w, n_ctx, dv)
+                    + 2 * p * w * d)
         else:
             p = n
             conn = 2 * p * dv * d + 2 * p * d * d

@@ -21,9 +21,21 @@ def layer_flops(t: int, d: int, mlp: int, s: Optional[int] = None, causal: bool 
     f += 2 * t * d * mlp * (3 if gated else 2)    # MLP
     f += 4 * t * s * d * (0.5 if causal else 1.0)  # attention
     if ctx is not None:                           # cross-attention to (n, dc) context
-        n, dc = ctx
-        f += 2 * t * 2 * d * d + 2 * n * 2 * dc * d + 4 * t * n * d
+        f += cross_attention_flops(t, d, *ctx)
     return f
+
+
+def cross_attention_flops(t: int, d: int, n: int, dc: int) -> float:
+    """Forward FLOPs of one cross-attention block: `t` queries of width `d`
+    attend to `n` context tokens of width `dc` (q and out projections, k and v
+    projections of the context, scores and weighted sum)."""
+    return 2 * t * 2 * d * d + 2 * n * 2 * dc * d + 4 * t * n * d
+
+
+def cross_attention_layers(depth: int, freq: int) -> int:
+    """How many of a Q-Former's `depth` layers cross-attend to the image: layers
+    0, freq, 2*freq, ... (`mmjax.models.qformer`), i.e. ceil(depth / freq)."""
+    return -(-int(depth) // int(freq))
 
 
 def vit_flops(c: dict) -> float:
