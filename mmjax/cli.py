@@ -110,8 +110,35 @@ def version() -> str:
         return "unknown"
 
 
+def skip_unusable_tpu_backend() -> bool:
+    """Keep JAX from starting libtpu as a backend on a host that has no TPU.
+
+    libtpu comes with the `test` and `tpu` extras (for deviceless TPU compiles);
+    on a CPU host JAX still tries it as a backend, and its failed start prints
+    `INVALID_ARGUMENT ... TPU_WORKER_HOSTNAMES` lines before anything else.
+    Only where JAX would end on the CPU anyway: JAX_PLATFORMS unset, no TPU chip
+    on this host (JAX's own check of the PCI bus), no GPU plugin installed, and
+    no backend started yet. `mmjax compile` loads libtpu by itself for its
+    targets, so it is unaffected. Returns whether it chose the CPU.
+    """
+    import importlib.metadata
+    import jax
+    from jax._src import hardware_utils, xla_bridge
+    if (os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms
+            or xla_bridge.backends_are_initialized()):
+        return False
+    if hardware_utils.num_available_tpu_chips_and_device_id()[0]:
+        return False
+    if list(importlib.metadata.entry_points(group="jax_plugins")):
+        return False  # a GPU (or other) plugin: JAX's own choice
+    jax.config.update("jax_platforms", "cpu")
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("train", "eval", "generate", "bench", "shards"):
+        skip_unusable_tpu_backend()
     commands = {"train": train_main, "eval": eval_main, "shards": _shards, "bench": _bench,
                 "generate": _generate, "compile": _compile}
     if not argv or argv[0] in ("-h", "--help"):

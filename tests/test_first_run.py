@@ -94,3 +94,25 @@ def test_two_process_train_prints_the_final_result_once(tmp_path, tmp_path_facto
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     final = [ln for ln in proc.stdout.splitlines() if "zero-shot top-1 on" in ln]
     assert len(final) == 1 and final[0].startswith("[p0] "), final
+
+
+LIBTPU_NOISE = ("TPU_WORKER_HOSTNAMES", "libtpu", "INVALID_ARGUMENT", "TPU accelerator type")
+
+
+def test_train_on_a_cpu_host_prints_no_libtpu_start_up_errors(tmp_path, tmp_path_factory):
+    """With libtpu installed (the `test` extra brings it for deviceless TPU compiles)
+    and no TPU on the host, `import jax; jax.devices()` prints libtpu's failed
+    start; `mmjax train` prints none of it (`cli.skip_unusable_tpu_backend`)."""
+    env = {**os.environ, "PYTHONPATH": ROOT,
+           "MMJAX_CACHE": str(tmp_path_factory.getbasetemp() / "mmjax_cache")}
+    env.pop("JAX_PLATFORMS", None)  # as on a user's machine (conftest sets it for the tests)
+    plain = subprocess.run([sys.executable, "-c", "import jax; print(jax.devices())"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert any(word in plain.stderr for word in LIBTPU_NOISE), plain.stderr  # the premise
+    run = subprocess.run([sys.executable, "-m", "mmjax.cli", "train", *TINY, "--workdir",
+                          str(tmp_path / "run")], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = run.stdout + run.stderr
+    assert "zero-shot top-1" in out
+    assert not [l for l in out.splitlines() if any(w in l for w in LIBTPU_NOISE)], out[:3000]

@@ -56,6 +56,18 @@ def _child_train(workdir, out_dir, fail_process, fail_step, extra=()):
             return getattr(self.inner, name)
 
     loop.build_train_iterator = lambda *a, **k: Slow(build(*a, **k))
+    kill_at = [int(e.split("=")[1]) for e in extra if e.startswith("kill_at_save=")]
+    if kill_at and int(os.environ["MMJAX_PROCESS_ID"]) == 1:
+        # Process 1 dies (a real SIGKILL) as it starts writing checkpoint `kill_at`.
+        from mmjax.train.checkpoint import Checkpointer
+        save = Checkpointer.save
+
+        def dying_save(self, step, *a, **k):
+            if step == kill_at[0]:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return save(self, step, *a, **k)
+        Checkpointer.save = dying_save
+    extra = [e for e in extra if not e.startswith("kill_at_save=")]
     sys.exit(cli.main(["train", "--config", "clip_tiny:tiny", "--workdir", workdir]
                       + OVERRIDES + list(extra)))
 
@@ -263,6 +275,28 @@ def test_killed_peer_stops_the_job_with_one_line_and_rerun_resumes(tmp_path, ref
     assert "Traceback" not in log, log[-3000:]
     assert not _alive(p0) and not _alive(p1)
     _resume_and_compare(workdir, str(tmp_path / "out2"), reference)
+
+
+def test_peer_lost_while_saving_is_not_a_storage_error(tmp_path):
+    """Process 1 is killed as checkpoint 20 starts, so process 0 waits in a
+    collective that will never complete (it fails with no error): process 0's
+    peer watch sees process 1 silent for `peer_timeout_s` and exits with one
+    line naming the step being saved (not the previous one), the lost process
+    (not the disk) and the last complete checkpoint."""
+    workdir, out = str(tmp_path / "run"), str(tmp_path / "out")
+    proc = _train_job(workdir, out, extra=[f"kill_at_save={2 * EVERY}",
+                                           "--config.multihost.peer_timeout_s=10"])
+    start = time.monotonic()
+    rc, log = _finish(proc, out, timeout=200)
+    assert rc == 137 and "process 1 was killed by SIGKILL" in log, log[-3000:]  # 128 + 9
+    lines = [l for l in log.splitlines() if l.startswith("[p0] mmjax: error:")]
+    assert len(lines) == 1, log[-3000:]
+    assert f"while saving checkpoint {2 * EVERY}" in lines[0], lines
+    assert f"the last complete checkpoint is step {EVERY}" in lines[0], lines
+    assert "free" not in lines[0] and "could not write" not in lines[0], lines
+    assert "lost process 1" in lines[0] and "peer_timeout_s" in lines[0], lines
+    assert time.monotonic() - start < 120, log[-3000:]
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == [str(EVERY)]
 
 
 def test_preemption_deadline_when_a_peer_hangs(tmp_path):

@@ -68,6 +68,7 @@ NUMERIC_KEYS = {
     "mesh.tensor": ("int", 1, None, "-1"),
     "multihost.init_timeout_s": _INT_GE1, "multihost.heartbeat_timeout_s": _INT_GE1,
     "multihost.shutdown_timeout_s": _INT_GE1, "multihost.preemption_deadline_s": _INT_GE0,
+    "multihost.peer_timeout_s": _INT_GE0,
     "multihost.stop_check_every": _INT_GE1,
     "optim.lr": ("float", 0, None, ""), "optim.warmup_steps": _INT_GE0,
     "optim.end_lr_frac": ("float", 0, 1, ""), "optim.b1": ("float", 0, "<1", ""),

@@ -25,12 +25,14 @@ def base_config() -> ml_collections.ConfigDict:
     # init_timeout_s: how long a process waits for all to join before it exits;
     # heartbeat_timeout_s: JAX's coordination service declares a silent process dead;
     # shutdown_timeout_s: JAX's wait for the others at a normal exit;
+    # peer_timeout_s: a process whose heartbeat (mmjax's, every 2 s) stopped this long
+    # is lost: the others exit with one line (0: off);
     # preemption_deadline_s: after a SIGTERM, exit without saving if the job has not
     # agreed to stop by then (0: no deadline); stop_check_every: steps between the
     # agreements on a stop request (a max-reduction of one int32 per device).
     c.multihost = ml_collections.ConfigDict(dict(
         init_timeout_s=300, heartbeat_timeout_s=100, shutdown_timeout_s=60,
-        preemption_deadline_s=300, stop_check_every=1))
+        peer_timeout_s=30, preemption_deadline_s=300, stop_check_every=1))
 
     c.model = ml_collections.ConfigDict()
     c.objectives = ml_collections.ConfigDict()

@@ -164,17 +164,22 @@ def train(config: Any, workdir: str) -> dict:
     setup_logging()
     multihost.join(config)
     status = multihost.RunStatus()
+    watch = multihost.PeerWatch(status, multihost.options(config)["peer_timeout_s"])
     try:
         workdir = wd.resolve(workdir)
         lock = lock_workdir(workdir)
         try:
-            return _train(config, workdir, status)
+            result = _train(config, workdir, status)
+            watch.done()
+            return result
         finally:
             if lock is not None:
                 lock.release()
     except BaseException as e:
         multihost.fail_fast(e, status)  # ends this process in a multi-process job
         raise
+    finally:
+        watch.done()
 
 
 def _train(config: Any, workdir: str, status: multihost.RunStatus) -> dict:

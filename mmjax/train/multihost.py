@@ -50,7 +50,7 @@ EXIT_SIGTERM = 128 + signal.SIGTERM
 
 # The defaults of `config.multihost` (mmjax/train/defaults.py), for callers without a config.
 DEFAULTS = dict(init_timeout_s=300, heartbeat_timeout_s=100, shutdown_timeout_s=60,
-                preemption_deadline_s=300, stop_check_every=1)
+                peer_timeout_s=30, preemption_deadline_s=300, stop_check_every=1)
 
 
 def options(config: Any = None) -> dict:
@@ -200,7 +200,7 @@ def _error_class(module: str, name: str) -> type:
 class StopAgreement:
     """SIGTERM on any process -> every process stops after the same step.
 
-    `should_stop(step)` is called by every process once per step, after the
+    `should_stop()` is called by every process once per step, after the
     step is dispatched. Every `stop_check_every` steps it dispatches a max-
     reduction of the processes' local flags over the mesh and returns the
     result of the previous one, so the host never waits for the device (the
@@ -355,6 +355,82 @@ def _peer_reports() -> dict[int, str]:
         with contextlib.suppress(ValueError):
             out[int(key.rsplit("/", 1)[-1])] = value
     return out
+
+
+_ALIVE_KEY = "mmjax/alive/"
+_DONE_KEY = "mmjax/done/"
+
+
+class PeerWatch:
+    """A peer that is gone while this process waits in a collective for it.
+
+    A collective whose peer died does not always fail: gloo raises when an open
+    connection closes, but a collective that still has to set up its connection
+    (or a peer that hangs, or a host that vanished) waits, and JAX's own
+    heartbeat ends the process only with a C++ abort after
+    `heartbeat_timeout_s`. So every process bumps a counter in the
+    coordination service's key-value store every `every_s` seconds (a
+    background thread, so a long step or compile does not stop it), and
+    watches the others' counters with its own clock: a peer whose counter has
+    not moved for `timeout_s` (`config.multihost.peer_timeout_s`), and that did
+    not say it finished (`done()`), is lost: one line, exit `EXIT_RERUN`. A
+    coordination service that stops answering for `timeout_s` means process 0
+    (which runs it) is lost.
+    """
+
+    def __init__(self, status: "RunStatus", timeout_s: float, every_s: float = 2.0):
+        self.status, self.timeout_s, self.every_s = status, float(timeout_s), every_s
+        self._stop = threading.Event()
+        self._thread = None
+        if jax.process_count() > 1 and self.timeout_s > 0:
+            self._thread = threading.Thread(target=self._run, name="mmjax-peer-watch",
+                                            daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        me, n = jax.process_index(), jax.process_count()
+        beat, seen, heard = 0, {}, time.monotonic()
+        last_move = {i: time.monotonic() for i in range(n) if i != me}
+        while not self._stop.wait(self.every_s):
+            beat += 1
+            _ask_coordinator(lambda c: c.key_value_set(f"{_ALIVE_KEY}{me}", str(beat),
+                                                       allow_overwrite=True), seconds=2.0)
+            got = _ask_coordinator(lambda c: (c.key_value_dir_get(_ALIVE_KEY),
+                                              c.key_value_dir_get(_DONE_KEY)), seconds=2.0)
+            now = time.monotonic()
+            if self._stop.is_set():
+                return
+            if got is None:
+                if now - heard > self.timeout_s:
+                    self._lost([0], "the coordination service, run by process 0, has not "
+                                    f"answered for {self.timeout_s:g} s")
+                continue
+            heard = now
+            alive, done = got
+            finished = {int(k.rsplit("/", 1)[-1]) for k, _ in done}
+            for key, value in alive:
+                i = int(key.rsplit("/", 1)[-1])
+                if i in last_move and seen.get(i) != value:
+                    seen[i], last_move[i] = value, now
+            silent = [i for i, t in last_move.items()
+                      if i not in finished and now - t > self.timeout_s]
+            if silent:
+                self._lost(silent, f"no sign of life for {self.timeout_s:g} s "
+                                   "(config.multihost.peer_timeout_s)")
+
+    def _lost(self, who: list[int], why: str) -> None:
+        if self._stop.is_set():
+            return
+        exit_now(f"{_who()}lost process {', '.join(map(str, who))} {self.status.where()} "
+                 f"({why}); {self.status.kept()}", EXIT_RERUN)
+
+    def done(self) -> None:
+        """This process finished (trained to the end, or stopped and saved): the
+        others must not take its silence for a loss. Stops the watch."""
+        self._stop.set()
+        if self._thread is not None:
+            _ask_coordinator(lambda c: c.key_value_set(f"{_DONE_KEY}{jax.process_index()}",
+                                                       "1", allow_overwrite=True), seconds=2.0)
 
 
 class RunStatus:
