@@ -88,6 +88,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--devices", type=int, default=1, help="CPU devices per process")
     p.add_argument("--micro", action="store_true", help="time the agreement alone")
+    p.add_argument("--b-first", action="store_true", dest="b_first",
+                   help="run the no-agreement arm first in each pair")
     p.add_argument("--calls", type=int, default=2000)
     args = p.parse_args()
     if args.micro:
@@ -97,8 +99,12 @@ def main() -> None:
         return
     a, b = [], []
     for r in range(args.rounds):
-        a.append(one_run(1, args.steps, args.devices))
-        b.append(one_run(1_000_000, args.steps, args.devices))
+        if args.b_first:
+            b.append(one_run(1_000_000, args.steps, args.devices))
+            a.append(one_run(1, args.steps, args.devices))
+        else:
+            a.append(one_run(1, args.steps, args.devices))
+            b.append(one_run(1_000_000, args.steps, args.devices))
         print(f"round {r + 1}: every step {a[-1] * 1e3:.1f} ms, none {b[-1] * 1e3:.1f} ms, "
               f"ratio {a[-1] / b[-1]:.4f}", flush=True)
     ratios = [x / y for x, y in zip(a, b)]

@@ -10,8 +10,9 @@ Each process gets MMJAX_COORDINATOR / MMJAX_NUM_PROCESSES / MMJAX_PROCESS_ID
 prefixed with the process id.
 
 The launcher watches every process at once. When one fails (a non-zero
-status or a signal) it says which and how, stops the others (SIGTERM, then
-SIGKILL after --grace seconds) and exits with that status. SIGTERM, SIGINT
+status or a signal) it says which and how (the process that failed first on
+its own, not one that stopped because of it, status 75), stops the others
+(SIGTERM, then SIGKILL after --grace seconds) and exits with that status. SIGTERM, SIGINT
 and SIGHUP sent to the launcher go to every process (a preemption notice
 reaches the whole job); a second one, or --grace seconds without an exit,
 kills them. No process is left behind: each runs in its own process group,
@@ -63,6 +64,19 @@ def describe(rc: int) -> str:
 def exit_code(rc: int) -> int:
     """The shell's convention: 128 + N for a process killed by signal N."""
     return 128 - rc if rc < 0 else rc
+
+
+# `mmjax train`'s status for "stopped because another process of the job failed"
+# (mmjax.train.multihost.EXIT_RERUN): a consequence, never the cause to report.
+EXIT_RERUN = 75
+
+
+def root_cause(codes: list) -> tuple[int, int]:
+    """`(process, return code)` to report among finished processes: a process killed
+    by a signal or failing on its own comes before one that stopped because of it."""
+    failed = [(i, rc) for i, rc in enumerate(codes) if rc not in (None, 0)]
+    own = [f for f in failed if f[1] != EXIT_RERUN]
+    return (own or failed)[0]
 
 
 def _pump(stream, prefix: str, lock: threading.Lock):
@@ -123,17 +137,15 @@ class Job:
         stopping_since: float | None = None
         while True:
             codes = [p.poll() for p in self.procs]
-            if failed is None:
-                for i, rc in enumerate(codes):
-                    if rc not in (None, 0):
-                        failed = (i, rc)
-                        running = [j for j, c in enumerate(codes) if c is None]
-                        say(f"process {i} {describe(rc)}"
-                            + (f"; stopping process {', '.join(map(str, running))}"
-                               if running else ""))
-                        self.signal_all(signal.SIGTERM)
-                        stopping_since = time.monotonic()
-                        break
+            if failed is None and any(rc not in (None, 0) for rc in codes):
+                codes = self._settle(codes)
+                i, rc = root_cause(codes)
+                failed = (i, rc)
+                running = [j for j, c in enumerate(codes) if c is None]
+                say(f"process {i} {describe(rc)}"
+                    + (f"; stopping process {', '.join(map(str, running))}" if running else ""))
+                self.signal_all(signal.SIGTERM)
+                stopping_since = time.monotonic()
             if all(c is not None for c in codes):
                 break
             now = time.monotonic()
@@ -153,6 +165,16 @@ class Job:
             return 0
         i, rc = failed
         return 124 if i < 0 else exit_code(rc)
+
+    def _settle(self, codes: list, seconds: float = 1.0) -> list:
+        """Return codes after up to `seconds` more: processes that stop because a peer
+        failed (status 75) exit within a second of it, and the report should name
+        the one that failed first, not the first one this loop happened to see."""
+        end = time.monotonic() + seconds
+        while time.monotonic() < end and any(c is None for c in codes):
+            time.sleep(0.05)
+            codes = [p.poll() for p in self.procs]
+        return codes
 
     def cleanup(self) -> None:
         """Kill what is left (each process group: a wrapper's children too)."""

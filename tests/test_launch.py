@@ -476,3 +476,18 @@ def test_local_stops_the_others_when_one_fails(tmp_path):
     assert "process 1 exited with status 3; stopping process 0" in stderr, stderr
     assert os.path.exists(f"{out}_term0")  # stopped by SIGTERM, its handler ran
     assert not any(_alive(p) for p in pids), [p for p in pids if _alive(p)]
+
+
+def test_local_reports_the_root_cause_not_its_consequence():
+    """Several processes can end within one poll: the one killed by a signal or
+    failing on its own is named, not a peer that stopped because of it (75)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("mmjax_launch_local",
+                                                  os.path.join(ROOT, "launch", "local.py"))
+    local = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(local)
+    assert local.root_cause([75, 2]) == (1, 2)
+    assert local.root_cause([75, -9, None]) == (1, -9)
+    assert local.root_cause([None, 75]) == (1, 75)
+    assert local.root_cause([3, 2]) == (0, 3)
+    assert local.describe(-9) == "was killed by SIGKILL" and local.exit_code(-9) == 137
