@@ -278,11 +278,11 @@ def test_killed_peer_stops_the_job_with_one_line_and_rerun_resumes(tmp_path, ref
 
 
 def test_peer_lost_while_saving_is_not_a_storage_error(tmp_path):
-    """Process 1 is killed as checkpoint 20 starts, so process 0 waits in a
-    collective that will never complete (it fails with no error): process 0's
-    peer watch sees process 1 silent for `peer_timeout_s` and exits with one
-    line naming the step being saved (not the previous one), the lost process
-    (not the disk) and the last complete checkpoint."""
+    """Process 1 is killed as checkpoint 20 starts. Process 0's collective then
+    either fails, or (seen in about half the runs) waits with no error, and
+    process 0's peer watch finds process 1 silent for `peer_timeout_s`; either
+    way one line names the step being saved (not the previous one), a lost
+    peer (not the disk) and the last complete checkpoint."""
     workdir, out = str(tmp_path / "run"), str(tmp_path / "out")
     proc = _train_job(workdir, out, extra=[f"kill_at_save={2 * EVERY}",
                                            "--config.multihost.peer_timeout_s=10"])
@@ -294,7 +294,10 @@ def test_peer_lost_while_saving_is_not_a_storage_error(tmp_path):
     assert f"while saving checkpoint {2 * EVERY}" in lines[0], lines
     assert f"the last complete checkpoint is step {EVERY}" in lines[0], lines
     assert "free" not in lines[0] and "could not write" not in lines[0], lines
-    assert "lost process 1" in lines[0] and "peer_timeout_s" in lines[0], lines
+    # Either the collective fails (gloo: "Connection closed by peer") or it waits and
+    # the peer watch finds process 1 silent for peer_timeout_s: both are one line.
+    assert ("lost contact with another process" in lines[0]
+            or ("lost process 1" in lines[0] and "peer_timeout_s" in lines[0])), lines
     assert time.monotonic() - start < 120, log[-3000:]
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == [str(EVERY)]
 

@@ -374,8 +374,10 @@ class PeerWatch:
     watches the others' counters with its own clock: a peer whose counter has
     not moved for `timeout_s` (`config.multihost.peer_timeout_s`), and that did
     not say it finished (`done()`), is lost: one line, exit `EXIT_RERUN`. A
-    coordination service that stops answering for `timeout_s` means process 0
-    (which runs it) is lost.
+    peer that stopped on its own error (`fail_fast` leaves its reason in the
+    store) ends the job at the next beat, quoting the reason. A coordination
+    service that stops answering for `timeout_s` means process 0 (which runs
+    it) is lost.
     """
 
     def __init__(self, status: "RunStatus", timeout_s: float, every_s: float = 2.0):
@@ -396,7 +398,8 @@ class PeerWatch:
             _ask_coordinator(lambda c: c.key_value_set(f"{_ALIVE_KEY}{me}", str(beat),
                                                        allow_overwrite=True), seconds=2.0)
             got = _ask_coordinator(lambda c: (c.key_value_dir_get(_ALIVE_KEY),
-                                              c.key_value_dir_get(_DONE_KEY)), seconds=2.0)
+                                              c.key_value_dir_get(_DONE_KEY),
+                                              c.key_value_dir_get(_FAILED_KEY)), seconds=2.0)
             now = time.monotonic()
             if self._stop.is_set():
                 return
@@ -406,7 +409,13 @@ class PeerWatch:
                                     f"answered for {self.timeout_s:g} s")
                 continue
             heard = now
-            alive, done = got
+            alive, done, failed = got
+            failed = {int(k.rsplit("/", 1)[-1]): v for k, v in failed}
+            failed.pop(me, None)
+            if failed:  # a peer stopped on its own error: no need to wait for silence
+                i, reason = sorted(failed.items())[0]
+                self._exit(f"stopping {self.status.where()}: process {i} failed ({reason}); "
+                           f"{self.status.kept()}")
             finished = {int(k.rsplit("/", 1)[-1]) for k, _ in done}
             for key, value in alive:
                 i = int(key.rsplit("/", 1)[-1])
@@ -419,10 +428,12 @@ class PeerWatch:
                                    "(config.multihost.peer_timeout_s)")
 
     def _lost(self, who: list[int], why: str) -> None:
-        if self._stop.is_set():
-            return
-        exit_now(f"{_who()}lost process {', '.join(map(str, who))} {self.status.where()} "
-                 f"({why}); {self.status.kept()}", EXIT_RERUN)
+        self._exit(f"lost process {', '.join(map(str, who))} {self.status.where()} ({why}); "
+                   f"{self.status.kept()}")
+
+    def _exit(self, line: str) -> None:
+        if not self._stop.is_set():
+            exit_now(f"{_who()}{line}", EXIT_RERUN)
 
     def done(self) -> None:
         """This process finished (trained to the end, or stopped and saved): the
