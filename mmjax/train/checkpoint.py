@@ -188,9 +188,8 @@ class Checkpointer:
         from mmjax.train.multihost import PeerLostError, is_peer_failure
         if jax.process_count() > 1 and is_peer_failure(e):
             # Not the storage: a peer died during the save's collectives / barriers.
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             self._failed = PeerLostError(f"checkpoint {step} was not completed: another "
-                                         f"process of the job is gone ({first})")
+                                         f"process of the job is gone ({_reason(e)})")
             return self._failed
         # The failed save leaves orbax's other write coroutines unawaited; Python would
         # report each at exit ("coroutine ... was never awaited") under the one-line error.

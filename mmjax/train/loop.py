@@ -169,9 +169,7 @@ def train(config: Any, workdir: str) -> dict:
         workdir = wd.resolve(workdir)
         lock = lock_workdir(workdir)
         try:
-            result = _train(config, workdir, status)
-            watch.done()
-            return result
+            return _train(config, workdir, status)
         finally:
             if lock is not None:
                 lock.release()
@@ -235,8 +233,7 @@ def _train(config: Any, workdir: str, status: multihost.RunStatus) -> dict:
     writer = MetricsWriter(workdir, resume_step=start)
     mh = multihost.options(config)
     stop = multihost.StopAgreement(mesh, every=mh["stop_check_every"],
-                                   deadline_s=mh["preemption_deadline_s"],
-                                   last_checkpoint=ckpt.last_complete_step)
+                                   deadline_s=mh["preemption_deadline_s"], status=status)
     progress = Progress(start, total)
     objectives = list(config.objectives.keys())
     evals_every = int(config.evals.get("every", 0) or 0)

@@ -209,17 +209,17 @@ class StopAgreement:
 
     A second SIGTERM, or no agreed stop within `preemption_deadline_s` of the
     first, ends the process at once (`EXIT_SIGTERM`) with one line naming the
-    last complete checkpoint (`last_checkpoint()`).
+    last complete checkpoint (`status.kept()`).
     """
 
     def __init__(self, mesh: Optional[jax.sharding.Mesh], every: int = 1,
                  deadline_s: float = 300.0,
-                 last_checkpoint: Callable[[], Optional[int]] = lambda: None):
+                 status: Optional["RunStatus"] = None):
         self.requested = False   # this process was asked to stop (SIGTERM)
         self.stopping = False    # the job agreed to stop after the current step
         self.every = max(int(every), 1)
         self.deadline_s = float(deadline_s)
-        self.last_checkpoint = last_checkpoint
+        self.status = status or RunStatus()
         self._pending = None
         self._calls = 0
         self._reduce = None
@@ -247,14 +247,8 @@ class StopAgreement:
             timer.start()
 
     def _give_up(self, why: str) -> None:
-        try:
-            last = self.last_checkpoint()
-        except Exception:  # noqa: BLE001 - the line must not fail
-            last = None
-        kept = (f"the last complete checkpoint is step {last}" if last is not None
-                else "there is no complete checkpoint")
-        exit_now(f"{_who()}stopping now after {why}, without saving; {kept} "
-                 "(rerun to resume from it)", EXIT_SIGTERM)
+        exit_now(f"{_who()}stopping now after {why}, without saving; {self.status.kept()}",
+                 EXIT_SIGTERM)
 
     def should_stop(self) -> bool:
         """Whether every process stops after the step just dispatched (same answer on all)."""
