@@ -24,7 +24,6 @@ setup(
         "opencv-python-headless>=4.8",
         "simplejpeg>=1.7",
         "safetensors>=0.4.3",
-        "grain>=0.2.10",
         "fsspec>=2024.3.0",
         "tokenizers>=0.19",
         "sentencepiece>=0.2.0",

@@ -66,10 +66,11 @@ def main(argv=None):
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host only traces
 
     import jax
-    from mmjax.train.bench import aot_table, mesh_overrides
-    from mmjax.train.compile_report import compile_for_target
-    from mmjax.train.config_utils import ConfigError, load_config
-    from mmjax.train.targets import TargetError, parse_target
+    from mmjax.perf.bench import aot_table, mesh_overrides
+    from mmjax.perf.compile import compile_for_target
+    from mmjax.config.loading import load_config
+    from mmjax.errors import ConfigError
+    from mmjax.perf.targets import TargetError, parse_target
 
     spec = args.config or DEFAULT_CONFIG
     base = [] if args.config else DEFAULT_OVERRIDES

@@ -23,7 +23,7 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mmjax.evaluate.captioning import (beam_search, blip2_itg_logits_fn,  # noqa: E402
+from mmjax.families.captioning import (beam_search, blip2_itg_logits_fn,  # noqa: E402
                                        coca_logits_fn, greedy_decode)
 from mmjax.models import Blip2Stage1, CoCa  # noqa: E402
 

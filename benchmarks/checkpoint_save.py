@@ -26,7 +26,7 @@ def _one(config_name: str, devices: int, split_all: bool) -> None:
     from mmjax.models import build
     from mmjax.train import checkpoint
     from mmjax.train import sharding as shd
-    from mmjax.train.config_utils import load_config
+    from mmjax.config.loading import load_config
     from mmjax.train.optimizer import build_optimizer
     from mmjax.train.step import Trainer
 

@@ -58,7 +58,7 @@ def jax_step_fn(dtype: str, scan: bool = False):
     import numpy as np
     from mmjax.models import build
     from mmjax.train import sharding as shd
-    from mmjax.train.defaults import base_config
+    from mmjax.config.defaults import base_config
     from mmjax.train.optimizer import build_optimizer
     from mmjax.train.step import Trainer
 

@@ -53,7 +53,7 @@ def _micro_child(calls: int) -> None:
 
     from mmjax.train import multihost
     from mmjax.train import sharding as shd
-    from mmjax.train.config_utils import load_config
+    from mmjax.config.loading import load_config
     multihost.join()
     mesh = shd.make_mesh(load_config("clip_tiny").mesh)
     stop = multihost.StopAgreement(mesh)

@@ -12,7 +12,7 @@ layout, e.g. imported with `mmjax.convert.hf.load_blip2_qformer`. Expect
 COCO retrieval near LAVIS's stage-1 numbers when started from EVA ViT-g.
 `:tiny` shrinks it to a 3-step CPU run.
 """
-from mmjax.train.defaults import base_config, make_tiny
+from mmjax.config.defaults import base_config, make_tiny
 
 
 def get_config(arg=None):

@@ -19,7 +19,7 @@ in bf16). Instruction tuning (InstructBLIP-style) is the same recipe with
 `--config.data.train.text_format=dialog --config.data.train.caption_key=json:conversations`.
 `:tiny` shrinks it to a 3-step CPU run (random frozen parts).
 """
-from mmjax.train.defaults import base_config, make_tiny
+from mmjax.config.defaults import base_config, make_tiny
 
 
 def get_config(arg=None):

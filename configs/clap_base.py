@@ -8,12 +8,24 @@
 Shards hold `key.flac|wav|ogg|mp3` + `key.txt` (or `key.json` with
 `--config.data.train.caption_key=json:text`), the layout of LAION-Audio-630K.
 Audio is decoded on the host (mono, resampled to 16 kHz, a random 10.24 s crop
-or zero-padding), the log-mel and SpecAugment run on device. Start the tower
-from AudioSet-pretrained AST weights with `mmjax.convert.ast.load_ast`
-(Hugging Face `ASTModel` folders). LAION-CLAP (HTS-AT + RoBERTa) reports
-ESC-50 zero-shot top-1 around 0.9 after training on LAION-Audio-630K and more.
+or zero-padding), the log-mel and SpecAugment run on device.
+
+To start the audio tower from AudioSet-pretrained AST weights (a Hugging Face
+`ASTModel` or `ASTForAudioClassification` folder, e.g.
+MIT/ast-finetuned-audioset-10-10-0.4593), add
+
+        --config.init.image_tower=hf_ast:/path/ast-finetuned-audioset-10-10-0.4593
+
+(`mmjax.train.init_sources`, through `mmjax.convert.ast.load_ast`). The tower
+below has those checkpoints' shapes: 128 mel bins, 16x16 patches with strides
+10, 12 x 101 patches of a 10.24 s clip (the 1024-frame checkpoints' position
+embeddings), width 768, 12 layers; the projection to the 512-d joint space
+(`embed_dim`), which `ASTModel` lacks, starts from its random init. The
+waveform front end approximates AST's Kaldi fbank (see `mmjax.models.ast`).
+LAION-CLAP (HTS-AT + RoBERTa) reports ESC-50 zero-shot top-1 around 0.9 after
+training on LAION-Audio-630K and more.
 """
-from mmjax.train.defaults import base_config, make_tiny
+from mmjax.config.defaults import base_config, make_tiny
 
 
 def get_config(arg=None):
@@ -25,7 +37,6 @@ def get_config(arg=None):
     c.optim.update(dict(lr=1e-4, warmup_steps=3200, weight_decay=0.0))
     c.mesh.update(dict(data=-1, fsdp=8, tensor=1))
     d = c.data.train
-    d.modality = "audio"
     d.sample_rate = 16000
     d.clip_seconds = 10.24
     d.shards = None  # set to your shards

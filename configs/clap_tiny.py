@@ -10,7 +10,7 @@ SpecAugment masking in training. The run ends with zero-shot top-1 on held-out
 clips (chance 1/18 = 5.6%): measured 62.0% top-1, 97.8% top-5 (2-core Intel Xeon
 VM under load, 6 min 50 s; README, "Audio-text").
 """
-from mmjax.train.defaults import base_config, make_tiny
+from mmjax.config.defaults import base_config, make_tiny
 
 
 def get_config(arg=None):
@@ -26,7 +26,6 @@ def get_config(arg=None):
     c.synthetic.update(dict(train_samples=12000, test_samples=540, samples_per_shard=1500,
                             audio_seconds=1.0, audio_sample_rate=16000))
     d = c.data.train
-    d.modality = "audio"
     d.sample_rate = 16000
     d.clip_seconds = 1.0
     d.shards = "synthetic"

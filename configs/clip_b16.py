@@ -10,7 +10,7 @@ Expect: on LAION-400M for 32 epochs (~400k steps at 32k) open_clip reports
 67.1% ImageNet zero-shot for B/16. `:tiny` shrinks it to a 3-step CPU run.
 The default tokenizer is the byte tokenizer (no files needed).
 """
-from mmjax.train.defaults import base_config, make_tiny
+from mmjax.config.defaults import base_config, make_tiny
 
 
 def get_config(arg=None):

@@ -8,7 +8,7 @@ the built-in shards, final contrastive loss well below
 its start (ln 128 ~ 4.85), and zero-shot top-1 on 1,000 held-out built-in
 images printed at the end, far above chance (1/24 = 4.2%; see README).
 """
-from mmjax.train.defaults import base_config, make_tiny
+from mmjax.config.defaults import base_config, make_tiny
 
 
 def get_config(arg=None):

@@ -8,7 +8,7 @@ queries), 12-layer multimodal decoder with cross-attention.
 Expect: open_clip's CoCa ViT-B/32 on LAION-2B (13B samples) reaches 63.3%
 ImageNet zero-shot. `:tiny` shrinks it to a 3-step CPU run.
 """
-from mmjax.train.defaults import base_config, make_tiny
+from mmjax.config.defaults import base_config, make_tiny
 
 
 def get_config(arg=None):

@@ -9,7 +9,7 @@ Start the image tower from pretrained weights by restoring a CLIP/SigLIP
 checkpoint into the workdir (see README, "Imported weights"); from random
 weights LiT only shows the mechanics. `:tiny` shrinks it to a 3-step CPU run.
 """
-from mmjax.train.defaults import base_config, make_tiny
+from mmjax.config.defaults import base_config, make_tiny
 
 
 def get_config(arg=None):

@@ -32,7 +32,7 @@ the image tower of a built-in CLIP run (`mmjax train` default = stage 1):
 `tiny` (alone or after a comma, e.g. `pretrain,tiny`) shrinks any variant to
 a 3-step run.
 """
-from mmjax.train.defaults import base_config, make_tiny
+from mmjax.config.defaults import base_config, make_tiny
 
 VICUNA_7B = dict(vocab_size=32000, width=4096, depth=32, num_heads=32, mlp_dim=11008,
                  norm_eps=1e-5, max_len=4096, scan=True, remat="full")

@@ -8,7 +8,7 @@ The sigmoid loss runs as a ring over the batch devices (memory flat in the
 device count). Expect (WebLI, 40B examples seen): ~76-78% ImageNet zero-shot.
 `:tiny` shrinks it to a 3-step CPU run.
 """
-from mmjax.train.defaults import base_config, make_tiny
+from mmjax.config.defaults import base_config, make_tiny
 
 
 def get_config(arg=None):

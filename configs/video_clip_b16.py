@@ -13,7 +13,7 @@ reports MSR-VTT text-to-video R@1 44.5 after fine-tuning on MSR-VTT.
 The frame ViT initialises from an image-text run's image tower (`config.init`)
 or imported CLIP weights (`hf_clip:PATH#image_tower`).
 """
-from mmjax.train.defaults import base_config, make_tiny
+from mmjax.config.defaults import base_config, make_tiny
 
 
 def get_config(arg=None):
@@ -25,7 +25,6 @@ def get_config(arg=None):
     c.optim.update(dict(lr=1e-4, warmup_steps=2000, weight_decay=0.2))
     c.mesh.update(dict(data=-1, fsdp=8, tensor=1))
     d = c.data.train
-    d.modality = "video"
     d.num_frames = 8
     d.shards = None  # set to your shards
     d.image_size, d.max_len, d.augment, d.crop_scale = 224, 77, "rrc", (0.5, 1.0)

@@ -15,7 +15,7 @@ top-1 (every direction of motion right; the misses confuse colour or shape);
 `:single_frame`, the same model trained and evaluated on one frame per clip:
 13.1% (ceiling 25%); mean pooling (`--config.model.image.temporal=mean`): 14.8%.
 """
-from mmjax.train.defaults import base_config, make_tiny
+from mmjax.config.defaults import base_config, make_tiny
 
 
 def get_config(arg=None):
@@ -32,7 +32,6 @@ def get_config(arg=None):
     c.synthetic.update(dict(image_size=32, train_samples=6000, test_samples=480,
                             samples_per_shard=1000, video_frames=8))
     d = c.data.train
-    d.modality = "video"
     d.num_frames = frames
     d.shards = "synthetic"
     d.tokenizer = "bytes"

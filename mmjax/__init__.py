@@ -1,2 +1,2 @@
-"""mmjax: multimodal image-text pretraining in JAX/Flax."""
+"""mmjax: multimodal (image-, audio- and video-text) pretraining in JAX/Flax."""
 __version__ = "0.1.0"

@@ -92,7 +92,7 @@ def tiny_run(tmp_path_factory):
     def run(recipe):
         key = os.path.realpath(recipe)
         if key not in runs:
-            from mmjax.train.config_utils import load_config
+            from mmjax.config.loading import load_config
             from mmjax.train.loop import train
             workdir = tmp_path_factory.mktemp(os.path.basename(key)[:-3])
             with pytest.MonkeyPatch.context() as mp:

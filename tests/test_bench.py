@@ -12,8 +12,8 @@ import pytest
 
 from mmjax import cli
 from mmjax.models import build
-from mmjax.train.config_utils import load_config
-from mmjax.families import model_train_flops
+from mmjax.config.loading import load_config
+from mmjax.families import get_family, model_train_flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,8 +36,7 @@ def test_bench_command_reports_time_throughput_and_flops(capsys):
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     config = load_config(os.path.join(ROOT, spec))
-    expected = model_train_flops(config.model.to_dict(), int(config.batch_size),
-                                 int(config.data.train.max_len))
+    expected = model_train_flops(config)
     flops = _value(out, "model FLOPs per step")
     assert flops == pytest.approx(expected, rel=1e-6)
     assert "model FLOPs: matmuls x 6 for training (2 fwd + 4 bwd)" in out
@@ -125,7 +124,7 @@ def test_model_train_flops_matches_xla_count_for_two_tower():
         return jnp.sum(out["zimg"] @ out["ztxt"].T)  # the [B, B] logits of the loss
 
     xla_fwd = jax.jit(forward).lower(params, images, text).compile().cost_analysis()["flops"]
-    formula = model_train_flops(model_cfg, batch, length)
+    formula = get_family("two_tower").train_flops(model_cfg, batch, length)
     assert formula == pytest.approx(3 * xla_fwd, rel=0.1)
     # The x3 for training: XLA's count of forward + backward w.r.t. the params.
     xla_train = jax.jit(jax.grad(forward)).lower(params, images, text).compile() \

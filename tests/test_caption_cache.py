@@ -6,9 +6,9 @@ import jax
 import numpy as np
 import pytest
 
-from mmjax.evaluate.captioning import (CaptionStepFn, beam_search, blip2_itg_logits_fn,
+from mmjax.families.captioning import (CaptionStepFn, beam_search, blip2_itg_logits_fn,
                                        coca_logits_fn, greedy_decode)
-from mmjax.evaluate.retrieval import model_method
+from mmjax.models.jitted import model_method
 from mmjax.models import Blip2Stage1, CoCa
 from mmjax.models.layers import stack_layer_params
 from mmjax.models.qformer import group_qformer_params

@@ -414,7 +414,7 @@ def test_text_format_captions_is_refused_with_its_new_name(tmp_path):
 
 def test_file_urls_are_local_for_shards_and_workdirs(tmp_path):
     from mmjax.paths import is_remote
-    from mmjax.train import workdir as wd
+    from mmjax import workdir as wd
     assert not is_remote("file:///x/y") and not is_remote("/x/y") and is_remote("gs://b/y")
     assert wd.is_remote is sources.is_remote is is_remote  # one answer everywhere
     paths = write_dataset(tmp_path, 2, 3)

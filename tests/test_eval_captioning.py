@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmjax.evaluate.captioning import beam_search, coca_logits_fn, greedy_decode
+from mmjax.families.captioning import beam_search, coca_logits_fn, greedy_decode
 from mmjax.models import CoCa
 
 PAD, BOS, EOS = 0, 1, 2

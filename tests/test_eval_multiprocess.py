@@ -26,7 +26,7 @@ def _setup(params_file=None):
     import flax.linen as nn
     from flax import serialization
     from mmjax.models import build
-    from mmjax.train.config_utils import load_config
+    from mmjax.config.loading import load_config
     config = load_config("coca_b16:tiny", [
         "evals.batch_size=8", "synthetic.test_samples=36", "synthetic.samples_per_shard=16",
         "evals.zeroshot.max_samples=8", "evals.captioning.max_samples=20",

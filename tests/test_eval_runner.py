@@ -5,7 +5,7 @@ import os
 import pytest
 
 from mmjax import cli
-from mmjax.train.config_utils import load_config
+from mmjax.config.loading import load_config
 from mmjax.train.loop import train
 
 
@@ -77,7 +77,7 @@ def test_eval_hf_clip_folder(tmp_path, capsys):
     from mmjax.data.tokenizers import build_tokenizer
     from mmjax.evaluate.runner import _batches
     from mmjax.evaluate.zeroshot import zero_shot_classifier, zero_shot_evaluate
-    from mmjax.train.defaults import base_config
+    from mmjax.config.defaults import base_config
 
     torch.manual_seed(0)
     cfg = transformers.CLIPConfig(
@@ -94,6 +94,7 @@ def test_eval_hf_clip_folder(tmp_path, capsys):
     # The same numbers by hand.
     model, variables = load_clip(str(tmp_path))
     config = base_config()
+    config.model.name = "two_tower"  # an image tower (the default kind): image batches
     config.data.train.image_size, config.data.train.max_len = 32, 32
     config.synthetic.update(dict(test_samples=48, image_size=32, samples_per_shard=24))
     tok = build_tokenizer("bytes", 32)

@@ -22,7 +22,7 @@ import yaml
 
 import mmjax.cli
 import mmjax.train.loop
-from mmjax.train.config_utils import load_config
+from mmjax.config.loading import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch")

@@ -10,7 +10,7 @@ def test_largest_fitting_search_equals_exhaustive_search(seed):
     that are linear, curved (quadratic terms, steps) or give no figures (an
     out-of-memory error without numbers), boundaries anywhere (none fits, all
     fit), any start. Its answer is always probed on both sides."""
-    from mmjax.train.compile_report import largest_fitting
+    from mmjax.perf.compile import largest_fitting
     rng = np.random.RandomState(seed)
     counts = []
     for _ in range(300):
@@ -55,7 +55,7 @@ def test_fit_and_slack_read_peak_on_tpu_total_elsewhere_needed_on_refusal():
     peak agrees with the compiler and the total does not), `total` on GPU, and
     the `needed` of an out-of-memory refusal; the search's slack is that figure
     minus the memory available."""
-    from mmjax.train.compile_report import _slack, misfit_line, used_bytes
+    from mmjax.perf.compile import _slack, misfit_line, used_bytes
     gib = 2 ** 30
     hbm = 15.75 * gib
     memory = {"argument": 2.0 * gib, "output": 2.0 * gib, "alias": 2.0 * gib,
@@ -80,7 +80,7 @@ def test_search_on_a_measured_tpu_memory_curve():
     1,000 images, then 5.4, then +0.9 GiB for 8 images), yet the search finds
     18,144 in at most 8 compiles. With HBM taken as 95 GiB, fitting steps read
     as over the limit and the same search needs twice as many."""
-    from mmjax.train.compile_report import largest_fitting
+    from mmjax.perf.compile import largest_fitting
     measured = {16384: 89.20, 17536: 92.10, 18088: 95.06, 18104: 95.13, 18128: 95.29,
                 18144: 95.36, 18152: 96.29, 18200: 96.55, 18304: 97.06, 21760: 114.94,
                 25424: 133.31, 32768: 172.00}
@@ -101,7 +101,7 @@ def test_search_on_a_measured_tpu_memory_curve():
 
         return largest_fitting(probe, 16384 // 8, 2 ** 17) * 8, probed
 
-    from mmjax.train.targets import CHIPS
+    from mmjax.perf.targets import CHIPS
     best, probed = search(CHIPS["v5p"].hbm_bytes / gib)  # mmjax's figure for v5p
     assert best == 18144 and len(probed) <= 8, probed
     assert 18144 in probed and 18152 in probed

@@ -72,7 +72,7 @@ def _toy_shards(root, num_shards=2, caption_list=False):
 
 def _cfg(shards, **kw):
     cfg = pipeline.default_data_config()
-    cfg.update(dict(shards=shards, modality="toy", caption_key="json:caption", workers=0,
+    cfg.update(dict(shards=shards, caption_key="json:caption", workers=0,
                     shuffle_buffer=0, sample_rate=WINDOW, max_len=TOK.max_len,
                     start_method="spawn"))
     cfg.update(kw)
@@ -88,7 +88,7 @@ def _is_window(row: np.ndarray, values: np.ndarray) -> bool:
 def test_bad_samples_of_a_registered_decoder_are_skipped_and_counted(toy, tmp_path, workers):
     paths, good = _toy_shards(tmp_path)
     it = pipeline.build_train_iterator(_cfg(paths, workers=workers), 3, process_index=0,
-                                       process_count=1, tokenizer=TOK)
+                                       process_count=1, tokenizer=TOK, media="toy")
     try:
         batches = [next(it), next(it)]  # 6 good samples: exactly one epoch
         stats = it.stats()
@@ -115,7 +115,7 @@ def test_decoder_bad_samples_follow_max_bad_fraction(toy, tmp_path, caplog):
     write_tar(tmp_path / "short.tar", members)
     it = pipeline.build_train_iterator(
         _cfg(str(tmp_path / "short.tar"), min_bad_count=3, max_bad_fraction=0.5), 2,
-        process_index=0, process_count=1, tokenizer=TOK)
+        process_index=0, process_count=1, tokenizer=TOK, media="toy")
     with caplog.at_level(logging.WARNING, logger="mmjax.data.pipeline"), \
             pytest.raises(pipeline.DataError, match=r"3 of 3 samples.*short\.tar \(short_toy: "
                           r"sample 2: 2 values, need 4\)"):
@@ -127,7 +127,7 @@ def test_caption_list_and_labels_work_for_any_modality(toy, tmp_path):
     paths, good = _toy_shards(tmp_path, num_shards=1, caption_list=True)
     it = pipeline.build_eval_iterator(
         _cfg(paths, caption_key="json:captions", text_format="caption_list", num_captions=3),
-        4, process_index=0, process_count=1, tokenizer=TOK)
+        4, process_index=0, process_count=1, tokenizer=TOK, media="toy")
     batches = list(it)
     valid = np.concatenate([b["valid"] for b in batches])
     labels = np.concatenate([b["label"] for b in batches])[valid].tolist()
@@ -138,12 +138,13 @@ def test_caption_list_and_labels_work_for_any_modality(toy, tmp_path):
         assert [TOK.decode(r) for r in rows] == want + [""] * (3 - len(want))
 
 
-def test_unknown_modality_names_the_key(tmp_path):
+def test_unknown_modality_names_what_is_registered(tmp_path):
     write_tar(tmp_path / "a.tar", [("k.jpg", make_image(0)), ("k.txt", b"x")])
     for build in (pipeline.build_train_iterator, pipeline.build_eval_iterator):
-        with pytest.raises(ConfigError, match=r"data\.train\.modality='smell'.*'image'"):
-            build(_cfg(str(tmp_path / "a.tar"), modality="smell"), 2, process_index=0,
-                  process_count=1, tokenizer=TOK)
+        with pytest.raises(ConfigError, match=r"no media decoder is registered for modality "
+                                              r"'smell' \(have 'audio', 'image'.*register_tower"):
+            build(_cfg(str(tmp_path / "a.tar")), 2, process_index=0, process_count=1,
+                  tokenizer=TOK, media="smell")
 
 
 def test_image_spec_decodes_as_decode_and_crop_and_names_its_bad_samples(tmp_path):
@@ -151,7 +152,7 @@ def test_image_spec_decodes_as_decode_and_crop_and_names_its_bad_samples(tmp_pat
     assert spec.exts == IMAGE_EXTS and spec.batch_key == "image"
     assert spec.missing_reason == "no_image"
     write_tar(tmp_path / "a.tar", [("k.jpg", make_image(0)), ("k.txt", b"x")])
-    cfg = _cfg(str(tmp_path / "a.tar"), modality="image", caption_key="txt", image_size=20,
+    cfg = _cfg(str(tmp_path / "a.tar"), caption_key="txt", image_size=20,
                crop_scale=(0.3, 1.0), flip=True, max_pixels=5000)
     opts = pipeline.build_options(cfg, mode="train", process_index=0, process_count=1,
                                   seed=None, tokenizer=TOK)

@@ -18,9 +18,9 @@ def _flac(samples: np.ndarray, rate: int) -> bytes:
     return buf.getvalue()
 
 
-def _iterate(cfg, batch, n):
+def _iterate(cfg, batch, n, media):
     it = pipeline.build_train_iterator(cfg, batch, process_index=0, process_count=1,
-                                       tokenizer=TOK)
+                                       tokenizer=TOK, media=media)
     try:
         return [next(it) for _ in range(n)], it.stats()
     finally:
@@ -44,13 +44,13 @@ def test_audio_batches_and_bad_files(tmp_path):
     path = str(tmp_path / "audio-0.tar")
     write_tar(path, members)
     cfg = pipeline.default_data_config()
-    cfg.update(dict(shards=[path], modality="audio", sample_rate=rate, clip_seconds=0.25,
+    cfg.update(dict(shards=[path], sample_rate=rate, clip_seconds=0.25,
                     augment="center", workers=0, shuffle_buffer=0, max_len=TOK.max_len,
                     max_bad_fraction=0.9))
-    (batch,), stats = _iterate(cfg, 3, 1)
+    (batch,), stats = _iterate(cfg, 3, 1, "audio")
     assert batch["audio"].shape == (3, 2000) and batch["audio"].dtype == np.float32
     opts = pipeline.build_options(cfg, mode="eval", process_index=0, process_count=1,
-                                  seed=0, tokenizer=TOK)
+                                  seed=0, tokenizer=TOK, media="audio")
     for row, label in zip(batch["audio"], batch["label"]):
         want = decode_audio(good[int(label)], "flac", None, opts)  # independent call
         np.testing.assert_array_equal(row, want)
@@ -72,10 +72,10 @@ def test_video_batches_and_bad_files(tmp_path):
     path = str(tmp_path / "video-0.tar")
     write_tar(path, members)
     cfg = pipeline.default_data_config()
-    cfg.update(dict(shards=[path], modality="video", num_frames=4, image_size=32,
+    cfg.update(dict(shards=[path], num_frames=4, image_size=32,
                     augment="center", workers=0, shuffle_buffer=0, max_len=TOK.max_len,
                     max_bad_fraction=0.9, output="uint8"))
-    (batch,), stats = _iterate(cfg, 2, 1)
+    (batch,), stats = _iterate(cfg, 2, 1, "video")
     assert batch["video"].shape == (2, 4, 32, 32, 3) and batch["video"].dtype == np.uint8
     assert sorted(int(x) for x in batch["label"]) == [2, 3]
     assert stats["ok"] == 2

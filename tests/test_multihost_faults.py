@@ -81,8 +81,8 @@ def _child_race(out_dir, iterations):
     from mmjax.train import multihost
     multihost.join()
     import jax
-    from mmjax.train import workdir as wd
-    from mmjax.train.config_utils import load_config
+    from mmjax import workdir as wd
+    from mmjax.config.loading import load_config
     from mmjax.train.loop import check_workdir
 
     real_open = open

@@ -113,7 +113,7 @@ def test_runner_zero_shot_on_tfds_matches_direct_computation(data_dir):
     from mmjax.data.tokenizers import build_tokenizer
     from mmjax.evaluate.runner import EvalError, run_evals
     from mmjax.models import build
-    from mmjax.train.config_utils import load_config
+    from mmjax.config.loading import load_config
 
     config = load_config("clip_tiny:tiny", ["evals.zeroshot.shards=tfds:mmjax_tiny_cls@test",
                                             "evals.zeroshot.classnames=tfds",

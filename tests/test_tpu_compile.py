@@ -17,9 +17,9 @@ from jax.experimental import topologies  # noqa: E402
 
 from mmjax.models import build  # noqa: E402
 from mmjax.train import sharding as shd  # noqa: E402
-from mmjax.train.bench import batch_shapes  # noqa: E402
-from mmjax.train.config_utils import load_config  # noqa: E402
-from mmjax.train.hlo import collectives  # noqa: E402
+from mmjax.perf.bench import batch_shapes  # noqa: E402
+from mmjax.config.loading import load_config  # noqa: E402
+from mmjax.perf.hlo import collectives  # noqa: E402
 from mmjax.train.optimizer import build_optimizer  # noqa: E402
 from mmjax.train.step import Trainer  # noqa: E402
 
@@ -94,8 +94,8 @@ def test_unknown_grad_reduce_dtype_names_the_key(tpu_devices):
 # `mmjax compile` on a small slice: every accelerator recipe, reduced in width and
 # depth (`:tiny`), keeping its sharding on a (data 2, fsdp 2, tensor 2) mesh.
 
-from mmjax.train.compile_report import compile_command, compile_for_target  # noqa: E402
-from mmjax.train.targets import TargetError, parse_target  # noqa: E402
+from mmjax.perf.compile import compile_command, compile_for_target  # noqa: E402
+from mmjax.perf.targets import TargetError, parse_target  # noqa: E402
 
 RECIPES = ["clip_b16:tiny", "siglip_b16:tiny", "coca_b16:tiny", "blip2_stage1:tiny",
            "blip2_stage2:tiny", "llava:finetune,tiny"]
@@ -160,7 +160,7 @@ def test_gpu_memory_is_the_share_jax_takes(monkeypatch, capsys):
     """A GPU step may use what JAX's allocator takes of the device's memory:
     75% by default, XLA_CLIENT_MEM_FRACTION (or the older name) when set, all
     of it without a pool; `--hbm-gib` overrides; a bad fraction is a usage error."""
-    from mmjax.train.targets import CHIPS, gpu_memory_fraction, hbm_bytes
+    from mmjax.perf.targets import CHIPS, gpu_memory_fraction, hbm_bytes
     h100 = parse_target("h100x8")
     total = CHIPS["h100"].hbm_bytes
     assert 79 * 2 ** 30 < total < 80 * 2 ** 30  # CUDA's total for an "80 GB" H100
@@ -186,7 +186,7 @@ def test_every_tpu_generation_gives_one_device_per_chip(name, chips):
     """A mesh over a TPU slice has one device per chip: two-TensorCore chips
     (v4, v5p) as one megacore device, as on the real slice (the compiler's
     default description of v4 lists both cores, which JAX meshes refuse)."""
-    from mmjax.train.targets import target_devices
+    from mmjax.perf.targets import target_devices
     target = parse_target(name)
     devices = target_devices(target)
     assert len(devices) == target.num_devices == chips
@@ -199,7 +199,7 @@ def test_collectives_in_loops_count_every_iteration(tpu_devices):
     """An independent check of the trip-count accounting: a scan of 5 steps whose
     body all-reduces a [64] float32 array over 4 chips runs that all-reduce 5 times."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from mmjax.train.hlo import step_collectives, summarize_collectives
+    from mmjax.perf.hlo import step_collectives, summarize_collectives
     mesh = Mesh(np.array(tpu_devices[:4]), ("x",))
 
     def body(c, _):
@@ -230,8 +230,8 @@ def test_fsdp_weight_gather_bytes_in_windowed_matmul_loops():
     weight's 7/8 that live elsewhere, up to XLA's two spare blocks (9/8)."""
     import jax.numpy as jnp
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from mmjax.train.hlo import step_collectives
-    from mmjax.train.targets import target_devices
+    from mmjax.perf.hlo import step_collectives
+    from mmjax.perf.targets import target_devices
     mesh = Mesh(np.array(target_devices(parse_target("v5p-16"))), ("x",))  # 8 chips
 
     def f(x, w):
@@ -267,7 +267,7 @@ def test_max_batch_is_the_largest_batch_that_fits():
     checked against its own compiles: the answer fits and one more step of the
     batch does not (the search itself against exhaustive search:
     tests/test_max_batch_search.py)."""
-    from mmjax.train.compile_report import max_batch, used_bytes
+    from mmjax.perf.compile import max_batch, used_bytes
     # 128 and 256 (doubling) fit; the line through their peaks points at 280,
     # which fits, and 284 does not: 4 compiles.
     config = load_config("clip_b16:tiny", ["batch_size=128", "model.dtype=bfloat16"])

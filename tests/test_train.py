@@ -12,7 +12,7 @@ from mmjax.families import get_family
 from mmjax.models import build
 from mmjax.train import sharding as shd
 from mmjax.train.checkpoint import Checkpointer
-from mmjax.train.config_utils import load_config
+from mmjax.config.loading import load_config
 from mmjax.train.optimizer import build_optimizer
 from mmjax.train.step import Trainer
 

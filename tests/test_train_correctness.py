@@ -11,10 +11,10 @@ import pytest
 
 from mmjax.models import Blip2Stage1, build
 from mmjax.train import sharding as shd
-from mmjax.train.config_utils import load_config
-from mmjax.families import compute_losses
+from mmjax.config.loading import load_config
+from mmjax.families import compute_losses, get_family
 from mmjax.train.optimizer import build_optimizer, frozen_labels
-from mmjax.train.step import Trainer, sample_inputs
+from mmjax.train.step import Trainer
 
 CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.py")))
 
@@ -51,7 +51,7 @@ def test_weight_decay_moves_kernels_only(path):
     config = load_config(f"{path}:{arg}", ["optim.warmup_steps=0", "optim.weight_decay=0.1",
                                           "optim.lr=0.01", "optim.clip_norm=0"])
     model = build(config.model)
-    images, text = sample_inputs(config)
+    images, text = get_family(config).sample_inputs(config)
     params = jax.jit(lambda: jax.tree.map(
         lambda x: getattr(x, "value", x),
         model.init(jax.random.key(0), images, text)["params"],
@@ -155,7 +155,7 @@ def test_blip2_stage2_qformer_sees_the_stage1_tokens():
     stage 2's image embeddings equal stage 1's query outputs through the projector."""
     config = load_config("blip2_stage2:tiny", ["model.dtype=float32"])
     vlm = build(config.model)
-    images, text = sample_inputs(config, batch=2)
+    images, text = get_family(config).sample_inputs(config, batch=2)
     images = jax.random.normal(jax.random.key(1), images.shape)
     pv = jax.jit(vlm.init)(jax.random.key(0), images, text)
     stage1 = Blip2Stage1(image=dict(config.model.image), qformer=dict(config.model.qformer),

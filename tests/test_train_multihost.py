@@ -34,7 +34,7 @@ def _losses(config, trainer, devices_rows):
 def _setup():
     from mmjax.models import build
     from mmjax.train import sharding as shd
-    from mmjax.train.config_utils import load_config
+    from mmjax.config.loading import load_config
     from mmjax.train.optimizer import build_optimizer
     from mmjax.train.step import Trainer
     import jax

@@ -5,7 +5,7 @@ import pytest
 
 from mmjax.models import build
 from mmjax.train import sharding as shd
-from mmjax.train.config_utils import load_config
+from mmjax.config.loading import load_config
 from mmjax.train.init_sources import restore_run_params
 from mmjax.train.loop import train
 from mmjax.train.optimizer import build_optimizer

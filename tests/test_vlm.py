@@ -12,12 +12,13 @@ from mmjax import cli
 from mmjax.data.dialog import encode_dialog
 from mmjax.data.pipeline import build_train_iterator, default_data_config
 from mmjax.data.tokenizers import build_tokenizer
-from mmjax.evaluate.vqa import answer_questions
+from mmjax.families.vision_lm import answer_questions
 from mmjax.models import VisionLM, build
 from mmjax.models.vlm import splice_image_tokens
 from mmjax.train import sharding as shd
 from mmjax.train.checkpoint import Checkpointer
-from mmjax.train.config_utils import ConfigError, apply_override, load_config
+from mmjax.config.loading import apply_override, load_config
+from mmjax.errors import ConfigError
 from mmjax.train.loop import train
 from mmjax.families import compute_losses
 from mmjax.train.optimizer import build_optimizer
@@ -196,14 +197,14 @@ def test_stage2_checkpoint_holds_only_trained_parts(tmp_path, tiny_run):
     from mmjax.data.decode import normalize
     from mmjax.data.dialog import encode_prompt
     from mmjax.data.synthetic import make_sample
-    from mmjax.evaluate.generate import generate_answer
+    from mmjax.commands.generate import generate_answer
     # Its parameters are the trained model's, bit for bit and in the same dtypes (the
     # frozen LM in config.optim.frozen_dtype, as training keeps it), so it runs the
     # same programs on the same inputs as answer_questions below: equal answers on
     # any CPU. (Greedy decoding of a random tiny LM meets near-ties, so answers are
     # compared only between identical computations; the eager forward is checked
     # against the jitted one to float32 rounding instead.)
-    from mmjax.evaluate.vqa import image_embeds
+    from mmjax.families.vision_lm import image_embeds
     from mmjax.train.init_sources import restore_run_params
     _, rebuilt, _ = restore_run_params(s2)
     rebuilt = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(rebuilt)}

@@ -1,7 +1,8 @@
 """The built-in datasets (`shards="synthetic"`), one per media kind.
 
-`data.train.modality` picks the generator: "image" (coloured shapes,
-`mmjax.data.synthetic`), "audio" and "video" where registered in `BUILTIN`.
+The modality of the model's tower picks the generator: "image" (coloured
+shapes, `mmjax.data.synthetic`), "audio", "video" and whatever else is
+registered in `BUILTIN` (`mmjax.registry.register_tower(..., builtin=...)`).
 Shards are written once into the cache (`$MMJAX_CACHE`, default
 `~/.cache/mmjax`) and reused; `config.synthetic` sets their size.
 """
@@ -14,8 +15,9 @@ from typing import Any
 from mmjax.data.cache import cached_shards
 from mmjax.errors import ConfigError
 
-# modality -> ("module:function(cache_dir, split, synthetic_config, seed) -> [shard paths]",
-#              "module:CLASS_NAMES" (the names of its `cls` labels, for zero-shot evals))
+# modality -> (shards, classnames): `shards(cache_dir, split, synthetic_config, seed) ->
+# [shard paths]` and the names of its `cls` labels (for zero-shot evals), each the
+# object itself or a "module:name" reference imported on first use.
 BUILTIN = {
     "image": ("mmjax.data.builtin:image_shards", "mmjax.data.synthetic:CLASSNAMES"),
     "video": ("mmjax.data.builtin:video_shards", "mmjax.data.synthetic_video:CLASSES"),
@@ -61,26 +63,26 @@ def video_shards(cache: str, split: str, syn: Any, seed: int = 0) -> list[str]:
                          what=f"built-in {split} video clips")
 
 
-def builtin_shards(config: Any, split: str) -> list[str]:
-    """Shard paths of the built-in `split` ("train" or "test") for the config's modality."""
-    _check(config)
-    return _resolve(BUILTIN[config.data.train.get("modality", "image")][0])(
-        cache_dir(), split, config.synthetic, 0)
+def builtin_shards(config: Any, split: str, modality: str) -> list[str]:
+    """Shard paths of the built-in `split` ("train" or "test") of `modality` (the
+    model's tower's), sized by `config.synthetic`."""
+    return _resolve(_entry(modality)[0])(cache_dir(), split, config.synthetic, 0)
 
 
-def _check(config: Any) -> None:
-    modality = config.data.train.get("modality", "image")
+def builtin_classnames(modality: str) -> list[str]:
+    """Class names of the built-in data of `modality` (index = `cls` label)."""
+    return list(_resolve(_entry(modality)[1]))
+
+
+def _entry(modality: str) -> tuple:
     if modality not in BUILTIN:
-        raise ConfigError(f"config.data.train.shards='synthetic': no built-in data for "
-                          f"data.train.modality={modality!r} (have {sorted(BUILTIN)}).")
+        raise ConfigError(f"shards='synthetic': no built-in data for the model's {modality} "
+                          f"tower (have {sorted(BUILTIN)}); give data.train.shards.")
+    return BUILTIN[modality]
 
 
-def builtin_classnames(config: Any) -> list[str]:
-    """Class names of the built-in data of the config's modality (index = `cls` label)."""
-    _check(config)
-    return list(_resolve(BUILTIN[config.data.train.get("modality", "image")][1]))
-
-
-def _resolve(ref: str) -> Any:
+def _resolve(ref: Any) -> Any:
+    if not isinstance(ref, str):
+        return ref
     module, _, name = ref.partition(":")
     return getattr(importlib.import_module(module), name)

@@ -1,6 +1,8 @@
 """Media registry: which member of a sample is its media, and how it becomes an array.
 
-``config.data.train.modality`` names an entry of ``MEDIA``. An entry says
+The model's media tower names an entry of ``MEDIA`` (its ``modality``; towers
+and their media are registered together: ``mmjax.registry.register_tower``). An
+entry says
 which member extensions hold the media (the first one present is used), the
 batch key, and, as ``"module:function"`` strings imported on first use (in
 each worker process), how to decode one sample and how to stack a batch:
@@ -20,10 +22,10 @@ A sample without any of the entry's members is counted as ``no_<modality>``.
 Text (caption, caption list, dialog) and ``cls`` labels are read the same way
 for every modality (``mmjax.data.samples``).
 
-A new modality is one entry, e.g.::
+A new modality is one spec, e.g.::
 
-    "audio": MediaSpec("audio", ("flac", "wav", "mp3", "ogg"),
-                       "mmjax.data.audio:decode_audio"),   # float32 [B, num_samples]
+    MediaSpec("audio", ("flac", "wav", "mp3", "ogg"),
+              "mmjax.data.audio:decode_audio")   # float32 [B, num_samples]
 """
 from __future__ import annotations
 
@@ -45,7 +47,7 @@ class MediaSpec:
     """One modality: member extensions, decoder, batch stacking, batch key.
 
     Attributes:
-      name: the ``data.train.modality`` value.
+      name: the modality (a tower's ``modality``).
       exts: member extensions (lower case, no dot), in order of preference.
       decoder: ``"module:function"`` of ``decode(data, ext, rng, options)``.
       stacker: ``"module:function"`` of ``stack(arrays, options)``.
@@ -135,9 +137,10 @@ MEDIA: dict[str, MediaSpec] = {
 
 
 def get_media_spec(modality: str) -> MediaSpec:
-    """The ``MEDIA`` entry of ``data.train.modality``; ``ConfigError`` if unknown."""
+    """The ``MEDIA`` entry of a modality; ``ConfigError`` if none is registered."""
     spec = MEDIA.get(modality) if isinstance(modality, str) else None
     if spec is None:
-        raise ConfigError(f"data.train.modality={modality!r} is not a known modality; use one "
-                          f"of {', '.join(repr(m) for m in sorted(MEDIA))}.")
+        raise ConfigError(f"no media decoder is registered for modality {modality!r} (have "
+                          f"{', '.join(repr(m) for m in sorted(MEDIA))}); register the "
+                          "tower with its media (mmjax.registry.register_tower).")
     return spec

@@ -23,46 +23,52 @@ from mmjax.errors import ConfigError
 TEXT_FORMATS = ("caption", "caption_list", "dialog")
 
 
+# Every key of the data pipeline (``config.data.train``): name -> (default, description).
+DATA_KEYS: dict[str, tuple] = {
+    "shards": (None, "required: a brace pattern ({000..099}, {a,b}), several joined with "
+                     "'::', a list, or 'synthetic' (the built-in data of the model's tower)"),
+    "weights": (None, "None, or one sampling weight per pattern (needs resampled=True)"),
+    "caption_key": ("txt", "caption member: 'txt', or 'json:FIELD' for a JSON field"),
+    "text_format": ("caption", "'caption' (text [B, L]); 'caption_list': text [B, "
+                               "num_captions, L] from a JSON list; 'dialog': JSON Q/A turns "
+                               "(mmjax.data.dialog), batches gain loss_mask [B, L]"),
+    "num_captions": (5, "caption_list: rows per sample (missing ones are all pad)"),
+    "image_token_id": (None, "dialog: id that '<image>' in a question becomes (None: dropped)"),
+    "dialog_template": ("qa", "dialog: 'qa' ('Q: {q} A:'), 'vicuna_v1' (LLaVA), 'blip2_vqa'"),
+    "tokenizer": ("bytes", "'bytes' | 'sentencepiece:PATH' | 'hf:PATH/tokenizer.json'"),
+    "max_len": (32, "text length L of the int32 [B, L] token ids"),
+    "image_size": (224, "output side in pixels (images, video frames)"),
+    "augment": ("rrc", "'rrc' (random resized crop) or 'center' (resize + center crop)"),
+    "crop_scale": ((0.9, 1.0), "rrc: range of the crop's fraction of the image area"),
+    "crop_ratio": ((3 / 4, 4 / 3), "rrc: range of the crop's aspect ratio (log-uniform)"),
+    "flip": (False, "random horizontal flip"),
+    "mean": (decode_lib.CLIP_MEAN, "per-channel mean on a 0..1 scale (CLIP's)"),
+    "std": (decode_lib.CLIP_STD, "per-channel std on a 0..1 scale (CLIP's)"),
+    "output": ("float32", "'float32' (pixels normalized on the host) or 'uint8' (raw pixels, "
+                          "normalized on the device: a quarter of the host-to-device bytes)"),
+    "sample_rate": (48000, "audio: samples per second of the decoded waveform"),
+    "clip_seconds": (10.0, "audio: every clip is cropped or zero-padded to this length"),
+    "num_frames": (8, "video: frames per clip, T of [B, T, S, S, 3]"),
+    "shuffle_buffer": (1000, "samples held for shuffling per worker; 0 or 1 = no shuffle"),
+    "resampled": (False, "True: infinite, shards drawn with replacement per worker"),
+    "workers": (4, "decoding processes per JAX process; 0 = decode in this process"),
+    "prefetch": (2, "batches each worker may prepare ahead"),
+    "max_pixels": (89_478_485, "skip images whose header declares more pixels (PIL's limit)"),
+    "max_bad_fraction": (0.1, "stop once this fraction of the samples seen is bad ..."),
+    "min_bad_count": (100, "... and at least this many were bad"),
+    "seed": (0, "shard order, shuffle buffer and augmentation RNG seed"),
+    "reset_stream_on_resume": (False, "True: a resumed run keeps the checkpoint's train "
+                                      "state but starts the data stream afresh (needed after "
+                                      "changing shards, seed, shuffle_buffer, resampled, "
+                                      "weights, workers or the process count)"),
+    "start_method": ("spawn", "multiprocessing start method of the loader workers"),
+}
+
+
 def default_data_config() -> ml_collections.ConfigDict:
-    """Every key of the data pipeline (``config.data.train``), with defaults."""
-    c = ml_collections.ConfigDict()
-    c.shards = None            # required: pattern, "::"-joined patterns, or list; {000..099} / {a,b}
-    c.weights = None           # None, or one sampling weight per pattern (needs resampled=True)
-    c.modality = "image"       # media of each sample: "image" (mmjax.data.media lists them);
-                               # batches hold it under its key ("image": [B, S, S, 3])
-    c.caption_key = "txt"      # caption member: "txt", or "json:FIELD" for a JSON field
-    c.text_format = "caption"  # "caption"; "caption_list": text [B, num_captions, L] from a
-                               # JSON list (retrieval evals); "dialog": caption_key names JSON
-                               # Q/A turns (mmjax.data.dialog), batches gain loss_mask [B, L]
-    c.num_captions = 5         # "caption_list": rows per sample (missing ones are all pad)
-    c.image_token_id = None    # dialog: id that "<image>" in a question becomes (None: dropped)
-    c.dialog_template = "qa"   # dialog: "qa" ("Q: {q} A:"), "vicuna_v1" (LLaVA), "blip2_vqa"
-    c.tokenizer = "bytes"      # "bytes" | "sentencepiece:PATH" | "hf:PATH"
-    c.max_len = 32             # text length L of the int32 [B, L] token ids
-    c.image_size = 224         # output side in pixels (image; video frames)
-    c.augment = "rrc"          # "rrc" (random resized crop) or "center" (resize + center crop)
-    c.crop_scale = (0.9, 1.0)  # rrc: range of the crop's fraction of the image area
-    c.crop_ratio = (3 / 4, 4 / 3)  # rrc: range of the crop's aspect ratio (log-uniform)
-    c.flip = False             # random horizontal flip
-    c.mean = decode_lib.CLIP_MEAN  # per-channel mean on a 0..1 scale (CLIP's)
-    c.std = decode_lib.CLIP_STD    # per-channel std on a 0..1 scale (CLIP's)
-    c.output = "float32"       # "float32" (normalized on host) or "uint8" (normalize_on_device)
-    c.sample_rate = 48000      # audio: samples per second of the decoded waveform
-    c.clip_seconds = 10.0      # audio: every clip is cropped or zero-padded to this length
-    c.num_frames = 8           # video: frames per clip, T of [B, T, S, S, 3]
-    c.shuffle_buffer = 1000    # samples held for shuffling per worker; 0 or 1 = no shuffle
-    c.resampled = False        # True: infinite, shards drawn with replacement per worker
-    c.workers = 4              # decoding processes per JAX process; 0 = decode in this process
-    c.prefetch = 2             # batches each worker may prepare ahead
-    c.max_pixels = 89_478_485  # skip images whose header declares more pixels (PIL's limit)
-    c.max_bad_fraction = 0.1   # raise once this fraction of samples seen is bad ...
-    c.min_bad_count = 100      # ... and at least this many were bad
-    c.seed = 0                 # shard order, shuffle buffer and augmentation RNG seed
-    c.reset_stream_on_resume = False  # True: a resumed run keeps the checkpoint's train state
-                               # but starts the data stream afresh (needed to resume after
-                               # changing shards, seed, shuffle_buffer, resampled, weights, workers)
-    c.start_method = "spawn"   # multiprocessing start method for workers
-    return c
+    """Every key of the data pipeline (``config.data.train``), with defaults
+    (``DATA_KEYS`` describes each)."""
+    return ml_collections.ConfigDict({k: v for k, (v, _) in DATA_KEYS.items()})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,9 +79,10 @@ class DataOptions:
     the iterator derives: ``mode`` ("train" | "eval"), ``paths`` (resolved
     shard list), ``probs`` (per-shard draw probability when resampled, else
     None), the process's place, ``num_workers`` (``max(1, workers)``),
-    ``media`` (the ``MediaSpec`` of ``modality``; it travels to spawned
-    workers with the options, so an entry added to ``media.MEDIA`` at run
-    time works with worker processes too).
+    ``modality`` and ``media`` (the ``MediaSpec`` the model's tower reads:
+    the caller names it, the config does not; it travels to spawned workers
+    with the options, so a spec registered at run time works with worker
+    processes too).
     Eval options have ``augment="center"``, no flip and no shuffle buffer.
     """
     mode: str
@@ -147,13 +154,16 @@ def _positive(key: str, value, kind):
 
 
 def build_options(cfg, *, mode: str, process_index: int | None, process_count: int | None,
-                  seed: int | None, tokenizer: Callable | None) -> DataOptions:
+                  seed: int | None, tokenizer: Callable | None,
+                  media: media_lib.MediaSpec | str = "image") -> DataOptions:
     """Checks a ``default_data_config()``-shaped config and flattens it.
 
     Raises ``ConfigError`` naming the ``data.train.*`` key for a bad value
-    (unknown modality or text format, weights without resampling, fewer
-    shards than processes x workers, ...). ``process_index``/``process_count``
-    default to JAX's.
+    (unknown text format, weights without resampling, fewer shards than
+    processes x workers, ...). ``media``: the media each sample holds, a
+    ``MediaSpec`` or the name of one in ``mmjax.data.media.MEDIA`` (the model's
+    tower says which: ``Family.media``). ``process_index`` /
+    ``process_count`` default to JAX's.
     """
     if process_index is None or process_count is None:
         import jax
@@ -166,8 +176,8 @@ def build_options(cfg, *, mode: str, process_index: int | None, process_count: i
     if weights is not None and not resampled:
         raise ConfigError("data.train.weights needs data.train.resampled=True (weighted "
                           "sources are sampled with replacement).")
-    modality = get("modality")
-    media = media_lib.get_media_spec(modality)  # unknown: ConfigError naming the key
+    if not isinstance(media, media_lib.MediaSpec):
+        media = media_lib.get_media_spec(media)
     src = sources_lib.build_sources(get("shards"), weights)
     workers = int(get("workers"))
     if workers < 0:
@@ -190,7 +200,7 @@ def build_options(cfg, *, mode: str, process_index: int | None, process_count: i
         probs=tuple(src.shard_probabilities()) if resampled else None,
         resampled=resampled, seed=int(get("seed") if seed is None else seed),
         process_index=int(process_index), process_count=int(process_count),
-        workers=workers, num_workers=num_workers, modality=modality, media=media,
+        workers=workers, num_workers=num_workers, modality=media.name, media=media,
         caption_key=get("caption_key"), tokenizer=tokenizer or get("tokenizer"),
         text_format=get("text_format"), image_token_id=cfg_get(cfg, "image_token_id"),
         dialog_template=template,

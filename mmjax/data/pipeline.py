@@ -47,6 +47,7 @@ import numpy as np
 
 from mmjax.data.assign import worker_shards
 from mmjax.data.counters import DataError
+from mmjax.data.media import MediaSpec
 from mmjax.data.options import DataOptions, build_options, default_data_config
 from mmjax.data.resume import (STATE_VERSION, StreamMismatchError, check_state,
                                iterator_state, stream_differences, stream_identity)
@@ -209,7 +210,8 @@ class DataIterator:
 
 def build_train_iterator(cfg, local_batch_size: int, *, process_index: int | None = None,
                          process_count: int | None = None, seed: int | None = None,
-                         tokenizer: Callable | None = None) -> DataIterator:
+                         tokenizer: Callable | None = None,
+                         media: MediaSpec | str = "image") -> DataIterator:
     """Infinite training iterator over this process's share of the shards.
 
     Args:
@@ -219,20 +221,24 @@ def build_train_iterator(cfg, local_batch_size: int, *, process_index: int | Non
       seed: overrides ``cfg.seed``.
       tokenizer: a picklable callable ``list[str] -> int32 [N, L]`` to use
         instead of ``cfg.tokenizer``.
+      media: the media of each sample, a ``MediaSpec`` or a name in
+        ``mmjax.data.media.MEDIA`` (a model's is ``Family.media``).
 
     Returns:
       DataIterator of ``{"image": [b, S, S, 3] float32|uint8, "text": int32
       [b, L], "label": int32 [b] (-1 if absent)}`` (the media key and array
-      are the ``data.train.modality``'s: ``mmjax.data.media``).
+      are the ``media``'s: ``"audio": [b, num_samples]``, ...).
     """
     opts = build_options(cfg, mode="train", process_index=process_index,
-                         process_count=process_count, seed=seed, tokenizer=tokenizer)
+                         process_count=process_count, seed=seed, tokenizer=tokenizer,
+                         media=media)
     return DataIterator(opts, local_batch_size)
 
 
 def build_eval_iterator(cfg, batch_size: int, *, process_index: int | None = None,
                         process_count: int | None = None,
-                        tokenizer: Callable | None = None) -> DataIterator:
+                        tokenizer: Callable | None = None,
+                        media: MediaSpec | str = "image") -> DataIterator:
     """Reads this process's shards once, in the given order, with center crops.
 
     Batches are ``{"image", "text", "label", "valid": bool [b]}``; the last one
@@ -240,5 +246,6 @@ def build_eval_iterator(cfg, batch_size: int, *, process_index: int | None = Non
     ``shards[p::P]`` and batch counts may differ between processes.
     """
     opts = build_options(cfg, mode="eval", process_index=process_index,
-                         process_count=process_count, seed=None, tokenizer=tokenizer)
+                         process_count=process_count, seed=None, tokenizer=tokenizer,
+                         media=media)
     return DataIterator(opts, batch_size)

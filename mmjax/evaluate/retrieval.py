@@ -23,25 +23,9 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from mmjax.errors import MissingFieldError
 from mmjax.evaluate.metrics import recall_at_k
+from mmjax.models.jitted import model_method, per_model
 
 BATCH_AXES = ("data", "fsdp")  # mesh axes the batch dim is split over, when present
-
-_METHOD_FNS: dict = {}
-
-
-def model_method(model: Any, method: str) -> Callable:
-    """`f(variables, *args) = model.apply(variables, *args, method=method)`.
-
-    The same function object is returned for the same (model, method), so
-    `jax.jit` compiles it once per input shape however often it is requested.
-    """
-    key = (id(model), method)
-    if key not in _METHOD_FNS:
-        def apply(variables, *args):
-            return model.apply(variables, *args, method=method)
-        apply.__name__ = f"{type(model).__name__}.{method}"
-        _METHOD_FNS[key] = (model, apply)  # keeps `model` alive so its id stays unique
-    return _METHOD_FNS[key][1]
 
 
 def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -371,15 +355,14 @@ def itc_similarity(image_emb, text_emb, block: int = 1024) -> np.ndarray:
     return np.concatenate(rows)
 
 
+@per_model(maxsize=16)
 def _itm_score_fn(model: Any, kind: str) -> Callable:
     itm = model_method(model, "itm_logits")
-    key = (id(model), "itm_score", kind)
-    if key not in _METHOD_FNS:
-        def score(variables, image_tokens, text):
-            logits = itm(variables, image_tokens, text).astype(jnp.float32)
-            return jax.nn.softmax(logits, axis=-1)[:, 1] if kind == "prob" else logits[:, 1]
-        _METHOD_FNS[key] = (model, score)
-    return _METHOD_FNS[key][1]
+
+    def score(variables, image_tokens, text):
+        logits = itm(variables, image_tokens, text).astype(jnp.float32)
+        return jax.nn.softmax(logits, axis=-1)[:, 1] if kind == "prob" else logits[:, 1]
+    return score
 
 
 def _reranked_ranks(cand, cand_scores, is_positive):

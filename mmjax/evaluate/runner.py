@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from typing import Any, Optional
 
 import jax
@@ -26,12 +25,14 @@ import numpy as np
 
 from mmjax.data.pipeline import build_eval_iterator
 from mmjax.data.tokenizers import build_tokenizer
-from mmjax.train import workdir as wd
+from mmjax import workdir as wd
 from mmjax.evaluate.gather import Share, combine, host_variables
 from mmjax.evaluate.metrics import classification_metrics
 from mmjax.families import get_family
-from mmjax.evaluate.retrieval import BatchRunner, l2_normalize, model_method
+from mmjax.evaluate.retrieval import BatchRunner, l2_normalize
+from mmjax.models.jitted import model_method
 from mmjax.evaluate.zeroshot import class_prompts, prompt_ensemble, zero_shot_predictions
+from mmjax.config.schema import enabled_evaluators
 from mmjax.errors import UserError
 
 log = logging.getLogger("mmjax")
@@ -49,7 +50,7 @@ def _eval_data(config: Any, shards: str, **overrides) -> Any:
     data.workers = 0
     if shards == "synthetic":
         from mmjax.data.builtin import builtin_shards
-        data.shards = "::".join(builtin_shards(config, "test"))
+        data.shards = "::".join(builtin_shards(config, "test", _media(config)))
     else:
         data.shards = shards
     return data
@@ -58,9 +59,14 @@ def _eval_data(config: Any, shards: str, **overrides) -> Any:
 def _classnames(config: Any, spec: Any) -> list[str]:
     if spec == "synthetic":
         from mmjax.data.builtin import builtin_classnames
-        return builtin_classnames(config)
+        return builtin_classnames(_media(config))
     from mmjax.evaluate.templates import resolve_classnames
     return resolve_classnames(spec)
+
+
+def _media(config: Any) -> str:
+    """The modality of the model's media tower (its batch key)."""
+    return get_family(config).media(config.model)
 
 
 def _info(msg: str, *args) -> None:
@@ -83,7 +89,8 @@ def _batches(config: Any, section: Any, **overrides):
                           std=d.std)
     else:
         it = build_eval_iterator(_eval_data(config, section.shards, **overrides),
-                                 int(config.evals.batch_size), process_index=0, process_count=1)
+                                 int(config.evals.batch_size), process_index=0, process_count=1,
+                                 media=_media(config))
     limit, seen = int(section.get("max_samples", 0) or 0), 0
     try:
         for batch in it:
@@ -137,7 +144,7 @@ def _zeroshot(config, model, variables, tokenizer) -> dict:
     classifier = _classifier(config, model, variables, tokenizer, classnames)
     share = Share(_batches(config, zs))
     topk, labels = zero_shot_predictions(model, variables, classifier, share,
-                                         key=get_family(config).media(config.model))
+                                         key=_media(config))
     if not share.counts:
         raise EvalError(f"config.evals.zeroshot.shards={zs.shards!r} yielded no batches.")
     topk, labels = combine(share.rows(), topk, labels)
@@ -158,7 +165,7 @@ def _retrieval(config, model, variables, tokenizer) -> dict:
     share = Share(_batches(config, section, text_format="caption_list", caption_key=key,
                             num_captions=per_image))
     img, txt, owner = retrieval_embeddings(model, variables, share, pad_id=tokenizer.pad_id,
-                                          key=get_family(config).media(config.model))
+                                          key=_media(config))
     rows = share.rows()
     img, = combine(rows, img)
     # Captions follow their image; the stream position of the image is its
@@ -183,7 +190,8 @@ def _vqa(config, model, variables, tokenizer) -> dict:
         baseline = synthetic.majority_answer_baselines(
             "train", num_samples=int(config.synthetic.train_samples))["majority_answer"]
     share = Share(_batches(config, section, text_format="dialog", caption_key=section.text_key))
-    answers = vqa_answers(model, variables, share, tokenizer,
+    answers = vqa_answers(get_family(config).answerer(model, variables), share, tokenizer,
+                          media=_media(config),
                           max_new_tokens=int(section.max_new_tokens), question_types=types,
                           chunk=int(config.evals.batch_size),
                           template=config.data.train.get("dialog_template", "qa"))
@@ -207,7 +215,7 @@ def _captioning(config, model, variables, tokenizer) -> dict:
         caption = get_family(config).captioner(model, variables, int(cap.beam_size))
     except UserError as e:
         raise EvalError(str(e)) from None
-    media = get_family(config).media(config.model)
+    media = _media(config)
     preds, refs = [], []
     share = Share(_batches(config, cap))
     for batch in share:
@@ -227,10 +235,6 @@ def _captioning(config, model, variables, tokenizer) -> dict:
 
 EVALUATORS = {"zeroshot": _zeroshot, "retrieval": _retrieval, "captioning": _captioning,
               "vqa": _vqa}
-# What to use when a config enables an evaluator its family does not offer.
-_NOT_OFFERED = {"retrieval": "a two-tower, CoCa or BLIP-2 recipe",
-                "captioning": "a CoCa, BLIP-2 or VisionLM recipe",
-                "vqa": "a VisionLM recipe (llava, blip2_stage2)"}
 
 
 def run_evals(config: Any, model: Any, variables: Any, mesh: Any = None, *, step: int = 0,
@@ -245,115 +249,10 @@ def run_evals(config: Any, model: Any, variables: Any, mesh: Any = None, *, step
     tokenizer = build_tokenizer(config.data.train.tokenizer, int(config.data.train.max_len))
     # Each process evaluates on its first local device with a host copy of the parameters.
     variables = host_variables(variables)
-    ev = config.evals
-    family = get_family(config)
     results: dict = {}
-    for name, evaluate in EVALUATORS.items():
-        if not (ev.get(name) and ev[name].get("shards")):
-            continue
-        if name not in family.evaluators:
-            if name == "zeroshot":  # on by default in the base config: skipped quietly
-                continue
-            raise EvalError(f"config.evals.{name}: {type(model).__name__} "
-                            f"({family.name}) does not support it; use {_NOT_OFFERED[name]} "
-                            f"or set evals.{name}.shards=''.")
-        results.update(evaluate(config, model, variables, tokenizer))
+    for name in enabled_evaluators(config):  # ConfigError for one the family lacks
+        results.update(EVALUATORS[name](config, model, variables, tokenizer))
     if workdir and jax.process_index() == 0 and results:
         wd.write_text(wd.join(workdir, "eval", f"step_{step}.json"),
                       json.dumps({"step": step, **results}, indent=1))
-    return results
-
-
-def eval_command(config_spec: Optional[str], workdir: Optional[str], step: Optional[int],
-                 hf_path: Optional[str], overrides: list[str]) -> dict:
-    """`mmjax eval`: evaluate a workdir checkpoint or a Hugging Face folder
-    (in one process, or in every process of a job started as for `mmjax train`)."""
-    from mmjax.train.config_utils import load_config
-    from mmjax.train import multihost
-    multihost.join()  # (the timeouts of config.multihost's defaults)
-    if hf_path:
-        return _eval_hf(hf_path, config_spec, overrides)
-    if not workdir:
-        raise EvalError("give --workdir DIR (a training run) or --hf PATH")
-    saved = wd.join(workdir, "config.json")
-    if config_spec is None:
-        if not wd.exists(saved):
-            raise EvalError(f"{workdir}: no config.json; pass --config configs/X.py")
-        config = ml_collections.ConfigDict(json.loads(wd.read_text(saved))["config"])
-        from mmjax.train.config_utils import apply_override
-        for o in overrides:
-            apply_override(config, o)
-    else:
-        config = load_config(config_spec, overrides)
-
-    from mmjax.models import build
-    from mmjax.train import sharding as shd
-    from mmjax.train.checkpoint import CheckpointError, Checkpointer
-    from mmjax.train.optimizer import build_optimizer
-    from mmjax.train.step import Trainer
-    ckpt_dir = wd.join(workdir, "checkpoints")
-    if not wd.isdir(ckpt_dir):
-        raise EvalError(f"{workdir}: no checkpoints (looked in {ckpt_dir}); train first")
-    ckpt = Checkpointer(workdir, async_save=False)
-    try:
-        if ckpt.latest_step() is None:
-            raise EvalError(f"{workdir}: no checkpoint in {ckpt_dir}; train first")
-        model = build(config.model)
-        mesh = shd.make_mesh(config.mesh)
-        tx, schedule = build_optimizer(config.optim, int(config.total_steps))
-        trainer = Trainer(config, model, tx, schedule, mesh)
-        try:
-            state, _, step = trainer.restore(ckpt, step)
-        except CheckpointError as e:
-            raise EvalError(str(e)) from None
-    finally:
-        ckpt.close()
-    results = run_evals(config, model, {"params": state["params"]}, mesh, step=step,
-                        workdir=workdir)
-    if not results:
-        raise EvalError(nothing_to_evaluate(f"{workdir} (step {step})"))
-    return {"step": step, **results}
-
-
-def nothing_to_evaluate(what: str) -> str:
-    """The message for a config that enables no evaluation of `what`."""
-    return (f"nothing to evaluate for {what}: its config enables no evaluation; ask for one "
-            "with --config.evals.zeroshot.shards=PATTERN (two-tower models), "
-            "--config.evals.retrieval.shards=PATTERN, --config.evals.captioning.shards=PATTERN "
-            "(CoCa, BLIP-2) or --config.evals.vqa.shards=PATTERN (VisionLM); 'synthetic' is "
-            "the held-out built-in data")
-
-
-def _eval_hf(path: str, config_spec: Optional[str], overrides: list[str]) -> dict:
-    from mmjax.convert import hf
-    from mmjax.train.config_utils import apply_override
-    from mmjax.train.defaults import base_config
-    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-        kind = json.load(f).get("model_type")
-    loaders = {"clip": hf.load_clip, "siglip": hf.load_siglip}
-    if kind not in loaders:
-        raise EvalError(f"{path}: model_type {kind!r} is not supported by `mmjax eval --hf` "
-                        f"(supported: {sorted(loaders)})")
-    model, variables = loaders[kind](path)
-    config = base_config()
-    config.model = ml_collections.ConfigDict(dict(name="two_tower", contrastive=model.contrastive,
-                                                  image=dict(model.image), text=dict(model.text)))
-    config.data.train.image_size = model.image["image_size"]
-    config.data.train.max_len = model.text["max_len"]
-    tok = os.path.join(path, "tokenizer.json")
-    config.data.train.tokenizer = f"hf:{tok}" if os.path.exists(tok) else "bytes"
-    if kind == "siglip":
-        config.data.train.mean = (0.5, 0.5, 0.5)
-        config.data.train.std = (0.5, 0.5, 0.5)
-    for o in overrides:
-        apply_override(config, o)
-    tokenizer = build_tokenizer(config.data.train.tokenizer, int(config.data.train.max_len))
-    if tokenizer.vocab_size > model.text["vocab_size"]:
-        raise EvalError(f"{path}: tokenizer {config.data.train.tokenizer!r} has "
-                        f"{tokenizer.vocab_size} tokens but the model only "
-                        f"{model.text['vocab_size']}; put the model's tokenizer.json in the "
-                        "folder or pass --config.data.train.tokenizer=hf:PATH")
-    results = run_evals(config, model, variables, step=0, workdir=None)
-    if not results:
-        raise EvalError(nothing_to_evaluate(path))
     return results

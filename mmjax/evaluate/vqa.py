@@ -102,73 +102,30 @@ def vqa_scores(predictions: Sequence[str], answers: Sequence[Sequence[str]],
     return out
 
 
-# ----------------------------------------------------------------------------
-# Answering with a VisionLM
-# ----------------------------------------------------------------------------
-
-def answer_questions(model, variables, image_embeds, prompts: Sequence[Sequence[int]],
-                     tokenizer, max_new_tokens: int = 16, width: int | None = None,
-                     chunk: int = 64) -> list[str]:
-    """Greedy answers of a `VisionLM` to token prompts about images.
-
-    Args:
-      image_embeds: `[N, P, D]` from `model.apply(..., method="image_embeds")`,
-        one row per prompt.
-      prompts: N prompt id lists (e.g. `dialog.encode_prompt`; `[BOS]` alone
-        asks for a caption).
-      width: padded prompt width (default: the longest prompt); fixed widths
-        and `chunk` rows per call keep one compiled program.
-    Returns: N decoded strings (up to EOS, stripped).
-    """
-    import jax
-    import jax.numpy as jnp
-    from mmjax.models.lm import generate
-    from mmjax.models.vlm import language_model
-    n = len(prompts)
-    width = width or max(len(p) for p in prompts)
-    lm = language_model(model)
-    splice = jax.jit(lambda v, e, t: model.apply(v, e, t, method="splice"))
-    out: list[str] = []
-    for s in range(0, n, chunk):
-        rows = list(prompts[s:s + chunk])
-        emb = np.asarray(image_embeds[s:s + chunk])
-        real = len(rows)
-        rows += [rows[0]] * (chunk - real)  # pad the chunk with copies (results dropped)
-        emb = np.concatenate([emb, np.repeat(emb[:1], chunk - real, 0)]) if real < chunk else emb
-        text = np.full((chunk, width), tokenizer.pad_id, np.int32)
-        for i, r in enumerate(rows):
-            if len(r) > width:
-                raise ValueError(f"prompt of {len(r)} tokens exceeds the width {width}")
-            text[i, :len(r)] = r
-        x = splice(variables, jnp.asarray(emb), jnp.asarray(text))
-        lengths = np.asarray(x["valid"]).sum(-1)
-        toks = generate(lm, {"params": variables["params"]["lm_module"]}, None, lengths,
-                        max_new_tokens, prompt_embeds=x["embeds"], eos_id=tokenizer.eos_id,
-                        pad_id=tokenizer.pad_id)
-        out += [tokenizer.decode(np.asarray(t)).strip() for t in np.asarray(toks)[:real]]
-    return out
-
-
-def caption_prompt(tokenizer) -> list[int]:
-    """The prompt that asks a VisionLM for a caption: BOS alone (pad without BOS)."""
-    return [tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.pad_id]
-
-
-def image_embeds(model, variables, images) -> np.ndarray:
-    """`model.apply(..., method="image_embeds")` jitted: `[B, H, W, 3]` -> `[B, P, D]`
-    (compiled once per model and shape)."""
-    import jax
-    from mmjax.evaluate.retrieval import model_method
-    return np.asarray(jax.jit(model_method(model, "image_embeds"))(variables, images))
-
-
-def vqa_answers(model, variables, batches, tokenizer, *, max_new_tokens: int = 16,
+def vqa_answers(answerer, batches, tokenizer, *, media: str = "image", max_new_tokens: int = 16,
                 question_types: dict | None = None, chunk: int = 64,
                 template="qa") -> dict:
-    """Greedy answers of a `VisionLM` to every question of dialog batches.
+    """Greedy answers of a model to every question of dialog batches.
 
     Every question of every valid row is asked on its own (as the first
-    turn) and decoded greedily. Arguments as in `vqa_evaluate`.
+    turn) and decoded greedily.
+
+    Args:
+      answerer: the model's answering function, `Family.answerer(model,
+        variables)`: `(media [B, ...], prompts, tokenizer, max_new_tokens, width,
+        chunk) -> B answers`.
+      batches: iterable of dialog batches (`text_format="dialog"`), each a dict
+        with the media under `media` (e.g. "image" `[B, H, W, 3]`), "text"
+        (`[B, L]` dialog ids),
+        "loss_mask" (`[B, L]`, 1 on answer tokens) and optionally "valid"
+        (`[B]` bool; rows that are False are skipped).
+      tokenizer: the tokenizer the batches were encoded with (its bos/eos/pad
+        ids, `decode`).
+      max_new_tokens: most tokens generated per answer.
+      question_types: optional map question text -> type (for per-type
+        scores in `vqa_report`); questions not in it get type "all".
+      chunk: prompts decoded per compiled call.
+      template: the dialog template the batches were encoded with.
 
     Returns:
       dict of N-long lists, one entry per question in batch order:
@@ -181,7 +138,6 @@ def vqa_answers(model, variables, batches, tokenizer, *, max_new_tokens: int = 1
     out: dict = {k: [] for k in ("prediction", "answer", "question", "type", "batch")}
     for b, batch in enumerate(batches):
         valid = np.asarray(batch.get("valid", np.ones(len(batch["text"]), bool)), bool)
-        emb = image_embeds(model, variables, batch["image"])
         rows, prompts = [], []
         for i in np.flatnonzero(valid):
             for prompt, answer in split_dialog(batch["text"][i], batch["loss_mask"][i],
@@ -194,9 +150,9 @@ def vqa_answers(model, variables, batches, tokenizer, *, max_new_tokens: int = 1
                 out["type"].append((question_types or {}).get(question_text(q, template), "all"))
                 out["batch"].append(b)
         if prompts:
-            out["prediction"] += answer_questions(model, variables, emb[np.asarray(rows)],
-                                                  prompts, tokenizer, max_new_tokens,
-                                                  width=int(batch["text"].shape[1]), chunk=chunk)
+            out["prediction"] += answerer(np.asarray(batch[media])[np.asarray(rows)], prompts,
+                                          tokenizer, max_new_tokens,
+                                          width=int(batch["text"].shape[1]), chunk=chunk)
     return out
 
 
@@ -214,20 +170,3 @@ def vqa_report(answers: dict, *, typed: bool = False,
     scores["examples"] = [dict(question=q, answer=r[0], prediction=p)
                           for q, r, p in list(zip(questions, refs, preds))[:5]]
     return scores
-
-
-def vqa_evaluate(model, variables, batches, tokenizer, *, max_new_tokens: int = 16,
-                 question_types: dict | None = None, baseline_answer: str | None = None,
-                 chunk: int = 64, template="qa") -> dict:
-    """VQA accuracy of a `VisionLM` on dialog batches (`text_format="dialog"`).
-
-    Every question of every valid row is asked on its own (as the first
-    turn, greedy decoding) and scored with `vqa_accuracy` against its answer.
-    `question_types` maps question text -> type for per-type scores;
-    `baseline_answer` adds the score of always giving that answer;
-    `template` is the dialog template the batches were encoded with.
-    Returns `vqa_scores(...)` plus `examples` (first few Q/A/prediction).
-    """
-    answers = vqa_answers(model, variables, batches, tokenizer, max_new_tokens=max_new_tokens,
-                          question_types=question_types, chunk=chunk, template=template)
-    return vqa_report(answers, typed=bool(question_types), baseline_answer=baseline_answer)

@@ -21,7 +21,8 @@ from jax.sharding import Mesh
 
 from mmjax.errors import MissingFieldError
 from mmjax.evaluate.metrics import classification_metrics
-from mmjax.evaluate.retrieval import BatchRunner, l2_normalize, model_method
+from mmjax.evaluate.retrieval import BatchRunner, l2_normalize
+from mmjax.models.jitted import model_method, per_model
 from mmjax.evaluate.templates import resolve_classnames, resolve_templates
 
 
@@ -81,21 +82,17 @@ def zero_shot_scores(image_emb: jax.Array, classifier: jax.Array) -> jax.Array:
     return emb @ classifier.T
 
 
-_TOPK_FNS: dict = {}
-
-
+@per_model(maxsize=16)
 def _topk_fn(model: Any, k: int) -> Callable:
-    """Stable `f((variables, classifier), images) -> top-k class ids [b, k]`."""
-    key = (id(model), k)
-    if key not in _TOPK_FNS:
-        encode = model_method(model, "encode_image")
+    """Stable `f((variables, classifier), images) -> top-k class ids [b, k]`: the
+    same function for the same or an equal model and k (`per_model`)."""
+    encode = model_method(model, "encode_image")
 
-        def topk(params, images):
-            variables, classifier = params
-            scores = zero_shot_scores(encode(variables, images), classifier)
-            return jax.lax.top_k(scores, k)[1]
-        _TOPK_FNS[key] = (model, topk)
-    return _TOPK_FNS[key][1]
+    def topk(params, images):
+        variables, classifier = params
+        scores = zero_shot_scores(encode(variables, images), classifier)
+        return jax.lax.top_k(scores, k)[1]
+    return topk
 
 
 def zero_shot_predictions(model: Any, variables: Any, classifier, batches: Iterable,

@@ -68,20 +68,11 @@ def compute_losses(model: Any, params: Any, batch: Mapping[str, jax.Array],
     return total, metrics
 
 
-def model_train_flops(model_cfg: Mapping, batch: int, text_len: int,
-                      frozen: tuple = ("image_tower", "lm_module")) -> float:
-    """Training FLOPs of one step over a global batch (`mmjax.train.flops` rules).
-    `frozen`: the `optim.freeze` prefixes (used by VisionLM)."""
-    return get_family(model_cfg.get("name")).train_flops(model_cfg, batch, text_len, frozen)
-
-
-def check_modality(config: Any) -> None:
-    """`data.train.modality` must be what the model's media tower reads."""
-    family = get_family(config)
-    media = family.media(config.model)
-    modality = config.data.train.get("modality", "image")
-    if modality != media:
-        kind = (config.model.get("image") or {}).get("kind", "vit")
-        raise ConfigError(f"config.data.train.modality={modality!r} but the model's tower "
-                          f"(model.image.kind={kind!r}) reads {media!r}; set "
-                          f"--config.data.train.modality={media}.")
+def model_train_flops(config: Any, batch_size: int | None = None) -> float:
+    """Model FLOPs of one training step of `config` over a global batch (default
+    `config.batch_size`), as the family counts them (`Family.train_flops`: matmuls,
+    `mmjax.models.flops` rules), with its `data.train.max_len` text tokens and its
+    `optim.freeze` prefixes."""
+    return get_family(config).train_flops(
+        config.model.to_dict(), int(batch_size or config.batch_size),
+        int(config.data.train.max_len), tuple(config.optim.get("freeze") or ()))

@@ -39,6 +39,7 @@ class Family:
     objectives: tuple[str, ...] = ()      # names valid in `config.objectives`
     evaluators: tuple[str, ...] = ()      # `config.evals` sections that apply
     text_section: str = "text"            # model section whose vocabulary the tokenizer feeds
+    optional_batch_keys: tuple[str, ...] = ()  # step inputs some data has (VisionLM: loss_mask)
 
     # --- the media tower -------------------------------------------------------------
     def tower(self, model_cfg: Mapping) -> type:
@@ -46,7 +47,8 @@ class Family:
         return towers.tower_class(plain(plain(model_cfg).get("image")).get("kind"))
 
     def media(self, model_cfg: Mapping) -> str:
-        """Batch key (and `data.train.modality`) of the tower's input: "image", "audio", ..."""
+        """The tower's modality: its batch key and the media the data pipeline decodes
+        for it ("image", "audio", "video", or a registered one)."""
         return self.tower(model_cfg).modality
 
     # --- inputs -------------------------------------------------------------------------
@@ -68,6 +70,11 @@ class Family:
         return {self.media(config.model): ((batch,) + tuple(shape), dtype),
                 "text": ((batch, int(config.data.train.max_len)), np.int32)}
 
+    def batch_keys(self, config: Any) -> tuple[str, ...]:
+        """The fields of a data batch that the train step reads (`batch_spec`'s, plus
+        `optional_batch_keys` where the data has them; `label` etc. stay on the host)."""
+        return tuple(self.batch_spec(config, 1)) + self.optional_batch_keys
+
     def model_inputs(self, model: Any, batch: Mapping[str, jax.Array]) -> tuple:
         """The positional arguments of `model.apply` for a batch."""
         return batch[self.media({"image": model.image})], batch["text"]
@@ -87,6 +94,10 @@ class Family:
             if name not in self.objectives:
                 raise ConfigError(f"config.objectives.{name}: not an objective of "
                                   f"{type(model).__name__}; choose from {self.objectives}.")
+
+    def check_config(self, config: Any) -> None:
+        """Family-specific cross-key checks (`mmjax.config.schema.check_config` runs
+        them with the rest, before anything is built); ConfigError naming the keys."""
 
     def losses(self, model: Any, params: Any, batch: Mapping[str, jax.Array],
                objectives: Mapping[str, float], rng: jax.Array
@@ -110,26 +121,33 @@ class Family:
 
     def train_flops(self, model_cfg: Mapping, batch: int, text_len: int,
                     frozen: tuple = ()) -> float:
-        """Model FLOPs of one training step over a global batch (`mmjax.train.flops`)."""
+        """Model FLOPs of one training step over a global batch (`mmjax.train.mfu`)."""
         raise NotImplementedError
 
     # --- :tiny --------------------------------------------------------------------------
     def shrink(self, c: Any) -> None:
         """Family-specific part of the `:tiny` shrink (sizes of the family's own sections,
-        which evaluators run). The generic part is `mmjax.train.defaults.make_tiny`."""
+        which evaluators run). The generic part is `mmjax.config.defaults.make_tiny`."""
 
     # --- evaluation ---------------------------------------------------------------------
     def captioner(self, model: Any, variables: Any, beam_size: int
                   ) -> Optional[Callable[[np.ndarray, Any, int], list[str]]]:
-        """`fn(media, tokenizer, max_len) -> captions`, or None if the family cannot caption."""
+        """`fn(media [B, ...], tokenizer, max_len) -> B captions`, or None if the family
+        cannot caption."""
+        return None
+
+    def answerer(self, model: Any, variables: Any) -> Optional[Callable[..., list[str]]]:
+        """`fn(media [N, ...], prompts (N id lists), tokenizer, max_new_tokens, width=None,
+        chunk=64) -> N answers` (greedy), or None if the family does not answer
+        questions (VQA evaluation, `mmjax generate --prompt`)."""
         return None
 
 
 def step_captioner(make_logits_fn: Callable, model: Any, variables: Any, beam_size: int
                    ) -> Callable[[np.ndarray, Any, int], list[str]]:
-    """A captioner from a caption step function maker of `mmjax.evaluate.captioning`
+    """A captioner from a caption step function maker of `mmjax.families.captioning`
     (`coca_logits_fn`, `blip2_itg_logits_fn`): greedy or beam search."""
-    from mmjax.evaluate import captioning
+    from mmjax.families import captioning
 
     def run(media, tokenizer, max_len):
         return captioning.generate_captions(make_logits_fn(model, variables, media), len(media),

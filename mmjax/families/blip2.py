@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from mmjax import losses
 from mmjax.families.base import Family, plain, step_captioner
-from mmjax.models.flops import cross_attention_flops, cross_attention_layers, layer_flops
+from mmjax.models.flops import (TRAIN, dense_flops, qformer_flops, similarity_flops,
+                                tower_config, tower_flops)
 
 
 class Blip2Family(Family):
@@ -35,27 +36,30 @@ class Blip2Family(Family):
         return terms, extra
 
     def train_flops(self, model_cfg, batch, text_len, frozen=()):
+        """Per example: the media tower (forward only when frozen or `freeze_image`),
+        ITC's query and text passes with their projections, ITM's 3 joint passes (a
+        positive and two negatives) with its head, ITG's joint pass with its LM head;
+        per step ITC's `[B, Q, B]` similarities."""
         m = plain(model_cfg)
-        img, qc = plain(m["image"]), plain(m["qformer"])
-        w, nq, depth = qc.get("width", 768), qc.get("num_queries", 32), qc.get("depth", 12)
-        mlp, freq = qc.get("mlp_dim", 3072), qc.get("cross_attention_freq", 2)
-        n = (img["image_size"] // img["patch_size"]) ** 2 + 1
-        dv = img["width"]
-        cross = cross_attention_flops(nq, w, n, dv) * cross_attention_layers(depth, freq)
+        qc = plain(m["qformer"])
+        tower, img = self.tower(m), tower_config(m)
+        trained = not m.get("freeze_image", True) and "image_tower" not in frozen
+        ctx = (tower.num_tokens(img), tower.token_width(img))
+        w, nq, e = qc.get("width", 768), qc.get("num_queries", 32), m.get("embed_dim", 256)
 
-        def qformer(tokens):
-            return depth * layer_flops(tokens, w, mlp) + cross
-        # ITC: queries pass + text pass; ITM: 3B joint passes; ITG: joint pass + LM head.
-        vocab = qc.get("vocab_size", 30523)
-        per = qformer(nq) + depth * layer_flops(text_len, w, mlp) + qformer(nq + text_len) \
-            + 2 * text_len * w * vocab
-        return batch * self.media_flops(m, embed_dim=None) + 3 * batch * per \
-            + 3 * 2 * batch * qformer(nq + text_len)
+        def qformer(length, image=None, lm_head=False):
+            return qformer_flops(qc, length, image, TRAIN, context_grad=trained, lm_head=lm_head)
+        itc = (qformer(0, ctx) + dense_flops(nq, w, e, TRAIN)
+               + qformer(text_len) + dense_flops(1, w, e, TRAIN))
+        itm = qformer(text_len, ctx) + dense_flops(nq, w, 2, TRAIN)
+        itg = qformer(text_len, ctx, lm_head=True)
+        return (batch * (tower_flops(tower, img, trained) + itc + 3 * itm + itg)
+                + similarity_flops(batch, e, nq, TRAIN))
 
     def shrink(self, c):
         c.model.qformer.update(dict(num_queries=4, max_len=32, vocab_size=260))
         c.evals.captioning.update(dict(shards="synthetic", max_samples=8, max_len=8))
 
     def captioner(self, model, variables, beam_size):
-        from mmjax.evaluate.captioning import blip2_itg_logits_fn
+        from mmjax.families.captioning import blip2_itg_logits_fn
         return step_captioner(blip2_itg_logits_fn, model, variables, beam_size)

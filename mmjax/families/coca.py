@@ -3,14 +3,18 @@ from __future__ import annotations
 
 from mmjax import losses
 from mmjax.families.base import Family, plain, step_captioner
-from mmjax.families.two_tower import contrastive_terms
-from mmjax.models.flops import layer_flops, text_flops
+from mmjax.families.two_tower import check_embeddings, contrastive_terms
+from mmjax.models.flops import (TRAIN, caption_decoder_flops, dense_flops, pooler_flops,
+                                similarity_flops, text_flops, tower_config, tower_flops)
 
 
 class CoCaFamily(Family):
     name = "coca"
     objectives = ("softmax_contrastive", "sigmoid_contrastive", "caption")
     evaluators = ("zeroshot", "retrieval", "captioning")
+
+    def check_config(self, config):
+        check_embeddings(self, config)
 
     def losses(self, model, params, batch, objectives, rng):
         media, text = self.model_inputs(model, batch)
@@ -21,23 +25,22 @@ class CoCaFamily(Family):
         return terms, extra
 
     def train_flops(self, model_cfg, batch, text_len, frozen=()):
+        """All trained: the media tower's tokens, the attentional pooler (a contrastive
+        query + `caption_queries`), the text tower, the decoder cross-attending to the
+        caption queries, and the `[B, B]` similarities."""
         m = plain(model_cfg)
-        img, txt, dec = plain(m["image"]), plain(m["text"]), plain(m["decoder"])
-        q = m.get("caption_queries", 256)
-        n = (img["image_size"] // img["patch_size"]) ** 2
-        w = img["width"]
-        fwd = self.media_flops(m, pool="none", embed_dim=None)
-        fwd += 2 * (q + 1) * 2 * w * w + 2 * n * 2 * w * w + 4 * (q + 1) * n * w  # pooler
-        fwd += text_flops({**txt, "embed_dim": m.get("embed_dim")}, text_len)
-        dw = dec["width"]
-        fwd += dec["depth"] * layer_flops(text_len, dw, dec.get("mlp_dim") or 4 * dw,
-                                          causal=True, ctx=(q, w))
-        fwd += 2 * text_len * dw * dec["vocab_size"]
-        return 3 * batch * fwd
+        tower, img = self.tower(m), tower_config(m, pool="none", embed_dim=None)
+        n, w = tower.num_tokens(img), tower.token_width(img)
+        q, e = m.get("caption_queries", 256), m.get("embed_dim", 512)
+        per = (tower_flops(tower, img, trained=True)
+               + pooler_flops(n, w, queries=1 + q, mode=TRAIN) + dense_flops(1, w, e, TRAIN)
+               + text_flops({**plain(m["text"]), "embed_dim": e}, text_len, TRAIN)
+               + caption_decoder_flops(plain(m["decoder"]), text_len, (q, w), TRAIN))
+        return batch * per + similarity_flops(batch, e, mode=TRAIN)
 
     def shrink(self, c):
         c.evals.captioning.update(dict(shards="synthetic", max_samples=8, max_len=8))
 
     def captioner(self, model, variables, beam_size):
-        from mmjax.evaluate.captioning import coca_logits_fn
+        from mmjax.families.captioning import coca_logits_fn
         return step_captioner(coca_logits_fn, model, variables, beam_size)

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 from mmjax import losses
 from mmjax.errors import ConfigError
 from mmjax.families.base import Family, plain
-from mmjax.models.flops import text_flops
+from mmjax.models.flops import (TRAIN, similarity_flops, text_flops, tower_config,
+                                tower_flops)
 
 
 def contrastive_terms(out: Mapping, objectives: Mapping) -> tuple[dict, dict]:
@@ -33,6 +34,20 @@ def contrastive_terms(out: Mapping, objectives: Mapping) -> tuple[dict, dict]:
     return terms, extra
 
 
+def check_embeddings(family: Family, config: Any) -> None:
+    """The media and text towers must embed into one space: `zimg` and `ztxt` of one
+    shape (traced on one example, nothing allocated)."""
+    import jax
+    from mmjax.models import build
+    model = build(config.model)
+    media, text = family.sample_inputs(config)
+    out = jax.eval_shape(lambda: model.init_with_output(jax.random.key(0), media, text)[0])
+    zimg, ztxt = out["zimg"].shape, out["ztxt"].shape
+    if zimg != ztxt:
+        raise ConfigError(f"config.model.image embeds into [B, {zimg[-1]}] but config.model.text "
+                          f"into [B, {ztxt[-1]}]; give both towers one embed_dim (or width).")
+
+
 class TwoTowerFamily(Family):
     name = "two_tower"
     objectives = ("softmax_contrastive", "sigmoid_contrastive")
@@ -44,13 +59,22 @@ class TwoTowerFamily(Family):
         if want not in objectives:
             raise ConfigError(f"config.objectives: model.contrastive={model.contrastive!r} needs {want!r}.")
 
+    def check_config(self, config):
+        check_embeddings(self, config)
+
     def losses(self, model, params, batch, objectives, rng):
         out = self.apply(model, params, *self.model_inputs(model, batch), rng=rng)
         return contrastive_terms(out, objectives)
 
     def train_flops(self, model_cfg, batch, text_len, frozen=()):
+        """Both towers and the `[B, B]` similarities, 3x forward; a frozen media tower
+        (LiT: `image_tower` in `frozen`) 1x, and the similarities then need the
+        gradient of the text side only (2x)."""
         m = plain(model_cfg)
-        img = plain(m.get("image"))
-        fwd = self.media_flops(m) + text_flops(plain(m["text"]), text_len)
-        e = img.get("embed_dim") or img["width"]
-        return 3 * batch * fwd + 3 * 2 * batch * batch * e  # + the [B, B] logits
+        tower, img = self.tower(m), tower_config(m)
+        trained = not any(f.strip("/") == "image_tower" for f in frozen)
+        e = img.get("embed_dim") or tower.token_width(img)  # the pooled embedding's width
+        per = tower_flops(tower, img, trained) + text_flops(plain(m["text"]), text_len, TRAIN)
+        sims = similarity_flops(batch, e, mode=TRAIN) if trained \
+            else 2 * similarity_flops(batch, e)
+        return batch * per + sims

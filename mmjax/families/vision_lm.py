@@ -2,13 +2,21 @@
 stage 2, LLaVA); next-token loss on answer/caption tokens."""
 from __future__ import annotations
 
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from mmjax import losses
 from mmjax.errors import ConfigError
 from mmjax.families.base import Family, plain
-from mmjax.models.flops import cross_attention_flops, cross_attention_layers, layer_flops
-from mmjax.models.vlm import vlm_targets
+from mmjax.models.flops import (FROZEN, TRAIN, dense_flops, lm_flops, qformer_flops,
+                                tower_config, tower_flops)
+from mmjax.models.jitted import model_method
+from mmjax.models.lm import generate
+from mmjax.models.vlm import language_model, vlm_targets
 
 
 class VisionLMFamily(Family):
@@ -16,6 +24,7 @@ class VisionLMFamily(Family):
     objectives = ("lm",)
     evaluators = ("captioning", "vqa")
     text_section = "lm"
+    optional_batch_keys = ("loss_mask",)  # dialog data: 1 on answer tokens
 
     def pad_id(self, model):
         return model.pad_id
@@ -28,30 +37,23 @@ class VisionLMFamily(Family):
         return {"lm": losses.caption_loss(out["logits"][:, :-1], targets, weights)}, {}
 
     def train_flops(self, model_cfg, batch, text_len, frozen=("image_tower", "lm_module")):
-        """Frozen media tower 1x forward; connector 3x; LM 2x forward when frozen
-        (activation gradients only) else 3x; T = text_len + image tokens."""
+        """Per example: the media tower (forward only when frozen), the trained
+        connector (no gradient into a frozen tower's tokens), the LM over
+        T = text_len + media tokens (`FROZEN` when frozen: activation gradients only)."""
         m = plain(model_cfg)
-        img, lm = plain(m["image"]), plain(m["lm"])
-        n = (img["image_size"] // img["patch_size"]) ** 2
-        d, dv = lm["width"], img["width"]
-        heads = lm["num_heads"]
-        kv = (lm.get("num_kv_heads") or heads) * (lm.get("head_dim") or d // heads)
+        tower, img, lm = self.tower(m), tower_config(m), plain(m["lm"])
+        trained = "image_tower" not in frozen and not m.get("freeze_image", False)
+        n, dv, d = tower.num_tokens(img), tower.token_width(img), lm["width"]
         if m.get("connector", "mlp") == "qformer":
             qc = plain(m["qformer"])
-            w, p = qc.get("width", 768), qc.get("num_queries", 32)
-            depth, freq = qc.get("depth", 12), qc.get("cross_attention_freq", 2)
-            n_ctx = n + (1 if img.get("pool", "cls") == "cls" else 0)
-            conn = (depth * layer_flops(p, w, qc.get("mlp_dim", 3072))
-                    + cross_attention_layers(depth, freq) * cross_attention_flops(p, w, n_ctx, dv)
-                    + 2 * p * w * d)
-        else:
-            p = n
-            conn = 2 * p * dv * d + 2 * p * d * d
-        t = text_len + p
-        layer = 2 * t * (2 * d * d + 2 * d * kv) + 2 * t * d * lm["mlp_dim"] * 3 + 2 * t * t * d
-        lm_fwd = lm["depth"] * layer + 2 * t * d * lm["vocab_size"]
-        lm_factor = 2 if "lm_module" in frozen else 3
-        return batch * (self.media_flops(m, embed_dim=None) + 3 * conn + lm_factor * lm_fwd)
+            p = qc.get("num_queries", 32)
+            conn = (qformer_flops(qc, 0, (n, dv), TRAIN, context_grad=trained)
+                    + dense_flops(p, qc.get("width", 768), d, TRAIN))
+        else:  # 2-layer MLP on the tokens, the class token dropped
+            p = n - (img.get("pool", getattr(tower, "pool", None)) == "cls")
+            conn = dense_flops(p, dv, d, TRAIN, grad_in=trained) + dense_flops(p, d, d, TRAIN)
+        lm_cost = lm_flops(lm, text_len + p, FROZEN if "lm_module" in frozen else TRAIN)
+        return batch * (tower_flops(tower, img, trained) + conn + lm_cost)
 
     def shrink(self, c):
         d = c.data.train
@@ -72,10 +74,66 @@ class VisionLMFamily(Family):
         if beam_size != 1:
             raise ConfigError("config.evals.captioning.beam_size: VisionLM captioning is "
                               "greedy; set it to 1.")
-        from mmjax.evaluate.vqa import answer_questions, caption_prompt, image_embeds
+        answer = self.answerer(model, variables)
 
         def run(media, tokenizer, max_len):
-            return answer_questions(model, variables, image_embeds(model, variables, media),
-                                    [caption_prompt(tokenizer)] * len(media), tokenizer,
-                                    max_new_tokens=max_len, width=1, chunk=len(media))
+            return answer(media, [caption_prompt(tokenizer)] * len(media), tokenizer, max_len,
+                          width=1, chunk=len(media))
         return run
+
+    def answerer(self, model, variables):
+        def run(media, prompts, tokenizer, max_new_tokens, width=None, chunk=64):
+            return answer_questions(model, variables, image_embeds(model, variables, media),
+                                    prompts, tokenizer, max_new_tokens, width=width, chunk=chunk)
+        return run
+
+
+def answer_questions(model, variables, image_embeds, prompts: Sequence[Sequence[int]],
+                     tokenizer, max_new_tokens: int = 16, width: int | None = None,
+                     chunk: int = 64) -> list[str]:
+    """Greedy answers of a `VisionLM` to token prompts about images.
+
+    Args:
+      image_embeds: `[N, P, D]` from `model.apply(..., method="image_embeds")`,
+        one row per prompt.
+      prompts: N prompt id lists (e.g. `dialog.encode_prompt`; `[BOS]` alone
+        asks for a caption).
+      width: padded prompt width (default: the longest prompt); fixed widths
+        and `chunk` rows per call keep one compiled program.
+    Returns: N decoded strings (up to EOS, stripped).
+    """
+    n = len(prompts)
+    width = width or max(len(p) for p in prompts)
+    lm = language_model(model)
+    splice = jax.jit(lambda v, e, t: model.apply(v, e, t, method="splice"))
+    out: list[str] = []
+    for s in range(0, n, chunk):
+        rows = list(prompts[s:s + chunk])
+        emb = np.asarray(image_embeds[s:s + chunk])
+        real = len(rows)
+        rows += [rows[0]] * (chunk - real)  # pad the chunk with copies (results dropped)
+        emb = np.concatenate([emb, np.repeat(emb[:1], chunk - real, 0)]) if real < chunk else emb
+        text = np.full((chunk, width), tokenizer.pad_id, np.int32)
+        for i, r in enumerate(rows):
+            if len(r) > width:
+                raise ValueError(f"prompt of {len(r)} tokens exceeds the width {width}")
+            text[i, :len(r)] = r
+        x = splice(variables, jnp.asarray(emb), jnp.asarray(text))
+        lengths = np.asarray(x["valid"]).sum(-1)
+        toks = generate(lm, {"params": variables["params"]["lm_module"]}, None, lengths,
+                        max_new_tokens, prompt_embeds=x["embeds"], eos_id=tokenizer.eos_id,
+                        pad_id=tokenizer.pad_id)
+        out += [tokenizer.decode(np.asarray(t)).strip() for t in np.asarray(toks)[:real]]
+    return out
+
+
+def caption_prompt(tokenizer) -> list[int]:
+    """The prompt that asks a VisionLM for a caption: BOS alone (pad without BOS)."""
+    return [tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.pad_id]
+
+
+def image_embeds(model, variables, images) -> np.ndarray:
+    """`model.apply(..., method="image_embeds")` jitted: `[B, H, W, 3]` -> `[B, P, D]`
+    (compiled once per model and shape)."""
+    return np.asarray(jax.jit(model_method(model, "image_embeds"))(variables, images))
+

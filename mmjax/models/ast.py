@@ -125,12 +125,14 @@ class AST(nn.Module):
     @staticmethod
     def example_input(cfg: dict, data: Any) -> tuple[tuple[int, ...], Any]:
         """One example as the pipeline emits it: `([num_samples], float32)` from
-        `data.train.sample_rate` x `clip_seconds`, which must be the tower's."""
-        for key, default in (("sample_rate", 16000), ("clip_seconds", 10.0)):
-            if float(cfg.get(key, default)) != float(data[key]):
-                raise ConfigError(f"config.model.image.{key}={cfg.get(key, default)} but "
-                                  f"config.data.train.{key}={data[key]}; set them equal.")
+        `data.train.sample_rate` x `clip_seconds` (the tower's: `data_keys`)."""
         return (int(round(float(data.sample_rate) * float(data.clip_seconds))),), np.float32
+
+    @staticmethod
+    def data_keys(cfg: dict) -> dict:
+        """The `data.train` keys this tower's input fixes: `sample_rate`, `clip_seconds`."""
+        m = AST(**cfg)
+        return {"sample_rate": int(m.sample_rate), "clip_seconds": float(m.clip_seconds)}
 
     @staticmethod
     def forward_flops(cfg: dict) -> float:
@@ -142,6 +144,18 @@ class AST(nn.Module):
         f = 2 * m.frames * (m.n_fft // 2 + 1) * m.n_mels + 2 * n * p * p * w
         f += m.depth * layer_flops(n + 2, w, m.mlp_dim or 4 * w, gated=m.act == "swiglu")
         return f + (2 * w * m.embed_dim if m.embed_dim else 0)
+
+    @staticmethod
+    def num_tokens(cfg: dict) -> int:
+        """N of the `tokens [B, N, D]` output: the class and distillation tokens and
+        the patches of the frequency x time grid."""
+        gf, gt = AST(**cfg).grid
+        return 2 + gf * gt
+
+    @staticmethod
+    def token_width(cfg: dict) -> int:
+        """D of the `tokens [B, N, D]` output: `width`."""
+        return int(AST(**cfg).width)
 
     @staticmethod
     def tiny(cfg: dict) -> dict:

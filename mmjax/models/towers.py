@@ -1,11 +1,18 @@
 """Media towers by name: `model.image.kind` picks the encoder of the non-text input.
 
 A tower is a Flax module whose `__call__(x)` returns `(pooled [B, E] or None,
-tokens [B, N, D])` and whose fields are the config keys of its section
-(`model.image`). Adding a tower = one module file + one line in `TOWERS`.
+tokens [B, N, D])`, whose fields are the config keys of its section
+(`model.image`), and whose class says what every family and the data pipeline
+need to know of its media (see `ViT`): `modality` (the batch key and the
+decoder's name), `example_input(cfg, data)`, `forward_flops(cfg)`,
+`num_tokens(cfg)` / `token_width(cfg)` (of `tokens`) and `tiny(cfg)`.
+Towers are registered with their media decoder and built-in data in one call,
+`mmjax.registry.register_tower`, which fills `TOWERS` here.
 
-    kind          input                        module
-    "vit"         images  [B, H, W, 3] float   mmjax.models.vit.ViT
+    kind          input                                 module
+    "vit"         images  [B, H, W, 3] float            mmjax.models.vit.ViT
+    "ast"         audio   [B, num_samples] float        mmjax.models.ast.AST
+    "video_vit"   video   [B, T, H, W, 3] float         mmjax.models.video.VideoViT
 """
 from __future__ import annotations
 
@@ -14,9 +21,9 @@ from typing import Any, Mapping
 
 from mmjax.errors import ConfigError
 
-# kind -> "module:Class" (imported on first use, so a tower's optional
-# dependencies are only needed by the runs that use it).
-TOWERS: dict[str, str] = {
+# kind -> the class, or "module:Class" (imported on first use, so a tower's
+# optional dependencies are only needed by the runs that use it).
+TOWERS: dict[str, Any] = {
     "vit": "mmjax.models.vit:ViT",
     "video_vit": "mmjax.models.video:VideoViT",
     "ast": "mmjax.models.ast:AST",
@@ -29,7 +36,10 @@ def tower_class(kind: str | None, key: str = "model.image") -> type:
     kind = DEFAULT_KIND if kind is None else kind
     if kind not in TOWERS:
         raise ConfigError(f"config key `{key}.kind` is {kind!r}; choose one of {sorted(TOWERS)}.")
-    module, _, name = TOWERS[kind].partition(":")
+    ref = TOWERS[kind]
+    if not isinstance(ref, str):
+        return ref
+    module, _, name = ref.partition(":")
     return getattr(importlib.import_module(module), name)
 
 

@@ -1,11 +1,18 @@
-"""Two-tower contrastive models: CLIP (softmax head), SigLIP (sigmoid head), LiT.
+"""Two-tower contrastive models: CLIP (softmax head), SigLIP (sigmoid head), LiT,
+and the same heads over audio (CLAP) and video (video CLIP).
 
-`TwoTower(image=..., text=..., contrastive=...)(images [B, H, W, 3], text [B, L])`
+`TwoTower(image=..., text=..., contrastive=...)(media [B, ...], text [B, L])`
 returns a dict:
-  zimg, ztxt: `[B, E]` L2-normalized embeddings (float32)
+  zimg, ztxt: `[B, E]` L2-normalized embeddings (float32) of the media and the text
   scale:      scalar multiplier exp(t)
   bias:       scalar logit bias (sigmoid head only)
-`encode_image` / `encode_text` return the projected, unnormalized embeddings.
+The media tower is the one `image["kind"]` names (`mmjax.models.towers`), and
+`media` its input: images `[B, H, W, 3]` float (`kind="vit"`, the default), audio waveforms
+  `[B, num_samples]` float (`"ast"`; or log-mel spectrograms `[B, frames,
+  n_mels]`) or video clips `[B, T, H, W, 3]` float (`"video_vit"`).
+The names `image`, `image_tower`, `zimg` and `encode_image` stand for the
+media of any kind. `encode_image` / `encode_text` return the projected,
+unnormalized embeddings.
 """
 from __future__ import annotations
 
@@ -29,10 +36,12 @@ def _scalar(module: nn.Module, name: str, value: float):
 
 
 class TwoTower(nn.Module):
-    """Image tower + text tower + contrastive head.
+    """Media tower (image, audio or video) + text tower + contrastive head.
 
     Fields:
-      image: keyword arguments of `ViT`.
+      image: the media tower's config section: `kind` ("vit", the default;
+        "ast", "video_vit"; see `mmjax.models.towers`) and the keyword
+        arguments of its class (`ViT`, `AST`, `VideoViT`).
       text: keyword arguments of `TextEncoder`.
       contrastive: "softmax" (CLIP: log-scale init log(1/0.07), kept in [0, log 100])
         or "sigmoid" (SigLIP: t = log 10, b = -10, never clamped, as in big_vision).
@@ -62,7 +71,9 @@ class TwoTower(nn.Module):
                                       -10.0 if self.bias_init is None else self.bias_init)
 
     def encode_image(self, images):
-        """`[B, H, W, 3]` float32 -> projected, unnormalized `[B, E]`."""
+        """Media `[B, ...]` (the tower's input: images `[B, H, W, 3]`, audio
+        `[B, num_samples]`, video `[B, T, H, W, 3]`) -> projected, unnormalized
+        `[B, E]` float32."""
         return self.image_tower(images)[0].astype(jnp.float32)
 
     def encode_text(self, text):
@@ -81,6 +92,7 @@ class TwoTower(nn.Module):
         return jnp.exp(self.log_scale), (self.logit_bias if self.contrastive == "sigmoid" else None)
 
     def __call__(self, images, text):
+        """`(media [B, ...], text [B, L] int32)` -> the dict of the module docstring."""
         scale, bias = self.head_params()
         out = {"zimg": l2_normalize(self.encode_image(images)),
                "ztxt": l2_normalize(self.encode_text(text)), "scale": scale}

@@ -89,16 +89,37 @@ class VideoViT(ViT):
     @staticmethod
     def forward_flops(cfg: dict, frames: int | None = None) -> float:
         """Forward FLOPs per clip: `frames` (default `num_frames`) ViT passes plus the
-        temporal Transformer."""
+        temporal Transformer (none with `pool="none"`, which returns the frames' tokens)."""
         c = {f.name: f.default for f in dataclasses.fields(VideoViT)
              if f.name not in ("parent", "name")}
         c.update(cfg)
         t = int(frames or c["num_frames"])
         f = t * vit_flops(c)
-        if c["temporal"] == "transformer":
+        if c["temporal"] == "transformer" and c["pool"] != "none":
             e = c["embed_dim"] or c["width"]
-            f += c["temporal_depth"] * layer_flops(t, e, 4 * e)
+            f += c["temporal_depth"] * layer_flops(t, e, 4 * e, gated=c["act"] == "swiglu")
         return f
+
+    @staticmethod
+    def num_tokens(cfg: dict, frames: int | None = None) -> int:
+        """N of the `tokens [B, N, D]` output for `frames` (default `num_frames`) frames:
+        one per frame, or with `pool="none"` every frame's patch tokens."""
+        m = VideoViT(**cfg)
+        t = int(frames or m.num_frames)
+        return t * m.grid ** 2 if m.pool == "none" else t
+
+    @staticmethod
+    def token_width(cfg: dict) -> int:
+        """D of the `tokens [B, N, D]` output: the frame embedding width (`embed_dim`,
+        else `width`), or `width` with `pool="none"`."""
+        m = VideoViT(**cfg)
+        return int(m.width if m.pool == "none" or m.embed_dim is None else m.embed_dim)
+
+    @staticmethod
+    def data_keys(cfg: dict) -> dict:
+        """The `data.train` keys this tower's input fixes: `image_size`, `num_frames`."""
+        m = VideoViT(**cfg)
+        return {"image_size": int(m.image_size), "num_frames": int(m.num_frames)}
 
     @staticmethod
     def tiny(cfg: dict) -> dict:

@@ -80,6 +80,23 @@ class ViT(nn.Module):
         return vit_flops(cfg)
 
     @staticmethod
+    def num_tokens(cfg: dict) -> int:
+        """N of the `tokens [B, N, D]` output: the patches, plus the class token when
+        `pool == "cls"`."""
+        m = ViT(**cfg)
+        return m.grid ** 2 + (1 if m.pool == "cls" else 0)
+
+    @staticmethod
+    def token_width(cfg: dict) -> int:
+        """D of the `tokens [B, N, D]` output: `width`."""
+        return int(ViT(**cfg).width)
+
+    @staticmethod
+    def data_keys(cfg: dict) -> dict:
+        """The `data.train` keys this tower's input fixes: `image_size`."""
+        return {"image_size": int(ViT(**cfg).image_size)}
+
+    @staticmethod
     def tiny(cfg: dict) -> dict:
         """Field updates of the `:tiny` shrink (32 px images, 2 small layers)."""
         out = dict(image_size=32, patch_size=8, width=64, depth=2, heads=4, mlp_dim=128)

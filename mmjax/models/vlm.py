@@ -1,23 +1,31 @@
-"""Vision-language models: image features fed into a decoder-only LM.
+"""Vision-language models: the tokens of a media tower fed into a decoder-only LM.
+
+The media tower is the one `model.image.kind` names (`mmjax.models.towers`): a
+ViT on images `[B, H, W, 3]` in the BLIP-2 and LLaVA recipes; an AST on audio
+`[B, num_samples]` or a VideoViT on video `[B, T, H, W, 3]` plug in the same
+way, their tokens `[B, N, Dv]` taking the place of the ViT's. The names
+`image`, `image_tower`, `image_embeds` and `<image>` stand for the media of
+any kind.
 
 `VisionLM` covers the two common connectors:
 
-- `connector="qformer"` (BLIP-2 stage 2): frozen ViT tokens (all of them, the
+- `connector="qformer"` (BLIP-2 stage 2): frozen tower tokens (all of them, the
   class token included, exactly what the stage-1 Q-Former saw) -> Q-Former
   query outputs `[B, Q, Dq]` -> linear projection -> `Q` soft tokens in front
   of the text (or at the `<image>` placeholder).
-- `connector="mlp"` (LLaVA-1.5): ViT patch tokens `[B, N, Dv]` (class token
-  dropped) -> 2-layer GELU MLP -> `N` tokens spliced in at the `<image>`
-  placeholder (or prepended when the text has none).
+- `connector="mlp"` (LLaVA-1.5): tower tokens `[B, N, Dv]` (the class token
+  dropped when the tower pools with `pool="cls"`) -> 2-layer GELU MLP -> `N`
+  tokens spliced in at the `<image>` placeholder (or prepended when the text
+  has none).
 
-Parameter names: `image_tower` (ViT), `qformer_module` (Q-Former, BLIP-2 only;
-the same names as `Blip2Stage1`, so a stage-1 checkpoint maps one to one),
-`projector` (BLIP-2) or `projector_fc1`/`projector_fc2` (LLaVA), `lm_module`
-(a `DecoderLM`). Freezing, loading from other runs or
-imported weights are config matters (`optim.freeze`, `init`).
+Parameter names: `image_tower` (the media tower), `qformer_module` (Q-Former,
+BLIP-2 only; the same names as `Blip2Stage1`, so a stage-1 checkpoint maps one
+to one), `projector` (BLIP-2) or `projector_fc1`/`projector_fc2` (LLaVA),
+`lm_module` (a `DecoderLM`). Freezing, loading from other runs or imported
+weights are config matters (`optim.freeze`, `init`).
 
 Sequence layout: text `[B, L]` is right-padded; the spliced sequence has
-length `T = L + P` (P image tokens): text before the placeholder, the image
+length `T = L + P` (P media tokens): text before the placeholder, the media
 tokens, the text after it, then padding. Valid positions stay a prefix of
 each row, so the LM's right-padded prefill/decoding applies unchanged.
 """
@@ -40,11 +48,11 @@ Array = jax.Array
 
 def splice_image_tokens(text_embeds: Array, image_embeds: Array, text: Array, valid: Array,
                         placeholder_id: Optional[int]) -> dict:
-    """Insert image embeddings into the text sequence, per row.
+    """Insert media (image, audio or video) embeddings into the text sequence, per row.
 
     Args:
       text_embeds: `[B, L, D]` embeddings of `text`.
-      image_embeds: `[B, P, D]`.
+      image_embeds: `[B, P, D]` media embeddings (`VisionLM.image_embeds`).
       text: int32 `[B, L]` ids (right-padded).
       valid: bool `[B, L]` real text tokens.
       placeholder_id: id of the `<image>` token. A row holding it gets the
@@ -84,17 +92,19 @@ def splice_image_tokens(text_embeds: Array, image_embeds: Array, text: Array, va
 
 
 class VisionLM(nn.Module):
-    """ViT + connector + decoder LM (BLIP-2 stage 2 or LLaVA).
+    """Media tower + connector + decoder LM (BLIP-2 stage 2 or LLaVA).
 
     Fields:
-      image: ViT kwargs. lm: DecoderLM kwargs. qformer: QFormer kwargs
+      image: the media tower's config section: `kind` ("vit", the default;
+        "ast", "video_vit") and the keyword arguments of its class (`ViT`,
+        `AST`, `VideoViT`). lm: DecoderLM kwargs. qformer: QFormer kwargs
         (connector "qformer").
       connector: "qformer" | "mlp".
       image_token_id: id of the `<image>` placeholder in the text (None: image
         tokens always go first). It must be < lm.vocab_size (never predicted:
         it carries no loss).
       pad_id: text padding id.
-      freeze_image: stop gradients at the ViT output. Off by default: a
+      freeze_image: stop gradients at the media tower's output. Off by default: a
         tower listed in `optim.freeze` gets no gradient work at all (the
         train step differentiates trained parameters only).
     """
@@ -125,7 +135,9 @@ class VisionLM(nn.Module):
             self.projector_fc1, self.projector_fc2 = dense(gelu), dense()
 
     def image_embeds(self, images: Array) -> Array:
-        """Image tokens in the LM's input space: `[B, P, D_lm]` (P = queries or patches)."""
+        """Media tokens in the LM's input space: media `[B, ...]` (images `[B, H, W, 3]`,
+        audio `[B, num_samples]`, video `[B, T, H, W, 3]`) -> `[B, P, D_lm]`
+        (P = Q-Former queries, or the tower's tokens)."""
         _, tokens = self.image_tower(images)
         if self.connector == "mlp" and self.image_tower.pool == "cls":
             tokens = tokens[:, 1:]  # LLaVA uses patch tokens only; BLIP-2 feeds all of them
@@ -146,13 +158,14 @@ class VisionLM(nn.Module):
         return out
 
     def inputs(self, images: Array, text: Array) -> dict:
-        """Spliced LM inputs for images `[B, H, W, 3]` and text `[B, L]`."""
+        """Spliced LM inputs for media `[B, ...]` (as `image_embeds`) and text `[B, L]`."""
         return self.splice(self.image_embeds(images), text)
 
 
     def __call__(self, images: Array, text: Array) -> dict:
-        """`logits [B, T, V]` (float32) over the spliced sequence, plus its
-        `valid [B, T]` and `text_index [B, T]` (for the loss)."""
+        """Media `[B, ...]` (as `image_embeds`) and text `[B, L]` -> `logits [B, T, V]`
+        (float32) over the spliced sequence, plus its `valid [B, T]` and
+        `text_index [B, T]` (for the loss)."""
         x = self.inputs(images, text)
         logits = self.lm_module(inputs_embeds=x["embeds"], attention_mask=x["valid"])
         return {"logits": logits, "valid": x["valid"], "text_index": x["text_index"]}

@@ -35,7 +35,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from mmjax.train import workdir as wd
+from mmjax import workdir as wd
 from mmjax.errors import UserError
 
 log = logging.getLogger("mmjax")

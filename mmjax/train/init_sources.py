@@ -12,9 +12,17 @@ Source forms (`#SUBTREE` picks a '/'-separated subtree of the source's params):
   hf_llama:PATH        `mmjax.convert.hf.load_llama` (Llama-architecture LM).
   hf_clip:PATH, hf_siglip:PATH, hf_blip2:PATH
                        the other importers of `mmjax.convert.hf`.
+  hf_ast:PATH          `mmjax.convert.ast.load_ast` (a Hugging Face `ASTModel` or
+                       `ASTForAudioClassification` folder): an AST audio tower,
+                       e.g. `{"image_tower": "hf_ast:/models/ast-audioset"}` for
+                       a two-tower model with `model.image.kind="ast"`.
 Every parameter under the target prefix must exist in the source with the
-same shape (extra source parameters are ignored); values are cast to the
-target's dtype and placed with the target's sharding.
+same shape (extra source parameters, such as a classifier head, are ignored),
+except those the importer never provides (`Importer.keep_init`): hf_ast's
+output projection `proj` (`model.image.embed_dim`; `ASTModel` has none). Those
+keep their initial values, and are checkpointed even when frozen (no source
+holds them). Values are cast to the target's dtype and placed with the
+target's sharding.
 
 Checkpoints: parameters that are frozen (`optim.freeze`) AND come from an
 `init` source are not written; the checkpoint's data item records the
@@ -24,16 +32,18 @@ state.
 """
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import json
 import logging
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import ml_collections
 import numpy as np
 
-from mmjax.train import workdir as wd
-from mmjax.train.config_utils import ConfigError
+from mmjax import workdir as wd
+from mmjax.errors import ConfigError
 from mmjax.train.optimizer import cast_frozen, frozen_labels
 from mmjax.train.trees import SEP, flat, nested
 
@@ -77,11 +87,49 @@ def init_entries(config: Any) -> dict[str, str]:
 # Sources
 # ----------------------------------------------------------------------------
 
+@dataclasses.dataclass(frozen=True)
+class Importer:
+    """A source kind that converts a foreign checkpoint.
+
+    loader: "module:function", called as `function(PATH, scan=bool)` and
+      returning `(model, {"params": ...})` (the `mmjax.convert` importers).
+    keep_init: paths, relative to the target prefix, of parameters the source
+      never has (a head the foreign model lacks): when the source lacks them
+      they keep their initial values instead of failing the load.
+    """
+    loader: str
+    keep_init: tuple[str, ...] = ()
+
+    def load(self) -> Callable:
+        module, _, name = self.loader.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+    def keeps(self, rel_path: str) -> bool:
+        return any(_under(rel_path, k) for k in self.keep_init)
+
+
+# The one registration of each importer kind (`config.init` values "KIND:PATH").
+IMPORTERS = {
+    "hf_llama": Importer("mmjax.convert.hf:load_llama"),
+    "hf_clip": Importer("mmjax.convert.hf:load_clip"),
+    "hf_siglip": Importer("mmjax.convert.hf:load_siglip"),
+    "hf_blip2": Importer("mmjax.convert.hf:load_blip2_qformer"),
+    # ASTModel has no output projection: the tower's `proj` keeps its init.
+    "hf_ast": Importer("mmjax.convert.ast:load_ast", keep_init=("proj",)),
+}
+
+
+def _kept(spec: str, rel_path: str) -> bool:
+    """Whether the source kind of `spec` never provides `rel_path` (keeps its init)."""
+    importer = IMPORTERS.get(spec.partition(":")[0])
+    return importer is not None and importer.keeps(rel_path)
+
+
 def _parse(spec: str, key: str) -> tuple[str, str, Optional[int], str]:
     kind, sep, rest = spec.partition(":")
-    if not sep or kind not in ("workdir", "hf_llama", "hf_clip", "hf_siglip", "hf_blip2"):
+    if not sep or (kind != "workdir" and kind not in IMPORTERS):
         raise InitError(f"config.init.{key}={spec!r}: expected 'workdir:DIR[@STEP][#SUBTREE]' "
-                        "or 'hf_llama|hf_clip|hf_siglip|hf_blip2:PATH[#SUBTREE]'.")
+                        f"or '{'|'.join(IMPORTERS)}:PATH[#SUBTREE]'.")
     rest, _, subtree = rest.partition("#")
     step = None
     if kind == "workdir" and "@" in rest:
@@ -132,9 +180,7 @@ def load_source(spec: str, key: str = "?", scan: Optional[bool] = None) -> dict:
     if kind == "workdir":
         params = restore_run_params(path, step)[1]
     else:
-        from mmjax.convert import hf
-        loader = {"hf_llama": hf.load_llama, "hf_clip": hf.load_clip,
-                  "hf_siglip": hf.load_siglip, "hf_blip2": hf.load_blip2_qformer}[kind]
+        loader = IMPORTERS[kind].load()
         try:
             params = loader(path, scan=bool(scan))[1]["params"]
         except FileNotFoundError as e:
@@ -170,11 +216,13 @@ def apply_init(params: Any, config: Any, only: Optional[set] = None) -> Any:
         if only is not None and only.isdisjoint(rel_keys):
             continue
         src = flat(load_source(spec, prefix, scan=_scanned(rel_keys.values())))
-        missing = [r for r in rel_keys.values() if r not in src]
+        kept = {k: r for k, r in rel_keys.items() if r not in src and _kept(spec, r)}
+        missing = [r for k, r in rel_keys.items() if r not in src and k not in kept]
         if missing:
             raise InitError(f"config.init.{prefix}={spec!r}: the source lacks {len(missing)} "
                             f"parameters, e.g. {missing[:4]}; it has e.g. {sorted(src)[:4]} "
                             "(check the #SUBTREE and the scan/unrolled layout).")
+        rel_keys = {k: r for k, r in rel_keys.items() if k not in kept}
         truncated = set()
         for k, r in rel_keys.items():
             dst, value = target[k], src[r]
@@ -193,6 +241,9 @@ def apply_init(params: Any, config: Any, only: Optional[set] = None) -> Any:
                                                      lambda idx, v=value: v[idx])
         log.info("init: %d parameters under %r from %s (%d source parameters unused)",
                  len(rel_keys), prefix, spec, len(src) - len(rel_keys))
+        if kept:
+            log.info("init: %d parameters under %r keep their initial values (%s has none): "
+                     "%s", len(kept), prefix, spec.partition(":")[0], sorted(kept.values()))
         for have, use in sorted(truncated):
             log.info("init: %r uses the first %d of the source's %d scanned layers",
                      prefix, use, have)
@@ -204,14 +255,16 @@ def apply_init(params: Any, config: Any, only: Optional[set] = None) -> Any:
 # ----------------------------------------------------------------------------
 
 def referenced_keys(params: Any, config: Any) -> set[str]:
-    """Flat paths that are frozen and come from an `init` source (not checkpointed)."""
+    """Flat paths that are frozen and come from an `init` source (not checkpointed);
+    parameters a source kind never provides (`Importer.keep_init`) are not among them."""
     entries = init_entries(config)
     freeze = list(config.optim.get("freeze") or [])
     if not entries or not freeze:
         return set()
     labels = flat(frozen_labels(params, freeze))
     return {k for k, lab in labels.items()
-            if lab == "frozen" and any(_under(k, p) for p in entries)}
+            if lab == "frozen" and any(_under(k, p) and not _kept(s, _relative([k], p)[k])
+                                       for p, s in entries.items())}
 
 
 def strip_referenced(state: dict, refs: set[str]) -> dict:

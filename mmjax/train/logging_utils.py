@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import jax
 
-from mmjax.train import workdir as wd
+from mmjax import workdir as wd
 
 log = logging.getLogger("mmjax")
 

@@ -18,18 +18,20 @@ from mmjax.data.batch import make_global_batch
 from mmjax.data.pipeline import build_train_iterator
 from mmjax.models import build
 from mmjax.train import sharding as shd
-from mmjax.train import workdir as wd
+from mmjax import workdir as wd
 from mmjax.train.checkpoint import Checkpointer
-from mmjax.train.config_utils import (ConfigError, all_differences, config_fingerprint,
+from mmjax.config.schema import check_config
+from mmjax.errors import ConfigError
+from mmjax.config.loading import (all_differences, config_fingerprint,
                                       first_difference)
 from mmjax.train.init_sources import init_entries
-from mmjax.families import check_modality, get_family, model_train_flops
-from mmjax.train.flops import peak_flops_per_device
+from mmjax.families import get_family, model_train_flops
+from mmjax.train.mfu import peak_flops_per_device
 from mmjax.train.logging_utils import MetricsWriter, Progress, format_line, setup_logging
-from mmjax.train.optimizer import build_optimizer
 from mmjax.train import multihost
-from mmjax.train.step import Trainer
+from mmjax.train.step import build_trainer
 from mmjax.errors import UserError
+from mmjax.evaluate.runner import run_evals
 
 log = logging.getLogger("mmjax")
 
@@ -47,7 +49,8 @@ def resolve_train_shards(config: Any) -> None:
     if d.shards == "synthetic":
         from mmjax.data.builtin import builtin_shards
         with config.unlocked():
-            d.shards = "::".join(builtin_shards(config, "train"))
+            d.shards = "::".join(builtin_shards(config, "train",
+                                                get_family(config).media(config.model)))
 
 
 # Keys that instruct one resume rather than describe the run (they log their own warning).
@@ -101,18 +104,6 @@ def _check_config_file(config: Any, workdir: str) -> None:
                                        indent=1))
 
 
-def check_tokenizer(config: Any, model: Any) -> None:
-    """The tokenizer's ids must fit the model's vocabulary (JAX would clamp silently)."""
-    from mmjax.data.tokenizers import build_tokenizer
-    tok = build_tokenizer(config.data.train.tokenizer, int(config.data.train.max_len))
-    family = get_family(config)
-    vocab = family.vocab_size(config.model)
-    if tok.vocab_size > vocab:
-        raise ConfigError(f"config.data.train.tokenizer={config.data.train.tokenizer!r} has "
-                          f"{tok.vocab_size} tokens but the model's vocab_size is {vocab}; "
-                          f"raise config.model.{family.text_section}.vocab_size.")
-
-
 def _nan_advice(optim: Any) -> str:
     """What to change after a non-finite loss, given the optimizer config in use."""
     if optim is None:
@@ -162,6 +153,7 @@ def train(config: Any, workdir: str) -> dict:
     process within seconds, each with one line (`multihost.fail_fast`).
     """
     setup_logging()
+    check_config(config)  # every config error before anything is built
     multihost.join(config)
     status = multihost.RunStatus()
     watch = multihost.PeerWatch(status, multihost.options(config)["peer_timeout_s"])
@@ -182,17 +174,13 @@ def train(config: Any, workdir: str) -> dict:
 
 def _train(config: Any, workdir: str, status: multihost.RunStatus) -> dict:
     model = build(config.model)
-    get_family(config).check_objectives(model, config.objectives)
-    check_modality(config)
     check_workdir(config, workdir)
     resolve_train_shards(config)
-    check_tokenizer(config, model)
 
-    mesh = shd.make_mesh(config.mesh)
+    trainer = build_trainer(config, model=model)
+    mesh = trainer.mesh
     local_batch = shd.local_batch_size(int(config.batch_size), mesh)
     total = int(config.total_steps)
-    tx, schedule = build_optimizer(config.optim, total)
-    trainer = Trainer(config, model, tx, schedule, mesh)
     log.info("mesh %s | %d processes | global batch %d", shd.describe(mesh),
              jax.process_count(), config.batch_size)
 
@@ -218,7 +206,7 @@ def _train(config: Any, workdir: str, status: multihost.RunStatus) -> dict:
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
     log.info("model %s: %.2fM parameters", config.model.name, n_params / 1e6)
 
-    data = build_train_iterator(config.data.train, local_batch)
+    data = build_train_iterator(config.data.train, local_batch, media=trainer.media)
     if start and reset_stream:
         log.warning("config.data.train.reset_stream_on_resume=True: the train state resumes at "
                     "step %d but the data stream starts fresh from its seed (the checkpoint's "
@@ -226,15 +214,14 @@ def _train(config: Any, workdir: str, status: multihost.RunStatus) -> dict:
     elif data_state is not None:
         data.set_state(data_state)  # StreamMismatchError if the stream is another one
 
-    flops = model_train_flops(config.model.to_dict(), int(config.batch_size),
-                              int(config.data.train.max_len),
-                              frozen=tuple(config.optim.get("freeze") or ()))
+    flops = model_train_flops(config)
     peak = peak_flops_per_device(config.get("peak_flops"), mesh.devices.flat[0])
     writer = MetricsWriter(workdir, resume_step=start)
     mh = multihost.options(config)
     stop = multihost.StopAgreement(mesh, every=mh["stop_check_every"],
                                    deadline_s=mh["preemption_deadline_s"], status=status)
     progress = Progress(start, total)
+    batch_keys = trainer.family.batch_keys(config)
     objectives = list(config.objectives.keys())
     evals_every = int(config.evals.get("every", 0) or 0)
     last = {}
@@ -243,8 +230,8 @@ def _train(config: Any, workdir: str, status: multihost.RunStatus) -> dict:
     try:
         while step < total:
             local = next(data)
-            batch = make_global_batch({k: local[k] for k in (trainer.media, "text", "loss_mask")
-                                       if k in local}, trainer.batch_sharding)
+            batch = make_global_batch({k: local[k] for k in batch_keys if k in local},
+                                      trainer.batch_sharding)
             state, metrics = trainer.step(state, batch)
             step += 1
             status.step = step
@@ -298,7 +285,6 @@ def _train(config: Any, workdir: str, status: multihost.RunStatus) -> dict:
 def _run_evals(config, model, state, mesh, step, writer, workdir) -> dict:
     if not config.get("evals") or not config.evals.get("zeroshot"):
         return {}
-    from mmjax.evaluate.runner import run_evals
     results = run_evals(config, model, {"params": state["params"]}, mesh, step=step,
                         workdir=workdir)
     writer.write(step, {f"eval/{k}": v for k, v in results.items()

@@ -48,7 +48,7 @@ log = logging.getLogger("mmjax")
 EXIT_RERUN = 75
 EXIT_SIGTERM = 128 + signal.SIGTERM
 
-# The defaults of `config.multihost` (mmjax/train/defaults.py), for callers without a config.
+# The defaults of `config.multihost` (mmjax/config/defaults.py), for callers without a config.
 DEFAULTS = dict(init_timeout_s=300, heartbeat_timeout_s=100, shutdown_timeout_s=60,
                 peer_timeout_s=30, preemption_deadline_s=300, stop_check_every=1)
 

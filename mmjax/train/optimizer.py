@@ -22,7 +22,6 @@ import functools
 import re
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import optax
@@ -115,14 +114,6 @@ def cast_frozen(params: Any, optim: Any) -> Any:
         return params
     return jax.tree.map(lambda p, lab: p.astype(dtype) if lab == "frozen" else p,
                         params, frozen_labels(params, freeze))
-
-
-def check_freeze(optim: Any, params: Any) -> None:
-    """Every `config.optim.freeze` prefix must name at least one parameter."""
-    for prefix in list(optim.get("freeze") or []):
-        if "frozen" not in jax.tree.leaves(frozen_labels(params, [prefix])):
-            raise ConfigError(f"config.optim.freeze: {prefix!r} matches no parameter; top-level "
-                              f"names are {sorted(flax.core.unfreeze(params))}.")
 
 
 def build_optimizer(optim: Any, total_steps: int) -> tuple[optax.GradientTransformation, Any]:

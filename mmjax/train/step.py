@@ -8,7 +8,7 @@ shardings and the state is donated.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -22,15 +22,9 @@ from mmjax.models.layers import KernelPolicy, kernel_policy
 from mmjax.train import sharding as shd
 from mmjax.families import compute_losses, get_family
 from mmjax.train import init_sources
-from mmjax.train.optimizer import (cast_frozen, check_freeze, clamp_params, frozen_dtype,
+from mmjax.train.optimizer import (cast_frozen, clamp_params, frozen_dtype,
                                    frozen_labels)
 from mmjax.train import trees
-
-
-
-def sample_inputs(config: Any, batch: int = 1) -> tuple[jax.Array, jax.Array]:
-    """Dummy `(media [b, ...], text [b, L])` of a config's shapes, for `model.init`."""
-    return get_family(config).sample_inputs(config, batch)
 
 
 class Trainer:
@@ -49,7 +43,7 @@ class Trainer:
         self.param_bounds = model.param_bounds() if hasattr(model, "param_bounds") else {}
         self.freeze = list(config.optim.get("freeze") or [])
         frozen_dtype(config.optim)  # a bad config.optim.frozen_dtype fails here, named
-        images, text = sample_inputs(config)
+        images, text = self.family.sample_inputs(config)
 
         def init(rng):
             # Frozen weights may be stored in a smaller dtype (config.optim.frozen_dtype).
@@ -63,8 +57,6 @@ class Trainer:
         with self.context():
             boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), images, text))["params"]
             param_sh = shd.state_shardings(boxed, mesh)
-            check_freeze(config.optim, jax.tree.map(
-                lambda x: x.value, boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)))
             # The key is made inside the traced function: nothing here may run on a
             # device eagerly (the mesh may hold compile-only accelerator devices).
             abstract = jax.eval_shape(lambda: init(jax.random.key(0)))
@@ -232,3 +224,17 @@ class Trainer:
         """AOT-lower the step for `batch_shapes` (name -> ShapeDtypeStruct)."""
         with self.context():
             return self.compiled_step().lower(self.abstract_state, batch_shapes)
+
+
+def build_trainer(config: Any, devices: Optional[Sequence[jax.Device]] = None,
+                  model: Optional[nn.Module] = None) -> Trainer:
+    """The one way a `Trainer` is assembled (train, eval, bench, compile): the
+    model of `config.model` (or `model`), its optimizer and schedule, and the
+    mesh of `config.mesh` over `devices` (default: all), with the global batch
+    checked against the mesh (`config.batch_size`)."""
+    from mmjax.models import build
+    from mmjax.train.optimizer import build_optimizer
+    mesh = shd.make_mesh(config.mesh, devices)
+    shd.local_batch_size(int(config.batch_size), mesh)  # divisibility, with the config key
+    tx, schedule = build_optimizer(config.optim, int(config.total_steps))
+    return Trainer(config, build(config.model) if model is None else model, tx, schedule, mesh)

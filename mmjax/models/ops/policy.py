@@ -59,11 +59,6 @@ def kernel_policy(policy: KernelPolicy) -> Iterator[KernelPolicy]:
         _POLICY.reset(token)
 
 
-def current_policy() -> KernelPolicy:
-    """The active `KernelPolicy` (the default one outside `kernel_policy`)."""
-    return _POLICY.get()
-
-
 def current_platform() -> str:
     """The platform matmuls are lowered for: the policy's, else the default backend."""
     return _POLICY.get().platform or jax.default_backend()

@@ -17,6 +17,7 @@ import os
 import re
 from typing import Optional
 from mmjax.errors import UserError
+from mmjax.train.mfu import peak_flops_of_kind
 
 GIB = 2 ** 30
 
@@ -27,25 +28,29 @@ class Chip:
     family: str             # topology prefix ("v5p") or GPU name ("h100")
     device_kind: str        # as jax reports it
     hbm_bytes: int          # memory per device (TPU: what a program may use; GPU: total)
-    peak_flops: float       # dense bf16 FLOP/s per device
     dims: int = 0           # TPU torus dimensions (2 or 3); 0 for GPUs
     cores_per_chip: int = 1  # TensorCores counted by the accelerator type's number
+
+    @property
+    def peak_flops(self) -> float:
+        """Dense bf16 FLOP/s per device (`mmjax.train.mfu.PEAK_FLOPS`, the one table)."""
+        return peak_flops_of_kind(self.device_kind)
 
 
 CHIPS = {
     # TPU HBM as the TPU compiler lets a program use it (its out-of-memory
     # errors give it as the available HBM): v4 30.75 of 32 GiB, v5p 95.74,
     # v5e 15.75 of 16, v6e 31.25 of 32.
-    "v4": Chip("v4", "TPU v4", int(30.75 * GIB), 275e12, dims=3, cores_per_chip=2),
-    "v5p": Chip("v5p", "TPU v5", int(95.74 * GIB), 459e12, dims=3, cores_per_chip=2),
-    "v5e": Chip("v5e", "TPU v5 lite", int(15.75 * GIB), 197e12, dims=2),
-    "v6e": Chip("v6e", "TPU v6 lite", int(31.25 * GIB), 918e12, dims=2),
+    "v4": Chip("v4", "TPU v4", int(30.75 * GIB), dims=3, cores_per_chip=2),
+    "v5p": Chip("v5p", "TPU v5", int(95.74 * GIB), dims=3, cores_per_chip=2),
+    "v5e": Chip("v5e", "TPU v5 lite", int(15.75 * GIB), dims=2),
+    "v6e": Chip("v6e", "TPU v6 lite", int(31.25 * GIB), dims=2),
     # GPU memory as CUDA reports the device's total (not the "80 GB" of the name):
     # H100 SXM 79.10 GiB (XLA's own H100 description), H200 140.40, A100 80GB 79.32.
     # JAX's allocator takes a fraction of it (`gpu_memory_fraction`).
-    "h100": Chip("h100", "NVIDIA H100 80GB HBM3", 84_929_347_584, 989e12),
-    "h200": Chip("h200", "NVIDIA H200", 150_754_820_096, 989e12),
-    "a100": Chip("a100", "NVIDIA A100-SXM4-80GB", 85_167_243_264, 312e12),
+    "h100": Chip("h100", "NVIDIA H100 80GB HBM3", 84_929_347_584),
+    "h200": Chip("h200", "NVIDIA H200", 150_754_820_096),
+    "a100": Chip("a100", "NVIDIA A100-SXM4-80GB", 85_167_243_264),
 }
 # Accelerator-type prefixes as Cloud TPU spells them.
 TPU_TYPES = {"v4": "v4", "v5p": "v5p", "v5litepod": "v5e", "v5e": "v5e", "v6e": "v6e"}

@@ -1,4 +1,4 @@
-"""`mmjax generate`: a VisionLM run answers a question about an image.
+"""`mmjax generate`: a run answers a question about an image, or captions it.
 
     mmjax generate --workdir DIR --image photo.jpg --prompt "colour of the big shape?"
     mmjax generate --workdir DIR --image photo.jpg            # no prompt: a caption
@@ -15,24 +15,32 @@ import argparse
 import sys
 from typing import Optional
 
+from mmjax.commands.util import error_text, fail, user_errors
+
 
 def generate_answer(workdir: str, image_path: str, prompt: Optional[str] = None,
                     step: Optional[int] = None, max_new_tokens: int = 32) -> str:
-    """The model's answer (or caption when `prompt` is empty) for one image file."""
+    """The model's answer to `prompt` about one image file (its family's `answerer`),
+    or its caption when `prompt` is empty (its family's `captioner`)."""
     from mmjax.data.decode import decode_and_crop, normalize
     from mmjax.data.dialog import encode_prompt
     from mmjax.data.tokenizers import build_tokenizer
     from mmjax.evaluate.runner import EvalError
-    from mmjax.evaluate.vqa import answer_questions, caption_prompt, image_embeds
-    from mmjax.models import VisionLM, build
+    from mmjax.families import get_family
+    from mmjax.models import build
     from mmjax.train.init_sources import restore_run_params
 
     config, params, _ = restore_run_params(workdir, step)
-    model = build(config.model)
-    if not isinstance(model, VisionLM):
-        raise EvalError(f"{workdir}: model {config.model.name!r} does not generate text; "
-                        "`mmjax generate` needs a VisionLM run (configs/llava.py, "
-                        "configs/blip2_stage2.py).")
+    model, family = build(config.model), get_family(config)
+    variables = {"params": params}
+    run = (family.answerer(model, variables) if prompt
+           else family.captioner(model, variables, beam_size=1))
+    if run is None or family.media(config.model) != "image":
+        what = "answer questions" if prompt else "caption"
+        raise EvalError(f"{workdir}: model {config.model.name!r} does not {what} about "
+                        "images; `mmjax generate` needs a VisionLM run (configs/llava.py, "
+                        "configs/blip2_stage2.py)" + ("" if prompt else ", CoCa or BLIP-2")
+                        + ".")
     d = config.data.train
     try:
         with open(image_path, "rb") as f:
@@ -43,17 +51,17 @@ def generate_answer(workdir: str, image_path: str, prompt: Optional[str] = None,
         raise EvalError(f"--image {image_path}: cannot read it as an image ({e})") from None
     images = normalize(image[None], d.mean, d.std)
     tokenizer = build_tokenizer(d.tokenizer, int(d.max_len))
-    ids = (encode_prompt(tokenizer, prompt, config.model.get("image_token_id"),
-                         config.data.train.get("dialog_template", "qa")) if prompt
-           else caption_prompt(tokenizer))
-    variables = {"params": params}
-    return answer_questions(model, variables, image_embeds(model, variables, images), [ids],
-                            tokenizer, max_new_tokens=max_new_tokens, chunk=1)[0]
+    if not prompt:
+        return run(images, tokenizer, max_new_tokens)[0]
+    ids = encode_prompt(tokenizer, prompt, config.model.get("image_token_id"),
+                        d.get("dialog_template", "qa"))
+    return run(images, [ids], tokenizer, max_new_tokens, chunk=1)[0]
 
 
 def generate_command(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="mmjax generate",
-                                description="Answer a question about an image (VisionLM runs).")
+                                description="Answer a question about an image (VisionLM runs) "
+                                            "or caption it (VisionLM, CoCa, BLIP-2).")
     p.add_argument("--workdir", required=True, metavar="DIR",
                    help="a VisionLM training run (configs/llava.py, configs/blip2_stage2.py)")
     p.add_argument("--image", required=True, metavar="PATH", help="image file (jpg, png, webp, ...)")
@@ -66,6 +74,11 @@ def generate_command(argv: list[str]) -> int:
     p.add_argument("--max_new_tokens", type=int, dest="max_new_tokens",
                    help=argparse.SUPPRESS)  # the older spelling
     args = p.parse_args(argv)
-    print(generate_answer(args.workdir, args.image, args.prompt, args.step, args.max_new_tokens))
+    try:
+        answer = generate_answer(args.workdir, args.image, args.prompt, args.step,
+                                 args.max_new_tokens)
+    except user_errors() as e:
+        return fail(error_text(e))
+    print(answer)
     sys.stdout.flush()
     return 0

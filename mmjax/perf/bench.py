@@ -16,11 +16,7 @@ default (SigLIP ViT-L/14 on 64 devices).
 """
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
-import subprocess
-import sys
 import time
 from typing import Any, Optional, Sequence
 
@@ -29,30 +25,19 @@ import numpy as np
 
 from mmjax.data.batch import make_global_batch
 from mmjax.errors import UserError
-from mmjax.models import build
 from mmjax.train import sharding as shd
 from mmjax.families import get_family, model_train_flops
-from mmjax.train.flops import peak_flops_per_device
-from mmjax.train.optimizer import build_optimizer
-from mmjax.train.step import Trainer
+from mmjax.train.mfu import peak_flops_per_device
+from mmjax.train.step import Trainer, build_trainer
 
 FLOPS_NOTE = ("model FLOPs: matmuls x 6 for training (2 fwd + 4 bwd), attention 4·B·S²·D "
               "per layer (half causal), embedding gathers not counted")
 MIB = 2 ** 20
 # Set in a re-executed `--aot` process so it never re-executes again.
-_CHILD_ENV = "MMJAX_BENCH_AOT_CHILD"
 
 
 # ----------------------------------------------------------------------------
 # Building blocks (also used by benchmarks/aot_memory.py and the tests)
-
-def build_trainer(config: Any, devices: Optional[Sequence[jax.Device]] = None) -> Trainer:
-    """The Trainer of `config` (model, optimizer, mesh over `devices`, default all)."""
-    mesh = shd.make_mesh(config.mesh, devices)
-    shd.local_batch_size(int(config.batch_size), mesh)  # divisibility, with the config key
-    tx, schedule = build_optimizer(config.optim, int(config.total_steps))
-    return Trainer(config, build(config.model), tx, schedule, mesh)
-
 
 def batch_shapes(config: Any, sharding: jax.sharding.Sharding) -> dict:
     """ShapeDtypeStructs of the global batch: the family's media field (e.g. `image
@@ -216,14 +201,16 @@ def time_pipeline(compiled, trainer: Trainer, state: dict, config: Any, steps: i
     from mmjax.train.loop import resolve_train_shards
     resolve_train_shards(config)
     data = build_train_iterator(config.data.train,
-                                shd.local_batch_size(int(config.batch_size), trainer.mesh))
+                                shd.local_batch_size(int(config.batch_size), trainer.mesh),
+                                media=trainer.media)
+    keys = tuple(trainer.family.batch_spec(config, 1))  # the compiled step's inputs
     try:
         with trainer.context():
             def one():
                 nonlocal state
                 t = time.perf_counter()
                 local = next(data)
-                batch = make_global_batch({k: local[k] for k in (trainer.media, "text")},
+                batch = make_global_batch({k: local[k] for k in keys},
                                           trainer.batch_sharding)
                 waited = time.perf_counter() - t
                 state, metrics = compiled(state, batch)
@@ -265,15 +252,14 @@ def run_bench(config: Any, steps: int = 10, warmup: int = 2, peak_flops: Optiona
     out["compile_s"] = time.perf_counter() - start
     out["memory"] = memory_stats(compiled)
     # What `mmjax compile` reports for this step, to set beside the measurement.
-    from mmjax.train.hlo import step_collectives, summarize_collectives
+    from mmjax.perf.hlo import step_collectives, summarize_collectives
     out["collectives"] = summarize_collectives(step_collectives(compiled.as_text())[0])
 
     state = trainer.init_state(int(config.seed))
     batch = random_batch(config, trainer.batch_sharding, int(config.seed))
     state, times = time_random_data(compiled, trainer, state, batch, steps, warmup)
     step_s = statistics.median(times)
-    flops = model_train_flops(config.model.to_dict(), batch_size, int(config.data.train.max_len),
-                              frozen=tuple(config.optim.get("freeze") or ()))
+    flops = model_train_flops(config, batch_size)
     peak = peak_flops_per_device(peak_flops or config.get("peak_flops"),
                                  trainer.mesh.devices.flat[0])
     out.update(flops=flops, step_s=step_s, samples_per_s=batch_size / step_s,
@@ -317,69 +303,3 @@ def format_bench(result: dict, spec: str, steps: int) -> str:
         lines += [f"| {c['kind']} | {c['dtype']} | {c['group'] or '-'} | {c['runs_per_step']} "
                   f"| {format_bytes(c['bytes_per_step'])} |" for c in r["collectives"]]
     return "\n".join(lines)
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mmjax bench", description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="clip_tiny", help="recipe file (configs/X.py[:arg]) or name")
-    p.add_argument("--steps", type=int, default=10, help="timed steps")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
-    p.add_argument("--peak-flops", type=float, default=None,
-                   help="peak FLOP/s per device for MFU (default: device table)")
-    p.add_argument("--no-pipeline", action="store_true", help="skip the input-pipeline timing")
-    p.add_argument("--aot", action="store_true",
-                   help="only compile and report per-device memory (nothing is allocated)")
-    p.add_argument("--devices", type=int, default=None,
-                   help="--aot: devices to compile for (simulated CPU devices if fewer exist)")
-    p.add_argument("--mesh", default=None, help="--aot: e.g. data=8,fsdp=8,tensor=1")
-    p.add_argument("--batch", type=int, default=None, help="global batch (config.batch_size)")
-    return p
-
-
-def _aot_command(args, overrides: list[str], argv: list[str]) -> int:
-    from mmjax.train.config_utils import load_config
-    wanted = args.devices
-    if wanted is not None and wanted < 1:
-        raise UserError(f"--devices must be >= 1, got {wanted}.")
-    if wanted is not None and jax.device_count() < wanted:
-        if os.environ.get(_CHILD_ENV):
-            raise UserError(f"--devices {wanted}: only {jax.device_count()} devices exist even "
-                            f"with simulated CPU devices; unset XLA_FLAGS and JAX_PLATFORMS.")
-        # The device count is fixed when jax starts: run again with N CPU devices.
-        env = dict(os.environ, JAX_PLATFORMS="cpu", **{_CHILD_ENV: "1"})
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-        flags = [f for f in env.get("XLA_FLAGS", "").split()
-                 if not f.startswith("--xla_force_host_platform_device_count")]
-        env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={wanted}"])
-        return subprocess.run([sys.executable, "-m", "mmjax.cli", "bench", *argv], env=env,
-                              check=False).returncode
-    config = load_config(args.config, overrides + mesh_overrides(args.mesh, args.batch))
-    devices = jax.devices()[:wanted] if wanted else None
-    report = aot_memory_report(config, devices)
-    print(f"AOT compile of the train step on {report['devices']} {jax.devices()[0].platform} "
-          "devices (per-device bytes from compiled.memory_analysis())\n")
-    print(aot_table([report], [args.config]))
-    return 0
-
-
-def bench_command(argv: list[str]) -> int:
-    """Runs `mmjax bench` with `argv` (without the subcommand); returns the exit code."""
-    from mmjax.cli_util import error_text, fail, split_overrides, user_errors
-    from mmjax.train.config_utils import load_config
-    rest, overrides = split_overrides(list(argv))
-    args = _parser().parse_args(rest)
-    try:
-        if args.aot:
-            return _aot_command(args, overrides, list(argv))
-        if args.devices or args.mesh:
-            raise UserError("--devices and --mesh go with --aot; to time on another mesh use "
-                            "--config.mesh.data=... --config.mesh.fsdp=...")
-        config = load_config(args.config, overrides + mesh_overrides(None, args.batch))
-        result = run_bench(config, args.steps, args.warmup, args.peak_flops,
-                           pipeline=not args.no_pipeline)
-    except user_errors() as e:
-        return fail(error_text(e))
-    if jax.process_index() == 0:
-        print(format_bench(result, args.config, args.steps))
-    return 0

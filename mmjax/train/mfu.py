@@ -31,6 +31,11 @@ def peak_flops_per_device(override: Optional[float] = None,
     from the table (longest matching name), or the override."""
     if override:
         return float(override)
-    kind = (device if device is not None else jax.devices()[0]).device_kind
+    return peak_flops_of_kind((device if device is not None else jax.devices()[0]).device_kind)
+
+
+def peak_flops_of_kind(kind: str) -> Optional[float]:
+    """Peak FLOP/s of a `device_kind` ("TPU v5", "NVIDIA H100 80GB HBM3", ...):
+    the table entry with the longest name that it contains, or None."""
     matches = [k for k in PEAK_FLOPS if k.lower() in kind.lower()]
     return PEAK_FLOPS[max(matches, key=len)] if matches else None

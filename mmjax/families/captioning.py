@@ -36,24 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial
 
-from mmjax.evaluate.retrieval import model_method
+from mmjax.models.jitted import ModelKey, model_method
 from mmjax.models import decoding
-
-
-class _ModelRef:
-    """Hashable handle of a model for a pytree's static part (flax modules with
-    dict fields are unhashable): equal only to a handle of the same object, so
-    jit compiles once per model and shape."""
-    __slots__ = ("model",)
-
-    def __init__(self, model: Any):
-        self.model = model
-
-    def __hash__(self):
-        return id(self.model)
-
-    def __eq__(self, other):
-        return isinstance(other, _ModelRef) and other.model is self.model
 
 
 @jax.tree_util.register_pytree_node_class
@@ -63,8 +47,9 @@ class CaptionStepFn:
     A pytree: `variables` and `image_tokens [B, N, D]` are its leaves (traced
     jit arguments); the model, its decode method (`method(text, image_tokens)`
     or, with `image_first`, `method(image_tokens, text)`, returning `[n, L, V]`)
-    are static. The model must accept `clone(cached_decode=True, cache_len=S)`
-    (see `CoCa` and `Blip2Stage1`).
+    are static, the model compared by value (`mmjax.models.jitted.ModelKey`: decoding
+    compiles once per shape for equal models). The model must accept
+    `clone(cached_decode=True, cache_len=S)` (see `CoCa` and `Blip2Stage1`).
 
     - `fn(tokens [n, L])` -> float32 logits `[n, L, V]`: a plain logits function
       (no cache; re-runs the model on the whole buffer).
@@ -76,13 +61,15 @@ class CaptionStepFn:
 
     def __init__(self, model: Any, method: str, image_first: bool, variables: Any,
                  image_tokens: Any):
-        self.model = model.model if isinstance(model, _ModelRef) else model
+        # The model goes into the static part as a `ModelKey`: equal models give
+        # equal tree structures (one compilation), unequal ones never share one.
+        self._key = model if isinstance(model, ModelKey) else ModelKey(model)
+        self.model = self._key.model
         self.method, self.image_first = method, image_first
         self.variables, self.image_tokens = variables, image_tokens
 
     def tree_flatten(self):
-        return ((self.variables, self.image_tokens),
-                (_ModelRef(self.model), self.method, self.image_first))
+        return ((self.variables, self.image_tokens), (self._key, self.method, self.image_first))
 
     @classmethod
     def tree_unflatten(cls, aux, children):

@@ -10,7 +10,7 @@ abstract state and batch (nothing is allocated) and compiled by the target's
 own compiler: libtpu deviceless for TPUs, the CUDA plugin with a GPU target
 description for NVIDIA GPUs. The report: per-device memory from the compiled
 executable vs the device's HBM, whether it fits, compile time, model FLOPs per
-step (`mmjax.train.flops`) and the step time they need at the chip's peak, the
+step (`mmjax.train.mfu`) and the step time they need at the chip's peak, the
 collectives of the compiled step with loop trip counts applied, the dtypes of
 its reductions, whether the CPU-only GEMM path leaked in, and the partitioner's
 involuntary-rematerialization warnings.
@@ -20,9 +20,7 @@ the keys that trade memory), 2 a usage error.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import math
 import os
 import re
@@ -31,7 +29,7 @@ import tempfile
 import time
 from typing import Any, Callable, Optional
 
-from mmjax.train.hlo import summarize_collectives
+from mmjax.perf.hlo import summarize_collectives
 
 MEMORY_KEYS = "config.batch_size, model.<tower>.remat (dots_no_batch, full), mesh.fsdp"
 
@@ -74,7 +72,7 @@ def _out_of_memory(message: str) -> Optional[tuple[float, float]]:
 def compile_for_target(config: Any, target: Any, hbm_gib: Optional[float] = None,
                        hlo_path: Optional[str] = None) -> dict:
     """Compile `config`'s train step for `target` (`targets.Target`) and report;
-    with `hlo_path`, also write the optimized HLO text there (for `mmjax.train.hlo`).
+    with `hlo_path`, also write the optimized HLO text there (for `mmjax.perf.hlo`).
 
     Returns a dict: `target`, `chip`, `topology`, `devices`, `mesh`, `batch`,
     `params`, `state` (bytes of the sharded train state per device), `compile_s`,
@@ -91,19 +89,17 @@ def compile_for_target(config: Any, target: Any, hbm_gib: Optional[float] = None
     """
     from mmjax.models.layers import CPU_PATH_SCOPE
     from mmjax.train import sharding as shd
-    from mmjax.train.bench import (batch_shapes, build_trainer, count_params, memory_stats,
-                                   state_bytes_per_device)
+    from mmjax.perf.bench import batch_shapes, count_params, memory_stats, state_bytes_per_device
+    from mmjax.train.step import build_trainer
     from mmjax.families import model_train_flops
-    from mmjax.train.hlo import step_collectives
-    from mmjax.train.targets import hbm_bytes, memory_share, target_devices
+    from mmjax.perf.hlo import step_collectives
+    from mmjax.perf.targets import hbm_bytes, memory_share, target_devices
 
     with _captured_stderr():  # libtpu's start-up warnings about the absent TPU host
         devices = target_devices(target)
     trainer = build_trainer(config, devices)
     n = len(trainer.mesh.devices.flat)
-    flops = model_train_flops(config.model.to_dict(), int(config.batch_size),
-                              int(config.data.train.max_len),
-                              tuple(config.optim.get("freeze") or ()))
+    flops = model_train_flops(config)
     report = {"target": target.name, "chip": target.chip.device_kind,
               "platform": target.platform, "topology": target.topology, "devices": n,
               "mesh": shd.describe(trainer.mesh),
@@ -173,7 +169,7 @@ def misfit_line(report: dict) -> str:
     """One line for a step that does not fit."""
     mem = report["memory"]
     needed = used_bytes(report)
-    from mmjax.train.bench import format_bytes
+    from mmjax.perf.bench import format_bytes
     have = mem.get("available") or report["hbm"]
     share = report.get("hbm_share")
     gpu = (f", or let JAX take more of the GPU (XLA_CLIENT_MEM_FRACTION, now {share:g})"
@@ -186,7 +182,7 @@ def misfit_line(report: dict) -> str:
 def format_report(report: dict, sources: int = 0) -> str:
     """The text `mmjax compile` prints; with `sources` > 0 also the `sources`
     largest collectives by the JAX operation they came from."""
-    from mmjax.train.bench import format_bytes
+    from mmjax.perf.bench import format_bytes
     r = report
     lines = [f"mmjax compile: {r['target']} ({r['devices']} x {r['chip']}, topology "
              f"{r['topology']}), mesh {r['mesh']}, global batch {r['batch']}, "
@@ -303,7 +299,7 @@ def max_batch(config: Any, target: Any, hbm_gib: Optional[float] = None,
     linearly with the batch: 4-5 compiles where that holds, bisection steps where
     it does not, e.g. near HBM, where the TPU compiler trades time for memory).
     Returns `(batch or 0, reports)`."""
-    from mmjax.train.targets import target_devices
+    from mmjax.perf.targets import target_devices
     from mmjax.train import sharding as shd
     mesh = shd.make_mesh(config.mesh, target_devices(target))
     unit = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -322,69 +318,3 @@ def max_batch(config: Any, target: Any, hbm_gib: Optional[float] = None,
 
     best = largest_fitting(probe, int(config.batch_size) // unit, max(1, limit // unit))
     return best * unit, reports
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="mmjax compile", description="Compile the train step for a TPU slice or GPU "
-        "nodes with the target's own compiler (no accelerator needed) and report memory, "
-        "fit, FLOPs and collectives. Config keys: --config.a.b=value.")
-    p.add_argument("--config", default="clip_tiny", help="recipe file (configs/X.py[:arg]) or name")
-    p.add_argument("--target", default=None,
-                   help="v5p-256, v5litepod-16, v6e-64, v4-8, tpu:v5p:4x4x8, h100x8[:nodes], ...")
-    p.add_argument("--json", default=None, help="also write the report as JSON to this file")
-    p.add_argument("--max-batch", action="store_true",
-                   help="find the largest global batch that fits (several compiles)")
-    p.add_argument("--hbm-gib", type=float, default=None,
-                   help="memory per device to fit in (default: the chip's HBM)")
-    p.add_argument("--sources", type=int, default=0, metavar="N",
-                   help="also print the N largest collectives by the JAX operation each "
-                   "came from (its op_name: forward or backward, which layer or loss)")
-    p.add_argument("--hlo", default=None, metavar="PATH",
-                   help="also write the compiled step's optimized HLO text to PATH")
-    p.add_argument("--list-targets", action="store_true", help="print the named targets")
-    return p
-
-
-def compile_command(argv: list[str]) -> int:
-    """Runs `mmjax compile` with `argv` (without the subcommand); returns the exit code."""
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host only traces; targets compile
-    from mmjax.cli_util import error_text, fail, split_overrides, user_errors
-    from mmjax.train.targets import TargetError, hbm_bytes, list_targets, parse_target
-    rest, overrides = split_overrides(list(argv))
-    args = _parser().parse_args(rest)
-    if args.list_targets:
-        print("\n".join(list_targets()))
-        return 0
-    if not args.target:
-        return fail("mmjax compile needs --target (e.g. v5p-16, h100x8); see --list-targets.")
-    # Every compile goes to the target's compiler: a persistent cache
-    # (JAX_COMPILATION_CACHE_DIR) would skip it, hiding compile time and the
-    # partitioner's warnings, and deviceless executables cannot be read back.
-    import jax
-    jax.config.update("jax_enable_compilation_cache", False)
-    try:
-        from mmjax.train.config_utils import load_config
-        target = parse_target(args.target)
-        hbm_bytes(target, args.hbm_gib)  # a bad XLA_CLIENT_MEM_FRACTION: usage error, first
-        config = load_config(args.config, overrides)
-        if args.max_batch:
-            best, reports = max_batch(config, target, args.hbm_gib)
-            report = next((r for r in reversed(reports) if r["batch"] == best), reports[-1])
-            report = dict(report, max_batch=best)
-        else:
-            report = compile_for_target(config, target, args.hbm_gib, args.hlo)
-    except TargetError as e:
-        return fail(str(e))
-    except user_errors() as e:
-        return fail(error_text(e))
-    print(format_report(report, args.sources))
-    if args.max_batch:
-        print(f"largest global batch that fits: {report['max_batch'] or 'none'}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1, default=str)
-    if not report["fits"]:
-        print(f"mmjax: {misfit_line(report)}", file=sys.stderr)
-        return 1
-    return 0

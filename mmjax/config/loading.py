@@ -14,7 +14,8 @@ from typing import Any, Sequence
 
 import ml_collections
 
-from mmjax.errors import ConfigError  # defined with UserError; importable from here too
+from mmjax.config.schema import NUMERIC_KEYS, check_config, describe_range
+from mmjax.errors import ConfigError
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "configs")
@@ -49,125 +50,9 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     config = module.get_config(arg)
     for item in overrides:
         apply_override(config, item)
-    validate_config(config)
+    check_config(config)
     config.lock()
     return config
-
-
-# Numeric keys and their allowed values: (kind, low, high, extra). kind "int" takes
-# integers, "float" any number; low/high are inclusive bounds (None: open), except
-# that a high of 1.0 marked "<1" excludes 1; extra: None allowed ("none"), -1
-# allowed ("-1"). Checked once when a config is loaded, recipe values included.
-_INT_GE1 = ("int", 1, None, "")
-_INT_GE0 = ("int", 0, None, "")
-NUMERIC_KEYS = {
-    "seed": _INT_GE0, "total_steps": _INT_GE1, "batch_size": _INT_GE1, "log_every": _INT_GE1,
-    "checkpoint_every": _INT_GE1, "keep_checkpoints": _INT_GE1,
-    "peak_flops": ("float", ">0", None, "none"),
-    "mesh.data": ("int", 1, None, "-1"), "mesh.fsdp": ("int", 1, None, "-1"),
-    "mesh.tensor": ("int", 1, None, "-1"),
-    "multihost.init_timeout_s": _INT_GE1, "multihost.heartbeat_timeout_s": _INT_GE1,
-    "multihost.shutdown_timeout_s": _INT_GE1, "multihost.preemption_deadline_s": _INT_GE0,
-    "multihost.peer_timeout_s": _INT_GE0,
-    "multihost.stop_check_every": _INT_GE1,
-    "optim.lr": ("float", 0, None, ""), "optim.warmup_steps": _INT_GE0,
-    "optim.end_lr_frac": ("float", 0, 1, ""), "optim.b1": ("float", 0, "<1", ""),
-    "optim.b2": ("float", 0, "<1", ""), "optim.eps": ("float", 0, None, ""),
-    "optim.weight_decay": ("float", 0, None, ""),
-    "optim.clip_norm": ("float", 0, None, "none"), "optim.accum_steps": _INT_GE1,
-    "synthetic.train_samples": _INT_GE1, "synthetic.test_samples": _INT_GE1,
-    "synthetic.image_size": _INT_GE1, "synthetic.samples_per_shard": _INT_GE1,
-    "data.train.max_len": _INT_GE1, "data.train.image_size": _INT_GE1,
-    "data.train.workers": _INT_GE0, "data.train.shuffle_buffer": _INT_GE0,
-    "data.train.prefetch": _INT_GE0, "data.train.num_captions": _INT_GE1,
-    "data.train.seed": _INT_GE0, "data.train.min_bad_count": _INT_GE0,
-    "data.train.max_bad_fraction": ("float", 0, 1, ""),
-    "data.train.max_pixels": ("int", 1, None, "none"),
-    "evals.every": _INT_GE0, "evals.batch_size": _INT_GE1,
-    "evals.zeroshot.max_samples": _INT_GE0, "evals.retrieval.max_samples": _INT_GE0,
-    "evals.retrieval.num_captions": _INT_GE1, "evals.captioning.max_samples": _INT_GE0,
-    "evals.captioning.beam_size": _INT_GE1, "evals.captioning.max_len": _INT_GE1,
-    "evals.vqa.max_samples": _INT_GE0, "evals.vqa.max_new_tokens": _INT_GE1,
-}
-# Model sizes, wherever they appear under config.model (None where a recipe leaves one out).
-MODEL_SIZE_KEYS = {"width", "depth", "heads", "num_heads", "mlp_dim", "patch_size",
-                   "image_size", "max_len", "vocab_size", "embed_dim", "num_queries",
-                   "caption_queries", "pooler_heads", "cross_attention_freq"}
-
-
-def describe_range(rule: tuple) -> str:
-    """Human text of a NUMERIC_KEYS rule, e.g. 'an integer >= 1'."""
-    kind, low, high, extra = rule
-    what = "an integer" if kind == "int" else "a number"
-    parts = []
-    if low == ">0":
-        parts.append("> 0")
-    elif low is not None:
-        parts.append(f">= {low}")
-    if high == "<1":
-        parts.append("< 1")
-    elif high is not None:
-        parts.append(f"<= {high}")
-    text = f"{what} {' and '.join(parts)}".strip()
-    if extra == "-1":
-        text = f"-1 (the remaining devices) or {text}"
-    if extra == "none":
-        text = f"None or {text}"
-    return text
-
-
-def _fits(value: Any, rule: tuple) -> bool:
-    kind, low, high, extra = rule
-    if value is None:
-        return extra == "none"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    if kind == "int" and not float(value).is_integer():
-        return False
-    if value != value or value in (float("inf"), float("-inf")):  # NaN, inf
-        return False
-    if extra == "-1" and value == -1:
-        return True
-    if low == ">0":
-        ok = value > 0
-    else:
-        ok = low is None or value >= low
-    if high == "<1":
-        ok = ok and value < 1
-    elif high is not None:
-        ok = ok and value <= high
-    return ok
-
-
-def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Every numeric key in range; ConfigError naming the key, its value and what is allowed."""
-    def get(path):
-        node = config
-        for part in path.split("."):
-            if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
-                return None, False
-            node = node[part]
-        return node, True
-
-    checks = []
-    for key, rule in NUMERIC_KEYS.items():
-        value, present = get(key)
-        if present:
-            checks.append((key, value, rule))
-    if "objectives" in config:
-        for name, weight in config.objectives.items():
-            checks.append((f"objectives.{name}", weight, ("float", 0, None, "")))
-    if "model" in config:
-        def walk(node, prefix):
-            for k, v in node.items():
-                if isinstance(v, (ml_collections.ConfigDict, dict)):
-                    walk(v, f"{prefix}{k}.")
-                elif k in MODEL_SIZE_KEYS:
-                    checks.append((f"{prefix}{k}", v, ("int", 1, None, "none")))
-        walk(config.model, "model.")
-    for key, value, rule in checks:
-        if not _fits(value, rule):
-            raise ConfigError(f"config.{key}={value!r}: must be {describe_range(rule)}.")
 
 
 def _parse(text: str, current: Any) -> Any:

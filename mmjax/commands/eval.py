@@ -1,0 +1,143 @@
+"""`mmjax eval`: evaluate a training run's checkpoint, or imported Hugging Face
+weights, with the evaluations its config enables (`mmjax.evaluate.runner`).
+
+    mmjax eval --workdir DIR [--step N] [--config configs/X.py] [--config.a.b=value ...]
+    mmjax eval --hf /path/to/clip [--config.evals.zeroshot.shards=...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Optional
+
+import ml_collections
+
+from mmjax import workdir as wd
+from mmjax.commands.util import error_text, fail, split_overrides, user_errors
+from mmjax.config import apply_override, base_config, load_config
+from mmjax.data.tokenizers import build_tokenizer
+from mmjax.evaluate.runner import EvalError, run_evals
+from mmjax.train import multihost
+from mmjax.train.checkpoint import CheckpointError, Checkpointer
+from mmjax.train.step import build_trainer
+
+
+def eval_command(argv: list[str]) -> int:
+    rest, overrides = split_overrides(argv)
+    p = argparse.ArgumentParser(
+        prog="mmjax eval",
+        usage="mmjax eval (--workdir DIR | --hf PATH) [--step N] [--config RECIPE] "
+              "[--config.KEY=VALUE ...]",
+        description="Evaluate a training run's checkpoint (or imported weights) with the "
+                    "evaluations its config enables; results go to DIR/eval/step_<N>.json.",
+        epilog="--config.a.b=value sets any config key, e.g. "
+               "--config.evals.zeroshot.shards=PATTERN (zero-shot), "
+               "--config.evals.retrieval.shards=PATTERN (retrieval), "
+               "--config.evals.captioning.shards=PATTERN (CoCa, BLIP-2), "
+               "--config.evals.vqa.shards=PATTERN (VisionLM); 'synthetic' selects the "
+               "held-out built-in data.")
+    p.add_argument("--workdir", default=None, metavar="DIR",
+                   help="a training run's folder (its config.json and checkpoints)")
+    p.add_argument("--step", type=int, default=None, metavar="N",
+                   help="checkpoint step to evaluate; default the latest")
+    p.add_argument("--config", default=None, metavar="RECIPE",
+                   help="recipe file (configs/X.py[:arg]) or name, instead of the run's "
+                        "config.json")
+    p.add_argument("--hf", default=None, metavar="PATH",
+                   help="a Hugging Face CLIP/SigLIP folder to evaluate instead of a run")
+    args = p.parse_args(rest)
+    if args.workdir and not args.hf and "://" not in args.workdir \
+            and not os.path.isdir(args.workdir):
+        return fail(f"--workdir {args.workdir}: no such folder")
+    try:
+        results = evaluate_run(args.config, args.workdir, args.step, args.hf, overrides)
+    except user_errors() as e:
+        return fail(error_text(e))
+    import jax
+    if jax.process_index() == 0:  # every process holds the same results
+        for k, v in sorted(results.items()):
+            print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
+    return 0
+
+
+def evaluate_run(config_spec: Optional[str], workdir: Optional[str], step: Optional[int],
+                 hf_path: Optional[str], overrides: list[str]) -> dict:
+    """`mmjax eval`: evaluate a workdir checkpoint or a Hugging Face folder
+    (in one process, or in every process of a job started as for `mmjax train`)."""
+    multihost.join()  # (the timeouts of config.multihost's defaults)
+    if hf_path:
+        return _eval_hf(hf_path, config_spec, overrides)
+    if not workdir:
+        raise EvalError("give --workdir DIR (a training run) or --hf PATH")
+    saved = wd.join(workdir, "config.json")
+    if config_spec is None:
+        if not wd.exists(saved):
+            raise EvalError(f"{workdir}: no config.json; pass --config configs/X.py")
+        config = ml_collections.ConfigDict(json.loads(wd.read_text(saved))["config"])
+        for o in overrides:
+            apply_override(config, o)
+    else:
+        config = load_config(config_spec, overrides)
+
+    ckpt_dir = wd.join(workdir, "checkpoints")
+    if not wd.isdir(ckpt_dir):
+        raise EvalError(f"{workdir}: no checkpoints (looked in {ckpt_dir}); train first")
+    ckpt = Checkpointer(workdir, async_save=False)
+    try:
+        if ckpt.latest_step() is None:
+            raise EvalError(f"{workdir}: no checkpoint in {ckpt_dir}; train first")
+        trainer = build_trainer(config)
+        try:
+            state, _, step = trainer.restore(ckpt, step)
+        except CheckpointError as e:
+            raise EvalError(str(e)) from None
+    finally:
+        ckpt.close()
+    results = run_evals(config, trainer.model, {"params": state["params"]}, trainer.mesh, step=step,
+                        workdir=workdir)
+    if not results:
+        raise EvalError(nothing_to_evaluate(f"{workdir} (step {step})"))
+    return {"step": step, **results}
+
+
+def nothing_to_evaluate(what: str) -> str:
+    """The message for a config that enables no evaluation of `what`."""
+    return (f"nothing to evaluate for {what}: its config enables no evaluation; ask for one "
+            "with --config.evals.zeroshot.shards=PATTERN (two-tower models), "
+            "--config.evals.retrieval.shards=PATTERN, --config.evals.captioning.shards=PATTERN "
+            "(CoCa, BLIP-2) or --config.evals.vqa.shards=PATTERN (VisionLM); 'synthetic' is "
+            "the held-out built-in data")
+
+
+def _eval_hf(path: str, config_spec: Optional[str], overrides: list[str]) -> dict:
+    from mmjax.convert import hf
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        kind = json.load(f).get("model_type")
+    loaders = {"clip": hf.load_clip, "siglip": hf.load_siglip}
+    if kind not in loaders:
+        raise EvalError(f"{path}: model_type {kind!r} is not supported by `mmjax eval --hf` "
+                        f"(supported: {sorted(loaders)})")
+    model, variables = loaders[kind](path)
+    config = base_config()
+    config.model = ml_collections.ConfigDict(dict(name="two_tower", contrastive=model.contrastive,
+                                                  image=dict(model.image), text=dict(model.text)))
+    config.data.train.image_size = model.image["image_size"]
+    config.data.train.max_len = model.text["max_len"]
+    tok = os.path.join(path, "tokenizer.json")
+    config.data.train.tokenizer = f"hf:{tok}" if os.path.exists(tok) else "bytes"
+    if kind == "siglip":
+        config.data.train.mean = (0.5, 0.5, 0.5)
+        config.data.train.std = (0.5, 0.5, 0.5)
+    for o in overrides:
+        apply_override(config, o)
+    tokenizer = build_tokenizer(config.data.train.tokenizer, int(config.data.train.max_len))
+    if tokenizer.vocab_size > model.text["vocab_size"]:
+        raise EvalError(f"{path}: tokenizer {config.data.train.tokenizer!r} has "
+                        f"{tokenizer.vocab_size} tokens but the model only "
+                        f"{model.text['vocab_size']}; put the model's tokenizer.json in the "
+                        "folder or pass --config.data.train.tokenizer=hf:PATH")
+    results = run_evals(config, model, variables, step=0, workdir=None)
+    if not results:
+        raise EvalError(nothing_to_evaluate(path))
+    return results

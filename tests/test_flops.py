@@ -1,0 +1,172 @@
+"""FLOP counts (`Family.train_flops`, the towers' token counts) against the programs.
+
+The reference is the matmuls of the real train step: each `:tiny` recipe's
+`Trainer` (one CPU device) is lowered with abstract inputs, and its StableHLO,
+before XLA optimizes it, lists every matmul as a `stablehlo.dot_general`
+(JAX has already dropped results nothing uses; XLA would still merge repeated
+work, e.g. BLIP-2's ITG pass recomputing the image keys/values of ITC's, which
+the model does compute). A dot costs 2 x prod(output shape) x prod(contracted
+dims); functions count once per call. The recipes' `scan` and `remat` are
+switched off first, which changes no model FLOP: scanned layers sit in `while`
+bodies (the counter refuses dots inside any region rather than guess trip
+counts) and rematerialization recomputes forward matmuls, which MFU leaves out.
+
+The formula and the program are compared like with like:
+- causal attention: the formula counts half (`flops.CAUSAL_ATTENTION`, the
+  MaxText / PaLM convention: the masked half is no model work); XLA computes
+  the whole score matrix. The expected count is the formula with
+  `CAUSAL_ATTENTION = 1`, every other term unchanged.
+- a trained media tower: the formula counts 3 x `forward_flops`; the program
+  computes no gradient with respect to the raw media (patch embedding: dW
+  only; AST's mel filterbank, which has no parameters: neither). That
+  difference is measured on the tower alone (3 x its forward minus its loss
+  and parameter gradients, as the step computes them) and taken off.
+The counts then agree exactly; a formula that counts a block too many or too
+few times (a Q-Former layer, an ITM pass, a frozen part's gradients) misses
+them by more than the 2% allowed.
+"""
+import re
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from mmjax.config.loading import load_config
+from mmjax.families import get_family
+from mmjax.models import flops
+from mmjax.models.ast import AST
+from mmjax.models.video import VideoViT
+from mmjax.models.vit import ViT
+from mmjax.train.step import build_trainer
+
+RECIPES = ["blip2_stage1:tiny", "blip2_stage2:tiny", "llava:tiny", "coca_b16:tiny", "clip_tiny:tiny",
+           "lit_b16:tiny", "siglip_b16:tiny", "clap_tiny:tiny", "video_clip_tiny:tiny"]
+
+_FUNC = re.compile(r"^\s*func\.func (?:public |private )?@([\w.$-]+)")
+_CALL = re.compile(r"(?<![\w.])(?:func\.)?call @([\w.$-]+)")
+_DOT_TYPES = re.compile(r":\s*\((tensor<[^>]*>),\s*tensor<[^>]*>\)\s*->\s*(tensor<[^>]*>)")
+
+
+def _dims(tensor_type: str) -> list[int]:
+    """`tensor<8x4x16xbf16>` -> [8, 4, 16]."""
+    return [int(d) for d in tensor_type[len("tensor<"):-1].split("x")[:-1]]
+
+
+def matmul_flops(stablehlo: str) -> int:
+    """Matmul FLOPs of a lowered module's `main`: 2 x prod(output) x prod(contracted
+    dims) per `stablehlo.dot_general`, each function counted once per call."""
+    funcs, body, depth = {}, None, 0
+    for line in stablehlo.splitlines():
+        m = _FUNC.match(line)
+        if m:
+            body, depth = funcs.setdefault(m.group(1), {"flops": 0, "calls": []}), 0
+        if body is None:
+            continue
+        if "stablehlo.dot_general" in line:
+            assert depth == 1, f"a matmul inside a region (loop? cond?): {line.strip()[:160]}"
+            lhs, out = map(_dims, _DOT_TYPES.search(line).groups())
+            dims = re.search(r"contracting_dims = \[([0-9, ]*)\] x", line).group(1)
+            contracted = [lhs[int(i)] for i in dims.split(",") if i.strip()]
+            body["flops"] += 2 * int(np.prod(out)) * int(np.prod(contracted))
+        assert not re.search(r"stablehlo\.(dot|convolution)\b(?!_)", line), line.strip()[:160]
+        body["calls"] += _CALL.findall(line)
+        depth += line.count("{") - line.count("}")
+
+    def total(name):
+        return funcs[name]["flops"] + sum(total(c) for c in funcs[name]["calls"])
+    return total("main")
+
+
+def _unrolled_config(spec: str) -> ml_collections.ConfigDict:
+    """The recipe with every `scan` off and `remat` "none" (see the module docstring)."""
+    config = load_config(spec)
+    for section in config.model.values():
+        if isinstance(section, ml_collections.ConfigDict):
+            if "scan" in section:
+                section.scan = False
+            if "remat" in section:
+                section.remat = "none"
+    return config
+
+
+def _tower_raw_input_flops(trainer) -> float:
+    """Per example: 3 x the forward matmul FLOPs of the step's media tower minus those of
+    its loss and parameter gradients (`value_and_grad`, as in the step): the gradients
+    no program computes, of its matmuls on the raw media."""
+    model = trainer.model.apply({"params": trainer.abstract_state["params"]},
+                                method=lambda m: m.image_tower.clone(parent=None))
+    shape, _ = trainer.family.media_example(trainer.config)
+    x = jax.ShapeDtypeStruct((1,) + tuple(shape), jnp.float32)
+    params = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+
+    def loss(p, media):
+        return sum(jnp.sum(y.astype(jnp.float32)) for y in model.apply({"params": p}, media)
+                   if y is not None)
+    forward = matmul_flops(jax.jit(loss).lower(params, x).as_text())
+    train = matmul_flops(jax.jit(jax.value_and_grad(loss)).lower(params, x).as_text())
+    return 3 * forward - train
+
+
+@pytest.mark.parametrize("spec", RECIPES)
+def test_train_flops_match_the_matmuls_of_the_train_step(spec, monkeypatch):
+    """`Family.train_flops` of the recipe = the matmul FLOPs of its jitted train step,
+    like with like (module docstring)."""
+    config = _unrolled_config(spec)
+    trainer = build_trainer(config, jax.devices()[:1])
+    batch, length = int(config.batch_size), int(config.data.train.max_len)
+    family = get_family(config)
+    shapes = {k: jax.ShapeDtypeStruct(s, d, sharding=trainer.batch_sharding)
+              for k, (s, d) in family.batch_spec(config, batch).items()}
+    program = matmul_flops(trainer.lower(shapes).as_text())
+
+    frozen = tuple(config.optim.get("freeze") or ())
+    args = (config.model.to_dict(), batch, length, frozen)
+    monkeypatch.setattr(flops, "CAUSAL_ATTENTION", 1.0)
+    expected = family.train_flops(*args)
+    if "image_tower" not in frozen:
+        expected -= batch * _tower_raw_input_flops(trainer)
+    assert expected == pytest.approx(program, rel=0.02)
+
+
+def _data(cfg: dict) -> ml_collections.ConfigDict:
+    """`data.train` keys the towers' `example_input` reads, matching `cfg`."""
+    return ml_collections.ConfigDict(dict(
+        image_size=cfg.get("image_size", 0), output="float32", num_frames=cfg.get("num_frames", 0),
+        sample_rate=cfg.get("sample_rate", 16000), clip_seconds=cfg.get("clip_seconds", 10.0)))
+
+
+def _case(cls, marks=(), **fields):
+    return pytest.param(cls, fields, marks=marks, id=f"{cls.__name__}-{fields['pool']}")
+
+
+TOWER_CASES = [
+    _case(ViT, pool="cls"), _case(ViT, pool="gap", embed_dim=16), _case(ViT, pool="map"),
+    _case(ViT, pool="none", act="swiglu"),
+    _case(AST, pool="cls_dist", embed_dim=16), _case(AST, pool="none"),
+    _case(VideoViT, pool="gap", temporal="transformer", num_frames=3),
+    _case(VideoViT, pool="cls", embed_dim=16, temporal="mean", num_frames=3),
+    _case(VideoViT, pool="none", temporal="transformer", num_frames=3),
+    _case(VideoViT, pool="gap", temporal="transformer", num_frames=3, act="swiglu"),
+]
+
+
+@pytest.mark.parametrize("cls,fields", TOWER_CASES)
+def test_tower_tokens_and_forward_flops_match_the_module(cls, fields):
+    """`num_tokens` / `token_width` are the shape of `tokens [B, N, D]` that `__call__`
+    returns, and `forward_flops` the matmuls of its forward (pooled output included)."""
+    cfg = {**fields, **cls.tiny(fields)}
+    model = cls(**cfg)
+    shape, _ = cls.example_input(cfg, _data(cfg))
+    x = jax.ShapeDtypeStruct((2,) + tuple(shape), jnp.float32)
+    (pooled, tokens), variables = jax.eval_shape(
+        lambda x: model.init_with_output(jax.random.key(0), x), x)
+    assert tokens.shape == (2, cls.num_tokens(cfg), cls.token_width(cfg))
+    assert (pooled is None) == (cfg["pool"] == "none")
+
+    def forward(v, media):
+        return [y for y in model.apply(v, media) if y is not None]
+    one = jax.ShapeDtypeStruct((1,) + tuple(shape), jnp.float32)
+    program = matmul_flops(jax.jit(forward).lower(variables, one).as_text())
+    assert cls.forward_flops(cfg) == pytest.approx(program, rel=1e-6)
