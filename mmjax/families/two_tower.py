@@ -38,9 +38,16 @@ def check_embeddings(family: Family, config: Any) -> None:
     """The media and text towers must embed into one space: `zimg` and `ztxt` of one
     shape (traced on one example, nothing allocated)."""
     import jax
-    from mmjax.models import build
-    model = build(config.model)
+    from mmjax.models import build, towers
     media, text = family.sample_inputs(config)
+    tower = towers.build_tower(config.model.get("image"), jnp.float32)
+    pooled, _ = jax.eval_shape(lambda: tower.init_with_output(jax.random.key(0), media)[0])
+    if pooled is None:
+        kind = (config.model.get("image") or {}).get("kind", towers.DEFAULT_KIND)
+        raise ConfigError(f"the {family.name} family contrasts pooled embeddings, but the "
+                          f"{kind!r} tower pools none (config.model.image.pool="
+                          f"{config.model.image.get('pool')!r}); choose a pooling.")
+    model = build(config.model)
     out = jax.eval_shape(lambda: model.init_with_output(jax.random.key(0), media, text)[0])
     zimg, ztxt = out["zimg"].shape, out["ztxt"].shape
     if zimg != ztxt:
