@@ -71,8 +71,6 @@ def generate_command(argv: list[str]) -> int:
                    help="checkpoint step to use; default the latest")
     p.add_argument("--max-new-tokens", type=int, default=32, dest="max_new_tokens", metavar="N",
                    help="most tokens to generate (default 32)")
-    p.add_argument("--max_new_tokens", type=int, dest="max_new_tokens",
-                   help=argparse.SUPPRESS)  # the older spelling
     args = p.parse_args(argv)
     try:
         answer = generate_answer(args.workdir, args.image, args.prompt, args.step,

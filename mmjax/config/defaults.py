@@ -80,7 +80,7 @@ KEYS: dict[str, tuple] = {
     "evals.captioning.beam_size": (1, "1: greedy decoding; more: beam search"),
     "evals.captioning.max_len": (32, "most tokens per generated caption"),
     "evals.vqa.shards": ("", "VQA (VisionLM) dialog data, 'synthetic' or '' (off)"),
-    "evals.vqa.text_key": ("json:qa", "JSON field of the question/answer turns"),
+    "evals.vqa.text_key": ("json:qa", "JSON key of the question/answer turns"),
     "evals.vqa.max_samples": (256, "at most this many samples (0: all)"),
     "evals.vqa.max_new_tokens": (8, "most tokens per generated answer"),
 }

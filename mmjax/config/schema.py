@@ -321,6 +321,8 @@ def help_config(config: Any) -> str:
             if not key and f in sections:
                 continue
             value = given.get(f, d.default if d.default is not d.default_factory else None)
+            if key and f == "dtype" and f not in given:  # a section computes in model.dtype
+                value = config.model.get("dtype", value)
             kind = d.type if isinstance(d.type, str) else getattr(d.type, "__name__", "")
             row(prefix + f, value, docs.get(f, f"field of {cls.__name__}"), kind)
     lines.append(f"\nobjectives: {describe('objectives')}; {family.name} offers "

@@ -133,10 +133,6 @@ def cfg_get(cfg, key: str, default=None):
 
 
 def _check_text_format(text_format) -> None:
-    if text_format == "captions":
-        raise ConfigError("data.train.text_format='captions' is now called 'caption_list' "
-                          "(text [B, num_captions, L] from a JSON list); set "
-                          "data.train.text_format='caption_list'.")
     if text_format not in TEXT_FORMATS:
         raise ConfigError(f"data.train.text_format must be one of "
                           f"{', '.join(repr(f) for f in TEXT_FORMATS)}, got {text_format!r}")

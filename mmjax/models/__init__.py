@@ -67,9 +67,6 @@ def build(model_config: Mapping) -> Any:
     cls = MODELS[name]
     fields = set(cls.__dataclass_fields__) - {"parent", "name"}
     unknown = sorted(set(cfg) - fields)
-    if unknown == ["head"] and "contrastive" in fields:
-        raise ConfigError("config key `model.head` is now `model.contrastive` (\"softmax\" or "
-                          "\"sigmoid\"); rename it in the config (or the run's config.json).")
     if unknown:
         raise ConfigError(f"config keys {['model.' + k for k in unknown]} are not fields of "
                           f"{cls.__name__}; valid keys: {sorted(fields)}.")

@@ -73,16 +73,57 @@ class AST(nn.Module):
     """Audio Spectrogram Transformer (see the module docstring).
 
     Fields:
-      sample_rate, clip_seconds: waveform input (`num_samples` samples).
-      n_fft, hop_length, win_length, n_mels, f_min, f_max, mel_scale, mel_norm,
-        center, pad_mode, log, top_db: the log-mel (`mmjax.models.audio.log_mel`).
-      spec_mean, spec_std: normalization `(x - spec_mean) / (2 * spec_std)`.
-      max_length: frames the Transformer takes; None = the frames of a clip.
-      patch_size, frequency_stride, time_stride: patch side and strides (bins, frames).
-      width, depth, heads, mlp_dim, act, norm_eps: Transformer size.
-      pool: "cls_dist", "cls", "gap" or "none".
-      embed_dim, proj_bias: output projection (None: none).
-      scan / remat / attention / dtype: as in `ViT`.
+      sample_rate: waveform sample rate in Hz (`data.train.sample_rate` must match).
+      clip_seconds: clip length in seconds: waveforms have `num_samples =
+        round(sample_rate * clip_seconds)` samples (`data.train.clip_seconds` must match).
+      n_fft: FFT size in samples (n_fft // 2 + 1 frequency bins per frame).
+      hop_length: samples between frames (160 = 10 ms at 16 kHz).
+      win_length: Hann window length in samples, centred in the n_fft frame
+        (None = n_fft; at most n_fft).
+      n_mels: mel bins F: the spectrogram's frequency axis (at least patch_size).
+      f_min: lowest frequency of the mel filterbank in Hz.
+      f_max: highest frequency of the mel filterbank in Hz (None = sample_rate / 2).
+      mel_scale: "htk" or "slaney" mel scale.
+      mel_norm: None (filter peaks at 1, HTK / Kaldi) or "slaney" (each filter
+        scaled by 2 / its bandwidth in Hz).
+      center: pad n_fft // 2 samples at both ends of the waveform, so frame t is
+        centred at t * hop_length (changes the number of frames).
+      pad_mode: padding of `center`: "reflect" or "constant" (zeros).
+      log: "ln" (natural log floored at float32 eps, the Kaldi fbank of AST),
+        "db" (10 log10, floored at each clip's peak - top_db) or "none" (mel power).
+      top_db: floor of `log="db"` in dB below each clip's peak (None = no floor);
+        unused by "ln" and "none".
+      spec_mean, spec_std: normalization `(x - spec_mean) / (2 * spec_std)` of the
+        log-mel of a waveform (a spectrogram input is taken as normalized).
+      max_length: frames the Transformer takes (the log-mel is zero-padded or cut
+        to it); None = the frames of a clip.
+      patch_size: patch side in mel bins and in frames (square patches).
+      frequency_stride: stride between patches along frequency, in mel bins
+        (patches overlap when below patch_size).
+      time_stride: stride between patches along time, in frames (patches
+        overlap when below patch_size).
+      width: token width D.
+      depth: number of Transformer blocks.
+      heads: attention heads; must divide width.
+      mlp_dim: MLP hidden width; None = 4 * width.
+      act: MLP activation: "gelu", "gelu_tanh", "quick_gelu", "relu", "silu" or
+        "swiglu".
+      norm_eps: epsilon of every LayerNorm (1e-12, as Hugging Face AST).
+      pool: "cls_dist" (mean of the class and distillation tokens), "cls", "gap"
+        (mean of the patch tokens) or "none" (pooled = None).
+      embed_dim: size E of a linear projection of the pooled vector; None for no
+        projection (pooled is `[B, width]`).
+      proj_bias: bias of the output projection.
+      scan: run the blocks as one `nn.scan` (params `layers` with a leading depth
+        axis, else `layers_0..`): the same numbers, compile time flat in depth.
+      remat: `jax.checkpoint` policy per block: "none", "full", "dots",
+        "dots_no_batch" or "save_everything".
+      attention: attention implementation: "xla", "cudnn" (GPU) or None (JAX picks).
+      dtype: compute dtype (params stay float32; the log-mel is float32); in a
+        model config, `model.dtype` unless this section sets it.
+      spec_augment: keyword arguments of `mmjax.models.audio.spec_augment`
+        (time_masks, time_width, freq_masks, freq_width, fill), applied to
+        waveform inputs in training only (calls with an "augment" rng); None = off.
     """
     sample_rate: int = 16000
     clip_seconds: float = 10.0

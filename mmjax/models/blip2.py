@@ -33,11 +33,28 @@ from mmjax.models.towers import build_tower
 
 
 class Blip2Stage1(nn.Module):
-    """Fields: `image` (ViT kwargs), `qformer` (QFormer kwargs), `embed_dim`
-    (ITC space, 256), `dec_id` (the [DEC] token id), `pad_id`,
-    `temp_init` (0.07), `freeze_image` (stop gradients at the ViT output, as
-    BLIP-2 keeps the image encoder frozen), `cached_decode`/`cache_len` (KV-cache
-    mode of the ITG head and its text length, None = the Q-Former's max_len)."""
+    """BLIP-2 stage-1 model: media tower + Q-Former with ITC, ITM and ITG heads.
+
+    Fields:
+      image: the media tower's config section (`kind` and its class's keyword
+        arguments, as in `TwoTower`); all its tokens feed the Q-Former.
+      qformer: `QFormer` keyword arguments; its `decode` and `cache_len` are set
+        from the fields below.
+      embed_dim: ITC embedding size (the query and text projections; 256 in BLIP-2).
+      dec_id: the [DEC] token id written over text position 0 for ITG; must be
+        below `qformer.vocab_size`.
+      pad_id: text padding id: pad keys are masked in the Q-Former's text passes
+        and the ITG loss ignores pad targets.
+      temp_init: initial ITC temperature (logits = similarity / temp), a parameter
+        kept in [0.001, 0.5] after every update.
+      freeze_image: stop gradients at the tower's output, as BLIP-2 keeps the
+        image encoder frozen (`optim.freeze` keeps its parameters untrained).
+      dtype: compute dtype of the tower, Q-Former and heads (params stay
+        float32), unless a section sets its own `dtype`.
+      cached_decode: KV-cache mode of the ITG head for incremental captioning
+        (the captioning evaluator sets it by `clone`).
+      cache_len: text length of that cache in tokens (None = the Q-Former's max_len).
+    """
     image: dict
     qformer: dict
     embed_dim: int = 256

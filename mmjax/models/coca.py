@@ -30,11 +30,30 @@ from mmjax.models.towers import build_tower
 
 
 class CoCa(nn.Module):
-    """Fields: `image` (ViT kwargs; its pool is forced to "none"), `text`
-    (TextEncoder kwargs), `decoder` (CaptionDecoder kwargs), `embed_dim`,
-    `caption_queries` (image tokens given to the decoder), `pooler_heads`,
-    `cached_decode`/`cache_len` (KV-cache mode of the text path and its length,
-    None = the text tower's max_len)."""
+    """CoCa image-text model (see the module docstring).
+
+    Fields:
+      image: the media tower's config section (`kind` and its class's keyword
+        arguments, as in `TwoTower`); its `pool` is forced to "none" and its
+        `embed_dim` to None: the attentional pooler reads all its tokens.
+      text: `TextEncoder` keyword arguments (causal, EOS pooling); its `embed_dim`,
+        `decode` and `cache_len` are set from the fields below.
+      decoder: `CaptionDecoder` keyword arguments; `decode` and `cache_len` are
+        set from the fields below.
+      embed_dim: contrastive embedding size E (image projection and text tower).
+      caption_queries: image tokens given to the decoder: the attentional pooler
+        has 1 + caption_queries queries, the first one is the contrastive one.
+      pooler_heads: attention heads of the attentional pooler; must divide the
+        image tower's width.
+      max_log_scale: upper bound of the log-scale (init log(1/0.07)), applied to
+        the parameter after every optimizer update (None = no bound).
+      dtype: compute dtype of the towers, pooler and decoder (params stay
+        float32; embeddings are float32), unless a section sets its own `dtype`.
+      cached_decode: KV-cache mode of the text tower and the decoder for
+        incremental captioning (the captioning evaluator sets it by `clone`).
+      cache_len: length of those caches in tokens, prefix included (None = the
+        text tower's max_len).
+    """
     image: dict
     text: dict
     decoder: dict

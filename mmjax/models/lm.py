@@ -151,19 +151,33 @@ class DecoderLM(nn.Module):
     """Llama-style decoder-only LM.
 
     Fields:
-      vocab_size, width, depth, num_heads, mlp_dim: model size.
-      num_kv_heads: key/value heads for grouped-query attention (None = num_heads).
+      vocab_size: vocabulary size V (token embedding rows and logits).
+      width: hidden width D.
+      depth: number of decoder blocks.
+      num_heads: query attention heads.
+      mlp_dim: hidden width of the SwiGLU MLP.
+      num_kv_heads: key/value heads for grouped-query attention; must divide
+        num_heads (None = num_heads).
       head_dim: per-head width (None = width // num_heads).
-      norm_eps, rope_theta: RMSNorm epsilon and RoPE base.
-      max_len: context length the weights were trained for (the default cache size).
+      norm_eps: RMSNorm epsilon.
+      rope_theta: RoPE base (frequencies theta^(-2i/head_dim)).
+      max_len: context length the weights were trained for; only the default
+        cache size (inputs are not checked against it).
       tie_embeddings: LM head = transposed token embedding.
-      scan, remat: `nn.scan` over layers (params `layers` with a leading depth
-        axis; unrolled params are `layers_0..`) and a `jax.checkpoint` policy.
+      scan: `nn.scan` over layers (params `layers` with a leading depth axis;
+        unrolled params are `layers_0..`).
+      remat: `jax.checkpoint` policy per block: "none", "full", "dots",
+        "dots_no_batch" or "save_everything".
       attention: "xla", "cudnn" or None (see `layers.dot_product_attention`).
-      dtype: compute dtype (params stay float32; logits are float32).
-      decode, cache_len: KV-cache mode and its buffer length (None = max_len).
-        The caller keeps every row's tokens within cache_len: inside jit a
-        write past the end cannot be detected (`generate` sizes it itself).
+      dtype: compute dtype (params stay float32; logits are float32); in a
+        VisionLM config, `model.dtype` unless this section sets it.
+      init_std: standard deviation of the normal init of the token embedding and
+        every kernel (attention, MLP, LM head).
+      decode: KV-cache mode (incremental decoding); `generate` turns it on by
+        `clone`, so a training config leaves it False.
+      cache_len: the KV-cache buffer length in tokens (None = max_len). The
+        caller keeps every row's tokens within cache_len: inside jit a write
+        past the end cannot be detected (`generate` sizes it itself).
     """
     vocab_size: int = 32000
     width: int = 4096

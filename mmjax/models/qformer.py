@@ -152,11 +152,33 @@ class QFormer(nn.Module):
     Fields follow BERT-base by default: width 768, 12 layers, 12 heads, MLP
     3072, LayerNorm eps 1e-12, exact GELU; 32 queries; cross-attention every
     2nd layer; `vocab_size`/`max_len` for the text side.
-    With `scan=True` the layers are scanned in groups of `cross_attention_freq`
-    (requires depth % freq == 0); params live under `groups` with a leading
-    axis, otherwise under `layers_i`.
-    `decode`/`cache_len` (None = max_len): KV-cache mode of the causal text
-    path (module docstring).
+
+    Fields:
+      num_queries: learned query tokens Q (the image side's output is `[B, Q, width]`).
+      width: hidden width D of queries and text.
+      depth: number of layers.
+      heads: attention heads (self- and cross-attention); must divide width.
+      mlp_dim: hidden width of the FFNs (one for query positions, one for text).
+      cross_attention_freq: cross-attention to the image features in layers 0,
+        f, 2f, ... (f = this; 1 = every layer).
+      vocab_size: text vocabulary (word embeddings and the tied ITG LM head;
+        30523 = BERT's 30522 + [DEC]).
+      max_len: text positions (learned position embedding); longer text is an error.
+      act: activation of the FFNs and of the LM head's transform: "gelu",
+        "gelu_tanh", "quick_gelu", "relu" or "silu" (no "swiglu").
+      norm_eps: epsilon of every LayerNorm (post-norm layers, embeddings, LM head).
+      scan: scan the layers in groups of `cross_attention_freq` (requires
+        depth % freq == 0): params live under `groups` with a leading axis,
+        otherwise under `layers_i`.
+      remat: `jax.checkpoint` policy per layer (per group with `scan`): "none",
+        "full", "dots", "dots_no_batch" or "save_everything" (not in decode mode).
+      attention: attention implementation: "xla", "cudnn" (GPU) or None (JAX picks).
+      dtype: compute dtype (params stay float32; LM logits are float32); in a
+        model config, `model.dtype` unless this section sets it.
+      decode: KV-cache mode of the causal (ITG) text path (module docstring);
+        Blip2Stage1 sets it from `model.cached_decode`.
+      cache_len: text slots of that cache (None = max_len; at most max_len), plus
+        num_queries slots for the queries; Blip2Stage1 sets it from `model.cache_len`.
     """
     num_queries: int = 32
     width: int = 768

@@ -47,16 +47,39 @@ class TextEncoder(nn.Module):
     """Text Transformer encoder.
 
     Fields:
-      vocab_size, max_len: vocabulary and context length (learned positions).
-      width, depth, heads, mlp_dim, act, norm_eps: Transformer size.
+      vocab_size: rows of the token embedding (the tokenizer's ids must be below it).
+      max_len: context length: rows of the learned position embedding (longer
+        inputs are an error).
+      width: token width D.
+      depth: number of Transformer blocks.
+      heads: attention heads; must divide width.
+      mlp_dim: MLP hidden width; None = 4 * width.
+      act: MLP activation: "gelu", "gelu_tanh", "quick_gelu" (CLIP), "relu",
+        "silu" or "swiglu".
+      norm_eps: epsilon of every LayerNorm (blocks and the final `ln_final`).
       causal: causal self-attention (CLIP) or bidirectional (BERT/SigLIP).
       mask_padding: mask pad keys in attention (SigLIP attends to pads).
-      pool: "eos", "last", "cls" (first token) or "none".
-      eos_id, pad_id: token ids used for pooling and padding masks.
-      embed_dim / proj_bias: output projection (None = none).
-      decode, cache_len: KV-cache mode (causal only; see the module docstring)
-        and its length (None = max_len). In decode mode no pooling is done:
-        the call returns `(None, tokens [B, T, D])` for the new tokens.
+      pool: "eos" (each row's first `eos_id`, else its last non-pad token),
+        "last" (position L-1), "cls" (first token) or "none" (pooled = None).
+      eos_id: the token "eos" pooling reads; None = each row's highest id
+        (legacy CLIP, whose EOT is the largest id).
+      pad_id: padding token id: pad keys are masked with `mask_padding`, "eos"
+        pooling's fallback skips pads, CoCa's caption loss ignores pad targets.
+      embed_dim: size E of a linear projection of the pooled vector; None for no
+        projection (CoCa sets it to `model.embed_dim`).
+      proj_bias: bias of the output projection.
+      scan: run the blocks as one `nn.scan` (params `layers` with a leading depth
+        axis, else `layers_0..`): the same numbers, compile time flat in depth.
+      remat: `jax.checkpoint` policy per block: "none", "full", "dots",
+        "dots_no_batch" or "save_everything" (not applied in decode mode).
+      attention: attention implementation: "xla", "cudnn" (GPU) or None (JAX picks).
+      dtype: compute dtype (params stay float32); in a model config, `model.dtype`
+        unless this section sets it.
+      decode: KV-cache mode (causal only; see the module docstring): no pooling,
+        the call returns `(None, tokens [B, T, D])` for the new tokens. CoCa
+        sets it from `model.cached_decode`.
+      cache_len: KV-cache length in tokens (None = max_len; at most max_len).
+        CoCa sets it from `model.cache_len`.
     """
     vocab_size: int = 49408
     max_len: int = 77
@@ -154,6 +177,28 @@ class CaptionDecoder(nn.Module):
 
     `decode=True, cache_len=S`: incremental decoding (module docstring);
     `image_tokens` are needed on the first call only (None afterwards).
+
+    Fields:
+      vocab_size: size V of the output logits (the `lm_head` projection).
+      width: should equal the text tower's width: the blocks run at the width D
+        of their input `text`, this only sets the default `mlp_dim`.
+      depth: number of decoder blocks.
+      heads: attention heads (self- and cross-attention); must divide D.
+      mlp_dim: MLP hidden width; None = 4 * width.
+      act: MLP activation: "gelu", "gelu_tanh", "quick_gelu", "relu", "silu" or
+        "swiglu".
+      norm_eps: epsilon of every LayerNorm (blocks and the final `ln_final`).
+      scan: run the blocks as one `nn.scan` (params `layers` with a leading depth
+        axis, else `layers_0..`).
+      remat: `jax.checkpoint` policy per block: "none", "full", "dots",
+        "dots_no_batch" or "save_everything" (not applied in decode mode).
+      attention: attention implementation: "xla", "cudnn" (GPU) or None (JAX picks).
+      dtype: compute dtype (params stay float32); in a model config, `model.dtype`
+        unless this section sets it.
+      decode: KV-cache mode (incremental decoding); CoCa sets it from
+        `model.cached_decode`.
+      cache_len: cache length in tokens, prefix included (required in decode
+        mode); CoCa sets it to `model.cache_len`, else the text tower's max_len.
     """
     vocab_size: int = 49408
     width: int = 512

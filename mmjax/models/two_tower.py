@@ -43,11 +43,16 @@ class TwoTower(nn.Module):
         "ast", "video_vit"; see `mmjax.models.towers`) and the keyword
         arguments of its class (`ViT`, `AST`, `VideoViT`).
       text: keyword arguments of `TextEncoder`.
-      contrastive: "softmax" (CLIP: log-scale init log(1/0.07), kept in [0, log 100])
-        or "sigmoid" (SigLIP: t = log 10, b = -10, never clamped, as in big_vision).
-      scale_init, bias_init: override the head's initial log-scale / bias.
+      contrastive: "softmax" (CLIP: log-scale init log(1/0.07), kept in [0,
+        max_log_scale]) or "sigmoid" (SigLIP: t = log 10, b = -10, never clamped,
+        as in big_vision).
+      scale_init: initial log-scale t (scale = exp(t)); None = log(1/0.07)
+        (softmax) or log 10 (sigmoid).
+      bias_init: initial logit bias of the sigmoid head (None = -10); unused by softmax.
       max_log_scale: upper bound of the softmax head's log-scale, applied to the
         parameter after every optimizer update (`param_bounds`; None = no bound).
+      dtype: compute dtype of both towers (params stay float32; embeddings and
+        head are float32), unless a tower's section sets its own `dtype`.
     """
     image: dict
     text: dict

@@ -56,15 +56,45 @@ _VIT_FIELDS = tuple(f.name for f in dataclasses.fields(ViT) if f.name not in ("p
 
 
 class VideoViT(ViT):
-    """CLIP4Clip video tower. Fields: every `ViT` field (the per-frame encoder), plus
+    """CLIP4Clip video tower.
 
-      num_frames: frames per clip the frame position embedding covers (inputs
-        may have fewer).
-      temporal: "mean" (meanP) or "transformer" (seqTransf).
-      temporal_depth, temporal_heads: size of the temporal Transformer.
+    Fields (those of `ViT` configure the per-frame encoder, as in `ViT`):
+      image_size: frame height and width in pixels (square; `data.train.image_size`
+        must match); a multiple of `patch_size`.
+      patch_size: patch side in pixels: (image_size / patch_size)^2 tokens per frame.
+      width: token width D of the frame ViT.
+      depth: number of Transformer blocks of the frame ViT.
+      heads: attention heads of the frame ViT (and its MAP head); must divide width.
+      mlp_dim: MLP hidden width of the frame ViT; None = 4 * width (the temporal
+        blocks always use 4E).
+      act: MLP activation of the frame ViT and the temporal blocks: "gelu",
+        "gelu_tanh", "quick_gelu", "relu", "silu" or "swiglu".
+      norm_eps: epsilon of every LayerNorm (frame ViT and temporal blocks).
+      pool: the frame's pooled vector fed to the temporal model: "cls", "gap" or
+        "map" (as in `ViT`); "none": no temporal model, tokens = all frames' tokens.
+      posemb: the frame ViT's patch position embedding: "learned", "sincos2d" or "none".
+      ln_pre: LayerNorm after the frame ViT's embeddings (CLIP).
+      ln_post: final LayerNorm over the frame ViT's tokens.
+      patch_bias: bias in the patch embedding (CLIP has none).
+      embed_dim: size E of the projection of each frame's pooled vector (the
+        temporal model's width); None = no projection (E = width).
+      proj_bias: bias of that projection.
+      scan: `nn.scan` over the frame ViT's blocks (the temporal blocks are never scanned).
+      remat: `jax.checkpoint` policy per block (frame ViT and temporal): "none",
+        "full", "dots", "dots_no_batch" or "save_everything".
+      attention: attention implementation: "xla", "cudnn" (GPU) or None (JAX picks).
+      dtype: compute dtype (params stay float32); in a model config, `model.dtype`
+        unless this section sets it.
+      num_frames: frames per clip (`data.train.num_frames` must match); with
+        `temporal="transformer"` the length of `frame_posemb`: no more frames.
+      temporal: "mean" (meanP: mean of the frame embeddings) or "transformer"
+        (seqTransf: temporal blocks with a residual, then the mean).
+      temporal_depth: number of temporal Transformer blocks (`temporal="transformer"`).
+      temporal_heads: attention heads of the temporal blocks; must divide E.
       center_frames: the temporal blocks see per-clip centred, unit-RMS frame
         embeddings and `frame_posemb` starts at std 1 (module docstring).
-      normalize_frames: L2-normalize frame embeddings before the mean.
+      normalize_frames: L2-normalize each frame's embedding (after the temporal
+        model) before the mean; `tokens` are the normalized embeddings.
 
     Returns `(pooled [B, E], tokens [B, T, E])`, or `(None, [B, T*N, D])` with
     `pool="none"`.

@@ -27,20 +27,35 @@ class ViT(nn.Module):
     """Vision Transformer.
 
     Fields:
-      image_size, patch_size: input resolution and patch side (pixels).
-      width, depth, heads, mlp_dim: Transformer size.
-      act: MLP activation ("gelu", "gelu_tanh", "quick_gelu", "swiglu").
+      image_size: input height and width in pixels (square images of exactly this
+        size; `data.train.image_size` must match); a multiple of `patch_size`.
+      patch_size: patch side in pixels: (image_size / patch_size)^2 patch tokens.
+      width: token width D (patch embedding, blocks and `tokens` output).
+      depth: number of Transformer blocks.
+      heads: attention heads of the blocks and the MAP head; must divide width.
+      mlp_dim: hidden width of the blocks' (and the MAP head's) MLP; None = 4 * width.
+      act: MLP activation: "gelu" (exact), "gelu_tanh", "quick_gelu" (CLIP),
+        "relu", "silu" or "swiglu" (gated MLP).
+      norm_eps: epsilon of every LayerNorm of the tower (blocks, ln_pre, ln_post,
+        MAP head).
       pool: "cls" (class token), "gap" (mean of patch tokens), "map"
         (attention-pooling head) or "none" (pooled = None).
-      posemb: "learned" or "sincos2d".
-      ln_pre: LayerNorm after the embeddings (CLIP).
-      ln_post: final LayerNorm over all tokens.
+      posemb: "learned" (trained, one per token, class token included),
+        "sincos2d" (fixed 2-D sin-cos over the patch grid; width % 4 == 0) or "none".
+      ln_pre: LayerNorm after the embeddings, before the blocks (CLIP).
+      ln_post: final LayerNorm over all tokens (before pooling).
       patch_bias: bias in the patch embedding (CLIP has none).
-      embed_dim: output projection size; None for no projection.
+      embed_dim: size E of a linear projection of the pooled vector; None for no
+        projection (pooled is `[B, width]`).
       proj_bias: bias of the output projection.
-      scan / remat: `nn.scan` over blocks and the `jax.checkpoint` policy name.
-      attention: `jax.nn.dot_product_attention` implementation.
-      dtype: compute dtype (params stay float32).
+      scan: run the blocks as one `nn.scan` (params `layers` with a leading depth
+        axis, else `layers_0..`): the same numbers, compile time flat in depth.
+      remat: `jax.checkpoint` policy per block: "none", "full" (recompute
+        everything), "dots", "dots_no_batch" or "save_everything".
+      attention: attention implementation: "xla" (any device), "cudnn" (GPU
+        fused kernel) or None (JAX picks).
+      dtype: compute dtype (params stay float32); in a model config, `model.dtype`
+        unless this section sets it.
 
     Returns `(pooled [B, E] or [B, D], tokens [B, N(+1), D])`; tokens are after
     `ln_post` and include the class token first when `pool == "cls"`.

@@ -97,16 +97,21 @@ class VisionLM(nn.Module):
     Fields:
       image: the media tower's config section: `kind` ("vit", the default;
         "ast", "video_vit") and the keyword arguments of its class (`ViT`,
-        `AST`, `VideoViT`). lm: DecoderLM kwargs. qformer: QFormer kwargs
-        (connector "qformer").
-      connector: "qformer" | "mlp".
+        `AST`, `VideoViT`).
+      lm: `DecoderLM` keyword arguments; its `width` is the connector's output width.
+      qformer: `QFormer` keyword arguments; needed by connector "qformer" only.
+      connector: "qformer" (BLIP-2: Q-Former queries, then a linear projection)
+        or "mlp" (LLaVA-1.5: 2-layer GELU MLP on the tower tokens, the class
+        token dropped when the tower pools with "cls").
       image_token_id: id of the `<image>` placeholder in the text (None: image
         tokens always go first). It must be < lm.vocab_size (never predicted:
         it carries no loss).
-      pad_id: text padding id.
+      pad_id: text padding id: pad tokens are not attended and get no loss.
       freeze_image: stop gradients at the media tower's output. Off by default: a
         tower listed in `optim.freeze` gets no gradient work at all (the
         train step differentiates trained parameters only).
+      dtype: compute dtype of the tower, connector and LM (params stay float32;
+        logits are float32), unless a section sets its own `dtype`.
     """
     image: dict
     lm: dict
