@@ -1,4 +1,22 @@
-"""Test-session setup: 8 simulated CPU devices, set before jax starts, and one
+"""Test-session setup and the fixtures shared by the test modules.
+
+Layout: the tests of `mmjax/<folder>/<module>.py` are in `tests/<folder>/`
+(`mmjax/models/ops/` -> `tests/models/ops/`), in `test_<module>.py` or, for a
+part of it, `test_<module>_<part>.py` (`mmjax/data/tario.py` ->
+`tests/data/test_tario.py`; `mmjax/train/step.py` -> `tests/train/test_step.py`,
+`test_step_state.py`, `test_step_multihost.py`); a file that exercises several
+modules sits with the one it mainly tests. The launch scripts' tests are in
+`tests/launch/`; the top-level modules' (`mmjax/registry.py`) and the package
+layout's (`test_layout.py`) in `tests/` itself. There are no `__init__.py`
+files: every test file's basename is unique across the tree.
+
+Shared code: fixtures here (`mmjax_cache`, `mmjax_cache_dir`, `subprocess_env`,
+`tiny_run`); plain helpers in `_helpers.py` (repository paths, the recipes,
+`mesh_trainer`, `checkpoint_steps`, ...), webdataset shards in `_shards.py`,
+multi-process runs in `_local.py`, imported as `from _helpers import ...`
+(pytest puts tests/, this file's folder, on `sys.path`).
+
+Session setup: 8 simulated CPU devices, set before jax starts, and one
 persistent XLA compilation cache for the session.
 
 Single-device computations run on device 0; sharding tests build meshes over
@@ -25,13 +43,15 @@ import tempfile
 
 import pytest
 
+from _helpers import ROOT
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flag = "--xla_force_host_platform_device_count=8"
 if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 
-FULL_OPTIMIZATION = {"test_tpu_compile", "test_bench", "test_linear", "test_losses_sharded",
-                     "test_xla_shard_swap", "test_eval_runner"}
+FULL_OPTIMIZATION = {"test_tpu_compile", "test_bench", "test_matmul", "test_losses_sharded",
+                     "test_xla_shard_swap", "test_eval"}
 _FAST_COMPILE = os.environ.get("MMJAX_TEST_FULL_XLA", "") in ("", "0")
 if _FAST_COMPILE:  # read at `import jax`, here and in the `mmjax` subprocesses of tests
     os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
@@ -83,7 +103,32 @@ def pytest_unconfigure(config):
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
+def mmjax_cache_dir(tmp_path_factory) -> str:
+    """The session's cache of built-in shards (a `MMJAX_CACHE` folder; one per
+    pytest-xdist worker): the tests that train on the built-in data share it,
+    so each set is written once."""
+    return str(tmp_path_factory.getbasetemp() / "mmjax_cache")
+
+
+@pytest.fixture
+def mmjax_cache(mmjax_cache_dir, monkeypatch) -> str:
+    """`MMJAX_CACHE` set to `mmjax_cache_dir` for the test (for a whole module:
+    `pytestmark = pytest.mark.usefixtures("mmjax_cache")`); returns the folder."""
+    monkeypatch.setenv("MMJAX_CACHE", mmjax_cache_dir)
+    return mmjax_cache_dir
+
+
+@pytest.fixture
+def subprocess_env(mmjax_cache) -> dict:
+    """Environment of an `mmjax` child process (`python -m mmjax.cli ...`): this
+    checkout on PYTHONPATH, the session's built-in shard cache, CPU only, and
+    no XLA_FLAGS (one CPU device, not the 8 simulated ones of this process)."""
+    return {**os.environ, "PYTHONPATH": ROOT, "MMJAX_CACHE": mmjax_cache, "XLA_FLAGS": "",
+            "JAX_PLATFORMS": "cpu"}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, mmjax_cache_dir):
     """`tiny_run(recipe) -> (workdir, result)`: `mmjax.train.loop.train` of
     `recipe:tiny` (a configs/ file path), run once per session and shared by the
     tests that only read its workdir (metrics, checkpoints, stage-1 sources)."""
@@ -96,7 +141,7 @@ def tiny_run(tmp_path_factory):
             from mmjax.train.loop import train
             workdir = tmp_path_factory.mktemp(os.path.basename(key)[:-3])
             with pytest.MonkeyPatch.context() as mp:
-                mp.setenv("MMJAX_CACHE", str(tmp_path_factory.getbasetemp() / "mmjax_cache"))
+                mp.setenv("MMJAX_CACHE", mmjax_cache_dir)
                 runs[key] = (workdir, train(load_config(f"{key}:tiny"), str(workdir)))
         return runs[key]
 

@@ -11,6 +11,7 @@ import jax
 
 from mmjax.commands.util import error_text, fail, split_overrides, user_errors
 from mmjax.config import load_config
+from mmjax.config.schema import check_model
 from mmjax.errors import UserError
 from mmjax.perf.bench import (aot_memory_report, aot_table, format_bench, mesh_overrides,
                               run_bench)
@@ -53,6 +54,7 @@ def _aot_command(args, overrides: list[str], argv: list[str]) -> int:
         return subprocess.run([sys.executable, "-m", "mmjax.cli", "bench", *argv], env=env,
                               check=False).returncode
     config = load_config(args.config, overrides + mesh_overrides(args.mesh, args.batch))
+    check_model(config)
     devices = jax.devices()[:wanted] if wanted else None
     report = aot_memory_report(config, devices)
     print(f"AOT compile of the train step on {report['devices']} {jax.devices()[0].platform} "
@@ -72,6 +74,7 @@ def bench_command(argv: list[str]) -> int:
             raise UserError("--devices and --mesh go with --aot; to time on another mesh use "
                             "--config.mesh.data=... --config.mesh.fsdp=...")
         config = load_config(args.config, overrides + mesh_overrides(None, args.batch))
+        check_model(config)
         result = run_bench(config, args.steps, args.warmup, args.peak_flops,
                            pipeline=not args.no_pipeline)
     except user_errors() as e:

@@ -52,9 +52,11 @@ def compile_command(argv: list[str]) -> int:
     jax.config.update("jax_enable_compilation_cache", False)
     try:
         from mmjax.config import load_config
+        from mmjax.config.schema import check_model
         target = parse_target(args.target)
         hbm_bytes(target, args.hbm_gib)  # a bad XLA_CLIENT_MEM_FRACTION: usage error, first
         config = load_config(args.config, overrides)
+        check_model(config)
         if args.max_batch:
             best, reports = max_batch(config, target, args.hbm_gib)
             report = next((r for r in reversed(reports) if r["batch"] == best), reports[-1])

@@ -8,7 +8,7 @@ import os
 from mmjax.commands.util import error_text, fail, split_overrides, user_errors
 from mmjax.config import load_config
 from mmjax.config.schema import help_config
-from mmjax.train.loop import train
+from mmjax.train import loop
 
 DEFAULT_CONFIG = "clip_tiny"
 
@@ -40,7 +40,7 @@ def train_command(argv: list[str]) -> int:
             return 0
         name = os.path.basename(args.config.split(":")[0]).removesuffix(".py")
         workdir = args.workdir or os.path.join("mmjax_runs", name)
-        result = train(config, workdir)
+        result = loop.train(config, workdir)
     except user_errors() as e:
         return fail(error_text(e))
     import jax

@@ -7,11 +7,14 @@ that involve several keys, run when a config is loaded (`load_config`) and when
   `--config.KEY=VALUE` of an unknown key is an error with close matches, and a
   value of another type is an error (`mmjax.config.loading`).
 - Ranges: `NUMERIC_KEYS` (and every model size is an integer >= 1).
-- Cross-key checks (`check_config`): the family of `model.name` and its model's
-  fields, the tower of `model.image.kind` and its media decoder and built-in
-  data, the data keys the tower's input fixes, objectives x family, evaluators x
-  family, the tokenizer's vocabulary x the model's, and `optim.freeze` /
-  `init` prefixes x the model's parameters.
+- Cross-key checks: `check_config` (when a config loads; no files, no JAX): the
+  family of `model.name` and its model's fields, the tower of `model.image.kind`
+  and its media decoder and built-in data, the data keys the tower's input fixes,
+  objectives x family, evaluators x family; `check_model` (when `train` starts,
+  after a multi-process job joined; `mmjax bench` and `compile` too): the
+  tokenizer's vocabulary x the model's, the family's own checks (both towers'
+  embedding width, a pooled tower), `optim.freeze` / `init` prefixes x the
+  model's parameters, traced without allocating anything.
 - `help_config(config)` lists a recipe's keys with values and descriptions
   (`mmjax train --help-config`).
 """
@@ -172,9 +175,9 @@ def enabled_evaluators(config: Any) -> list[str]:
 
 
 def check_config(config: Any) -> None:
-    """Every check of a config that needs no data and no compile; ConfigError naming
-    the keys. Builds the model module (cheap: no parameters) and, when
-    `optim.freeze` or `init` name parameters, traces its init (shapes only)."""
+    """The checks of a config that need neither files nor JAX (so they run before a
+    multi-process job joins); ConfigError naming the keys. Builds the model module
+    (a dataclass: no parameters). `check_model` does the rest."""
     from mmjax.data import builtin as builtin_lib
     from mmjax.data import media as media_lib
     from mmjax.families import get_family
@@ -194,7 +197,6 @@ def check_config(config: Any) -> None:
             raise ConfigError(f"config.data.train.{key}={data.get(key)!r} but the model's "
                               f"{media} tower reads {value!r} (model.image); set "
                               f"--config.data.train.{key}={value}.")
-    family.check_config(config)
     evaluators = enabled_evaluators(config)
     builtin = ["data.train.shards"] if data.get("shards") == "synthetic" else []
     builtin += [f"evals.{n}.shards" for n in evaluators if config.evals[n].shards == "synthetic"]
@@ -202,11 +204,22 @@ def check_config(config: Any) -> None:
         raise ConfigError(f"config.{builtin[0]}='synthetic': there is no built-in data for the "
                           f"model's {media} tower (have {sorted(builtin_lib.BUILTIN)}); give "
                           "shard paths.")
+
+
+def check_model(config: Any) -> None:
+    """The checks that read the tokenizer or trace the model (shapes only, nothing
+    allocated, but JAX starts its backend: in a multi-process job this runs after
+    the processes joined): the tokenizer's vocabulary x the model's, the family's
+    own checks (e.g. both towers' embedding width), `optim.freeze` and `init`
+    prefixes x the model's parameters. ConfigError naming the keys."""
+    from mmjax.families import get_family
+    from mmjax.models import build
     check_vocabulary(config)
+    get_family(config).check_config(config)
     prefixes = [("optim.freeze", p) for p in (config.optim.get("freeze") or [])]
     prefixes += [("init", p) for p in (config.get("init") or {})]
     if prefixes:
-        check_prefixes(config, model, prefixes)
+        check_prefixes(config, build(config.model), prefixes)
 
 
 def check_vocabulary(config: Any) -> None:

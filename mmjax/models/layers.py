@@ -60,7 +60,7 @@ def constrain(x: Array, names: Sequence[Optional[str]]) -> Array:
 # on (tower outputs, connector inputs and outputs, heads) pins them to one of
 # these, so the partitioner never has to infer a layout across a module: where
 # FSDP- and tensor-sharded weights meet, XLA's SPMD partitioner has been seen to
-# swap batch shards when left to choose (tests/test_xla_shard_swap.py).
+# swap batch shards when left to choose (tests/models/test_xla_shard_swap.py).
 TOKENS = ("act_batch", "act_length", "act_embed")     # [B, N, D]
 HIDDEN = ("act_batch", "act_length", "act_mlp")       # [B, N, F] between two matmuls
 POOLED = ("act_batch", "act_embed")                   # [B, D]

@@ -20,7 +20,7 @@ from mmjax.models import build
 from mmjax.train import sharding as shd
 from mmjax import workdir as wd
 from mmjax.train.checkpoint import Checkpointer
-from mmjax.config.schema import check_config
+from mmjax.config.schema import check_config, check_model
 from mmjax.errors import ConfigError
 from mmjax.config.loading import (all_differences, config_fingerprint,
                                       first_difference)
@@ -153,11 +153,12 @@ def train(config: Any, workdir: str) -> dict:
     process within seconds, each with one line (`multihost.fail_fast`).
     """
     setup_logging()
-    check_config(config)  # every config error before anything is built
+    check_config(config)  # config errors before anything is built or joined
     multihost.join(config)
     status = multihost.RunStatus()
     watch = multihost.PeerWatch(status, multihost.options(config)["peer_timeout_s"])
     try:
+        check_model(config)  # the tokenizer, traced shapes: before the workdir is touched
         workdir = wd.resolve(workdir)
         lock = lock_workdir(workdir)
         try:

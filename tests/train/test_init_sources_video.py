@@ -3,18 +3,12 @@ import jax
 import numpy as np
 import pytest
 
-from mmjax.models import build
-from mmjax.train import sharding as shd
 from mmjax.config.loading import load_config
 from mmjax.train.init_sources import restore_run_params
 from mmjax.train.loop import train
-from mmjax.train.optimizer import build_optimizer
-from mmjax.train.step import Trainer
+from mmjax.train.step import build_trainer
 
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("MMJAX_CACHE", str(tmp_path_factory.getbasetemp() / "mmjax_cache"))
+pytestmark = pytest.mark.usefixtures("mmjax_cache")
 
 
 def test_frame_vit_starts_from_an_image_text_run(tmp_path):
@@ -29,9 +23,7 @@ def test_frame_vit_starts_from_an_image_text_run(tmp_path):
         image = load_config("clip_b16:tiny", []).model.image.to_dict()
         config.model.image.update({k: v for k, v in image.items() if k not in ("kind",)})
         config.model.image.posemb = image.get("posemb", "learned")  # (the ViT default)
-    mesh = shd.make_mesh(config.mesh, jax.devices()[:1])
-    tx, schedule = build_optimizer(config.optim, int(config.total_steps))
-    state = Trainer(config, build(config.model), tx, schedule, mesh).init_state(0)
+    state = build_trainer(config, jax.devices()[:1]).init_state(0)
     frame = jax.device_get(state["params"]["image_tower"]["frame"])
     want = source["image_tower"]
     assert jax.tree.structure(frame) == jax.tree.structure(want)

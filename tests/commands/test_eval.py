@@ -4,27 +4,26 @@ import os
 
 import pytest
 
+from _helpers import cli_error_line
 from mmjax import cli
 from mmjax.config.loading import load_config
 from mmjax.train.loop import train
 
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("MMJAX_CACHE", str(tmp_path_factory.getbasetemp() / "mmjax_cache"))
+pytestmark = pytest.mark.usefixtures("mmjax_cache")
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, mmjax_cache_dir):
     """A short clip_tiny run on the built-in data (small, so the test stays quick)."""
-    os.environ["MMJAX_CACHE"] = str(tmp_path_factory.getbasetemp() / "mmjax_cache")
     workdir = tmp_path_factory.mktemp("clip_tiny")
     overrides = ["total_steps=150", "batch_size=64", "log_every=50", "checkpoint_every=75",
                  "synthetic.train_samples=3000", "synthetic.test_samples=240",
                  "synthetic.samples_per_shard=500", "data.train.workers=0",
                  "optim.warmup_steps=20"]
     config = load_config("clip_tiny", overrides)
-    result = train(config, str(workdir))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MMJAX_CACHE", mmjax_cache_dir)
+        result = train(config, str(workdir))
     return workdir, result, overrides
 
 
@@ -48,22 +47,15 @@ def test_runner_reproduces_training_accuracy(trained, capsys):
     assert os.path.exists(os.path.join(workdir, "eval", "step_75.json"))
 
 
-def _one_line_error(argv, capsys):
-    assert cli.main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    return err[0]
-
-
 def test_missing_step_is_one_line(trained, capsys):
     workdir, _, overrides = trained
-    msg = _one_line_error(["eval", "--config", "clip_tiny", "--workdir", str(workdir),
-                           "--step", "99"] + [f"--config.{o}" for o in overrides], capsys)
+    msg = cli_error_line(["eval", "--config", "clip_tiny", "--workdir", str(workdir),
+                          "--step", "99"] + [f"--config.{o}" for o in overrides], capsys)
     assert "step 99" in msg and "75" in msg and "150" in msg
 
 
 def test_workdir_without_checkpoint_is_one_line(tmp_path, capsys):
-    msg = _one_line_error(["eval", "--config", "clip_tiny", "--workdir", str(tmp_path)], capsys)
+    msg = cli_error_line(["eval", "--config", "clip_tiny", "--workdir", str(tmp_path)], capsys)
     assert "no checkpoint" in msg and str(tmp_path) in msg
 
 

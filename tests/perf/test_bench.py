@@ -10,17 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from _helpers import ROOT
 from mmjax import cli
 from mmjax.models import build
 from mmjax.config.loading import load_config
 from mmjax.families import get_family, model_train_flops
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("MMJAX_CACHE", str(tmp_path_factory.getbasetemp() / "mmjax_cache"))
+pytestmark = pytest.mark.usefixtures("mmjax_cache")
 
 
 def _value(text, label):

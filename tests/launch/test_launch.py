@@ -22,9 +22,9 @@ import yaml
 
 import mmjax.cli
 import mmjax.train.loop
+from _helpers import ROOT, process_alive
 from mmjax.config.loading import load_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch")
 # Values with characters a shell would mangle: braces, spaces, quotes.
 SHARDS = "/data/{00000..00099}.tar"
@@ -431,14 +431,6 @@ time.sleep(60)
 """
 
 
-def _alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def _start_local(tmp_path, fail):
     out = str(tmp_path / "c")
     proc = subprocess.Popen([sys.executable, "launch/local.py", "--processes", "2", "--grace",
@@ -462,7 +454,7 @@ def test_local_forwards_sigterm_and_leaves_no_process(tmp_path):
     assert proc.returncode == 0, stderr
     assert all(open(f"{out}_term{i}").read() == "TERM" for i in range(2))
     assert "SIGTERM received: passed to every process" in stderr
-    assert not any(_alive(p) for p in pids), [p for p in pids if _alive(p)]
+    assert not any(process_alive(p) for p in pids), [p for p in pids if process_alive(p)]
 
 
 def test_local_stops_the_others_when_one_fails(tmp_path):
@@ -475,7 +467,7 @@ def test_local_stops_the_others_when_one_fails(tmp_path):
     assert proc.returncode == 3, stderr
     assert "process 1 exited with status 3; stopping process 0" in stderr, stderr
     assert os.path.exists(f"{out}_term0")  # stopped by SIGTERM, its handler ran
-    assert not any(_alive(p) for p in pids), [p for p in pids if _alive(p)]
+    assert not any(process_alive(p) for p in pids), [p for p in pids if process_alive(p)]
 
 
 def test_local_reports_the_root_cause_not_its_consequence():

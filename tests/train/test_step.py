@@ -1,5 +1,4 @@
 """Trainer: sharded = unsharded, every recipe runs, LiT freezes, clear config errors."""
-import glob
 import json
 import os
 
@@ -7,21 +6,14 @@ import jax
 import numpy as np
 import pytest
 
+from _helpers import CONFIG_IDS, CONFIGS, cli_error_line, mesh_trainer
 from mmjax import cli
 from mmjax.families import get_family
-from mmjax.models import build
-from mmjax.train import sharding as shd
 from mmjax.train.checkpoint import Checkpointer
 from mmjax.config.loading import load_config
-from mmjax.train.optimizer import build_optimizer
-from mmjax.train.step import Trainer
+from mmjax.train.step import build_trainer
 
-CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.py")))
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("MMJAX_CACHE", str(tmp_path_factory.getbasetemp() / "mmjax_cache"))
+pytestmark = pytest.mark.usefixtures("mmjax_cache")
 
 
 def _batches(config, n, seed=0):
@@ -45,32 +37,11 @@ def _batches(config, n, seed=0):
     return out
 
 
-def _run(config, mesh_shape, steps=5):
-    n = int(np.prod(mesh_shape))
-    mesh = shd.make_mesh(dict(zip(shd.MESH_AXES, mesh_shape)), jax.devices()[:n])
-    model = build(config.model)
-    tx, schedule = build_optimizer(config.optim, int(config.total_steps))
-    trainer = Trainer(config, model, tx, schedule, mesh)
-    state = trainer.init_state(0)
-    losses = []
-    for batch in _batches(config, steps):
-        state, metrics = trainer.step(state, jax.device_put(batch, trainer.batch_sharding))
-        losses.append(float(metrics["loss"]))
-    return np.array(losses), jax.device_get(state["params"]), state
-
-
-def _trainer(config, mesh_shape):
-    n = int(np.prod(mesh_shape))
-    mesh = shd.make_mesh(dict(zip(shd.MESH_AXES, mesh_shape)), jax.devices()[:n])
-    tx, schedule = build_optimizer(config.optim, int(config.total_steps))
-    return Trainer(config, build(config.model), tx, schedule, mesh)
-
-
 def _host_state(config):
     """Host copy of the state initialized on one device, with `_perturbed`
     parameters: every mesh below starts from this very state (put onto its
     shardings), so no test compiles an init per mesh."""
-    state = jax.device_get(_trainer(config, (1, 1, 1)).init_state(0))
+    state = jax.device_get(mesh_trainer(config, (1, 1, 1)).init_state(0))
     state["params"] = _perturbed(state["params"])
     return state
 
@@ -79,7 +50,7 @@ def _grads(config, mesh_shape, batch, state, trainer=None):
     """Loss and gradients of the public step's objective on one mesh (host numpy),
     at the host `state` put onto that mesh's shardings (`trainer`: reuse its
     compiled function instead of building one for `mesh_shape`)."""
-    trainer = trainer or _trainer(config, mesh_shape)
+    trainer = trainer or mesh_trainer(config, mesh_shape)
     state = jax.device_put(state, trainer.state_sharding)
     loss, _, grads = trainer.grads(state, jax.device_put(batch, trainer.batch_sharding))
     return float(loss), jax.device_get(grads), trainer, state
@@ -161,7 +132,7 @@ def _leaf_errors(grads, ref):
 
 # Every recipe with its own `scan` setting (tiny sizes, float32); the (2, 2, 2) mesh
 # puts FSDP and tensor parallelism together, where XLA's partitioner once swapped
-# batch shards (tests/test_xla_shard_swap.py).
+# batch shards (tests/models/test_xla_shard_swap.py).
 GRAD_RECIPES = [("clip_b16", "tiny"), ("siglip_b16", "tiny"), ("lit_b16", "tiny"),
                 ("coca_b16", "tiny"), ("blip2_stage1", "tiny"), ("blip2_stage2", "tiny"),
                 ("llava", "finetune,tiny"), ("clap_tiny", "tiny"), ("video_clip_tiny", "tiny")]
@@ -239,7 +210,7 @@ def test_sharded_bfloat16_gradients_as_accurate_as_single_device():
                 assert err <= 1.3 * one[path][0] + 1e-3, (shape, path, err, one[path][0])
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=[os.path.basename(c)[:-3] for c in CONFIGS])
+@pytest.mark.parametrize("path", CONFIGS, ids=CONFIG_IDS)
 def test_every_recipe_runs_tiny(path, tiny_run):
     config = load_config(f"{path}:tiny")
     workdir, result = tiny_run(path)
@@ -262,9 +233,7 @@ def test_every_recipe_runs_tiny(path, tiny_run):
     # Frozen groups provably do not change; the rest does.
     frozen = list(config.optim.freeze)
     if frozen:
-        model = build(config.model)
-        tx, schedule = build_optimizer(config.optim, 3)
-        trainer = Trainer(config, model, tx, schedule, shd.make_mesh(config.mesh))
+        trainer = build_trainer(config)  # (config.total_steps is 3)
         init = jax.device_get(trainer.init_state(int(config.seed))["params"])
         ckpt = Checkpointer(str(workdir), async_save=False)
         final, _, step = trainer.restore(ckpt)
@@ -277,34 +246,28 @@ def test_every_recipe_runs_tiny(path, tiny_run):
             assert same == (group in frozen), group
 
 
-def _cli_error(args, capsys):
-    code = cli.main(args)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1, err
-    return err[0]
-
-
 def test_mistyped_config_key_is_one_line(capsys, tmp_path):
-    msg = _cli_error(["train", "--config", "clip_tiny:tiny", "--workdir", str(tmp_path),
-                      "--config.optim.lrr=0.1"], capsys)
+    msg = cli_error_line(["train", "--config", "clip_tiny:tiny", "--workdir", str(tmp_path),
+                          "--config.optim.lrr=0.1"], capsys)
     assert "config.optim.lrr" in msg and "config.optim.lr" in msg
 
 
 def test_missing_shard_pattern_is_one_line(capsys, tmp_path):
-    msg = _cli_error(["train", "--config", "clip_tiny:tiny", "--workdir", str(tmp_path),
-                      f"--config.data.train.shards={tmp_path}/nothing-{{000..009}}.tar"], capsys)
+    shards = f"{tmp_path}/nothing-{{000..009}}.tar"
+    msg = cli_error_line(["train", "--config", "clip_tiny:tiny", "--workdir", str(tmp_path),
+                          f"--config.data.train.shards={shards}"], capsys)
     assert "data.train.shards" in msg and "nothing-" in msg
 
 
 def test_workdir_of_another_config_is_one_line(capsys, tmp_path):
     assert cli.main(["train", "--config", "clip_tiny:tiny", "--workdir", str(tmp_path)]) == 0
     capsys.readouterr()
-    msg = _cli_error(["train", "--config", "clip_tiny:tiny", "--workdir", str(tmp_path),
-                      "--config.model.text.width=32"], capsys)
+    msg = cli_error_line(["train", "--config", "clip_tiny:tiny", "--workdir", str(tmp_path),
+                          "--config.model.text.width=32"], capsys)
     assert "another config" in msg and "config.model.text.width" in msg
 
 
 def test_tokenizer_larger_than_vocab_is_rejected(capsys, tmp_path):
-    msg = _cli_error(["train", "--config", "clip_tiny:tiny", "--workdir", str(tmp_path),
-                      "--config.model.text.vocab_size=100"], capsys)
+    msg = cli_error_line(["train", "--config", "clip_tiny:tiny", "--workdir", str(tmp_path),
+                          "--config.model.text.vocab_size=100"], capsys)
     assert "vocab_size" in msg

@@ -371,7 +371,7 @@ def test_two_tower_softmax_head():
     np.testing.assert_allclose(out["zimg"], zimg / np.linalg.norm(zimg, axis=-1, keepdims=True),
                                atol=1e-6)
     # The forward pass uses exp(t) as it is; the bound [0, log 100] is applied to the
-    # parameter after each update (tests/test_train_correctness.py).
+    # parameter after each update (tests/train/test_optimizer.py).
     for t in (6.0, 2.0):
         got = apply({**params, "log_scale": jnp.asarray(t)})["scale"]
         np.testing.assert_allclose(float(got), math.exp(t), rtol=1e-6)

@@ -32,16 +32,11 @@ def _losses(config, trainer, devices_rows):
 
 
 def _setup():
-    from mmjax.models import build
-    from mmjax.train import sharding as shd
     from mmjax.config.loading import load_config
-    from mmjax.train.optimizer import build_optimizer
-    from mmjax.train.step import Trainer
+    from mmjax.train.step import build_trainer
     import jax
     config = load_config("clip_tiny:tiny", ["batch_size=8", "mesh.data=2", "mesh.fsdp=2"])
-    mesh = shd.make_mesh(config.mesh, jax.devices()[:4])
-    tx, schedule = build_optimizer(config.optim, int(config.total_steps))
-    return config, Trainer(config, build(config.model), tx, schedule, mesh)
+    return config, build_trainer(config, jax.devices()[:4])
 
 
 def _child(out_dir):

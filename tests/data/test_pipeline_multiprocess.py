@@ -10,13 +10,14 @@ import time
 
 import numpy as np
 
+from _helpers import ROOT, TESTS
+
 NUM_SHARDS, PER_SHARD, LOCAL_BATCH, STEPS = 8, 4, 4, 2
 
 
 def _child(address: str, process_id: int, out_dir: str, pattern: str):
     os.environ["JAX_PLATFORMS"] = "cpu"
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-    sys.path.insert(0, os.path.dirname(__file__))
     import jax
     from jax.experimental import multihost_utils
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -56,9 +57,9 @@ def test_two_processes_disjoint_shards_and_global_batch(tmp_path):
     write_dataset(tmp_path, NUM_SHARDS, PER_SHARD)
     pattern = str(tmp_path / ("shard-{000..%03d}.tar" % (NUM_SHARDS - 1)))
     address = f"127.0.0.1:{portpicker.pick_unused_port()}"
+    # The repository and tests/ (for `_helpers`, `_shards`) on the children's path.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-         os.environ.get("PYTHONPATH", "")])}
+        [ROOT, TESTS, os.environ.get("PYTHONPATH", "")])}
     procs = [subprocess.Popen([sys.executable, __file__, address, str(i), str(tmp_path), pattern],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
              for i in range(2)]

@@ -11,9 +11,7 @@ from mmjax.config.loading import load_config  # noqa: E402
 from mmjax.convert.ast import load_ast  # noqa: E402
 from mmjax.models import build  # noqa: E402
 from mmjax.train import init_sources  # noqa: E402
-from mmjax.train import sharding as shd  # noqa: E402
-from mmjax.train.optimizer import build_optimizer  # noqa: E402
-from mmjax.train.step import Trainer  # noqa: E402
+from mmjax.train.step import build_trainer  # noqa: E402
 from mmjax.train.trees import flat  # noqa: E402
 
 # The AST of clap_tiny:tiny's audio tower: 1 s at 16 kHz = 101 frames of 32 mel
@@ -43,9 +41,7 @@ def _config(scan, overrides=()):
 
 
 def _params(config):
-    mesh = shd.make_mesh(config.mesh, jax.devices()[:1])
-    tx, schedule = build_optimizer(config.optim, int(config.total_steps))
-    state = Trainer(config, build(config.model), tx, schedule, mesh).init_state(0)
+    state = build_trainer(config, jax.devices()[:1]).init_state(0)
     return flat(jax.device_get(state["params"]))
 
 

@@ -4,20 +4,14 @@ import logging
 import jax
 import numpy as np
 
-from mmjax.models import build
-from mmjax.train import sharding as shd
+from _helpers import mesh_trainer
 from mmjax.train.checkpoint import Checkpointer
 from mmjax.config.loading import load_config
-from mmjax.train.optimizer import build_optimizer
-from mmjax.train.step import Trainer
 
 
 def _trainer(overrides, mesh_shape=(1, 1, 1)):
     config = load_config("clip_tiny:tiny", overrides)
-    n = int(np.prod(mesh_shape))
-    mesh = shd.make_mesh(dict(zip(shd.MESH_AXES, mesh_shape)), jax.devices()[:n])
-    tx, schedule = build_optimizer(config.optim, int(config.total_steps))
-    return config, Trainer(config, build(config.model), tx, schedule, mesh)
+    return config, mesh_trainer(config, mesh_shape)
 
 
 def _batch(config, seed=0):

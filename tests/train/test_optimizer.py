@@ -1,6 +1,5 @@
 """What the train step optimizes: weight decay by parameter kind, clamped head
 scalars, BLIP-2 stage-2 inputs, per-micro-batch randomness."""
-import glob
 import math
 import os
 
@@ -9,20 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from _helpers import CONFIG_IDS, CONFIGS, mesh_trainer
 from mmjax.models import Blip2Stage1, build
-from mmjax.train import sharding as shd
 from mmjax.config.loading import load_config
 from mmjax.families import compute_losses, get_family
 from mmjax.train.optimizer import build_optimizer, frozen_labels
-from mmjax.train.step import Trainer
-
-CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.py")))
-
-
-def _trainer(config, devices=1):
-    mesh = shd.make_mesh({"data": devices, "fsdp": 1, "tensor": 1}, jax.devices()[:devices])
-    tx, schedule = build_optimizer(config.optim, int(config.total_steps))
-    return Trainer(config, build(config.model), tx, schedule, mesh)
 
 
 def _batch(config, rows=None, seed=0):
@@ -41,7 +31,7 @@ def _name(path):
     return "/".join(str(getattr(k, "key", k)) for k in path)
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=[os.path.basename(c)[:-3] for c in CONFIGS])
+@pytest.mark.parametrize("path", CONFIGS, ids=CONFIG_IDS)
 def test_weight_decay_moves_kernels_only(path):
     """One AdamW update with zero gradients (weight decay > 0, no warmup) moves every
     trained kernel by -lr * wd * w and nothing else: no norm scale, bias, head
@@ -80,7 +70,7 @@ def test_weight_decay_moves_kernels_only(path):
 def test_decay_embeddings_is_a_choice():
     config = load_config("clip_tiny:tiny", ["optim.decay_embeddings=True",
                                            "optim.warmup_steps=0", "optim.clip_norm=0"])
-    params = jax.device_get(_trainer(config).init_state(0)["params"])
+    params = jax.device_get(mesh_trainer(config).init_state(0)["params"])
     tx, _ = build_optimizer(config.optim, 10)
     updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
     assert np.any(updates["text_tower"]["token_embedding"]["embedding"])
@@ -92,7 +82,7 @@ def test_logit_scale_clamped_only_for_the_softmax_head(recipe, clamped):
     """open_clip clamps CLIP's log-scale to ln 100 after every step; big_vision's
     SigLIP recipe has no clamp, so a SigLIP log-scale above ln 100 stays."""
     config = load_config(f"{recipe}:tiny", ["optim.lr=0.0", "optim.warmup_steps=0"])
-    trainer = _trainer(config)
+    trainer = mesh_trainer(config)
     state = trainer.init_state(0)
     state["params"]["log_scale"] = jax.device_put(jnp.float32(5.0),
                                                   state["params"]["log_scale"].sharding)
@@ -113,7 +103,7 @@ def blip2_trainer():
     its step compiles once for both."""
     config = load_config("blip2_stage1:tiny", ["batch_size=16", "optim.accum_steps=2",
                                                "optim.warmup_steps=0"])
-    return config, _trainer(config)
+    return config, mesh_trainer(config)
 
 
 def test_blip2_temperature_keeps_its_gradient_and_is_clamped_after_the_update(blip2_trainer):

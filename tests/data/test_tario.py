@@ -14,6 +14,7 @@ import zlib
 import numpy as np
 import pytest
 
+from _helpers import TESTS, process_alive
 from _shards import (CharTokenizer, fault_config as _cfg, make_image, sample_members,
                      write_dataset, write_tar)
 from mmjax.data import pipeline, tario
@@ -137,20 +138,10 @@ time.sleep(600)
 """
 
 
-def _gone(pid: int) -> bool:
-    """No such process, or a zombie (dead, waiting for its new parent to reap it)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except FileNotFoundError:
-        return True
-
-
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc")
 def test_workers_and_resource_tracker_exit_when_the_trainer_is_killed(tmp_path):
     write_dataset(tmp_path, 2, 8)
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
-    proc = subprocess.Popen([sys.executable, "-c", _TRAINER, tests_dir,
+    proc = subprocess.Popen([sys.executable, "-c", _TRAINER, TESTS,
                              str(tmp_path / "shard-*.tar")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     pids = []
@@ -163,13 +154,13 @@ def test_workers_and_resource_tracker_exit_when_the_trainer_is_killed(tmp_path):
             lines[name] = [int(v) for v in values]
         workers, tracker = lines["workers"], lines["tracker"]
         pids = workers + tracker
-        assert len(workers) == 2 and all(not _gone(p) for p in pids)
+        assert len(workers) == 2 and all(process_alive(p) for p in pids)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
         deadline = time.monotonic() + 5.0
-        while time.monotonic() < deadline and not all(_gone(p) for p in pids):
+        while time.monotonic() < deadline and any(process_alive(p) for p in pids):
             time.sleep(0.1)
-        alive = [p for p in pids if not _gone(p)]
+        alive = [p for p in pids if process_alive(p)]
         assert not alive, (f"still running {5.0}s after the trainer was killed: {alive} "
                            f"(workers {workers}, resource tracker {tracker})")
     finally:
@@ -177,7 +168,7 @@ def test_workers_and_resource_tracker_exit_when_the_trainer_is_killed(tmp_path):
             proc.kill()
             proc.wait()
         for p in pids:  # do not leave them behind when the test fails
-            if not _gone(p):
+            if process_alive(p):
                 os.kill(p, signal.SIGKILL)
 
 

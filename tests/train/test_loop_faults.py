@@ -12,29 +12,17 @@ import time
 
 import pytest
 
+from _helpers import checkpoint_steps, mmjax_log
 from mmjax import cli
+from mmjax.commands.util import error_text
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config", "clip_tiny:tiny"]
 # Lines the CUDA / TPU plugins of this environment print at `import jax`, whatever mmjax does.
 PLUGIN_NOISE = re.compile(r"^(WARNING: All log messages before absl|[IWEF]\d{4} \d\d:\d\d:\d\d)")
 
 
-@pytest.fixture
-def env(tmp_path_factory, monkeypatch):
-    cache = str(tmp_path_factory.getbasetemp() / "mmjax_cache")
-    monkeypatch.setenv("MMJAX_CACHE", cache)
-    return {**os.environ, "PYTHONPATH": ROOT, "MMJAX_CACHE": cache, "XLA_FLAGS": "",
-            "JAX_PLATFORMS": "cpu"}
-
-
 def _train_cmd(workdir, *extra):
     return [sys.executable, "-m", "mmjax.cli", "train", *TINY, "--workdir", str(workdir), *extra]
-
-
-def _steps(workdir):
-    d = os.path.join(workdir, "checkpoints")
-    return sorted(int(x) for x in os.listdir(d) if x.isdigit()) if os.path.isdir(d) else []
 
 
 def _mmjax_lines(stderr: str) -> list[str]:
@@ -50,19 +38,19 @@ def _one_error_line(code, err):
 
 # ------------------------------------------------------------------ 1. one run per workdir
 
-def test_second_train_on_a_busy_workdir_exits_2_with_one_line(tmp_path, env, capsys):
+def test_second_train_on_a_busy_workdir_exits_2_with_one_line(tmp_path, subprocess_env, capsys):
     run = tmp_path / "run"
     first = subprocess.Popen(_train_cmd(run, "--config.total_steps=100000",
                                         "--config.checkpoint_every=200",
                                         "--config.keep_checkpoints=50", "--config.log_every=100"),
-                             env=env, stdout=open(tmp_path / "first.log", "w"),
+                             env=subprocess_env, stdout=open(tmp_path / "first.log", "w"),
                              stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 240
-        while time.time() < deadline and not _steps(run):
+        while time.time() < deadline and not checkpoint_steps(run):
             assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             time.sleep(0.1)
-        assert _steps(run), "the first run wrote no checkpoint"
+        assert checkpoint_steps(run), "the first run wrote no checkpoint"
 
         capsys.readouterr()
         code = cli.main(["train", *TINY, "--workdir", str(run), "--config.total_steps=3"])
@@ -79,13 +67,13 @@ def test_second_train_on_a_busy_workdir_exits_2_with_one_line(tmp_path, env, cap
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=60)
     # SIGKILL leaves the lock file behind but not the lock: the next run takes it and resumes.
-    last = max(_steps(run))
+    last = max(checkpoint_steps(run))
     third = subprocess.run(_train_cmd(run, f"--config.total_steps={last + 2}",
                                       "--config.checkpoint_every=200"),
-                           env=env, capture_output=True, text=True, timeout=300)
+                           env=subprocess_env, capture_output=True, text=True, timeout=300)
     assert third.returncode == 0, third.stderr[-3000:]
     assert f"resumed from step {last}" in third.stdout
-    assert last + 2 in _steps(run)
+    assert last + 2 in checkpoint_steps(run)
 
 
 # ------------------------------------------------------------------ 2. disk full while saving
@@ -117,20 +105,20 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.mark.parametrize("disk", ["small_filesystem", "refused_writes"])
-def test_disk_full_while_checkpointing(tmp_path, env, disk):
+def test_disk_full_while_checkpointing(tmp_path, subprocess_env, disk):
     fs = tmp_path / "fs"
     mounted = disk == "small_filesystem" and _mount_tmpfs(fs, "3m")  # one tiny checkpoint fits
     run = fs / "run"
     prefix = [sys.executable, "-m", "mmjax.cli"]
     failing = prefix if mounted else [sys.executable, "-c", ENOSPC_ON_STEP_6]
     try:
-        first = subprocess.run(prefix + _train_cmd(run)[3:], env=env, capture_output=True,
-                               text=True, timeout=300)
+        first = subprocess.run(prefix + _train_cmd(run)[3:], env=subprocess_env,
+                               capture_output=True, text=True, timeout=300)
         assert first.returncode == 0, first.stderr[-3000:]
-        assert _steps(run) == [3]
+        assert checkpoint_steps(run) == [3]
 
-        full = subprocess.run(failing + _train_cmd(run, "--config.total_steps=6")[3:], env=env,
-                              capture_output=True, text=True, timeout=300)
+        full = subprocess.run(failing + _train_cmd(run, "--config.total_steps=6")[3:],
+                              env=subprocess_env, capture_output=True, text=True, timeout=300)
         assert full.returncode != 0
         lines = _mmjax_lines(full.stderr)
         assert len(lines) == 1 and "Traceback" not in full.stderr, full.stderr[-5000:]
@@ -139,16 +127,16 @@ def test_disk_full_while_checkpointing(tmp_path, env, disk):
                               f"{run / 'checkpoints'}: no space left on device"), msg
         assert "free there" in msg and "last complete checkpoint is step 3" in msg, msg
         leftovers = [n for n in os.listdir(run / "checkpoints") if "orbax-checkpoint-tmp" in n]
-        assert leftovers == [] and _steps(run) == [3]
+        assert leftovers == [] and checkpoint_steps(run) == [3]
 
         # The previous checkpoint is intact: with space again the same command resumes from it.
         if mounted:
             subprocess.run(["mount", "-o", "remount,size=16m", str(fs)], check=True)
-        again = subprocess.run(prefix + _train_cmd(run, "--config.total_steps=6")[3:], env=env,
-                               capture_output=True, text=True, timeout=300)
+        again = subprocess.run(prefix + _train_cmd(run, "--config.total_steps=6")[3:],
+                               env=subprocess_env, capture_output=True, text=True, timeout=300)
         assert again.returncode == 0, again.stderr[-3000:]
         assert "resumed from step 3" in again.stdout
-        assert 6 in _steps(run)
+        assert 6 in checkpoint_steps(run)
     finally:
         if mounted:
             subprocess.run(["umount", "-l", str(fs)], capture_output=True)
@@ -164,35 +152,22 @@ def test_disk_full_while_checkpointing(tmp_path, env, disk):
     ("mesh.fsdp=0", ["config.mesh.fsdp=0", "-1", "integer >= 1"]),
 ])
 def test_bad_numeric_value_is_one_line_naming_key_and_range(override, words, tmp_path, capsys,
-                                                            env):
+                                                            mmjax_cache):
     code = cli.main(["train", *TINY, "--workdir", str(tmp_path / "run"), f"--config.{override}"])
     msg = _one_error_line(code, capsys.readouterr().err)
     assert all(w in msg for w in words), msg
     assert not (tmp_path / "run" / "checkpoints").exists()  # refused before training
 
 
-class _Lines(__import__("logging").Handler):
-    def __init__(self):
-        super().__init__()
-        self.lines = []
-
-    def emit(self, record):
-        self.lines.append((record.levelname, record.getMessage()))
-
-
-def test_resume_with_another_batch_size_warns_and_records_it(tmp_path, env):
-    import logging
+def test_resume_with_another_batch_size_warns_and_records_it(tmp_path, mmjax_cache):
     run = tmp_path / "run"
     assert cli.main(["train", *TINY, "--workdir", str(run)]) == 0
-    lines = _Lines()
-    logging.getLogger("mmjax").addHandler(lines)
-    try:
+    with mmjax_log() as records:
         assert cli.main(["train", *TINY, "--workdir", str(run), "--config.batch_size=16",
                          "--config.total_steps=4"]) == 0
-    finally:
-        logging.getLogger("mmjax").removeHandler(lines)
-    warnings = [m for level, m in lines.lines if level == "WARNING" and "changed config" in m]
-    assert len(warnings) == 1 and "config.batch_size 8 -> 16" in warnings[0], lines.lines
+    lines = [(r.levelname, r.getMessage()) for r in records]
+    warnings = [m for level, m in lines if level == "WARNING" and "changed config" in m]
+    assert len(warnings) == 1 and "config.batch_size 8 -> 16" in warnings[0], lines
     assert "config.total_steps 3 -> 4" in warnings[0]
     saved = json.loads((run / "config.json").read_text())
     assert saved["config"]["batch_size"] == 16 and saved["config"]["total_steps"] == 4
@@ -202,7 +177,7 @@ def test_resume_with_another_batch_size_warns_and_records_it(tmp_path, env):
 
 # ------------------------------------------------------------------ 4. logs and messages
 
-def test_resumed_run_drops_log_rows_past_the_restored_checkpoint(tmp_path, env):
+def test_resumed_run_drops_log_rows_past_the_restored_checkpoint(tmp_path, mmjax_cache):
     import shutil
     run = tmp_path / "run"
     cmd = ["train", *TINY, "--workdir", str(run), "--config.total_steps=6",
@@ -219,7 +194,7 @@ def test_resumed_run_drops_log_rows_past_the_restored_checkpoint(tmp_path, env):
     assert sorted(os.listdir(run / "eval")) == ["step_6.json"]
 
 
-def test_non_finite_loss_advice_fits_the_config(tmp_path, capsys, env):
+def test_non_finite_loss_advice_fits_the_config(tmp_path, capsys, mmjax_cache):
     code = cli.main(["train", *TINY, "--workdir", str(tmp_path / "a"), "--config.optim.lr=1e30"])
     msg = _one_error_line(code, capsys.readouterr().err)
     assert "non-finite loss at step" in msg
@@ -233,5 +208,5 @@ def test_quoted_values_keep_their_closing_quote(tmp_path, capsys):
     msg = _one_error_line(code, capsys.readouterr().err)
     assert msg.endswith("expected true/false, got 'maybe'"), msg
     # KeyError messages are printed as raised, without the quotes str() adds.
-    assert cli._error_text(KeyError("batches need a 'label' field")) == \
+    assert error_text(KeyError("batches need a 'label' field")) == \
         "batches need a 'label' field"

@@ -20,7 +20,7 @@ import time
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _helpers import ROOT, TESTS, process_alive
 STEPS, EVERY, STEP_DELAY = 40, 10, 0.12
 OVERRIDES = [f"--config.total_steps={STEPS}", f"--config.checkpoint_every={EVERY}",
              "--config.log_every=1", "--config.evals.zeroshot.shards=",
@@ -126,8 +126,10 @@ def _child_race(out_dir, iterations):
 # ------------------------------------------------------------------ test side
 
 def _launch(args, out_dir, grace=20):
-    """Start launch/local.py (2 processes x 2 CPU devices) running this file's child `args`."""
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    """Start launch/local.py (2 processes x 2 CPU devices) running this file's child `args`
+    (tests/ on the PYTHONPATH too: the child imports `_helpers`)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, TESTS,
+                                                        os.environ.get("PYTHONPATH", "")])}
     env.pop("XLA_FLAGS", None)
     cmd = [sys.executable, os.path.join(ROOT, "launch", "local.py"), "--processes", "2",
            "--devices-per-process", "2", "--grace", str(grace), "--",
@@ -174,18 +176,6 @@ def _wait_for_step(workdir, proc, out_dir, step, timeout=180):
 
 def _pids(out_dir):
     return [int(open(os.path.join(out_dir, f"pid_{i}")).read()) for i in range(2)]
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is not alive
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _params(workdir):
@@ -243,7 +233,7 @@ def test_sigterm_on_some_processes_saves_one_step_and_resumes(tmp_path, referenc
     os.kill(p0, signal.SIGTERM)
     if apart:
         time.sleep(apart)
-        if _alive(p1):
+        if process_alive(p1):
             os.kill(p1, signal.SIGTERM)
     rc, log = _finish(proc, out, timeout=120)
     assert rc == 0, log[-3000:]
@@ -273,7 +263,7 @@ def test_killed_peer_stops_the_job_with_one_line_and_rerun_resumes(tmp_path, ref
     assert len(lines) == 1, log[-3000:]
     assert "rerun the job to resume" in lines[0] and "checkpoint is step" in lines[0], lines
     assert "Traceback" not in log, log[-3000:]
-    assert not _alive(p0) and not _alive(p1)
+    assert not process_alive(p0) and not process_alive(p1)
     _resume_and_compare(workdir, str(tmp_path / "out2"), reference)
 
 
@@ -322,7 +312,7 @@ def test_preemption_deadline_when_a_peer_hangs(tmp_path):
     assert len(lines) == 1, log[-3000:]
     assert ("no agreed stop within 5 s (config.multihost.preemption_deadline_s)" in lines[0]
             and f"the last complete checkpoint is step {EVERY}" in lines[0]), lines
-    assert not _alive(p0) and not _alive(p1)
+    assert not process_alive(p0) and not process_alive(p1)
 
 
 def test_error_on_one_process_stops_the_others_within_a_minute(tmp_path):

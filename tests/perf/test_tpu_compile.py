@@ -15,13 +15,11 @@ pytest.importorskip("libtpu", reason="needs the `tpu` extra (libtpu) for devicel
 
 from jax.experimental import topologies  # noqa: E402
 
-from mmjax.models import build  # noqa: E402
+from _helpers import mesh_trainer  # noqa: E402
 from mmjax.train import sharding as shd  # noqa: E402
 from mmjax.perf.bench import batch_shapes  # noqa: E402
 from mmjax.config.loading import load_config  # noqa: E402
 from mmjax.perf.hlo import collectives  # noqa: E402
-from mmjax.train.optimizer import build_optimizer  # noqa: E402
-from mmjax.train.step import Trainer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +28,9 @@ def tpu_devices():
 
 
 def _trainer(recipe, mesh_shape, devices, overrides=()):
-    config = load_config(recipe, ["batch_size=16", "model.dtype=bfloat16", *overrides])
-    mesh = shd.make_mesh(dict(zip(shd.MESH_AXES, mesh_shape)),
-                         devices[:int(np.prod(mesh_shape))])
-    tx, schedule = build_optimizer(config.optim, 10)
-    return config, Trainer(config, build(config.model), tx, schedule, mesh)
+    config = load_config(recipe, ["batch_size=16", "model.dtype=bfloat16", "total_steps=10",
+                                  *overrides])
+    return config, mesh_trainer(config, mesh_shape, devices)
 
 
 def _compile(recipe, mesh_shape, devices, overrides=()):
@@ -94,7 +90,8 @@ def test_unknown_grad_reduce_dtype_names_the_key(tpu_devices):
 # `mmjax compile` on a small slice: every accelerator recipe, reduced in width and
 # depth (`:tiny`), keeping its sharding on a (data 2, fsdp 2, tensor 2) mesh.
 
-from mmjax.perf.compile import compile_command, compile_for_target  # noqa: E402
+from mmjax.commands.compile import compile_command  # noqa: E402
+from mmjax.perf.compile import compile_for_target  # noqa: E402
 from mmjax.perf.targets import TargetError, parse_target  # noqa: E402
 
 RECIPES = ["clip_b16:tiny", "siglip_b16:tiny", "coca_b16:tiny", "blip2_stage1:tiny",
@@ -266,7 +263,7 @@ def test_max_batch_is_the_largest_batch_that_fits():
     """`--max-batch` over real compiles, in steps of the batch-sharding size;
     checked against its own compiles: the answer fits and one more step of the
     batch does not (the search itself against exhaustive search:
-    tests/test_max_batch_search.py)."""
+    tests/perf/test_compile_max_batch.py)."""
     from mmjax.perf.compile import max_batch, used_bytes
     # 128 and 256 (doubling) fit; the line through their peaks points at 280,
     # which fits, and 284 does not: 4 compiles.
@@ -276,7 +273,7 @@ def test_max_batch_is_the_largest_batch_that_fits():
     best, reports = max_batch(config, target, hbm_gib, log=lambda *_: None)
     by_batch = {r["batch"]: r for r in reports}
     assert best % 4 == 0 and by_batch[best]["fits"]
-    # On TPU the fit is read from XLA's peak (tests/test_max_batch_search.py).
+    # On TPU the fit is read from XLA's peak (tests/perf/test_compile_max_batch.py).
     assert used_bytes(by_batch[best]) == by_batch[best]["memory"]["peak"] <= hbm_gib * 2 ** 30
     assert not by_batch[best + 4]["fits"]
     assert len(reports) <= 5, sorted(by_batch)

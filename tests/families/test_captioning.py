@@ -1,6 +1,6 @@
 """Caption decoding: hand-made logits functions with known answers, and a tiny
 random CoCa (beam 1 = greedy, a batch = its rows one by one, EOS stops a row).
-Model captions against full-recompute Python searches: tests/test_decoding.py."""
+Model captions against full-recompute Python searches: tests/models/test_decoding.py."""
 import itertools
 
 import jax

@@ -4,9 +4,8 @@ Through `mmjax train` (in this process): a run checkpoints at step 2, then is
 resumed with a changed shard list (same count), data seed or shuffle buffer
 (one-line error naming the key), or with `reset_stream_on_resume=True`
 (resumes with a fresh stream). Unchanged resumes are covered by
-tests/test_train_resume.py.
+tests/train/test_loop_resume.py.
 """
-import contextlib
 import json
 import logging
 import os
@@ -14,6 +13,7 @@ import shutil
 
 import pytest
 
+from _helpers import checkpoint_steps, cli_error_line, mmjax_log
 from _shards import write_dataset
 from mmjax import cli
 from mmjax.data import pipeline
@@ -24,33 +24,6 @@ def _args(workdir, shards, total, *extra):
             f"--config.data.train.shards={shards}", f"--config.total_steps={total}",
             "--config.checkpoint_every=2", "--config.evals.zeroshot.shards=",
             "--config.evals.retrieval.shards=", *extra]
-
-
-def _cli_error(args, capsys):
-    capsys.readouterr()
-    code = cli.main(args)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1, err
-    return err[0]
-
-
-@contextlib.contextmanager
-def _warnings():
-    """Warning messages of the "mmjax" loggers (which may not propagate to the root)."""
-    records = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = lambda record: records.append(record.getMessage())
-    logger = logging.getLogger("mmjax")
-    logger.addHandler(handler)
-    try:
-        yield records
-    finally:
-        logger.removeHandler(handler)
-
-
-def _steps(workdir):
-    return sorted(int(x) for x in os.listdir(os.path.join(workdir, "checkpoints"))
-                  if x.isdigit())
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +38,7 @@ def saved(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MMJAX_CACHE", str(root / "cache"))
         assert cli.main(_args(run, shards, 2)) == 0
-    assert _steps(run) == [2]
+    assert checkpoint_steps(run) == [2]
     return root, run, shards
 
 
@@ -79,23 +52,23 @@ def run_copy(saved, tmp_path):
 def test_changed_shard_list_of_same_count_is_refused(run_copy, capsys):
     root, run, _ = run_copy
     other = str(root / "b" / "b-{000..003}.tar")
-    msg = _cli_error(_args(run, other, 4), capsys)
+    msg = cli_error_line(_args(run, other, 4), capsys)
     assert "config.data.train.shards" in msg and "reset_stream_on_resume" in msg, msg
     assert "a-000.tar" in msg and "b-000.tar" in msg, msg
-    assert _steps(run) == [2]
+    assert checkpoint_steps(run) == [2]
 
 
 def test_reordered_shard_list_is_refused(run_copy, capsys):
     root, run, _ = run_copy
     reordered = "::".join(str(root / "a" / f"a-{i:03d}.tar") for i in (0, 2, 1, 3))
-    msg = _cli_error(_args(run, reordered, 4), capsys)
+    msg = cli_error_line(_args(run, reordered, 4), capsys)
     assert "config.data.train.shards" in msg and "differ in names or order" in msg, msg
 
 
 @pytest.mark.parametrize("key,old,new", [("seed", 0, 1), ("shuffle_buffer", 16, 8)])
 def test_changed_data_seed_or_shuffle_buffer_is_refused(run_copy, capsys, key, old, new):
     _, run, shards = run_copy
-    msg = _cli_error(_args(run, shards, 4, f"--config.data.train.{key}={new}"), capsys)
+    msg = cli_error_line(_args(run, shards, 4, f"--config.data.train.{key}={new}"), capsys)
     assert f"config.data.train.{key} changed from {old} to {new}" in msg, msg
     assert "reset_stream_on_resume" in msg, msg
 
@@ -103,12 +76,13 @@ def test_changed_data_seed_or_shuffle_buffer_is_refused(run_copy, capsys, key, o
 def test_reset_stream_on_resume_keeps_train_state_and_restarts_the_stream(run_copy):
     root, run, _ = run_copy
     other = str(root / "b" / "b-{000..003}.tar")
-    with _warnings() as records:
+    with mmjax_log(logging.WARNING) as records:
         code = cli.main(_args(run, other, 4, "--config.data.train.reset_stream_on_resume=true"))
     assert code == 0
-    assert _steps(run)[-1] == 4
-    warnings = [m for m in records if "reset_stream_on_resume" in m]
-    assert len(warnings) == 1 and "fresh" in warnings[0], records
+    assert checkpoint_steps(run)[-1] == 4
+    messages = [r.getMessage() for r in records]
+    warnings = [m for m in messages if "reset_stream_on_resume" in m]
+    assert len(warnings) == 1 and "fresh" in warnings[0], messages
     data = json.load(open(os.path.join(run, "checkpoints", "4", "data", "metadata")))
     state = data["processes"][0]
     assert state["batches"] == 2  # the fresh stream gave steps 3 and 4
@@ -146,9 +120,10 @@ def test_state_without_stream_identity_still_resumes(tmp_path):
     pattern = str(tmp_path / "shard-*.tar")
     state, reference = _state_and_next(pattern)
     del state["stream"]  # as saved before the stream identity was recorded
-    with _warnings() as records:
+    with mmjax_log(logging.WARNING) as records:
         assert _resume(pattern, state) == reference
-    assert len(records) == 1 and "identity" in records[0], records
+    messages = [r.getMessage() for r in records]
+    assert len(messages) == 1 and "identity" in messages[0], messages
     state["num_shards"] = 5
     with pytest.raises(pipeline.StreamMismatchError, match="data.train.shards has 4 shards"):
         _resume(pattern, state)
@@ -159,6 +134,7 @@ def test_moved_shards_resume_at_the_saved_position(tmp_path):
     write_dataset(tmp_path / "a", 4, 5)
     state, reference = _state_and_next(str(tmp_path / "a" / "shard-*.tar"))
     shutil.copytree(tmp_path / "a", tmp_path / "moved")
-    with _warnings() as records:
+    with mmjax_log(logging.WARNING) as records:
         assert _resume(str(tmp_path / "moved" / "shard-*.tar"), state) == reference
-    assert len(records) == 1 and "moved" in records[0], records
+    messages = [r.getMessage() for r in records]
+    assert len(messages) == 1 and "moved" in messages[0], messages

@@ -15,27 +15,22 @@ from mmjax.data.tokenizers import build_tokenizer
 from mmjax.families.vision_lm import answer_questions
 from mmjax.models import VisionLM, build
 from mmjax.models.vlm import splice_image_tokens
-from mmjax.train import sharding as shd
 from mmjax.train.checkpoint import Checkpointer
 from mmjax.config.loading import apply_override, load_config
 from mmjax.errors import ConfigError
 from mmjax.train.loop import train
 from mmjax.families import compute_losses
-from mmjax.train.optimizer import build_optimizer
-from mmjax.train.step import Trainer
+from mmjax.train.step import build_trainer
 
+from _helpers import ROOT
 from _shards import make_image, write_tar
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE = dict(image_size=32, patch_size=8, width=32, depth=1, heads=2, pool="cls",
              embed_dim=None)
 LM = dict(vocab_size=260, width=48, depth=2, num_heads=4, num_kv_heads=2, mlp_dim=96,
           max_len=128)
 
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("MMJAX_CACHE", str(tmp_path_factory.getbasetemp() / "mmjax_cache"))
+pytestmark = pytest.mark.usefixtures("mmjax_cache")
 
 
 def _reference_splice(te, ie, text, lengths, ph):
@@ -144,7 +139,7 @@ def test_stage2_checkpoint_holds_only_trained_parts(tmp_path, tiny_run):
     equal their sources after training, the checkpoint stores only the
     Q-Former + projection (+ their optimizer state) and names the sources,
     and restoring rebuilds the full model."""
-    # The stage-1 run of tests/test_train.py::test_every_recipe_runs_tiny[blip2_stage1].
+    # The stage-1 run of tests/train/test_step.py::test_every_recipe_runs_tiny[blip2_stage1].
     s1 = str(tiny_run(os.path.join(ROOT, "configs", "blip2_stage1.py"))[0])
     no_evals = ["evals.zeroshot.shards=", "evals.retrieval.shards=", "evals.captioning.shards="]
     config = load_config("configs/blip2_stage2.py:tiny", no_evals)
@@ -169,8 +164,7 @@ def test_stage2_checkpoint_holds_only_trained_parts(tmp_path, tiny_run):
     s1_params, _ = stage1.restore_params_to_host(None)
     stage1.close()
     model = build(config.model)
-    tx, schedule = build_optimizer(config.optim, 3)
-    trainer = Trainer(config, model, tx, schedule, shd.make_mesh(config.mesh))
+    trainer = build_trainer(config, model=model)  # (config.total_steps is 3)
     ckpt = Checkpointer(s2, async_save=False)
     state, _, _ = trainer.restore(ckpt)
     ckpt.close()

@@ -10,41 +10,21 @@ import sys
 
 import pytest
 
+from _helpers import ROOT, mmjax_log
 from mmjax import cli
 from mmjax.data.synthetic import ensure_synthetic_shards, write_synthetic_shards
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config", "clip_tiny:tiny"]
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("MMJAX_CACHE", str(tmp_path_factory.getbasetemp() / "mmjax_cache"))
-
-
-class _Lines(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.lines = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
+pytestmark = pytest.mark.usefixtures("mmjax_cache")
 
 
 def test_writing_the_built_in_shards_logs_progress(tmp_path):
-    lines, logger = _Lines(), logging.getLogger("mmjax")
-    logger.addHandler(lines)
-    old_level = logger.level
-    logger.setLevel(logging.INFO)
-    try:
+    with mmjax_log(logger_level=logging.INFO) as records:
         ensure_synthetic_shards(tmp_path, "train", num_samples=40, image_size=16,
                                 samples_per_shard=20, log_every_s=0)
-        first = list(lines.lines)
+        first = [r.getMessage() for r in records]
         ensure_synthetic_shards(tmp_path, "train", num_samples=40, image_size=16,
                                 samples_per_shard=20, log_every_s=0)  # reused: no writing
-    finally:
-        logger.removeHandler(lines)
-        logger.setLevel(old_level)
     assert first[0].startswith("writing the built-in train data (40 samples")
     assert str(tmp_path) in first[0] and "once" in first[0]
     periodic = [ln for ln in first[1:] if "/40 samples" in ln]
@@ -52,7 +32,7 @@ def test_writing_the_built_in_shards_logs_progress(tmp_path):
     assert "samples/s" in periodic[0] and "eta " in periodic[0]
     assert periodic[-1].startswith("built-in train data: 40/40 samples") and "done in" in \
         periodic[-1]
-    assert lines.lines == first
+    assert [r.getMessage() for r in records] == first
 
 
 def test_final_zero_shot_line_names_its_data_and_eval_says_when_nothing_to_do(
@@ -82,9 +62,8 @@ def test_eval_of_a_missing_folder_is_one_line(tmp_path, capsys):
     assert code == 2 and err == [f"mmjax: error: --workdir {tmp_path / 'nope'}: no such folder"]
 
 
-def test_two_process_train_prints_the_final_result_once(tmp_path, tmp_path_factory):
-    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
-           "MMJAX_CACHE": str(tmp_path_factory.getbasetemp() / "mmjax_cache")}
+def test_two_process_train_prints_the_final_result_once(tmp_path, mmjax_cache):
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", "MMJAX_CACHE": mmjax_cache}
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "launch", "local.py"), "--processes", "2",
@@ -99,12 +78,11 @@ def test_two_process_train_prints_the_final_result_once(tmp_path, tmp_path_facto
 LIBTPU_NOISE = ("TPU_WORKER_HOSTNAMES", "libtpu", "INVALID_ARGUMENT", "TPU accelerator type")
 
 
-def test_train_on_a_cpu_host_prints_no_libtpu_start_up_errors(tmp_path, tmp_path_factory):
+def test_train_on_a_cpu_host_prints_no_libtpu_start_up_errors(tmp_path, mmjax_cache):
     """With libtpu installed (the `test` extra brings it for deviceless TPU compiles)
     and no TPU on the host, `import jax; jax.devices()` prints libtpu's failed
     start; `mmjax train` prints none of it (`cli.skip_unusable_tpu_backend`)."""
-    env = {**os.environ, "PYTHONPATH": ROOT,
-           "MMJAX_CACHE": str(tmp_path_factory.getbasetemp() / "mmjax_cache")}
+    env = {**os.environ, "PYTHONPATH": ROOT, "MMJAX_CACHE": mmjax_cache}
     env.pop("JAX_PLATFORMS", None)  # as on a user's machine (conftest sets it for the tests)
     plain = subprocess.run([sys.executable, "-c", "import jax; print(jax.devices())"],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)

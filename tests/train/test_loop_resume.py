@@ -8,7 +8,8 @@ import time
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _helpers import checkpoint_steps
+
 TOTAL = 24
 
 
@@ -19,24 +20,10 @@ def _cmd(workdir, total=TOTAL, every=3, config="clip_tiny:tiny"):
             "--config.synthetic.train_samples=400"]
 
 
-@pytest.fixture
-def env(tmp_path_factory):
-    cache = tmp_path_factory.getbasetemp() / "mmjax_cache"
-    return {**os.environ, "PYTHONPATH": ROOT, "MMJAX_CACHE": str(cache),
-            "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
-
-
-def _steps(workdir):
-    d = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(d):
-        return []
-    return sorted(int(x) for x in os.listdir(d) if x.isdigit())
-
-
 def _wait_for_checkpoint(proc, workdir, min_step, timeout=180):
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if any(s >= min_step for s in _steps(workdir)):
+        if any(s >= min_step for s in checkpoint_steps(workdir)):
             return
         if proc.poll() is not None:
             raise AssertionError(f"run ended early: {proc.stdout.read()[-3000:]}")
@@ -55,15 +42,15 @@ def _final_params(workdir, step):
 
 # Images, audio (log-mel and SpecAugment on device) and video (frames sampled per segment).
 @pytest.mark.parametrize("config", ["clip_tiny:tiny", "clap_tiny:tiny", "video_clip_tiny:tiny"])
-def test_sigkill_then_resume_is_bitwise_exact(tmp_path, env, config):
+def test_sigkill_then_resume_is_bitwise_exact(tmp_path, subprocess_env, config):
     """Killed after a checkpoint and restarted, a run ends with the very parameters of an
     uninterrupted run: same data order, augmentation and step randomness."""
     ref, run = tmp_path / "ref", tmp_path / "killed"
     # The uninterrupted reference and the run to kill run side by side (own workdirs;
     # the built-in shards' cache is safe to fill from two processes).
-    reference = subprocess.Popen(_cmd(ref, config=config), env=env, stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.PIPE, text=True)
-    proc = subprocess.Popen(_cmd(run, config=config), env=env, stdout=subprocess.PIPE,
+    reference = subprocess.Popen(_cmd(ref, config=config), env=subprocess_env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(_cmd(run, config=config), env=subprocess_env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
         _wait_for_checkpoint(proc, run, 6)
@@ -75,9 +62,9 @@ def test_sigkill_then_resume_is_bitwise_exact(tmp_path, env, config):
         for p in (proc, reference):
             if p.poll() is None:
                 p.kill()
-    assert TOTAL not in _steps(run), "the run finished before it was killed"
-    out = subprocess.run(_cmd(run, config=config), env=env, capture_output=True, text=True,
-                         timeout=600)
+    assert TOTAL not in checkpoint_steps(run), "the run finished before it was killed"
+    out = subprocess.run(_cmd(run, config=config), env=subprocess_env, capture_output=True,
+                         text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "resumed from step" in out.stdout
 
@@ -89,9 +76,9 @@ def test_sigkill_then_resume_is_bitwise_exact(tmp_path, env, config):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_sigterm_saves_a_checkpoint_before_exit(tmp_path, env):
+def test_sigterm_saves_a_checkpoint_before_exit(tmp_path, subprocess_env):
     run = tmp_path / "preempted"
-    proc = subprocess.Popen(_cmd(run, total=100_000, every=1000), env=env,
+    proc = subprocess.Popen(_cmd(run, total=100_000, every=1000), env=subprocess_env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 180
@@ -109,7 +96,7 @@ def test_sigterm_saves_a_checkpoint_before_exit(tmp_path, env):
             proc.kill()
     assert proc.returncode == 0, rest[-3000:]
     assert "exiting for preemption" in rest
-    steps = _steps(run)
+    steps = checkpoint_steps(run)
     assert len(steps) == 1 and 3 <= steps[0] < 1000  # not a scheduled checkpoint step
     _, step = _final_params(run, steps[0])
     assert step == steps[0]
