@@ -25,7 +25,7 @@ import numpy as np
 from mmjax.models import Blip2Stage1, TwoTower
 from mmjax.models.layers import stack_layer_params
 from mmjax.models.qformer import group_qformer_params
-from mmjax.convert.rules import (  # noqa: F401  (re-exported: hf.read_hf_checkpoint, ...)
+from mmjax.convert.rules import (
     Rule, _heads_out, _linear, _norm, _patch, _qkv, _two_tower_layers, apply_rules, check_params,
     export_rules, read_hf_checkpoint)
 from mmjax.errors import ConvertError

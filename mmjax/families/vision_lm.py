@@ -16,7 +16,7 @@ from mmjax.models.flops import (FROZEN, TRAIN, dense_flops, lm_flops, qformer_fl
                                 tower_config, tower_flops)
 from mmjax.models.jitted import model_method
 from mmjax.models.lm import generate
-from mmjax.models.vlm import language_model, vlm_targets
+from mmjax.models.vision_lm import language_model, vlm_targets
 
 
 class VisionLMFamily(Family):

@@ -20,7 +20,7 @@ from mmjax.models.text import CaptionDecoder, TextEncoder
 from mmjax.models.two_tower import TwoTower
 from mmjax.models.vit import ViT
 from mmjax.models import towers
-from mmjax.models.vlm import VisionLM
+from mmjax.models.vision_lm import VisionLM
 
 MODELS = {"two_tower": TwoTower, "coca": CoCa, "blip2_stage1": Blip2Stage1,
           "vision_lm": VisionLM}

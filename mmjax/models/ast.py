@@ -49,9 +49,9 @@ import numpy as np
 from mmjax.errors import ConfigError
 from mmjax.models import audio
 from mmjax.models.flops import layer_flops
-from mmjax.models.layers import (Block, Dense, Norm, PositionEmbedding, boundary, broadcast_param,
-                                 constrain, default_kernel_init, logical, matmul_2d, normal_init,
-                                 stacked)
+from mmjax.models.layers import (Block, Dense, Norm, PositionEmbedding, boundary, constrain,
+                                 default_kernel_init, logical, normal_init, stacked)
+from mmjax.models.ops.matmul import broadcast_param, matmul_2d
 
 AST_MEAN, AST_STD = -4.2677393, 4.5689974  # AST's AudioSet fbank statistics
 POOLS = ("cls_dist", "cls", "gap", "none")

@@ -2,8 +2,7 @@
 embeddings, pooling, and the (optionally scanned) block stack.
 
 The kernels these modules call (matmul paths, LayerNorm backward, attention
-einsums, the `KernelPolicy` that picks them) live in `mmjax.models.ops`; the
-names below re-export them for existing imports.
+einsums, the `KernelPolicy` that picks them) live in `mmjax.models.ops`.
 
 Every parameter carries logical axis names (see `mmjax.train.sharding` for the
 table that maps them to mesh axes):
@@ -29,14 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.errors import ConfigError
-from mmjax.models.decoding import append_kv, context_kv, gather_cache, write_rows  # noqa: F401
-from mmjax.models.ops.activations import ACTIVATIONS, get_activation, gelu, quick_gelu  # noqa: F401
-from mmjax.models.ops.attention import dot_product_attention, make_attention_mask  # noqa: F401
-from mmjax.models.ops.matmul import (CPU_PATH_SCOPE, broadcast_param, fused_matmul_2d,  # noqa: F401
-                                     linear, matmul_2d)
+from mmjax.models.decoding import append_kv, context_kv
+from mmjax.models.ops.activations import get_activation
+from mmjax.models.ops.attention import dot_product_attention
+from mmjax.models.ops.matmul import broadcast_param, fused_matmul_2d, matmul_2d
 from mmjax.models.ops.norm import layer_norm, rms_norm
-from mmjax.models.ops.policy import (GRAD_REDUCE_DTYPES, KernelPolicy,  # noqa: F401
-                                     current_platform, fuse_projections, kernel_policy)
+from mmjax.models.ops.policy import fuse_projections
 
 Dtype = Any
 Array = jax.Array

@@ -32,7 +32,8 @@ import jax.numpy as jnp
 
 from mmjax.errors import ConfigError
 from mmjax.models.layers import (HIDDEN, Attention, Dense, Norm, boundary, constrain,
-                                 get_activation, logical, normal_init, remat_policy)
+                                 logical, normal_init, remat_policy)
+from mmjax.models.ops.activations import get_activation
 from mmjax.models.decoding import decode_slots
 
 MASK_MODES = ("unimodal", "bidirectional", "causal")

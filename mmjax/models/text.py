@@ -26,8 +26,10 @@ import jax.numpy as jnp
 
 from mmjax.errors import ConfigError
 from mmjax.models.decoding import decode_slots
-from mmjax.models.layers import (Block, Dense, Norm, boundary, broadcast_param, constrain,
-                                 logical, make_attention_mask, normal_init, stacked)
+from mmjax.models.layers import (Block, Dense, Norm, boundary, constrain, logical,
+                                 normal_init, stacked)
+from mmjax.models.ops.matmul import broadcast_param
+from mmjax.models.ops.attention import make_attention_mask
 
 
 def eos_positions(ids, eos_id: Optional[int], pad_id: int):

@@ -47,8 +47,8 @@ import jax.numpy as jnp
 
 from mmjax.errors import ConfigError
 from mmjax.models.flops import layer_flops, vit_flops
-from mmjax.models.layers import (Block, boundary, broadcast_param, constrain, logical,
-                                 normal_init, stacked)
+from mmjax.models.layers import Block, boundary, constrain, logical, normal_init, stacked
+from mmjax.models.ops.matmul import broadcast_param
 from mmjax.models.vit import ViT
 
 TEMPORAL = ("mean", "transformer")

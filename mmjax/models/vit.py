@@ -18,9 +18,9 @@ import numpy as np
 from mmjax.errors import ConfigError
 from mmjax.models.flops import vit_flops
 from mmjax.models.layers import (Block, Dense, MAPHead, Norm, PositionEmbedding, boundary,
-                                 broadcast_param,
-                                 constrain, matmul_2d, default_kernel_init, logical, normal_init,
+                                 constrain, default_kernel_init, logical, normal_init,
                                  stacked)
+from mmjax.models.ops.matmul import broadcast_param, matmul_2d
 
 
 class ViT(nn.Module):

@@ -87,7 +87,7 @@ def compile_for_target(config: Any, target: Any, hbm_gib: Optional[float] = None
     `cpu_path_ops` (ops of the CPU-only GEMM path: must be 0 on an
     accelerator), `remat_warnings`.
     """
-    from mmjax.models.layers import CPU_PATH_SCOPE
+    from mmjax.models.ops.matmul import CPU_PATH_SCOPE
     from mmjax.train import sharding as shd
     from mmjax.perf.bench import batch_shapes, count_params, memory_stats, state_bytes_per_device
     from mmjax.train.step import build_trainer

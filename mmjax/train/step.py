@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mmjax.data.decode import normalize_on_device
 from mmjax.errors import ConfigError
-from mmjax.models.layers import KernelPolicy, kernel_policy
+from mmjax.models.ops.policy import KernelPolicy, kernel_policy
 from mmjax.train import sharding as shd
 from mmjax.families import compute_losses, get_family
 from mmjax.train import init_sources

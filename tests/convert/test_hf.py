@@ -14,6 +14,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from mmjax.convert import hf  # noqa: E402
+from mmjax.convert.rules import read_hf_checkpoint  # noqa: E402
 from mmjax.models.qformer import QFormer  # noqa: E402
 
 TOL = 1e-4
@@ -223,4 +224,4 @@ def test_refuses_pickle_only_folder(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04")
     with pytest.raises(FileNotFoundError, match="safe_serialization"):
-        hf.read_hf_checkpoint(str(tmp_path))
+        read_hf_checkpoint(str(tmp_path))

@@ -14,7 +14,7 @@ from mmjax.data.pipeline import build_train_iterator, default_data_config
 from mmjax.data.tokenizers import build_tokenizer
 from mmjax.families.vision_lm import answer_questions
 from mmjax.models import VisionLM, build
-from mmjax.models.vlm import splice_image_tokens
+from mmjax.models.vision_lm import splice_image_tokens
 from mmjax.train.checkpoint import Checkpointer
 from mmjax.config.loading import apply_override, load_config
 from mmjax.errors import ConfigError

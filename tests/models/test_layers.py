@@ -12,6 +12,9 @@ import numpy as np
 import pytest
 
 from mmjax.models import layers
+from mmjax.models.ops.activations import get_activation
+from mmjax.models.ops.attention import dot_product_attention, make_attention_mask
+from mmjax.models.ops.norm import layer_norm
 
 F32_TOL = 1e-5
 
@@ -86,17 +89,17 @@ def _padding():
 
 def test_attention_no_mask():
     q, k, v = _qkv(np.random.default_rng(0))
-    got = layers.dot_product_attention(q, k, v, None, implementation="xla")
+    got = dot_product_attention(q, k, v, None, implementation="xla")
     close(got, np_attention(q, k, v))
 
 
 def test_attention_causal_mask():
     q, k, v = _qkv(np.random.default_rng(1))
-    mask = layers.make_attention_mask(None, None, causal=True, q_len=T, k_len=T)
+    mask = make_attention_mask(None, None, causal=True, q_len=T, k_len=T)
     assert mask.shape == (1, 1, T, T)
     want_mask = np.tril(np.ones((T, T), bool))[None, None]
     np.testing.assert_array_equal(np.asarray(mask), want_mask)
-    got = layers.dot_product_attention(q, k, v, mask, implementation="xla")
+    got = dot_product_attention(q, k, v, mask, implementation="xla")
     close(got, np_attention(q, k, v, want_mask))
     # The first query sees only the first key: its output is exactly v[:, 0].
     close(got[:, 0], np.asarray(v[:, 0], np.float64))
@@ -105,26 +108,26 @@ def test_attention_causal_mask():
 def test_attention_key_padding_mask():
     q, k, v = _qkv(np.random.default_rng(2))
     valid = _padding()
-    mask = layers.make_attention_mask(None, jnp.asarray(valid))
+    mask = make_attention_mask(None, jnp.asarray(valid))
     assert mask.shape == (B, 1, 1, T)
-    got = layers.dot_product_attention(q, k, v, mask, implementation="xla")
+    got = dot_product_attention(q, k, v, mask, implementation="xla")
     want = np_attention(q, k, v, valid[:, None, None, :])
     close(got, want)
     # Changing padded keys/values leaves every output unchanged.
     k2, v2 = k.copy(), v.copy()
     k2[0, 3:] += 5.0
     v2[0, 3:] -= 7.0
-    got2 = layers.dot_product_attention(q, k2, v2, mask, implementation="xla")
+    got2 = dot_product_attention(q, k2, v2, mask, implementation="xla")
     close(got2, want)
 
 
 def test_attention_causal_and_padding():
     q, k, v = _qkv(np.random.default_rng(3))
     valid = _padding()
-    mask = layers.make_attention_mask(None, jnp.asarray(valid), causal=True)
+    mask = make_attention_mask(None, jnp.asarray(valid), causal=True)
     want_mask = valid[:, None, None, :] & np.tril(np.ones((T, T), bool))[None, None]
     np.testing.assert_array_equal(np.broadcast_to(np.asarray(mask), (B, 1, T, T)), want_mask)
-    got = layers.dot_product_attention(q, k, v, mask, implementation="xla")
+    got = dot_product_attention(q, k, v, mask, implementation="xla")
     close(got, np_attention(q, k, v, want_mask))
 
 
@@ -132,14 +135,14 @@ def test_cross_attention_different_lengths():
     s = 7
     rng = np.random.default_rng(4)
     q, k, v = _qkv(rng, s=s)
-    got = layers.dot_product_attention(q, k, v, None, implementation="xla")
+    got = dot_product_attention(q, k, v, None, implementation="xla")
     assert got.shape == (B, T, H, K)
     close(got, np_attention(q, k, v))
     # With a key mask over the S context positions.
     valid = np.ones((B, s), bool)
     valid[1, 4:] = False
-    mask = layers.make_attention_mask(None, jnp.asarray(valid))
-    got = layers.dot_product_attention(q, k, v, mask, implementation="xla")
+    mask = make_attention_mask(None, jnp.asarray(valid))
+    got = dot_product_attention(q, k, v, mask, implementation="xla")
     close(got, np_attention(q, k, v, valid[:, None, None, :]))
 
 
@@ -149,15 +152,15 @@ def test_attention_mask_of_any_broadcastable_rank(shape):
     q, k, v = _qkv(np.random.default_rng(14), s=7)
     mask = np.random.default_rng(15).random(shape) < 0.6
     mask[..., 0] = True  # every query keeps at least one key
-    got = layers.dot_product_attention(q, k, v, jnp.asarray(mask), implementation="xla")
+    got = dot_product_attention(q, k, v, jnp.asarray(mask), implementation="xla")
     close(got, np_attention(q, k, v, np.broadcast_to(mask, (B, H, T, 7))))
 
 
 def test_attention_bfloat16():
     q, k, v = _qkv(np.random.default_rng(5))
     qb, kb, vb = (jnp.asarray(a, jnp.bfloat16) for a in (q, k, v))
-    mask = layers.make_attention_mask(None, jnp.asarray(_padding()), causal=True)
-    got = layers.dot_product_attention(qb, kb, vb, mask, implementation="xla")
+    mask = make_attention_mask(None, jnp.asarray(_padding()), causal=True)
+    got = dot_product_attention(qb, kb, vb, mask, implementation="xla")
     assert got.dtype == jnp.bfloat16
     # Reference on the bf16-rounded inputs; bf16 keeps ~3 significant digits.
     want = np_attention(*(np.asarray(a, np.float64) for a in (qb, kb, vb)),
@@ -168,7 +171,7 @@ def test_attention_bfloat16():
 def test_attention_bad_implementation_names_config_key():
     q, k, v = _qkv(np.random.default_rng(6))
     with pytest.raises(ValueError, match="`attention`"):
-        layers.dot_product_attention(q, k, v, None, implementation="bogus")
+        dot_product_attention(q, k, v, None, implementation="bogus")
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs an NVIDIA GPU")
@@ -184,11 +187,11 @@ def test_cudnn_attention_equals_xla_on_gpu(masking):
     if masking != "none":
         valid = np.ones((b, t), bool)
         valid[1, 100:] = False
-        mask = layers.make_attention_mask(None, jnp.asarray(valid), causal=True)
+        mask = make_attention_mask(None, jnp.asarray(valid), causal=True)
 
     def run(impl):
         def f(q, k, v):
-            out = layers.dot_product_attention(q, k, v, mask, implementation=impl)
+            out = dot_product_attention(q, k, v, mask, implementation=impl)
             return jnp.sum(out.astype(jnp.float32) * ct), out
         (_, out), grads = jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(q, k, v)
         return [np.asarray(a, np.float32) for a in (out,) + grads]
@@ -223,7 +226,7 @@ def test_attention_module_self_attention_with_mask():
     d, heads = 12, 3
     rng = np.random.default_rng(7)
     x = rand(rng, B, T, d)
-    mask = layers.make_attention_mask(None, jnp.asarray(_padding()), causal=True)
+    mask = make_attention_mask(None, jnp.asarray(_padding()), causal=True)
     mod = layers.Attention(heads)
     params = _randomize(mod.init(jax.random.key(0), x, mask=mask)["params"], 1)
     p = f64(params)
@@ -278,7 +281,7 @@ def test_activations_differ():
     # The three GELU flavours are distinct functions: a swapped table entry would show.
     x = np.linspace(-3, 3, 61)
     for name in ("gelu", "gelu_tanh", "quick_gelu"):
-        close(layers.get_activation(name)(jnp.asarray(x, jnp.float32)), np_act(name, x))
+        close(get_activation(name)(jnp.asarray(x, jnp.float32)), np_act(name, x))
     assert np.abs(np_act("gelu", x) - np_act("quick_gelu", x)).max() > 1e-2
 
 
@@ -367,7 +370,7 @@ def test_position_embedding_sincos_added():
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_layer_norm_closed_form_backward_equals_autodiff(dtype):
-    """`layers.layer_norm`'s custom backward against autodiff of the same forward."""
+    """`layer_norm`'s custom backward against autodiff of the same forward."""
     rng = np.random.default_rng(17)
     x = jnp.asarray(3 * rng.standard_normal((4, 6, 16)) + 1, dtype)
     scale = jnp.asarray(rng.random(16) + 0.5, jnp.float32)
@@ -380,7 +383,7 @@ def test_layer_norm_closed_form_backward_equals_autodiff(dtype):
         var = jnp.square(xf - mean).mean(-1, keepdims=True)
         return ((xf - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias).astype(dtype)
 
-    y, vjp = jax.vjp(lambda *a: layers.layer_norm(*a, 1e-5, dtype), x, scale, bias)
+    y, vjp = jax.vjp(lambda *a: layer_norm(*a, 1e-5, dtype), x, scale, bias)
     y_ref, vjp_ref = jax.vjp(plain, x, scale, bias)
     np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_ref, np.float32))
     tol = 1e-5 if dtype == jnp.float32 else 1e-2
@@ -389,6 +392,6 @@ def test_layer_norm_closed_form_backward_equals_autodiff(dtype):
         got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
         assert np.abs(got - want).max() <= tol * np.abs(want).max()
     # Frozen parameters stored in bfloat16 keep their dtype in the backward pass.
-    g_scale = jax.grad(lambda s: jnp.sum(layers.layer_norm(x, s, bias, 1e-5, dtype)
+    g_scale = jax.grad(lambda s: jnp.sum(layer_norm(x, s, bias, 1e-5, dtype)
                                          .astype(jnp.float32)))(scale.astype(jnp.bfloat16))
     assert g_scale.dtype == jnp.bfloat16

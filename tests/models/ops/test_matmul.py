@@ -1,4 +1,4 @@
-"""`layers.linear` / `layers.Dense`: the float32-accumulating low-precision matmul
+"""`ops.matmul.linear` / `layers.Dense`: the float32-accumulating low-precision matmul
 (forward, custom backward, both dW orientations), equality with `flax.linen.Dense`,
 the GEMMs XLA:CPU compiles for it, and remat/scan of a bfloat16 ViT."""
 import re
@@ -12,6 +12,9 @@ from scipy.special import erf
 
 from mmjax.models import layers
 from mmjax.models.layers import stack_layer_params
+from mmjax.models.ops.activations import gelu, get_activation
+from mmjax.models.ops.attention import dot_product_attention
+from mmjax.models.ops.matmul import linear
 from mmjax.models.vit import ViT
 
 BF16 = jnp.bfloat16
@@ -39,10 +42,10 @@ def test_low_precision_linear_value_and_grads_match_float64(n_in, n_out, act, us
     x, w = _bf16(rng.standard_normal((n, n_in))), _bf16(rng.standard_normal((n_in, n_out)) / 5)
     b = rng.standard_normal(n_out) if use_bias else None
     ct = _bf16(rng.standard_normal((n, n_out)))  # the output is bf16, so is its cotangent
-    fn = layers.get_activation(act) if act else None
+    fn = get_activation(act) if act else None
 
     def f(x, w, b):
-        return layers.linear(x, w, b, BF16, fn)
+        return linear(x, w, b, BF16, fn)
 
     y, vjp = jax.vjp(f, jnp.asarray(x, BF16), jnp.asarray(w, BF16),
                      None if b is None else jnp.asarray(b, jnp.float32))
@@ -70,7 +73,7 @@ def test_low_precision_linear_value_and_grads_match_float64(n_in, n_out, act, us
 def test_float32_linear_is_exact_matmul():
     rng = np.random.default_rng(1)
     x, w, b = (rng.standard_normal(s).astype(np.float32) for s in ((5, 7), (7, 3), (3,)))
-    got = layers.linear(jnp.asarray(x), jnp.asarray(w), jnp.asarray(b), jnp.float32)
+    got = linear(jnp.asarray(x), jnp.asarray(w), jnp.asarray(b), jnp.float32)
     np.testing.assert_allclose(got, x @ w + b, rtol=1e-5, atol=1e-5)
 
 
@@ -100,7 +103,7 @@ def test_cpu_backward_gemms_stay_bfloat16():
     b = jnp.ones((128,), jnp.float32)
 
     def loss(x, w, b):
-        return layers.linear(x, w, b, BF16, layers.gelu).astype(jnp.float32).sum()
+        return linear(x, w, b, BF16, gelu).astype(jnp.float32).sum()
 
     hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, w, b).compile().as_text()
     types = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", hlo))
@@ -159,7 +162,7 @@ def test_bfloat16_attention_grads_match_float32(kv_heads):
 
     def run(dtype):
         def f(q, k, v):
-            out = layers.dot_product_attention(q, k, v, mask, implementation="xla")
+            out = dot_product_attention(q, k, v, mask, implementation="xla")
             return jnp.sum(out.astype(jnp.float32) * ct)
         args = [jnp.asarray(a, dtype) for a in (q, k, v)]
         return [np.asarray(g, np.float64) for g in jax.grad(f, argnums=(0, 1, 2))(*args)]

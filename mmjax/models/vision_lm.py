@@ -38,7 +38,8 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.errors import ConfigError
-from mmjax.models.layers import HIDDEN, TOKENS, Dense, boundary, constrain, gelu
+from mmjax.models.layers import HIDDEN, TOKENS, Dense, boundary, constrain
+from mmjax.models.ops.activations import gelu
 from mmjax.models.lm import DecoderLM
 from mmjax.models.qformer import QFormer
 from mmjax.models.towers import build_tower
