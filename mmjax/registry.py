@@ -13,7 +13,7 @@ dataset)::
                    builtin=Builtin(shards=my_shards, classnames=MY_CLASSES))
 
 Then `model.image.kind="my_signal"` trains with every family, through
-`mmjax.train.train_and_evaluate` (what `mmjax train` runs) or `mmjax.train.loop.train`.
+`mmjax.train.loop.train(config, workdir)` (what `mmjax train` runs).
 The `media` decoder is a `"module:function"` reference so that loader worker
 processes (spawned) import it themselves. A new family is `register_family`.
 The towers and families of mmjax itself are registered in the same tables

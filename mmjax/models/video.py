@@ -166,7 +166,7 @@ class VideoViT(ViT):
         if videos.ndim != 5:
             raise ConfigError(f"VideoViT expects videos [B, T, H, W, 3], got shape "
                               f"{tuple(videos.shape)} (model.image.kind='video_vit' reads "
-                              "data.train.modality='video').")
+                              "video clips).")
         if self.temporal not in TEMPORAL:
             raise ConfigError(f"Unknown temporal model {self.temporal!r} (config key "
                               f"`model.image.temporal`); choose one of {TEMPORAL}.")

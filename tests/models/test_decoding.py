@@ -4,7 +4,7 @@ from scratch (full forward of the whole sequence, no cache, float64 scores).
 
 Models: a hand-made Markov step function, the CoCa caption decoder alone
 (`text.CaptionDecoder`, unrolled and scanned), CoCa and the BLIP-2 Q-Former's
-ITG head through `evaluate.captioning`, and the Llama-style `DecoderLM` through
+ITG head through `families.captioning`, and the Llama-style `DecoderLM` through
 `lm.generate`, all with random weights."""
 import flax.linen as nn
 import jax
