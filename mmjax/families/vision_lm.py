@@ -49,8 +49,8 @@ class VisionLMFamily(Family):
             p = qc.get("num_queries", 32)
             conn = (qformer_flops(qc, 0, (n, dv), TRAIN, context_grad=trained)
                     + dense_flops(p, qc.get("width", 768), d, TRAIN))
-        else:  # 2-layer MLP on the tokens, the class token dropped
-            p = n - (img.get("pool", getattr(tower, "pool", None)) == "cls")
+        else:  # 2-layer MLP on the content tokens (class / distillation tokens dropped)
+            p = n - (tower.prefix_tokens(img) if hasattr(tower, "prefix_tokens") else 0)
             conn = dense_flops(p, dv, d, TRAIN, grad_in=trained) + dense_flops(p, d, d, TRAIN)
         lm_cost = lm_flops(lm, text_len + p, FROZEN if "lm_module" in frozen else TRAIN)
         return batch * (tower_flops(tower, img, trained) + conn + lm_cost)

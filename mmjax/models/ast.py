@@ -194,6 +194,12 @@ class AST(nn.Module):
         return 2 + gf * gt
 
     @staticmethod
+    def prefix_tokens(cfg: dict) -> int:
+        """How many of the `tokens` come before the patches: the class and distillation
+        tokens."""
+        return 2
+
+    @staticmethod
     def token_width(cfg: dict) -> int:
         """D of the `tokens [B, N, D]` output: `width`."""
         return int(AST(**cfg).width)

@@ -5,7 +5,8 @@ tokens [B, N, D])`, whose fields are the config keys of its section
 (`model.image`), and whose class says what every family and the data pipeline
 need to know of its media (see `ViT`): `modality` (the batch key and the
 decoder's name), `example_input(cfg, data)`, `forward_flops(cfg)`,
-`num_tokens(cfg)` / `token_width(cfg)` (of `tokens`) and `tiny(cfg)`.
+`num_tokens(cfg)` / `token_width(cfg)` (of `tokens`), `prefix_tokens(cfg)` (its
+leading non-content tokens; optional, 0) and `tiny(cfg)`.
 Towers are registered with their media decoder and built-in data in one call,
 `mmjax.registry.register_tower`, which fills `TOWERS` here.
 
@@ -41,6 +42,13 @@ def tower_class(kind: str | None, key: str = "model.image") -> type:
         return ref
     module, _, name = ref.partition(":")
     return getattr(importlib.import_module(module), name)
+
+
+def prefix_tokens(cfg: Mapping | None, key: str = "model.image") -> int:
+    """How many leading `tokens` of the tower of a config section are not media content
+    (class / distillation tokens): its class's `prefix_tokens(cfg)`, 0 if it has none."""
+    cls, fields = tower_fields(cfg, key)
+    return int(cls.prefix_tokens(fields)) if hasattr(cls, "prefix_tokens") else 0
 
 
 def tower_fields(cfg: Mapping | None, key: str = "model.image") -> tuple[type, dict]:

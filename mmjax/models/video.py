@@ -139,6 +139,12 @@ class VideoViT(ViT):
         return t * m.grid ** 2 if m.pool == "none" else t
 
     @staticmethod
+    def prefix_tokens(cfg: dict) -> int:
+        """How many of the `tokens` are not media content: none (one token per frame, or
+        every frame's patch tokens with `pool="none"`)."""
+        return 0
+
+    @staticmethod
     def token_width(cfg: dict) -> int:
         """D of the `tokens [B, N, D]` output: the frame embedding width (`embed_dim`,
         else `width`), or `width` with `pool="none"`."""

@@ -13,8 +13,9 @@ any kind.
   class token included, exactly what the stage-1 Q-Former saw) -> Q-Former
   query outputs `[B, Q, Dq]` -> linear projection -> `Q` soft tokens in front
   of the text (or at the `<image>` placeholder).
-- `connector="mlp"` (LLaVA-1.5): tower tokens `[B, N, Dv]` (the class token
-  dropped when the tower pools with `pool="cls"`) -> 2-layer GELU MLP -> `N`
+- `connector="mlp"` (LLaVA-1.5): tower tokens `[B, N, Dv]` (without the
+  tower's leading class / distillation tokens, `prefix_tokens`: ViT's class
+  token with `pool="cls"`, AST's two) -> 2-layer GELU MLP -> `N`
   tokens spliced in at the `<image>` placeholder (or prepended when the text
   has none).
 
@@ -42,6 +43,7 @@ from mmjax.models.layers import HIDDEN, TOKENS, Dense, boundary, constrain
 from mmjax.models.ops.activations import gelu
 from mmjax.models.lm import DecoderLM
 from mmjax.models.qformer import QFormer
+from mmjax.models import towers
 from mmjax.models.towers import build_tower
 
 Array = jax.Array
@@ -102,8 +104,8 @@ class VisionLM(nn.Module):
       lm: `DecoderLM` keyword arguments; its `width` is the connector's output width.
       qformer: `QFormer` keyword arguments; needed by connector "qformer" only.
       connector: "qformer" (BLIP-2: Q-Former queries, then a linear projection)
-        or "mlp" (LLaVA-1.5: 2-layer GELU MLP on the tower tokens, the class
-        token dropped when the tower pools with "cls").
+        or "mlp" (LLaVA-1.5: 2-layer GELU MLP on the tower's content tokens, its
+        class / distillation tokens dropped: the tower's `prefix_tokens`).
       image_token_id: id of the `<image>` placeholder in the text (None: image
         tokens always go first). It must be < lm.vocab_size (never predicted:
         it carries no loss).
@@ -145,8 +147,8 @@ class VisionLM(nn.Module):
         audio `[B, num_samples]`, video `[B, T, H, W, 3]`) -> `[B, P, D_lm]`
         (P = Q-Former queries, or the tower's tokens)."""
         _, tokens = self.image_tower(images)
-        if self.connector == "mlp" and self.image_tower.pool == "cls":
-            tokens = tokens[:, 1:]  # LLaVA uses patch tokens only; BLIP-2 feeds all of them
+        if self.connector == "mlp":  # LLaVA uses content tokens only; BLIP-2 feeds all of them
+            tokens = tokens[:, towers.prefix_tokens(self.image):]
         if self.freeze_image:
             tokens = jax.lax.stop_gradient(tokens)
         tokens = boundary(tokens)

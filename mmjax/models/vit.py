@@ -102,6 +102,12 @@ class ViT(nn.Module):
         return m.grid ** 2 + (1 if m.pool == "cls" else 0)
 
     @staticmethod
+    def prefix_tokens(cfg: dict) -> int:
+        """How many of the `tokens` come before the patches and are not media content:
+        the class token with `pool == "cls"`."""
+        return 1 if cfg.get("pool", ViT.__dataclass_fields__["pool"].default) == "cls" else 0
+
+    @staticmethod
     def token_width(cfg: dict) -> int:
         """D of the `tokens [B, N, D]` output: `width`."""
         return int(ViT(**cfg).width)

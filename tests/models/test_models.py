@@ -574,3 +574,33 @@ def test_build_errors_name_the_key(cfg, key):
     """Unknown top-level and nested keys, bad names and dtypes are named in the error."""
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         build(cfg)
+
+
+@pytest.mark.parametrize("kind,fields", [
+    ("vit", dict(pool="cls")), ("vit", dict(pool="gap")), ("ast", dict(pool="cls_dist")),
+    ("video_vit", dict(pool="gap", num_frames=3)), ("video_vit", dict(pool="cls", num_frames=3)),
+    ("video_vit", dict(pool="none", num_frames=2)),
+])
+def test_llava_connector_keeps_the_media_content_tokens_of_every_tower(kind, fields):
+    """VisionLM's MLP connector drops exactly the tower's leading class / distillation
+    tokens (`prefix_tokens`): ViT's class token, AST's two, none of VideoViT's frame
+    tokens; the Q-Former connector reads all of them."""
+    import ml_collections
+    from mmjax.models import VisionLM, towers
+    cls = towers.tower_class(kind)
+    cfg = {**fields, **cls.tiny(fields)}
+    data = ml_collections.ConfigDict(dict(image_size=cfg.get("image_size", 32), output="float32",
+                                          num_frames=cfg.get("num_frames", 1),
+                                          sample_rate=cfg.get("sample_rate", 16000),
+                                          clip_seconds=cfg.get("clip_seconds", 1.0)))
+    shape, _ = cls.example_input(cfg, data)
+    media = jax.ShapeDtypeStruct((2,) + tuple(shape), jnp.float32)
+    lm = dict(vocab_size=64, width=32, depth=1, num_heads=2, mlp_dim=64, max_len=64)
+    model = VisionLM(image=dict(kind=kind, **cfg), lm=lm, connector="mlp")
+    embeds, _ = jax.eval_shape(lambda x: model.init_with_output(
+        jax.random.key(0), x, method="image_embeds"), media)
+    content = cls.num_tokens(cfg) - cls.prefix_tokens(cfg)
+    assert embeds.shape == (2, content, 32)
+    if kind == "video_vit":
+        frames = cfg["num_frames"]
+        assert content == (frames if cfg["pool"] != "none" else frames * (32 // 8) ** 2)
