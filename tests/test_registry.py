@@ -1,7 +1,9 @@
 """A tower registered from outside mmjax (`mmjax.registry`): a 1-D signal encoder
 with its own media decoder and built-in data, defined in this file only, trained
 `:tiny`-sized through the entry point of `mmjax train` (`mmjax.train.loop.train`),
-evaluated (zero-shot on its held-out built-in split) and read back by `mmjax eval`.
+evaluated (zero-shot on its held-out built-in split) and read back by `mmjax eval`;
+and a family registered from outside (`register_family`) that shares its model class
+with a built-in family, trained one step with its own loss.
 """
 import io
 import json
@@ -218,3 +220,55 @@ def test_an_unregistered_media_is_a_config_error(tmp_path):
     finally:
         del towers.TOWERS[KIND]
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_a_family_registered_from_outside_trains():
+    """`register_family`: a family of the user's own (here a two-tower variant whose
+    loss is the symmetric contrastive loss plus an embedding-norm penalty) on an mmjax
+    model class, chosen by `model.name`; its loss is the one the step differentiates."""
+    from mmjax import families, models
+    from mmjax.config import load_config
+    from mmjax.config.schema import check_config, check_model
+    from mmjax.families.two_tower import TwoTowerFamily, contrastive_terms
+    from mmjax.models.text import TextEncoder
+    from mmjax.models.two_tower import TwoTower
+    from mmjax.perf.bench import random_batch
+    from mmjax.train.step import build_trainer
+
+    class NormPenaltyFamily(TwoTowerFamily):
+        name = "two_tower_norm"
+        objectives = ("softmax_contrastive", "norm")
+
+        def losses(self, model, params, batch, objectives, rng):
+            out = self.apply(model, params, *self.model_inputs(model, batch), rng=rng)
+            terms, extra = contrastive_terms(out, objectives)
+            if "norm" in objectives:
+                zimg = model.apply({"params": params}, batch["image"], method="encode_image")
+                terms["norm"] = jnp.mean(jnp.sum(zimg ** 2, -1))
+            return terms, extra
+
+    saved = [dict(t) for t in (families.FAMILIES, models.MODELS, models.SUBMODULES)]
+    try:
+        registry.register_family(NormPenaltyFamily(), TwoTower,
+                                 {"image": "tower", "text": TextEncoder})
+        with pytest.raises(ConfigError, match="registered already"):
+            registry.register_family(NormPenaltyFamily(), TwoTower, {})
+        config = load_config("clip_tiny:tiny").copy_and_resolve_references()
+        config.unlock()
+        config.model.name = "two_tower_norm"
+        config.objectives = {"softmax_contrastive": 1.0, "norm": 0.5}
+        check_config(config)
+        check_model(config)
+        trainer = build_trainer(config, jax.devices()[:1])
+        assert trainer.family.name == "two_tower_norm"
+        state = trainer.init_state(0)
+        batch = random_batch(config, trainer.batch_sharding)
+        _, metrics = trainer.step(state, batch)
+        m = jax.device_get(metrics)
+        assert set(m) >= {"loss/softmax_contrastive", "loss/norm"}
+        np.testing.assert_allclose(m["loss"], m["loss/softmax_contrastive"] + 0.5 * m["loss/norm"],
+                                   rtol=1e-5)
+    finally:
+        for table, old in zip((families.FAMILIES, models.MODELS, models.SUBMODULES), saved):
+            table.clear()
+            table.update(old)

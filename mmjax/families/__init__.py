@@ -48,8 +48,8 @@ def family_of(model: Any) -> Family:
 
 
 def compute_losses(model: Any, params: Any, batch: Mapping[str, jax.Array],
-                   objectives: Mapping[str, float], rng: jax.Array
-                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
+                   objectives: Mapping[str, float], rng: jax.Array,
+                   family: Family | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Weighted total loss and metrics for one (micro-)batch.
 
     Args:
@@ -58,10 +58,12 @@ def compute_losses(model: Any, params: Any, batch: Mapping[str, jax.Array],
         (VisionLM: 1 on answer/caption tokens).
       objectives: name -> weight (`config.objectives`).
       rng: key for stochastic parts (BLIP-2 ITM negative sampling).
+      family: the model's family (default: the one registered for its class,
+        `family_of`; give it where several families share a model class).
     Returns: `(total, metrics)` with `loss/<name>` per objective and the head
       scalars (`scale`, `bias`, `temp`) where present.
     """
-    terms, extra = family_of(model).losses(model, params, batch, objectives, rng)
+    terms, extra = (family or family_of(model)).losses(model, params, batch, objectives, rng)
     total = sum(float(objectives[k]) * terms[k] for k in terms)
     metrics = {f"loss/{k}": t for k, t in terms.items()}
     metrics.update(extra)

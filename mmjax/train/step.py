@@ -133,7 +133,7 @@ class Trainer:
 
             def loss_fn(t):
                 full = trees.nested({**frozen, **t})
-                return compute_losses(self.model, full, b, self.objectives, key)
+                return compute_losses(self.model, full, b, self.objectives, key, self.family)
             out, g = jax.value_and_grad(loss_fn, has_aux=True)(trained)
             g = {**{k: jnp.zeros_like(v) for k, v in frozen.items()}, **g}
             return out, trees.nested(g)
