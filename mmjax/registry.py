@@ -71,14 +71,15 @@ def register_tower(kind: str, tower: Union[type, str], *, media: Optional[media_
     if not replace and kind in towers.TOWERS and towers.TOWERS[kind] != tower:
         raise ConfigError(f"tower kind {kind!r} is registered already "
                           f"({towers.TOWERS[kind]}); pick another name or pass replace=True.")
-    if media is not None and not isinstance(tower, str) and media.name != tower.modality:
+    cls = towers.load_tower(tower)
+    modality = cls.modality
+    if media is not None and media.name != modality:
         raise ConfigError(f"register_tower({kind!r}): media {media.name!r} is not what "
-                          f"{tower.__name__} reads ({tower.modality!r}).")
+                          f"{cls.__name__} reads ({modality!r}).")
     if media is not None:
         _put(media_lib.MEDIA, media.name, media, replace, "media")
     if builtin is not None:
-        name = media.name if media is not None else tower.modality
-        _put(builtin_lib.BUILTIN, name, (builtin.shards, builtin.classnames), replace,
+        _put(builtin_lib.BUILTIN, modality, (builtin.shards, builtin.classnames), replace,
              "built-in data")
     towers.TOWERS[kind] = tower
 

@@ -140,8 +140,7 @@ def make_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if "image" in m:
         tower, fields = towers.tower_fields(m.image)
         m.image.update(tower.tiny(fields))
-        if hasattr(tower, "data_keys"):  # the data feeds the tower what it reads
-            d.update(tower.data_keys(towers.tower_fields(m.image)[1]))
+        d.update(towers.data_keys(*towers.tower_fields(m.image)))  # what the tower reads
     if "text" in m:
         m.text.update(dict(vocab_size=259, max_len=32, **small))
         if m.text.get("embed_dim"):

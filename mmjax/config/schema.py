@@ -188,11 +188,8 @@ def check_config(config: Any) -> None:
     family.check_objectives(model, config.objectives)
     data = config.data.train
     media = family.media(config.model)
-    if media not in media_lib.MEDIA:
-        media_lib.get_media_spec(media)  # the ConfigError naming what is registered
-    tower, fields = towers.tower_fields(config.model.get("image"))
-    fixed = tower.data_keys(fields) if hasattr(tower, "data_keys") else {}
-    for key, value in fixed.items():
+    media_lib.get_media_spec(media)  # a ConfigError naming what is registered if none is
+    for key, value in towers.data_keys(*towers.tower_fields(config.model.get("image"))).items():
         if data.get(key) != value:
             raise ConfigError(f"config.data.train.{key}={data.get(key)!r} but the model's "
                               f"{media} tower reads {value!r} (model.image); set "

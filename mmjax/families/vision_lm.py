@@ -14,6 +14,7 @@ from mmjax.errors import ConfigError
 from mmjax.families.base import Family, plain
 from mmjax.models.flops import (FROZEN, TRAIN, dense_flops, lm_flops, qformer_flops,
                                 tower_config, tower_flops)
+from mmjax.models import towers
 from mmjax.models.jitted import model_method
 from mmjax.models.lm import generate
 from mmjax.models.vision_lm import language_model, vlm_targets
@@ -50,7 +51,7 @@ class VisionLMFamily(Family):
             conn = (qformer_flops(qc, 0, (n, dv), TRAIN, context_grad=trained)
                     + dense_flops(p, qc.get("width", 768), d, TRAIN))
         else:  # 2-layer MLP on the content tokens (class / distillation tokens dropped)
-            p = n - (tower.prefix_tokens(img) if hasattr(tower, "prefix_tokens") else 0)
+            p = n - towers.prefix_tokens(tower, img)
             conn = dense_flops(p, dv, d, TRAIN, grad_in=trained) + dense_flops(p, d, d, TRAIN)
         lm_cost = lm_flops(lm, text_len + p, FROZEN if "lm_module" in frozen else TRAIN)
         return batch * (tower_flops(tower, img, trained) + conn + lm_cost)

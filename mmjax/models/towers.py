@@ -37,18 +37,28 @@ def tower_class(kind: str | None, key: str = "model.image") -> type:
     kind = DEFAULT_KIND if kind is None else kind
     if kind not in TOWERS:
         raise ConfigError(f"config key `{key}.kind` is {kind!r}; choose one of {sorted(TOWERS)}.")
-    ref = TOWERS[kind]
+    return load_tower(TOWERS[kind])
+
+
+def load_tower(ref: Any) -> type:
+    """A tower class, or the class a "module:Class" reference names (imported)."""
     if not isinstance(ref, str):
         return ref
     module, _, name = ref.partition(":")
     return getattr(importlib.import_module(module), name)
 
 
-def prefix_tokens(cfg: Mapping | None, key: str = "model.image") -> int:
-    """How many leading `tokens` of the tower of a config section are not media content
-    (class / distillation tokens): its class's `prefix_tokens(cfg)`, 0 if it has none."""
-    cls, fields = tower_fields(cfg, key)
+def prefix_tokens(cls: type, fields: Mapping) -> int:
+    """How many leading `tokens` of tower `cls` with constructor `fields` are not media
+    content (class / distillation tokens): `cls.prefix_tokens(fields)`, 0 if the tower
+    does not say."""
     return int(cls.prefix_tokens(fields)) if hasattr(cls, "prefix_tokens") else 0
+
+
+def data_keys(cls: type, fields: Mapping) -> dict:
+    """The `data.train` keys the input of tower `cls` fixes: `cls.data_keys(fields)`,
+    none if the tower does not say."""
+    return dict(cls.data_keys(fields)) if hasattr(cls, "data_keys") else {}
 
 
 def tower_fields(cfg: Mapping | None, key: str = "model.image") -> tuple[type, dict]:

@@ -148,7 +148,7 @@ class VisionLM(nn.Module):
         (P = Q-Former queries, or the tower's tokens)."""
         _, tokens = self.image_tower(images)
         if self.connector == "mlp":  # LLaVA uses content tokens only; BLIP-2 feeds all of them
-            tokens = tokens[:, towers.prefix_tokens(self.image):]
+            tokens = tokens[:, towers.prefix_tokens(*towers.tower_fields(self.image)):]
         if self.freeze_image:
             tokens = jax.lax.stop_gradient(tokens)
         tokens = boundary(tokens)
