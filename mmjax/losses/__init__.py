@@ -1,4 +1,4 @@
-"""Training objectives: contrastive (softmax, sigmoid), captioning, BLIP-2.
+"""Training objectives: contrastive (softmax, sigmoid), captioning, BLIP-2, MLM and VQA.
 
 All functions take arrays, compute in float32 and return float32 scalars.
 Under `jax.set_mesh(mesh)` with the batch dim sharded over `("data",
@@ -6,6 +6,7 @@ Under `jax.set_mesh(mesh)` with the batch dim sharded over `("data",
 """
 from mmjax.losses.blip2 import blip2_itc_loss, blip2_itm_triples, itm_loss
 from mmjax.losses.captioning import caption_loss, next_token_loss
+from mmjax.losses.one_tower import mask_tokens, masked_lm_loss, vqa_loss, vqa_targets
 from mmjax.losses.contrastive import (softmax_contrastive_loss,
                                       sigmoid_contrastive_loss)
 
@@ -17,4 +18,8 @@ __all__ = [
     "blip2_itc_loss",
     "blip2_itm_triples",
     "itm_loss",
+    "mask_tokens",
+    "masked_lm_loss",
+    "vqa_targets",
+    "vqa_loss",
 ]

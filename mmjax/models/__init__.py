@@ -14,6 +14,7 @@ from mmjax.errors import ConfigError
 from mmjax.models.blip2 import Blip2Stage1
 from mmjax.models.coca import CoCa
 from mmjax.models.lm import DecoderLM
+from mmjax.models.one_tower import OneTower
 from mmjax.models.layers import MAPHead, Mlp, Norm, Attention, Block
 from mmjax.models.qformer import QFormer
 from mmjax.models.text import CaptionDecoder, TextEncoder
@@ -23,17 +24,18 @@ from mmjax.models import towers
 from mmjax.models.vision_lm import VisionLM
 
 MODELS = {"two_tower": TwoTower, "coca": CoCa, "blip2_stage1": Blip2Stage1,
-          "vision_lm": VisionLM}
+          "vision_lm": VisionLM, "one_tower": OneTower}
 # Nested sections of each model and the module their keys configure; "image" is
 # the media tower, whose class `model.image.kind` picks (mmjax.models.towers).
 SUBMODULES = {"two_tower": {"image": "tower", "text": TextEncoder},
               "coca": {"image": "tower", "text": TextEncoder, "decoder": CaptionDecoder},
               "blip2_stage1": {"image": "tower", "qformer": QFormer},
-              "vision_lm": {"image": "tower", "qformer": QFormer, "lm": DecoderLM}}
+              "vision_lm": {"image": "tower", "qformer": QFormer, "lm": DecoderLM},
+              "one_tower": {"image": "tower", "text": TextEncoder}}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 __all__ = ["ViT", "TextEncoder", "CaptionDecoder", "QFormer", "TwoTower", "CoCa",
-           "Blip2Stage1", "DecoderLM", "VisionLM", "MAPHead", "Mlp", "Norm", "Attention", "Block", "build", "MODELS"]
+           "Blip2Stage1", "DecoderLM", "VisionLM", "OneTower", "MAPHead", "Mlp", "Norm", "Attention", "Block", "build", "MODELS"]
 
 
 def _plain(x: Any) -> Any:
@@ -51,7 +53,7 @@ def build(model_config: Mapping) -> Any:
     """Build a model from `config.model`.
 
     `model_config.name` picks the class (`two_tower`, `coca`, `blip2_stage1`,
-    `vision_lm`);
+    `vision_lm`, `one_tower`);
     every other key is a constructor field (nested dicts for towers).
     `dtype` may be given as a string ("float32", "bfloat16").
     """

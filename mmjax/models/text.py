@@ -168,6 +168,11 @@ class TextEncoder(nn.Module):
         """Token embeddings `[B, L, D]` (shared with a decoder that ties them)."""
         return self.embedding(ids)
 
+    def attend(self, x):
+        """`[..., D] -> [..., vocab_size]` logits tied to the token embeddings (a masked-LM
+        or decoder head that shares them)."""
+        return self.embedding.attend(x)
+
 
 class CaptionDecoder(nn.Module):
     """CoCa multimodal decoder returning vocabulary logits `[B, L, V]`.
