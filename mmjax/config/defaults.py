@@ -75,23 +75,30 @@ KEYS: dict[str, tuple] = {
     "evals.retrieval.caption_key": ("", "caption member ('': data.train.caption_key); a JSON "
                                         "list field (json:captions) gives several per sample"),
     "evals.retrieval.num_captions": (5, "most captions per sample from a JSON list"),
+    "evals.retrieval.rerank_k": (0, "re-rank the k best contrastive candidates of every query "
+                                    "with the image-text matching head (BLIP-2, one_tower; "
+                                    "0: off; at least 10)"),
     "evals.captioning.shards": ("", "captioning (BLEU-4, CIDEr) data, 'synthetic' or '' (off)"),
     "evals.captioning.max_samples": (256, "at most this many samples (0: all)"),
     "evals.captioning.beam_size": (1, "1: greedy decoding; more: beam search"),
     "evals.captioning.max_len": (32, "most tokens per generated caption"),
-    "evals.vqa.shards": ("", "VQA (VisionLM) dialog data, 'synthetic' or '' (off)"),
+    "evals.vqa.shards": ("", "VQA (VisionLM, one_tower) dialog data, 'synthetic' or '' (off)"),
     "evals.vqa.text_key": ("json:qa", "JSON key of the question/answer turns"),
     "evals.vqa.max_samples": (256, "at most this many samples (0: all)"),
     "evals.vqa.max_new_tokens": (8, "most tokens per generated answer"),
+    "evals.vqa.max_len": (0, "tokens of an evaluation dialog, all its questions (0: "
+                             "data.train.max_len)"),
 }
 # The sections whose keys a recipe chooses.
 SECTIONS = {
     "model": "the model: `name` picks the family (two_tower, coca, blip2_stage1, vision_lm, "
-             "or a registered one), the other keys are the fields of its module; `image` is "
+             "one_tower, or a registered one), the other keys are the fields of its module; `image` is "
              "the media tower (`kind`: vit, ast, video_vit, or a registered one)",
     "objectives": "objective name -> loss weight (the family lists the names it offers)",
     "init": "parameter prefix -> source ('workdir:DIR[@STEP][#SUBTREE]', 'hf_clip:PATH', "
-            "'hf_llama:PATH', ...): parts of the model loaded after the random init",
+            "'hf_llama:PATH', ...): parts of the model loaded after the random init; the "
+            "prefix 'all' loads every parameter the source has (fine-tuning a whole "
+            "pretrained model, new heads keep their init)",
 }
 
 

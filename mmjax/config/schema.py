@@ -65,7 +65,7 @@ NUMERIC_KEYS = {
     "evals.vqa.max_samples": _INT_GE0, "evals.vqa.max_new_tokens": _INT_GE1,
 }
 # Model sizes, wherever they appear under config.model (None where a recipe leaves one out).
-MODEL_SIZE_KEYS = {"width", "depth", "heads", "num_heads", "mlp_dim", "patch_size",
+MODEL_SIZE_KEYS = {"width", "depth", "vl_depth", "heads", "num_heads", "mlp_dim", "patch_size",
                    "image_size", "max_len", "vocab_size", "embed_dim", "num_queries",
                    "caption_queries", "pooler_heads", "cross_attention_freq"}
 
@@ -138,7 +138,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                 if isinstance(v, (ml_collections.ConfigDict, dict)):
                     walk(v, f"{prefix}{k}.")
                 elif k in MODEL_SIZE_KEYS:
-                    checks.append((f"{prefix}{k}", v, ("int", 1, None, "none")))
+                    # depth 0: an embedding without blocks (the one-tower family's
+                    # text and media embeddings)
+                    low = 0 if k in ("depth", "vl_depth") else 1
+                    checks.append((f"{prefix}{k}", v, ("int", low, None, "none")))
         walk(config.model, "model.")
     for key, value, rule in checks:
         if not _fits(value, rule):
@@ -148,9 +151,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 # ----------------------------------------------------------------- cross-key checks
 
 # What to use when a config enables an evaluator its family does not offer.
-NOT_OFFERED = {"retrieval": "a two-tower, CoCa or BLIP-2 recipe",
+NOT_OFFERED = {"retrieval": "a two-tower, CoCa, BLIP-2 or multiway one-tower recipe",
                "captioning": "a CoCa, BLIP-2 or VisionLM recipe",
-               "vqa": "a VisionLM recipe (llava, blip2_stage2)"}
+               "vqa": "a VisionLM (llava, blip2_stage2) or one-tower (one_tower_tiny:vqa) "
+                      "recipe"}
 EVALUATORS = ("zeroshot", "retrieval", "captioning", "vqa")
 
 
@@ -214,7 +218,7 @@ def check_model(config: Any) -> None:
     check_vocabulary(config)
     get_family(config).check_config(config)
     prefixes = [("optim.freeze", p) for p in (config.optim.get("freeze") or [])]
-    prefixes += [("init", p) for p in (config.get("init") or {})]
+    prefixes += [("init", p) for p in (config.get("init") or {}) if p != "all"]  # all: the model
     if prefixes:
         check_prefixes(config, build(config.model), prefixes)
 

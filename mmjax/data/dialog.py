@@ -321,3 +321,70 @@ def split_dialog(ids: Sequence[int], loss_mask: Sequence[int], bos_id: int | Non
             prompt.append(ids[i])
         i += 1
     return [(p, a) for p, a in pairs if len(p) > len(head)]
+
+
+def _vqa_items(value) -> list[tuple[str, list[str]]]:
+    """`[(question, [answers])]` from a VQA JSON value: a list of (or one)
+    ``{"question": str, "answer": str}`` or ``{"question": str, "answers": [str, ...]}``
+    (VQAv2's ten human answers; dicts ``{"answer": str}`` accepted in the list)."""
+    if isinstance(value, (str, bytes)):
+        value = json.loads(value)
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise ValueError("question list is empty")
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or "question" not in item or not (
+                "answer" in item or "answers" in item):
+            raise ValueError(f"question {i} must be a dict with 'question' and 'answer' (or "
+                             f"'answers'), got {item!r}")
+        answers = item["answers"] if "answers" in item else [item["answer"]]
+        answers = [a["answer"] if isinstance(a, dict) else a for a in answers]
+        out.append((_text(item["question"], f"question {i}"),
+                    [_text(a, f"question {i}'s answer") for a in answers]))
+    return out
+
+
+def vqa_from_members(members: dict, text_key: str, tokenizer, max_len: int,
+                     answer_index: dict, num_questions: int, max_answers: int = 10,
+                     template: TemplateSpec = "qa"):
+    """Encode one sample's questions for VQA as classification (`text_format="vqa"`).
+
+    Each question becomes its first-turn prompt (`encode_prompt`: ``[BOS] "Q: {q} A:"``
+    in the "qa" template, the ids VQA evaluation asks with), padded to `max_len`.
+    Its answers (one, or VQAv2's ten) are looked up in `answer_index` (answer ->
+    class, matched after `strip().lower()`); each distinct in-vocabulary answer
+    gets the soft score min(1, count / 3) (1 for a single answer), the
+    `max_answers` most frequent kept.
+
+    Returns ``((ids int32 [Q, L], answer_ids int32 [Q, K], answer_scores float32
+    [Q, K]), "")`` with Q = `num_questions` (rows after the sample's last question:
+    pad ids, answer ids -1) and K = `max_answers`, or ``(None, reason)`` when the
+    sample has no question or none of its answers is in the vocabulary.
+    """
+    ext, _, field = text_key.partition(":")
+    raw = members.get(ext)
+    if raw is None:
+        return None, f"no {ext!r} member"
+    try:
+        items = _vqa_items(json_field(raw, field))[:num_questions]
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        return None, f"{text_key}: {e}"
+    ids = np.full((num_questions, max_len), tokenizer.pad_id, np.int32)
+    answer_ids = np.full((num_questions, max_answers), -1, np.int32)
+    scores = np.zeros((num_questions, max_answers), np.float32)
+    for i, (question, answers) in enumerate(items):
+        prompt = encode_prompt(tokenizer, question, None, template)[:max_len]
+        ids[i, :len(prompt)] = prompt
+        counts: dict[str, int] = {}
+        for a in answers:
+            a = a.strip().lower()
+            counts[a] = counts.get(a, 0) + 1
+        known = sorted(((c, a) for a, c in counts.items() if a in answer_index),
+                       key=lambda ca: -ca[0])[:max_answers]
+        for j, (count, answer) in enumerate(known):
+            answer_ids[i, j] = answer_index[answer]
+            scores[i, j] = 1.0 if len(answers) == 1 else min(1.0, count / 3.0)
+    if not (answer_ids >= 0).any():
+        return None, f"{text_key}: no answer is in the answer vocabulary (model.answers)"
+    return (ids, answer_ids, scores), ""

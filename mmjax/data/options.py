@@ -19,8 +19,9 @@ from mmjax.data.dialog import dialog_template
 from mmjax.errors import ConfigError
 
 # "caption": one caption -> text [B, L]; "caption_list": a JSON list -> text
-# [B, num_captions, L]; "dialog": JSON Q/A turns -> text and loss_mask [B, L].
-TEXT_FORMATS = ("caption", "caption_list", "dialog")
+# [B, num_captions, L]; "dialog": JSON Q/A turns -> text and loss_mask [B, L];
+# "vqa": JSON questions -> text [B, num_captions, L], answer_ids / answer_scores.
+TEXT_FORMATS = ("caption", "caption_list", "dialog", "vqa")
 
 
 # Every key of the data pipeline (``config.data.train``): name -> (default, description).
@@ -31,8 +32,15 @@ DATA_KEYS: dict[str, tuple] = {
     "caption_key": ("txt", "caption member: 'txt', or 'json:FIELD' for a JSON field"),
     "text_format": ("caption", "'caption' (text [B, L]); 'caption_list': text [B, "
                                "num_captions, L] from a JSON list; 'dialog': JSON Q/A turns "
-                               "(mmjax.data.dialog), batches gain loss_mask [B, L]"),
-    "num_captions": (5, "caption_list: rows per sample (missing ones are all pad)"),
+                               "(mmjax.data.dialog), batches gain loss_mask [B, L]; 'vqa': "
+                               "questions [B, num_captions, L] with answer_ids and "
+                               "answer_scores [B, num_captions, max_answers] (VQA as "
+                               "classification over `answers`)"),
+    "num_captions": (5, "caption_list / vqa: rows (captions, questions) per sample (missing "
+                        "ones are all pad)"),
+    "answers": ([], "vqa: the answer vocabulary, class i = answers[i] (the model family fills "
+                    "it from model.answers)"),
+    "max_answers": (10, "vqa: most distinct answers kept per question (VQAv2 has 10)"),
     "image_token_id": (None, "dialog: id that '<image>' in a question becomes (None: dropped)"),
     "dialog_template": ("qa", "dialog: 'qa' ('Q: {q} A:'), 'vicuna_v1' (LLaVA), 'blip2_vqa'"),
     "tokenizer": ("bytes", "'bytes' | 'sentencepiece:PATH' | 'hf:PATH/tokenizer.json'"),
@@ -102,6 +110,8 @@ class DataOptions:
     image_token_id: int | None
     dialog_template: str
     num_captions: int
+    answers: tuple[str, ...]
+    max_answers: int
     max_len: int
     image_size: int
     augment: str
@@ -187,8 +197,11 @@ def build_options(cfg, *, mode: str, process_index: int | None, process_count: i
             "epoch); lower data.train.workers, use more shards, or set data.train.resampled=True.")
     _check_text_format(get("text_format"))
     template = cfg_get(cfg, "dialog_template", "qa")
-    if get("text_format") == "dialog":
+    if get("text_format") in ("dialog", "vqa"):
         dialog_template(template)  # unknown name: clear error
+    if get("text_format") == "vqa" and not cfg_get(cfg, "answers"):
+        raise ConfigError("data.train.text_format='vqa' needs data.train.answers (the answer "
+                          "vocabulary; a one-tower model fills it from model.answers).")
     if get("output") not in ("float32", "uint8"):
         raise ConfigError(f"data.train.output must be 'float32' or 'uint8', got {get('output')!r}")
     return DataOptions(
@@ -201,6 +214,8 @@ def build_options(cfg, *, mode: str, process_index: int | None, process_count: i
         text_format=get("text_format"), image_token_id=cfg_get(cfg, "image_token_id"),
         dialog_template=template,
         num_captions=int(get("num_captions")),
+        answers=tuple(str(a) for a in (cfg_get(cfg, "answers") or ())),
+        max_answers=int(get("max_answers")),
         max_len=int(get("max_len")), image_size=int(get("image_size")),
         augment="center" if mode == "eval" else get("augment"),
         crop_scale=tuple(get("crop_scale")), crop_ratio=tuple(get("crop_ratio")),

@@ -7,7 +7,10 @@ Text is read the same way for every modality (``data.train.text_format``):
 * ``caption_list``: a JSON list under ``caption_key`` -> ``[num_captions, L]``,
   rows after the last caption all pad;
 * ``dialog``: JSON Q/A turns -> ``[2, L]`` (ids, loss mask), split into
-  ``text`` and ``loss_mask`` in the batch.
+  ``text`` and ``loss_mask`` in the batch;
+* ``vqa``: JSON questions with answers -> ``text [num_captions, L]`` (one prompt
+  per question), ``answer_ids`` / ``answer_scores [num_captions, max_answers]``
+  (classes of ``answers``, the answer vocabulary).
 
 Labels come from a ``cls`` member (-1 when absent). Text is tokenized when a
 sample is read, before its media is decoded.
@@ -19,7 +22,7 @@ from typing import Callable
 import numpy as np
 
 from mmjax.data.counters import Counters
-from mmjax.data.dialog import dialog_from_members
+from mmjax.data.dialog import dialog_from_members, vqa_from_members
 from mmjax.data.tario import caption_list, json_member_error, sample_fields
 
 
@@ -36,10 +39,11 @@ def make_tokenizer(options) -> Callable:
 class SampleParser:
     """members -> ``((ext, media bytes), tokens, label)``, or None for a bad
     sample (counted in ``counters`` under its reason: ``no_<modality>``,
-    ``invalid_json``, ``no_caption``, ``no_dialog``)."""
+    ``invalid_json``, ``no_caption``, ``no_dialog``, ``no_vqa``)."""
 
     def __init__(self, options, counters: Counters, tokenize: Callable):
         self.o, self.counters, self.tokenize = options, counters, tokenize
+        self.answer_index = {str(a).strip().lower(): i for i, a in enumerate(options.answers)}
 
     def __call__(self, path: str, key: str, members: dict):
         o, spec = self.o, self.o.media
@@ -75,6 +79,14 @@ class SampleParser:
                 self.counters.bad("no_dialog", path, f"sample {key!r}: {why}")
                 return None
             return media, tokens, label
+        if o.text_format == "vqa":
+            fields, why = vqa_from_members(members, o.caption_key, self.tokenize, o.max_len,
+                                           self.answer_index, o.num_captions, o.max_answers,
+                                           o.dialog_template)
+            if fields is None:
+                self.counters.bad("no_vqa", path, f"sample {key!r}: {why}")
+                return None
+            return media, fields, label
         tokens = np.asarray(self.tokenize([caption])[0], np.int32)
         return media, tokens, label
 
@@ -82,11 +94,16 @@ class SampleParser:
 def stack_rows(rows: list, options) -> dict:
     """Decoded rows ``(media array, tokens, label)`` -> the batch dict:
     ``{<media key>: [B, ...], "text": int32 [B, L] (or [B, C, L]), "label":
-    int32 [B]}`` (+ ``"loss_mask"`` [B, L] for dialogs)."""
+    int32 [B]}`` (+ ``"loss_mask"`` [B, L] for dialogs; ``"answer_ids"``,
+    ``"answer_scores"`` [B, Q, K] for VQA)."""
     spec = options.media
-    text = np.stack([r[1] for r in rows]).astype(np.int32)
     out = {spec.batch_key: spec.stack([r[0] for r in rows], options),
            "label": np.asarray([r[2] for r in rows], np.int32)}
+    if options.text_format == "vqa":  # rows of (ids, answer ids, answer scores)
+        return dict(out, text=np.stack([r[1][0] for r in rows]).astype(np.int32),
+                    answer_ids=np.stack([r[1][1] for r in rows]).astype(np.int32),
+                    answer_scores=np.stack([r[1][2] for r in rows]).astype(np.float32))
+    text = np.stack([r[1] for r in rows]).astype(np.int32)
     if options.text_format == "dialog":  # rows of (ids, loss_mask)
         return dict(out, text=text[:, 0], loss_mask=text[:, 1])
     return dict(out, text=text)

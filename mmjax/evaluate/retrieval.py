@@ -1,4 +1,5 @@
-"""Image-text retrieval: batched embedding, blockwise recall@k, BLIP-2 ITM re-ranking.
+"""Image-text retrieval: batched embedding, blockwise recall@k, ITM re-ranking (BLIP-2,
+one-tower models).
 
 Typical use (several captions per image, `text_to_image[m]` = image of caption m):
 
@@ -276,7 +277,7 @@ def retrieval_recall(image_emb, text_emb, text_to_image, ks: Sequence[int] = (1,
 
 def retrieval_embeddings(model: Any, variables: Any, batches: Iterable,
                          mesh: Optional[Mesh] = None, pad_id: Optional[int] = None,
-                         key: str = "image") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                         key: str = "image", inputs: bool = False) -> tuple:
     """Image and caption embeddings of the valid rows of `batches`.
 
     Arguments as in `retrieval_evaluate`; `key` is the batch field the model's
@@ -286,11 +287,16 @@ def retrieval_embeddings(model: Any, variables: Any, batches: Iterable,
     Returns:
       `(image_emb [N, E] or [N, Q, E], text_emb [M, E], text_to_image int32
       [M])`, float32 and not normalized, rows in batch order; N = M = 0 (arrays
-      of shape `[0]`) when the data holds no valid row.
+      of shape `[0]`) when the data holds no valid row. With `inputs`, also what
+      ITM re-ranking reads (`blip2_rerank_recall`): the model's `image_tokens`
+      `[N, S, D]` and the caption ids `[M, L]`.
     """
     run_img = BatchRunner(model_method(model, "encode_image"), mesh, variables)
     run_txt = BatchRunner(model_method(model, "encode_text"), mesh, run_img.variables)
+    run_tok = (BatchRunner(model_method(model, "image_tokens"), mesh, run_img.variables)
+               if inputs else None)
     imgs, txts, owners, n = [], [], [], 0
+    tokens, ids = [], []
     for batch in batches:
         images, valid = _select(batch, key)
         text = np.asarray(batch["text"])
@@ -306,14 +312,19 @@ def retrieval_embeddings(model: Any, variables: Any, batches: Iterable,
         if pad_id is not None:
             keep &= (flat != pad_id).any(-1)
         txts.append(np.asarray(run_txt(flat), np.float32)[keep])
+        if inputs:
+            tokens.append(np.asarray(run_tok(images))[valid])
+            ids.append(flat[keep])
         owner = np.full(b, -1, np.int32)
         owner[valid] = np.arange(n, n + int(valid.sum()), dtype=np.int32)
         owners.append(np.repeat(owner, c)[keep])
         n += int(valid.sum())
     if not imgs:
         empty = np.zeros((0,), np.float32)
-        return empty, empty, np.zeros((0,), np.int32)
-    return np.concatenate(imgs), np.concatenate(txts), np.concatenate(owners)
+        out = (empty, empty, np.zeros((0,), np.int32))
+        return out + (empty, np.zeros((0,), np.int32)) if inputs else out
+    out = (np.concatenate(imgs), np.concatenate(txts), np.concatenate(owners))
+    return out + (np.concatenate(tokens), np.concatenate(ids)) if inputs else out
 
 
 def retrieval_evaluate(model: Any, variables: Any, batches: Iterable,

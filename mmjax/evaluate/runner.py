@@ -20,7 +20,6 @@ import logging
 from typing import Any, Optional
 
 import jax
-import ml_collections
 import numpy as np
 
 from mmjax.data.pipeline import build_eval_iterator
@@ -45,8 +44,7 @@ class EvalError(UserError, RuntimeError):
 def _eval_data(config: Any, shards: str, **overrides) -> Any:
     """Eval data config: the train data's decoding with `shards` ("synthetic" =
     the held-out built-in split), read once in order with center crops."""
-    data = ml_collections.ConfigDict(config.data.train.to_dict())
-    data.update(overrides)
+    data = get_family(config).data_config(config, **overrides)
     data.workers = 0
     if shards == "synthetic":
         from mmjax.data.builtin import builtin_shards
@@ -157,27 +155,42 @@ def _zeroshot(config, model, variables, tokenizer) -> dict:
 
 
 def _retrieval(config, model, variables, tokenizer) -> dict:
-    from mmjax.evaluate.retrieval import retrieval_embeddings, retrieval_recall
+    from mmjax.evaluate.retrieval import (blip2_rerank_recall, itc_similarity,
+                                          retrieval_embeddings, retrieval_recall)
     section = config.evals.retrieval
     key = section.get("caption_key") or config.data.train.caption_key
+    rerank = int(section.get("rerank_k") or 0)
+    if rerank and not get_family(config).itm_rerank:
+        raise EvalError(f"config.evals.retrieval.rerank_k={rerank}: model {config.model.name!r} "
+                        "has no image-text matching head; set it to 0.")
     # A plain member ("txt") holds one caption: no pad rows to embed.
     per_image = int(section.get("num_captions") or 5) if ":" in key else 1
     share = Share(_batches(config, section, text_format="caption_list", caption_key=key,
                             num_captions=per_image))
-    img, txt, owner = retrieval_embeddings(model, variables, share, pad_id=tokenizer.pad_id,
-                                          key=_media(config))
+    img, txt, owner, *inputs = retrieval_embeddings(
+        model, variables, share, pad_id=tokenizer.pad_id, key=_media(config),
+        inputs=bool(rerank))
     rows = share.rows()
-    img, = combine(rows, img)
+    img, *image_tokens = combine(rows, img, *inputs[:1])
     # Captions follow their image; the stream position of the image is its
     # index in the combined image array.
-    txt, text_to_image = combine(rows[owner], txt, rows[owner])
+    txt, text_to_image, *text_ids = combine(rows[owner], txt, rows[owner], *inputs[1:])
     if not len(img):
         raise EvalError(f"config.evals.retrieval.shards={section.shards!r} yielded no valid "
                         "samples.")
-    m = retrieval_recall(l2_normalize(img), l2_normalize(txt), text_to_image)
+    img, txt = l2_normalize(img), l2_normalize(txt)
+    m = retrieval_recall(img, txt, text_to_image)
     _info("retrieval i2t R@1 %.2f%% t2i R@1 %.2f%% over %d examples",
           100 * m["i2t_r1"], 100 * m["t2i_r1"], m["n_images"])
-    return {f"retrieval/{k}": v for k, v in m.items()}
+    out = {f"retrieval/{k}": v for k, v in m.items()}
+    if rerank:
+        r = blip2_rerank_recall(model, variables, image_tokens[0], text_ids[0],
+                                itc_similarity(img, txt), text_to_image, k=rerank,
+                                batch_size=int(config.evals.batch_size))
+        _info("retrieval re-ranked by ITM (top %d): i2t R@1 %.2f%% t2i R@1 %.2f%%", rerank,
+              100 * r["i2t_r1"], 100 * r["t2i_r1"])
+        out.update({f"retrieval/itm_{k}": v for k, v in r.items() if not k.startswith("n_")})
+    return out
 
 
 def _vqa(config, model, variables, tokenizer) -> dict:
@@ -189,7 +202,9 @@ def _vqa(config, model, variables, tokenizer) -> dict:
         types = {q: t for t, q in synthetic.QUESTIONS.items()}
         baseline = synthetic.majority_answer_baselines(
             "train", num_samples=int(config.synthetic.train_samples))["majority_answer"]
-    share = Share(_batches(config, section, text_format="dialog", caption_key=section.text_key))
+    length = int(section.get("max_len") or 0)
+    share = Share(_batches(config, section, text_format="dialog", caption_key=section.text_key,
+                           **({"max_len": length} if length else {})))
     answers = vqa_answers(get_family(config).answerer(model, variables), share, tokenizer,
                           media=_media(config),
                           max_new_tokens=int(section.max_new_tokens), question_types=types,

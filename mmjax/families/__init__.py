@@ -14,11 +14,12 @@ from mmjax.errors import ConfigError
 from mmjax.families.base import Family
 from mmjax.families.blip2 import Blip2Family
 from mmjax.families.coca import CoCaFamily
+from mmjax.families.one_tower import OneTowerFamily
 from mmjax.families.two_tower import TwoTowerFamily
 from mmjax.families.vision_lm import VisionLMFamily
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
-    TwoTowerFamily(), CoCaFamily(), Blip2Family(), VisionLMFamily(),
+    TwoTowerFamily(), CoCaFamily(), Blip2Family(), VisionLMFamily(), OneTowerFamily(),
 )}
 
 __all__ = ["Family", "FAMILIES", "get_family", "family_of", "compute_losses",
@@ -75,6 +76,4 @@ def model_train_flops(config: Any, batch_size: int | None = None) -> float:
     `config.batch_size`), as the family counts them (`Family.train_flops`: matmuls,
     `mmjax.models.flops` rules), with its `data.train.max_len` text tokens and its
     `optim.freeze` prefixes."""
-    return get_family(config).train_flops(
-        config.model.to_dict(), int(batch_size or config.batch_size),
-        int(config.data.train.max_len), tuple(config.optim.get("freeze") or ()))
+    return get_family(config).step_flops(config, int(batch_size or config.batch_size))

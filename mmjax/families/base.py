@@ -40,6 +40,7 @@ class Family:
     evaluators: tuple[str, ...] = ()      # `config.evals` sections that apply
     text_section: str = "text"            # model section whose vocabulary the tokenizer feeds
     optional_batch_keys: tuple[str, ...] = ()  # step inputs some data has (VisionLM: loss_mask)
+    itm_rerank: bool = False              # retrieval re-ranks with `itm_logits(image_tokens, text)`
 
     # --- the media tower -------------------------------------------------------------
     def tower(self, model_cfg: Mapping) -> type:
@@ -74,6 +75,19 @@ class Family:
         """The fields of a data batch that the train step reads (`batch_spec`'s, plus
         `optional_batch_keys` where the data has them; `label` etc. stay on the host)."""
         return tuple(self.batch_spec(config, 1)) + self.optional_batch_keys
+
+    def data_overrides(self, config: Any) -> dict:
+        """`data.train` keys the family fills from the model config for every data
+        iterator (training and evaluation), e.g. the answer vocabulary of VQA data."""
+        return {}
+
+    def data_config(self, config: Any, **overrides) -> Any:
+        """`config.data.train` as the family's data iterators read it: a copy with
+        `data_overrides` and `overrides` applied."""
+        import ml_collections
+        data = ml_collections.ConfigDict(config.data.train.to_dict())
+        data.update({**self.data_overrides(config), **overrides})
+        return data
 
     def model_inputs(self, model: Any, batch: Mapping[str, jax.Array]) -> tuple:
         """The positional arguments of `model.apply` for a batch."""
@@ -123,6 +137,13 @@ class Family:
                     frozen: tuple = ()) -> float:
         """Model FLOPs of one training step over a global batch (`mmjax.train.mfu`)."""
         raise NotImplementedError
+
+    def step_flops(self, config: Any, batch: int) -> float:
+        """`train_flops` of a whole config: its `data.train.max_len` text tokens and
+        `optim.freeze` prefixes (a family whose step depends on more of the config,
+        e.g. its objectives, reads it here)."""
+        return self.train_flops(config.model.to_dict(), batch, int(config.data.train.max_len),
+                                tuple(config.optim.get("freeze") or ()))
 
     # --- :tiny --------------------------------------------------------------------------
     def shrink(self, c: Any) -> None:

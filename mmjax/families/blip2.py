@@ -12,6 +12,7 @@ class Blip2Family(Family):
     objectives = ("itc", "itm", "itg")
     evaluators = ("zeroshot", "retrieval", "captioning")
     text_section = "qformer"
+    itm_rerank = True
 
     def pad_id(self, model):
         return model.pad_id

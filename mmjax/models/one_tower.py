@@ -220,9 +220,9 @@ class OneTower(nn.Module):
                                     self.norm_eps, self.experts, self.vl_depth, self.scan,
                                     self.remat, self.attention, self.dtype)
         dense = functools.partial(Dense, dtype=self.dtype)
-        self.pooler = dense(d, ("embed", "embed"), act=jnp.tanh)
+        self.pooler = dense(d, ("embed", None), act=jnp.tanh)
         self.itm_head = dense(2, ("embed", None))
-        self.mlm_dense = dense(d, ("embed", "embed"), act=get_activation(self.act))
+        self.mlm_dense = dense(d, ("embed", None), act=get_activation(self.act))
         self.mlm_norm = Norm(eps=self.norm_eps, dtype=self.dtype)
         self.mlm_bias = self.param("mlm_bias", logical(nn.initializers.zeros, ("vocab",)),
                                    (int(self.text["vocab_size"]),))
@@ -289,7 +289,11 @@ class OneTower(nn.Module):
         if not self.answers:
             raise ConfigError("this model has no VQA head: set config.model.answers (the "
                               "answer vocabulary).")
-        return self.vqa_head(self.pooled(self.fuse(self.image_tokens(images), text)))
+        return self.answer_logits(self.image_tokens(images), text)
+
+    def answer_logits(self, image_tokens, text):
+        """VQA answer logits `[B, A]` of media embeddings `[B, N, D]` and questions `[B, L]`."""
+        return self.vqa_head(self.pooled(self.fuse(image_tokens, text)))
 
     def vqa_head(self, pooled):
         h = jax.nn.gelu(self.vqa_norm(self.vqa_fc1(pooled)), approximate=False)

@@ -200,7 +200,7 @@ def time_pipeline(compiled, trainer: Trainer, state: dict, config: Any, steps: i
     from mmjax.data.pipeline import build_train_iterator
     from mmjax.train.loop import resolve_train_shards
     resolve_train_shards(config)
-    data = build_train_iterator(config.data.train,
+    data = build_train_iterator(trainer.family.data_config(config),
                                 shd.local_batch_size(int(config.batch_size), trainer.mesh),
                                 media=trainer.media)
     keys = tuple(trainer.family.batch_spec(config, 1))  # the compiled step's inputs

@@ -6,6 +6,10 @@
               "qformer_module": "workdir:/runs/blip2_s1#qformer_module",
               "lm_module": "hf_llama:/models/llama-1b"}
 
+The prefix `all` takes every parameter of the model from one source (`c.init.all =
+"workdir:/runs/vlmo_pt"` fine-tunes a whole pretrained model); parameters the
+source lacks (a new VQA head) keep their initial values.
+
 Source forms (`#SUBTREE` picks a '/'-separated subtree of the source's params):
   workdir:DIR[@STEP]   the params of an mmjax run (latest or given step), with
                        that run's own `init` sources filled in.
@@ -16,6 +20,16 @@ Source forms (`#SUBTREE` picks a '/'-separated subtree of the source's params):
                        `ASTForAudioClassification` folder): an AST audio tower,
                        e.g. `{"image_tower": "hf_ast:/models/ast-audioset"}` for
                        a two-tower model with `model.image.kind="ast"`.
+  hf_vilt:PATH         `mmjax.convert.vilt.load_vilt_source` (a Hugging Face
+                       `ViltModel`, `ViltForMaskedLM` or `ViltForQuestionAnswering`
+                       folder; only the tensors it holds) for a `one_tower` model
+                       with the folder's shapes: `{"all": "hf_vilt:PATH"}`, or one
+                       entry per top-level subtree the folder holds, `{k:
+                       f"hf_vilt:{PATH}#{k}"}` for "text_tower", "image_tower",
+                       "type_embedding", "encoder", "pooler", plus "mlm_dense",
+                       "mlm_norm", "mlm_bias" (MLM folder) or "vqa_fc1",
+                       "vqa_norm", "vqa_fc2" (VQA folder). The rest (`itm_head`
+                       always) keeps its init.
 Every parameter under the target prefix must exist in the source with the
 same shape (extra source parameters, such as a classifier head, are ignored),
 except those the importer never provides (`Importer.keep_init`): hf_ast's
@@ -66,8 +80,13 @@ def _relative(paths, prefix: str) -> dict[str, str]:
 
 
 def _scanned(relative_paths) -> bool:
-    """True when a subtree holds its layers scanned (`layers/...`, not `layers_0/...`)."""
-    return any(r.startswith("layers" + SEP) for r in relative_paths)
+    """True when a subtree holds its layers scanned (`.../layers/...`, not `layers_0/...`)."""
+    return any("layers" in r.split(SEP)[:-1] for r in relative_paths)
+
+
+# `config.init.all = SOURCE`: every parameter of the model that the source holds
+# (fine-tuning a whole pretrained model; new heads keep their initial values).
+ALL = "all"
 
 
 def _fewer_layers(rel_path: str, src_shape, dst_shape) -> bool:
@@ -116,6 +135,11 @@ IMPORTERS = {
     "hf_blip2": Importer("mmjax.convert.hf:load_blip2_qformer"),
     # ASTModel has no output projection: the tower's `proj` keeps its init.
     "hf_ast": Importer("mmjax.convert.ast:load_ast", keep_init=("proj",)),
+    # Only the tensors of the folder (no random heads); under a prefix above the
+    # heads, those a ViLT folder may lack keep their init.
+    "hf_vilt": Importer("mmjax.convert.vilt:load_vilt_source",
+                        keep_init=("itm_head", "pooler", "mlm_dense", "mlm_norm", "mlm_bias",
+                                   "vqa_fc1", "vqa_norm", "vqa_fc2")),
 }
 
 
@@ -168,7 +192,7 @@ def restore_run_params(workdir: str, step: Optional[int] = None) -> tuple[Any, d
     for prefix, spec in entries.items():
         src = load_source(spec, prefix, scan=_scanned(_relative(layout, prefix).values()))
         for rel, value in flat(src).items():
-            full = f"{prefix}{SEP}{rel}" if rel else prefix
+            full = rel if prefix == ALL else f"{prefix}{SEP}{rel}" if rel else prefix
             params.setdefault(full, value)
     # The dtypes the run trained with (a frozen LM in config.optim.frozen_dtype).
     return config, cast_frozen(nested(params), config.optim), step
@@ -209,14 +233,15 @@ def apply_init(params: Any, config: Any, only: Optional[set] = None) -> Any:
         return params
     target = flat(params)
     for prefix, spec in entries.items():
-        rel_keys = _relative(target, prefix)
+        whole = prefix == ALL
+        rel_keys = {k: k for k in target} if whole else _relative(target, prefix)
         if not rel_keys:
             raise InitError(f"config.init.{prefix}: the model has no parameters under {prefix!r}; "
                             f"top-level names are {sorted(params)}.")
         if only is not None and only.isdisjoint(rel_keys):
             continue
         src = flat(load_source(spec, prefix, scan=_scanned(rel_keys.values())))
-        kept = {k: r for k, r in rel_keys.items() if r not in src and _kept(spec, r)}
+        kept = {k: r for k, r in rel_keys.items() if r not in src and (whole or _kept(spec, r))}
         missing = [r for k, r in rel_keys.items() if r not in src and k not in kept]
         if missing:
             raise InitError(f"config.init.{prefix}={spec!r}: the source lacks {len(missing)} "

@@ -207,7 +207,8 @@ def _train(config: Any, workdir: str, status: multihost.RunStatus) -> dict:
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
     log.info("model %s: %.2fM parameters", config.model.name, n_params / 1e6)
 
-    data = build_train_iterator(config.data.train, local_batch, media=trainer.media)
+    data = build_train_iterator(trainer.family.data_config(config), local_batch,
+                                media=trainer.media)
     if start and reset_stream:
         log.warning("config.data.train.reset_stream_on_resume=True: the train state resumes at "
                     "step %d but the data stream starts fresh from its seed (the checkpoint's "

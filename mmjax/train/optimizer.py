@@ -31,7 +31,7 @@ from mmjax.errors import ConfigError
 # Parameter kinds by leaf name (the last path component).
 KERNELS = re.compile(r"(^|_)kernel$")
 EMBEDDINGS = frozenset({"embedding", "posemb", "position_embeddings", "query_tokens", "cls",
-                        "frame_posemb", "dist",
+                        "frame_posemb", "dist", "type_embedding",
                         "probe"})
 NEVER_DECAYED = re.compile(r"^(scale|(\w+_)?bias|log_scale|temp)$")
 

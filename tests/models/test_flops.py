@@ -6,10 +6,11 @@ before XLA optimizes it, lists every matmul as a `stablehlo.dot_general`
 (JAX has already dropped results nothing uses; XLA would still merge repeated
 work, e.g. BLIP-2's ITG pass recomputing the image keys/values of ITC's, which
 the model does compute). A dot costs 2 x prod(output shape) x prod(contracted
-dims); functions count once per call. The recipes' `scan` and `remat` are
-switched off first, which changes no model FLOP: scanned layers sit in `while`
-bodies (the counter refuses dots inside any region rather than guess trip
-counts) and rematerialization recomputes forward matmuls, which MFU leaves out.
+dims); functions count once per call. The recipes' `scan` and `remat` (of
+`model` and of each of its sections) are switched off first, which changes no
+model FLOP: scanned layers sit in `while` bodies (the counter refuses matmuls
+inside any region, called from one included, rather than guess trip counts) and
+rematerialization recomputes forward matmuls, which MFU leaves out.
 
 The formula and the program are compared like with like:
 - causal attention: the formula counts half (`flops.CAUSAL_ATTENTION`, the
@@ -20,7 +21,10 @@ The formula and the program are compared like with like:
   computes no gradient with respect to the raw media (patch embedding: dW
   only; AST's mel filterbank, which has no parameters: neither). That
   difference is measured on the tower alone (3 x its forward minus its loss
-  and parameter gradients, as the step computes them) and taken off.
+  and parameter gradients, as the step computes them) and taken off, once per
+  time the step runs the tower (twice for VLMo-style ITC's media-only pass).
+- a loss's own matmuls (VQA's soft targets: one-hot answers x scores) are no
+  model work: the formula leaves them out, the expected count adds them.
 The counts then agree exactly; a formula that counts a block too many or too
 few times (a Q-Former layer, an ITM pass, a frozen part's gradients) misses
 them by more than the 2% allowed.
@@ -34,7 +38,7 @@ import numpy as np
 import pytest
 
 from mmjax.config.loading import load_config
-from mmjax.families import get_family
+from mmjax.families import get_family, model_train_flops
 from mmjax.models import flops
 from mmjax.models.ast import AST
 from mmjax.models.video import VideoViT
@@ -42,7 +46,9 @@ from mmjax.models.vit import ViT
 from mmjax.train.step import build_trainer
 
 RECIPES = ["blip2_stage1:tiny", "blip2_stage2:tiny", "llava:tiny", "coca_b16:tiny", "clip_tiny:tiny",
-           "lit_b16:tiny", "siglip_b16:tiny", "clap_tiny:tiny", "video_clip_tiny:tiny"]
+           "lit_b16:tiny", "siglip_b16:tiny", "clap_tiny:tiny", "video_clip_tiny:tiny",
+           "one_tower_tiny:tiny", "one_tower_tiny:shared,tiny", "one_tower_tiny:vqa,tiny",
+           "vilt_b32:tiny", "vilt_b32:vqa,tiny", "vlmo_base:tiny"]
 
 _FUNC = re.compile(r"^\s*func\.func (?:public |private )?@([\w.$-]+)")
 _CALL = re.compile(r"(?<![\w.])(?:func\.)?call @([\w.$-]+)")
@@ -61,7 +67,8 @@ def matmul_flops(stablehlo: str) -> int:
     for line in stablehlo.splitlines():
         m = _FUNC.match(line)
         if m:
-            body, depth = funcs.setdefault(m.group(1), {"flops": 0, "calls": []}), 0
+            body = funcs.setdefault(m.group(1), {"flops": 0, "calls": [], "region_calls": []})
+            depth = 0
         if body is None:
             continue
         if "stablehlo.dot_general" in line:
@@ -71,10 +78,12 @@ def matmul_flops(stablehlo: str) -> int:
             contracted = [lhs[int(i)] for i in dims.split(",") if i.strip()]
             body["flops"] += 2 * int(np.prod(out)) * int(np.prod(contracted))
         assert not re.search(r"stablehlo\.(dot|convolution)\b(?!_)", line), line.strip()[:160]
-        body["calls"] += _CALL.findall(line)
+        body["calls" if depth == 1 else "region_calls"] += _CALL.findall(line)
         depth += line.count("{") - line.count("}")
 
     def total(name):
+        for c in funcs[name]["region_calls"]:  # e.g. a scanned body, outlined
+            assert total(c) == 0, f"a call with matmuls inside a region (loop? cond?): @{c}"
         return funcs[name]["flops"] + sum(total(c) for c in funcs[name]["calls"])
     return total("main")
 
@@ -82,7 +91,7 @@ def matmul_flops(stablehlo: str) -> int:
 def _unrolled_config(spec: str) -> ml_collections.ConfigDict:
     """The recipe with every `scan` off and `remat` "none" (see the module docstring)."""
     config = load_config(spec)
-    for section in config.model.values():
+    for section in (config.model, *config.model.values()):  # the model's own, e.g. OneTower's
         if isinstance(section, ml_collections.ConfigDict):
             if "scan" in section:
                 section.scan = False
@@ -109,24 +118,41 @@ def _tower_raw_input_flops(trainer) -> float:
     return 3 * forward - train
 
 
+def _media_passes(config) -> int:
+    """How many times the step runs the media tower on the raw media: once, twice for a
+    one-tower model with ITC (its dual-mode media pass, `OneTower.encode_image`, embeds
+    the media again; the formula counts both)."""
+    return 2 if config.model.name == "one_tower" and "itc" in config.objectives else 1
+
+
+def _loss_matmuls(config, shapes) -> int:
+    """Matmuls of the losses, not of the model (no formula counts them): VQA's soft
+    targets (`losses.vqa_targets`), an einsum of the one-hot answer ids `[B, Q, K, A]`
+    with their scores, 2 x B x Q x K x A."""
+    if "vqa" not in config.objectives:
+        return 0
+    return 2 * int(np.prod(shapes["answer_ids"].shape)) * len(config.model.answers)
+
+
 @pytest.mark.parametrize("spec", RECIPES)
 def test_train_flops_match_the_matmuls_of_the_train_step(spec, monkeypatch):
-    """`Family.train_flops` of the recipe = the matmul FLOPs of its jitted train step,
-    like with like (module docstring)."""
+    """`model_train_flops` of the recipe (its family's `step_flops`, which passes what
+    else the formula reads: one-tower objectives and VQA questions) = the matmul FLOPs
+    of its jitted train step, like with like (module docstring)."""
     config = _unrolled_config(spec)
     trainer = build_trainer(config, jax.devices()[:1])
-    batch, length = int(config.batch_size), int(config.data.train.max_len)
+    batch = int(config.batch_size)
     family = get_family(config)
     shapes = {k: jax.ShapeDtypeStruct(s, d, sharding=trainer.batch_sharding)
               for k, (s, d) in family.batch_spec(config, batch).items()}
     program = matmul_flops(trainer.lower(shapes).as_text())
 
     frozen = tuple(config.optim.get("freeze") or ())
-    args = (config.model.to_dict(), batch, length, frozen)
     monkeypatch.setattr(flops, "CAUSAL_ATTENTION", 1.0)
-    expected = family.train_flops(*args)
+    expected = model_train_flops(config)  # `Family.step_flops`: objectives, questions
     if "image_tower" not in frozen:
-        expected -= batch * _tower_raw_input_flops(trainer)
+        expected -= _media_passes(config) * batch * _tower_raw_input_flops(trainer)
+    expected += _loss_matmuls(config, shapes)
     assert expected == pytest.approx(program, rel=0.02)
 
 

@@ -1,0 +1,65 @@
+"""One-tower (VLMo-style multiway) pretraining and VQA fine-tuning on the built-in data.
+
+One Transformer over `[text ; image patches]` with a language FFN, a vision FFN
+and, in its top layer, a vision-language FFN (`mmjax.models.one_tower`),
+pretrained with image-text matching (hard negatives from the contrastive
+similarities), masked language modelling and dual-mode contrastive learning,
+then fine-tuned for VQA as classification over the built-in answers:
+
+    mmjax train --config configs/one_tower_tiny.py --workdir /tmp/vlmo          # pretrain
+    mmjax train --config configs/one_tower_tiny.py:vqa --workdir /tmp/vlmo_vqa \\
+        --config.init.all=workdir:/tmp/vlmo                                     # VQA
+    mmjax eval --workdir /tmp/vlmo_vqa
+
+Arguments (comma-separated): `vqa` (fine-tuning), `shared` (ViLT's single stream:
+one FFN, no dual mode, so ITM + MLM only), `tiny` (a 3-step run).
+"""
+from mmjax.config.defaults import base_config, make_tiny
+from mmjax.data import synthetic
+
+
+def answers() -> list[str]:
+    """Every answer of the built-in questions, in a fixed order (the VQA classes)."""
+    return sorted({a for values in synthetic.ANSWERS_BY_TYPE.values() for a in values})
+
+
+def get_config(arg=None):
+    parts = [p for p in (arg or "").split(",") if p]
+    c = base_config()
+    c.model.name = "one_tower"
+    width = 96
+    c.model.image = dict(image_size=32, patch_size=8, width=width, depth=0, heads=4, pool="cls",
+                         posemb="learned", ln_pre=False, ln_post=False, patch_bias=True,
+                         embed_dim=None)
+    c.model.text = dict(vocab_size=260, max_len=40, width=width, depth=0, heads=4, pool="none",
+                        norm_eps=1e-12)
+    c.model.update(dict(depth=3, heads=4, mlp_dim=2 * width, experts="multiway", vl_depth=1,
+                        embed_dim=64, pad_id=0, mask_id=259, special_ids=(0, 1, 2),
+                        answers=answers()))
+    c.objectives = dict(itc=1.0, itm=1.0, mlm=1.0)
+    c.total_steps, c.batch_size, c.log_every, c.checkpoint_every = 1000, 32, 100, 500
+    c.optim.update(dict(lr=1e-3, warmup_steps=100, weight_decay=0.01, b2=0.98))
+    c.synthetic.update(dict(image_size=32, train_samples=20000))
+    d = c.data.train
+    # 40 bytes: the longest captions lose their tail (about one in five).
+    d.update(dict(shards="synthetic", tokenizer="bytes", max_len=40, image_size=32, workers=1,
+                  shuffle_buffer=1000))
+    c.evals.batch_size = 200
+    c.evals.zeroshot.update(dict(shards="synthetic", max_samples=1000))
+    c.evals.retrieval.update(dict(shards="synthetic", max_samples=1000, rerank_k=16))
+    if "shared" in parts:
+        c.model.update(dict(experts="shared", vl_depth=0))
+        c.objectives = dict(itm=1.0, mlm=1.0)
+        c.evals.zeroshot.shards = c.evals.retrieval.shards = ""
+    if "vqa" in parts:
+        # Every question of an image in one step, its prompt as VQA evaluation asks it.
+        c.objectives = dict(vqa=1.0)
+        c.total_steps, c.batch_size = 600, 16
+        c.optim.update(dict(lr=5e-4, warmup_steps=50))
+        d.update(dict(text_format="vqa", caption_key="json:qa", num_captions=5, max_len=40,
+                      dialog_template="qa"))
+        c.evals.zeroshot.shards = c.evals.retrieval.shards = ""
+        c.evals.vqa.update(dict(shards="synthetic", max_samples=200, max_len=256))
+    if "tiny" in parts:
+        c = make_tiny(c)
+    return c
