@@ -43,6 +43,7 @@ fields). Each entry reads the folder again.
 from __future__ import annotations
 
 import logging
+
 import flax
 import jax
 import jax.numpy as jnp

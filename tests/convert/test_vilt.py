@@ -131,12 +131,12 @@ def test_missing_heads_keep_their_init(base_dir, caplog):
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)),
                                                jnp.zeros((1, 8), jnp.int32)))
     assert set(params) == set(flat(nn.meta.unbox(shapes["params"])))
-    # The kept heads are the seed's initial values (a LayerNorm starts at 1 / 0);
-    # everything else is the checkpoint's, whatever the seed.
+    # The kept heads are the seed's initial values (random kernels; biases 0 and
+    # LayerNorm scales 1 whatever the seed); the rest is the checkpoint's.
     other = flat(load_vilt(path, seed=4)[1]["params"])
     for k in params:
         same = np.array_equal(params[k], other[k])
-        assert same == (k not in kept or k in ("mlm_norm/scale", "mlm_norm/bias", "mlm_bias")), k
+        assert same == (k not in kept or not k.endswith("kernel")), k
     np.testing.assert_array_equal(params["mlm_norm/scale"], np.ones(64))
     np.testing.assert_array_equal(params["mlm_bias"], np.zeros(CFG["vocab_size"]))
     # The source kind gives only what the folder holds.
@@ -156,8 +156,9 @@ def test_mlm_parity(mlm_dir):
     labels = np.where(chosen, IDS, -100)
     with torch.no_grad():
         want = ref(**_torch_inputs(img, masked), labels=torch.from_numpy(labels))
-    tokens = model.apply(variables, jnp.asarray(img), method="image_tokens")
-    logits = model.apply(variables, tokens, jnp.asarray(masked), method="mlm_logits")
+    logits = jax.jit(lambda v, x, t: model.apply(
+        v, model.apply(v, x, method="image_tokens"), t, method="mlm_logits"))(
+            variables, jnp.asarray(img), jnp.asarray(masked))
     loss = masked_lm_loss(logits, jnp.asarray(IDS), jnp.asarray(chosen))
     assert _max_err(logits, want.logits.numpy(), masked != 0) <= TOL
     assert abs(float(loss) - float(want.loss)) <= TOL * abs(float(want.loss))
@@ -173,7 +174,8 @@ def test_vqa_parity(vqa_dir):
     targets = targets.astype(np.float32)
     with torch.no_grad():
         want = ref(**_torch_inputs(img, IDS), labels=torch.from_numpy(targets))
-    logits = model.apply(variables, jnp.asarray(img), jnp.asarray(IDS), method="vqa_logits")
+    logits = jax.jit(lambda v, x, t: model.apply(v, x, t, method="vqa_logits"))(
+        variables, jnp.asarray(img), jnp.asarray(IDS))
     loss = vqa_loss(logits, jnp.asarray(targets), jnp.ones(3))
     assert _max_err(logits, want.logits.numpy()) <= TOL
     assert abs(float(loss) - float(want.loss)) <= TOL * abs(float(want.loss))
@@ -200,16 +202,26 @@ WHOLE = pytest.param(("all",), True, marks=pytest.mark.skipif(
     not hasattr(init_sources, "ALL"), reason="init_sources has no whole-model prefix"))
 
 
+def _fresh_params(model, seed):
+    """Random stand-ins for the target's initial parameters (a whole-model init
+    takes seconds to compile; apply_init needs only their shapes and values)."""
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)),
+                                               jnp.zeros((1, 8), jnp.int32)))
+    rng = np.random.RandomState(seed)
+    return jax.tree.map(lambda x: jnp.asarray(rng.randn(*x.shape) * 0.02, x.dtype),
+                        nn.meta.unbox(shapes["params"]))
+
+
 @pytest.mark.parametrize("entries,scan", [(PER_SUBTREE, False), (PER_SUBTREE, True), WHOLE],
                          ids=["subtrees", "subtrees-scan", "all-scan"])
 def test_init_source_fills_one_tower(mlm_dir, entries, scan):
     path, _ = mlm_dir
     config = _one_tower_config(path, scan, entries)
     model = build(config.model)
-    img, ids = jnp.asarray(_images(2, seed=4)), jnp.asarray(IDS[:2], jnp.int32)
-    fresh = nn.meta.unbox(model.init(jax.random.key(7), img, ids)["params"])
+    fresh = _fresh_params(model, 7)
     params = init_sources.apply_init(fresh, config)
     want_model, want = load_vilt(path, scan=scan)
+    assert want_model == model
     got_flat, want_flat, fresh_flat = flat(params), flat(want["params"]), flat(fresh)
     assert set(got_flat) == set(want_flat)
     for k in got_flat:
@@ -217,24 +229,19 @@ def test_init_source_fills_one_tower(mlm_dir, entries, scan):
             np.testing.assert_array_equal(got_flat[k], fresh_flat[k], err_msg=k)
         else:
             np.testing.assert_array_equal(got_flat[k], want_flat[k], err_msg=k)
-    out = jax.jit(model.apply)({"params": params}, img, ids)
-    ref_out = jax.jit(want_model.apply)(want, img, ids)
-    np.testing.assert_array_equal(out["mlm_logits"], ref_out["mlm_logits"])
-    assert IMPORTER_KEEPS <= set(init_sources.IMPORTERS["hf_vilt"].keep_init)
-
-
-IMPORTER_KEEPS = {"itm_head", "mlm_dense", "mlm_norm", "mlm_bias", "vqa_fc1", "vqa_norm",
-                  "vqa_fc2"}
+    img, ids = jnp.asarray(_images(2, seed=4)), jnp.asarray(IDS[:2], jnp.int32)
+    outputs = jax.jit(lambda p: model.apply({"params": p}, img, ids))
+    got, ref = outputs(params), outputs(want["params"])
+    np.testing.assert_array_equal(got["mlm_logits"], ref["mlm_logits"])
+    assert {"itm_head", "mlm_dense", "mlm_norm", "mlm_bias", "vqa_fc1", "vqa_norm",
+            "vqa_fc2"} <= set(init_sources.IMPORTERS["hf_vilt"].keep_init)
 
 
 def test_init_source_names_a_head_the_folder_lacks(base_dir):
     path, _ = base_dir
     config = _one_tower_config(path, False, ("itm_head",))
-    model = build(config.model)
-    params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)),
-                                      jnp.asarray(IDS[:1], jnp.int32))["params"])
     with pytest.raises(init_sources.InitError, match="itm_head"):
-        init_sources.apply_init(params, config)
+        init_sources.apply_init(_fresh_params(build(config.model), 0), config)
 
 
 def test_shape_mismatch_names_parameter(base_dir, tmp_path):
