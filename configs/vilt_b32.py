@@ -52,6 +52,23 @@ def base(experts: str = "shared", image_size: int = 384, patch_size: int = 32):
     return c
 
 
+def vqa_finetune(c, parts: list, *, steps: int, batch: int, lr: float, warmup: int) -> None:
+    """The `vqa=ANSWERS.txt` variant (no-op without a `vqa` part): VQA as
+    classification over the answers in the file (["yes", "no"] when none is given),
+    one question per sample of VQAv2-style shards (`{"qa": [{"question", "answers"}]}`)."""
+    vqa = next((p for p in parts if p.startswith("vqa")), None)
+    if vqa is None:
+        return
+    path = vqa.partition("=")[2]
+    c.model.answers = read_answers(path) if path else ["yes", "no"]
+    c.objectives = dict(vqa=1.0)
+    c.total_steps, c.batch_size = steps, batch
+    c.optim.update(dict(lr=lr, warmup_steps=warmup))
+    c.data.train.update(dict(text_format="vqa", caption_key="json:qa", num_captions=1,
+                             max_answers=10, augment="center"))
+    c.evals.retrieval.rerank_k = 0
+
+
 def get_config(arg=None):
     parts = [p for p in (arg or "").split(",") if p]
     c = base("shared")
@@ -59,16 +76,8 @@ def get_config(arg=None):
     c.total_steps, c.batch_size = 100_000, 4096
     c.optim.warmup_steps = 10_000
     c.checkpoint_every = 2000
-    vqa = next((p for p in parts if p.startswith("vqa")), None)
-    if vqa is not None:
-        # ViLT's VQAv2 fine-tuning: 10 epochs of 443K questions at batch 256 questions.
-        path = vqa.partition("=")[2]
-        c.model.answers = read_answers(path) if path else ["yes", "no"]
-        c.objectives = dict(vqa=1.0)
-        c.total_steps, c.batch_size = 17_300, 256
-        c.optim.update(dict(lr=1e-4, warmup_steps=1730))
-        c.data.train.update(dict(text_format="vqa", caption_key="json:qa", num_captions=1,
-                                 max_answers=10, augment="center"))
+    # ViLT's VQAv2 fine-tuning: 10 epochs of 443K questions at batch 256 questions.
+    vqa_finetune(c, parts, steps=17_300, batch=256, lr=1e-4, warmup=1730)
     if "tiny" in parts:
         c = make_tiny(c)
     return c

@@ -26,7 +26,7 @@ _spec = importlib.util.spec_from_file_location(
     "vilt_b32", os.path.join(os.path.dirname(os.path.abspath(__file__)), "vilt_b32.py"))
 _vilt = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_vilt)
-base, read_answers = _vilt.base, _vilt.read_answers
+base = _vilt.base
 
 
 def get_config(arg=None):
@@ -38,16 +38,7 @@ def get_config(arg=None):
     c.optim.update(dict(lr=2e-4, warmup_steps=2500, schedule="cosine"))
     c.checkpoint_every = 5000
     c.evals.retrieval.rerank_k = 128
-    vqa = next((p for p in parts if p.startswith("vqa")), None)
-    if vqa is not None:
-        path = vqa.partition("=")[2]
-        c.model.answers = read_answers(path) if path else ["yes", "no"]
-        c.objectives = dict(vqa=1.0)
-        c.total_steps, c.batch_size = 20_000, 128
-        c.optim.update(dict(lr=3e-5, warmup_steps=2000))
-        c.data.train.update(dict(text_format="vqa", caption_key="json:qa", num_captions=1,
-                                 augment="center"))
-        c.evals.retrieval.rerank_k = 0
+    _vilt.vqa_finetune(c, parts, steps=20_000, batch=128, lr=3e-5, warmup=2000)
     if "tiny" in parts:
         c = make_tiny(c)
     return c

@@ -39,8 +39,9 @@ def generate_answer(workdir: str, image_path: str, prompt: Optional[str] = None,
         what = "answer questions" if prompt else "caption"
         raise EvalError(f"{workdir}: model {config.model.name!r} does not {what} about "
                         "images; `mmjax generate` needs a VisionLM run (configs/llava.py, "
-                        "configs/blip2_stage2.py)" + ("" if prompt else ", CoCa or BLIP-2")
-                        + ".")
+                        "configs/blip2_stage2.py)" + (", or a one-tower VQA run "
+                                                      "(configs/one_tower_tiny.py:vqa)"
+                                                      if prompt else ", CoCa or BLIP-2") + ".")
     d = config.data.train
     try:
         with open(image_path, "rb") as f:
@@ -61,7 +62,8 @@ def generate_answer(workdir: str, image_path: str, prompt: Optional[str] = None,
 def generate_command(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="mmjax generate",
                                 description="Answer a question about an image (VisionLM runs) "
-                                            "or caption it (VisionLM, CoCa, BLIP-2).")
+                                            "or caption it (VisionLM, CoCa, BLIP-2); one-tower "
+                                            "VQA runs answer from their answer vocabulary.")
     p.add_argument("--workdir", required=True, metavar="DIR",
                    help="a VisionLM training run (configs/llava.py, configs/blip2_stage2.py)")
     p.add_argument("--image", required=True, metavar="PATH", help="image file (jpg, png, webp, ...)")

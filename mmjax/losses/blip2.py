@@ -83,7 +83,7 @@ def blip2_itc_loss(query_feats, text_feat, temp, *, label_smoothing=0.1,
             axis_names=frozenset(axes))(query_feats, text_feat, temp)
 
 
-def blip2_itm_triples(sim_i2t, rng, temp=None):
+def blip2_itm_triples(sim_i2t, rng, temp=None, exclude=None):
     """Image/text index triples for ITM with hard negatives (no gradient).
 
     Args:
@@ -92,6 +92,9 @@ def blip2_itm_triples(sim_i2t, rng, temp=None):
       rng: PRNG key; the result is a deterministic function of it.
       temp: optional temperature; the sampling logits are sim_i2t / temp
         (LAVIS samples from the temperature-scaled similarity).
+      exclude: optional bool `[B, B]`: pairs that are not negatives either (e.g.
+        two samples of one class: in-batch false negatives); a row left with no
+        candidate falls back to every other sample.
 
     Returns:
       dict of int32 `[3B]` arrays `image_index`, `text_index`, `labels`, in the
@@ -110,9 +113,14 @@ def blip2_itm_triples(sim_i2t, rng, temp=None):
     if temp is not None:
         logits = logits / jax.lax.stop_gradient(jnp.asarray(temp, jnp.float32))
     logits = jnp.where(jnp.eye(batch, dtype=bool), -jnp.inf, logits)
+    image_logits = text_logits = logits
+    if exclude is not None:
+        masked = jnp.where(exclude, -jnp.inf, logits)
+        image_logits = jnp.where(jnp.isfinite(masked).any(0)[None, :], masked, logits)
+        text_logits = jnp.where(jnp.isfinite(masked).any(1)[:, None], masked, logits)
     key_img, key_txt = jax.random.split(rng)
-    neg_image = jax.random.categorical(key_img, logits.T, axis=-1)  # per text
-    neg_text = jax.random.categorical(key_txt, logits, axis=-1)     # per image
+    neg_image = jax.random.categorical(key_img, image_logits.T, axis=-1)  # per text
+    neg_text = jax.random.categorical(key_txt, text_logits, axis=-1)      # per image
     ar = jnp.arange(batch, dtype=jnp.int32)
     return {
         "image_index": jnp.concatenate([ar, neg_image.astype(jnp.int32), ar]),
