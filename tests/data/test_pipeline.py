@@ -407,7 +407,7 @@ def test_an_unknown_text_format_names_the_choices(tmp_path):
     write_dataset(tmp_path, 1, 2)
     for fmt in ("captions", "lines"):
         with pytest.raises(ConfigError, match=r"text_format must be one of 'caption', "
-                                              r"'caption_list', 'dialog', got '" + fmt):
+                                              r"'caption_list', 'dialog', 'vqa', got '" + fmt):
             pipeline.build_eval_iterator(_cfg(str(tmp_path / "shard-*.tar"), text_format=fmt),
                                          2, process_index=0, process_count=1, tokenizer=TOK)
 

@@ -40,8 +40,10 @@ def _final_params(workdir, step):
     return jax.tree.leaves(restored["params"]), int(np.asarray(restored["step"]))
 
 
-# Images, audio (log-mel and SpecAugment on device) and video (frames sampled per segment).
-@pytest.mark.parametrize("config", ["clip_tiny:tiny", "clap_tiny:tiny", "video_clip_tiny:tiny"])
+# Images, audio (log-mel and SpecAugment on device), video (frames sampled per segment)
+# and a one-tower model (MLM masks and ITM negatives drawn from the step's rng).
+@pytest.mark.parametrize("config", ["clip_tiny:tiny", "clap_tiny:tiny", "video_clip_tiny:tiny",
+                                    "one_tower_tiny:tiny"])
 def test_sigkill_then_resume_is_bitwise_exact(tmp_path, subprocess_env, config):
     """Killed after a checkpoint and restarted, a run ends with the very parameters of an
     uninterrupted run: same data order, augmentation and step randomness."""

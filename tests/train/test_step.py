@@ -17,22 +17,38 @@ pytestmark = pytest.mark.usefixtures("mmjax_cache")
 
 
 def _batches(config, n, seed=0):
-    """`n` random batches of the config's family inputs (images, audio or video + text)."""
+    """`n` random batches with every field of the config's `family.batch_spec`, in its
+    shape and dtype: the media (images, audio or video), text rows `[BOS] ids EOS pad..`
+    (`[B, L]`, or `[B, Q, L]` questions for VQA), and for VQA `answer_ids` int32 in
+    [-1, A) with a valid first id per question and `answer_scores` float32 in [0, 1]."""
     rng = np.random.RandomState(seed)
-    l, b = config.data.train.max_len, config.batch_size
+    b = config.batch_size
     spec = get_family(config).batch_spec(config, b)
+    text_shape = spec.get("text", ((b, config.data.train.max_len), np.int32))[0]
+    l = text_shape[-1]
+    answers = len(config.model.get("answers") or ())
     out = []
     for _ in range(n):
-        text = rng.randint(3, 200, (b, l)).astype(np.int32)
-        text[:, 0] = 1
-        for row, length in zip(text, rng.randint(4, l, b)):  # EOS then padding
+        text = rng.randint(3, 200, text_shape).astype(np.int32)
+        rows = text.reshape(-1, l)
+        rows[:, 0] = 1
+        for row, length in zip(rows, rng.randint(4, l, len(rows))):  # EOS then padding
             row[length] = 2
             row[length + 1:] = 0
         batch = {"text": text}
         for key, (shape, dtype) in spec.items():
-            if key != "text":
+            if key == "text":
+                continue
+            if key == "answer_ids":
+                ids = rng.randint(-1, answers, shape).astype(np.int32)
+                ids[..., 0] = rng.randint(0, answers, shape[:-1])
+                batch[key] = ids
+            elif key == "answer_scores":
+                batch[key] = rng.uniform(0, 1, shape).astype(np.float32)
+            else:
                 batch[key] = (rng.randint(0, 256, shape).astype(np.uint8) if dtype == np.uint8
                               else rng.randn(*shape).astype(np.float32))
+            assert batch[key].shape == tuple(shape) and batch[key].dtype == dtype, key
         out.append(batch)
     return out
 
@@ -135,7 +151,9 @@ def _leaf_errors(grads, ref):
 # batch shards (tests/models/test_xla_shard_swap.py).
 GRAD_RECIPES = [("clip_b16", "tiny"), ("siglip_b16", "tiny"), ("lit_b16", "tiny"),
                 ("coca_b16", "tiny"), ("blip2_stage1", "tiny"), ("blip2_stage2", "tiny"),
-                ("llava", "finetune,tiny"), ("clap_tiny", "tiny"), ("video_clip_tiny", "tiny")]
+                ("llava", "finetune,tiny"), ("clap_tiny", "tiny"), ("video_clip_tiny", "tiny"),
+                ("one_tower_tiny", "tiny"), ("one_tower_tiny", "shared,tiny"),
+                ("one_tower_tiny", "vqa,tiny")]
 
 
 # (1, 4, 2) (no data parallelism) for one recipe of each family, to keep the suite short.
@@ -143,7 +161,8 @@ SECOND_MESH = ("clip_b16", "coca_b16", "blip2_stage1", "llava")
 
 
 @pytest.mark.numerics
-@pytest.mark.parametrize("recipe,arg", GRAD_RECIPES, ids=[r for r, _ in GRAD_RECIPES])
+@pytest.mark.parametrize("recipe,arg", GRAD_RECIPES,
+                         ids=[r if a == "tiny" else f"{r}:{a}" for r, a in GRAD_RECIPES])
 def test_sharded_gradients_equal_single_device(recipe, arg):
     """Gradients (not Adam-normalized updates, which hide a 1% error) of the step's
     loss on (2, 2, 2) (and (1, 4, 2), `SECOND_MESH`) meshes vs one device: each
@@ -224,12 +243,18 @@ def test_every_recipe_runs_tiny(path, tiny_run):
             assert result["vqa/count"] == 4 * 5 and 0.0 <= result["vqa_accuracy"] <= 1.0
         else:
             assert result["captioning/n"] == 8 and result["captioning/bleu4"] >= 0.0
+    elif config.model.name == "one_tower" and config.model.experts == "shared":
+        assert "zeroshot/top1" not in result  # a ViLT stack has no dual mode to rank with
     else:
         assert 0.0 <= result["zeroshot/top1"] <= 1.0
         assert 0.0 <= result["retrieval/t2i_r1"] <= result["retrieval/t2i_r5"] <= 1.0
     if config.model.name in ("coca", "blip2_stage1"):
         assert result["captioning/n"] == 8 and result["captioning/bleu4"] >= 0.0
-    assert os.path.exists(workdir / "eval" / "step_3.json")
+    if config.model.name == "one_tower" and config.model.experts == "multiway":
+        assert 0.0 <= result["retrieval/itm_t2i_r1"] <= result["retrieval/itm_t2i_r5"] <= 1.0
+    evaluated = any(k.split("/")[0] in ("zeroshot", "retrieval", "vqa", "vqa_accuracy",
+                                        "captioning", "top1") for k in result)
+    assert os.path.exists(workdir / "eval" / "step_3.json") == evaluated
     # Frozen groups provably do not change; the rest does.
     frozen = list(config.optim.freeze)
     if frozen:
