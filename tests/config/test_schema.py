@@ -49,7 +49,7 @@ def test_help_config_lists_every_key_with_its_value_and_description(capsys):
 @pytest.mark.parametrize("override, match", [
     # family x evaluator
     ("evals.vqa.shards=synthetic", r"config\.evals\.vqa: the two_tower family does not offer "
-                                   r"it; use a VisionLM recipe"),
+                                   r"it; use a VisionLM \(llava, blip2_stage2\) or one-tower"),
     # objectives x family
     ("objectives.itm=1.0", r"config\.objectives\.itm: not an objective of TwoTower"),
     # tokenizer vocabulary x model vocabulary (bytes: 259 ids)
