@@ -126,7 +126,7 @@ class OneTowerFamily(Family):
         k_itm, k_mlm = jax.random.split(rng)
         sim, temp = jnp.zeros((text.shape[0],) * 2, jnp.float32), None
         if "itc" in objectives:
-            out = model.apply(v, media, text, method="dual")
+            out = model.apply(v, tokens, text, method="dual")
             # CLIP's loss is BLIP-2's ITC with one query, no smoothing and temp = 1/scale;
             # it also returns the global similarity that ITM mines negatives from.
             terms["itc"], sim = losses.blip2_itc_loss(out["zimg"][:, None], out["ztxt"],
@@ -167,10 +167,8 @@ class OneTowerFamily(Family):
         question with the pooler and classifier.
 
         Counted as the step computes it: the media are embedded once and shared by the
-        ITM triples (gathered) and the MLM pass, and once per sample for all of its
-        questions (repeated), but ITC's media-only pass embeds them again
-        (`OneTower.encode_image` from the raw media), so with ITC the media embedding
-        counts twice. Each token runs exactly one FFN expert of width `mlp_dim`
+        ITM triples (gathered), the MLM pass and ITC's media-only pass, and once per
+        sample for all of its questions (repeated). Each token runs exactly one FFN expert of width `mlp_dim`
         (multiway: its modality's, or the vision-language one in the top `vl_depth`
         layers), so both stacks cost the same. Not model work, not counted: the
         embedding gathers, the ITM negatives' sampling and VQA's soft targets (an
@@ -205,7 +203,6 @@ class OneTowerFamily(Family):
         if "itc" in objectives:
             e = int(m.get("embed_dim") or d)
             per += stack(n) + stack(text_len) + 2 * dense_flops(1, d, e, TRAIN)
-            per += media  # encode_image embeds the media again
             sims = similarity_flops(batch, e, mode=TRAIN)
         return batch * per + sims
 

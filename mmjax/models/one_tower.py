@@ -309,8 +309,12 @@ class OneTower(nn.Module):
     def encode_image(self, images):
         """Media-only pass: projected, unnormalized `[B, E]` float32 (the media's first
         token, the class token)."""
+        return self.encode_media_tokens(self.image_tokens(images))
+
+    def encode_media_tokens(self, image_tokens):
+        """`encode_image` of media embeddings `[B, N, D]` (`image_tokens`)."""
         self._need_dual()
-        seq = self.encoder(self.image_tokens(images), None, "media")
+        seq = self.encoder(image_tokens, None, "media")
         return self.itc_image_proj(boundary(seq[:, 0])).astype(jnp.float32)
 
     def encode_text(self, text):
@@ -325,9 +329,10 @@ class OneTower(nn.Module):
             return {"log_scale": (0.0, float(self.max_log_scale))}
         return {}
 
-    def dual(self, images, text):
-        """`{"zimg", "ztxt"}` L2-normalized `[B, E]` and `scale` (multiway only)."""
-        return {"zimg": l2_normalize(self.encode_image(images)),
+    def dual(self, image_tokens, text):
+        """`{"zimg", "ztxt"}` L2-normalized `[B, E]` and `scale` (multiway only) of media
+        embeddings `[B, N, D]` (`image_tokens`) and text `[B, L]`."""
+        return {"zimg": l2_normalize(self.encode_media_tokens(image_tokens)),
                 "ztxt": l2_normalize(self.encode_text(text)), "scale": jnp.exp(self.log_scale)}
 
     def __call__(self, images, text):
@@ -343,5 +348,5 @@ class OneTower(nn.Module):
         if self.answers:
             out["vqa_logits"] = self.vqa_head(pooled)
         if self.experts == "multiway":
-            out.update(self.dual(images, text))
+            out.update(self.dual(tokens, text))
         return out

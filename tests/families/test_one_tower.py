@@ -341,7 +341,8 @@ def test_itm_negatives_are_the_hardest_by_dual_similarity(multiway):
     images, text = _inputs(6, b=b)
     params = dict(params, log_scale=jnp.float32(20.0))
     v = {"params": params}
-    dual = _apply(model, v, images, text, method="dual")
+    dual = _apply(model, v, _apply(model, v, images, method="image_tokens"), text,
+                  method="dual")
     sim = np.float64(dual["zimg"]) @ np.float64(dual["ztxt"]).T
     off = np.where(np.eye(b, dtype=bool), -np.inf, sim)
     for s in (np.sort(off, 1)[:, -2:], np.sort(off, 0)[-2:].T):

@@ -21,8 +21,7 @@ The formula and the program are compared like with like:
   computes no gradient with respect to the raw media (patch embedding: dW
   only; AST's mel filterbank, which has no parameters: neither). That
   difference is measured on the tower alone (3 x its forward minus its loss
-  and parameter gradients, as the step computes them) and taken off, once per
-  time the step runs the tower (twice for VLMo-style ITC's media-only pass).
+  and parameter gradients, as the step computes them) and taken off.
 - a loss's own matmuls (VQA's soft targets: one-hot answers x scores) are no
   model work: the formula leaves them out, the expected count adds them.
 The counts then agree exactly; a formula that counts a block too many or too
@@ -118,13 +117,6 @@ def _tower_raw_input_flops(trainer) -> float:
     return 3 * forward - train
 
 
-def _media_passes(config) -> int:
-    """How many times the step runs the media tower on the raw media: once, twice for a
-    one-tower model with ITC (its dual-mode media pass, `OneTower.encode_image`, embeds
-    the media again; the formula counts both)."""
-    return 2 if config.model.name == "one_tower" and "itc" in config.objectives else 1
-
-
 def _loss_matmuls(config, shapes) -> int:
     """Matmuls of the losses, not of the model (no formula counts them): VQA's soft
     targets (`losses.vqa_targets`), an einsum of the one-hot answer ids `[B, Q, K, A]`
@@ -151,7 +143,7 @@ def test_train_flops_match_the_matmuls_of_the_train_step(spec, monkeypatch):
     monkeypatch.setattr(flops, "CAUSAL_ATTENTION", 1.0)
     expected = model_train_flops(config)  # `Family.step_flops`: objectives, questions
     if "image_tower" not in frozen:
-        expected -= _media_passes(config) * batch * _tower_raw_input_flops(trainer)
+        expected -= batch * _tower_raw_input_flops(trainer)
     expected += _loss_matmuls(config, shapes)
     assert expected == pytest.approx(program, rel=0.02)
 
