@@ -265,6 +265,37 @@ def test_itm_negatives_follow_masked_softmax():
     np.testing.assert_allclose(freq_txt, p_txt, atol=0.015)
 
 
+def test_itm_negatives_skip_excluded_pairs_with_a_fallback():
+    """`exclude` (e.g. two samples of one class) removes pairs from the negatives'
+    softmax; a row with nothing left draws from every other sample as before."""
+    rng = np.random.default_rng(9)
+    b, draws, temp = 5, 8000, 0.5
+    label = np.array([0, 0, 1, 1, 2])  # sample 4 shares no class: nothing excluded
+    exclude = (label[:, None] == label[None, :])
+    exclude_all = exclude.copy()
+    exclude_all[0] = True  # image 0 / text 0: every pair excluded -> fallback
+    sim = rng.standard_normal((b, b)) + 2.0 * exclude  # excluded pairs the most similar
+    sim32 = jnp.asarray(sim, jnp.float32)
+    keys = jax.random.split(jax.random.PRNGKey(1), draws)
+    for ex in (exclude, exclude_all):
+        out = jax.jit(jax.vmap(lambda k: blip2_itm_triples(sim32, k, temp=temp,
+                                                           exclude=jnp.asarray(ex))))(keys)
+        neg_img = np.asarray(out["image_index"][:, b:2 * b])  # per text
+        neg_txt = np.asarray(out["text_index"][:, 2 * b:])    # per image
+        logits = np.float64(np.asarray(sim32)) / temp
+        for rows, negs, lg in ((np.arange(b), neg_txt, logits), (np.arange(b), neg_img,
+                                                                 logits.T)):
+            for i in rows:
+                allowed = ~ex[i] if lg is logits else ~ex[:, i]
+                allowed[i] = False
+                if not allowed.any():  # the fallback: every other sample
+                    allowed = np.arange(b) != i
+                p = np.where(allowed, np.exp(lg[i] - lg[i].max()), 0.0)
+                freq = np.bincount(negs[:, i], minlength=b) / draws
+                np.testing.assert_allclose(freq, p / p.sum(), atol=0.02)
+                assert not freq[~allowed].any()
+
+
 def test_bad_shapes_raise_clear_errors():
     with pytest.raises(ValueError, match=r"\[B, D\]"):
         softmax_contrastive_loss(jnp.zeros((4, 3)), jnp.zeros((5, 3)), 1.0)
