@@ -6,9 +6,10 @@ losses, fine-tuned for VQA as classification over an answer vocabulary.
   itm   matching on the fused sequence: for each pair a negative image and a
         negative text drawn from the in-batch similarities (the dual-mode
         contrastive ones when `itc` is trained, VLMo; uniformly otherwise, ViLT),
-        with BLIP-2's sharded sampling (`mmjax.losses.blip2_itm_triples`); where
-        the data labels its samples (`cls`), two samples of one class are not
-        drawn as each other's negatives (in-batch false negatives);
+        with BLIP-2's sharded sampling (`mmjax.losses.blip2_itm_triples`); two
+        samples with the very same caption, or of one class where the data labels
+        its samples (`cls`), are not drawn as each other's negatives (in-batch
+        false negatives, as BLIP excludes the captions of one image);
   mlm   15% of the text tokens masked (BERT's 80/10/10), the loss on them only;
   itc   multiway only: media-only and text-only passes through the stack, the
         sharded softmax contrastive loss (CLIP's, learned scale);
@@ -41,8 +42,7 @@ class OneTowerFamily(Family):
     objectives = ("itm", "mlm", "itc", "vqa")
     evaluators = ("zeroshot", "retrieval", "vqa")
     itm_rerank = True
-    # The class of each sample where the data has one (`cls`; -1 otherwise): two
-    # samples of one class are no ITM negatives of each other.
+    # The class of each sample where the data has one (`cls`; -1 otherwise).
     optional_batch_keys = ("label",)
 
     def pad_id(self, model):
@@ -134,9 +134,11 @@ class OneTowerFamily(Family):
             temp = 1.0 / out["scale"]
             extra["scale"] = out["scale"]
         if "itm" in objectives:
+            # In-batch false negatives: the very same caption, or the same class.
+            same = (text[:, None, :] == text[None, :, :]).all(-1)
             label = batch.get("label")
-            same = None if label is None else ((label[:, None] == label[None, :])
-                                               & (label[:, None] >= 0))
+            if label is not None:
+                same = same | ((label[:, None] == label[None, :]) & (label[:, None] >= 0))
             tri = losses.blip2_itm_triples(sim, k_itm, temp=temp, exclude=same)
             logits = model.apply(v, tokens[tri["image_index"]], text[tri["text_index"]],
                                  method="itm_logits")
