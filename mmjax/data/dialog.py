@@ -13,6 +13,7 @@ becomes one id (``image_token_id``), or is removed when there is none.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
@@ -376,13 +377,9 @@ def vqa_from_members(members: dict, text_key: str, tokenizer, max_len: int,
     for i, (question, answers) in enumerate(items):
         prompt = encode_prompt(tokenizer, question, None, template)[:max_len]
         ids[i, :len(prompt)] = prompt
-        counts: dict[str, int] = {}
-        for a in answers:
-            a = a.strip().lower()
-            counts[a] = counts.get(a, 0) + 1
-        known = sorted(((c, a) for a, c in counts.items() if a in answer_index),
-                       key=lambda ca: -ca[0])[:max_answers]
-        for j, (count, answer) in enumerate(known):
+        counts = collections.Counter(a.strip().lower() for a in answers)
+        known = [(a, c) for a, c in counts.most_common() if a in answer_index][:max_answers]
+        for j, (answer, count) in enumerate(known):
             answer_ids[i, j] = answer_index[answer]
             scores[i, j] = 1.0 if len(answers) == 1 else min(1.0, count / 3.0)
     if not (answer_ids >= 0).any():

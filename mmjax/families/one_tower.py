@@ -65,15 +65,19 @@ class OneTowerFamily(Family):
                                   f"{sorted(set(objectives) & set(PRETRAINING))}.")
 
     def check_config(self, config):
-        m = plain(config.model)
-        image, text = plain(m.get("image")), plain(m.get("text"))
-        if int(image.get("width", 768)) != int(text.get("width", 512)):
-            raise ConfigError(f"config.model.image.width={image.get('width')} must equal "
-                              f"config.model.text.width={text.get('width')} (one stack reads "
+        from mmjax.models import build, towers
+        model = build(config.model)  # the fields with their defaults filled in
+        tower, fields = towers.tower_fields(model.image)
+        image_width = tower(**fields).width
+        if image_width != model.width:
+            raise ConfigError(f"config.model.image.width={image_width} must equal "
+                              f"config.model.text.width={model.width} (one stack reads "
                               "both).")
-        if not 0 <= int(m.get("mask_id", 103)) < int(text["vocab_size"]):
-            raise ConfigError(f"config.model.mask_id={m.get('mask_id')} must be below "
-                              f"config.model.text.vocab_size={text['vocab_size']}.")
+        vocab = int(model.text["vocab_size"])
+        if not 0 <= model.mask_id < vocab:
+            raise ConfigError(f"config.model.mask_id={model.mask_id} must be below "
+                              f"config.model.text.vocab_size={vocab}.")
+        m = plain(config.model)
         d = config.data.train
         if "vqa" in config.objectives and d.get("text_format") != "vqa":
             raise ConfigError("config.objectives.vqa reads questions with answers: set "

@@ -279,8 +279,12 @@ class OneTower(nn.Module):
 
     def mlm_logits(self, image_tokens, text):
         """Masked-LM logits `[B, L, V]` of (masked) text `[B, L]` given the media."""
-        seq = self.fuse(image_tokens, text)[:, :text.shape[1]]
-        h = self.mlm_norm(self.mlm_dense(seq))
+        return self.mlm_head(self.fuse(image_tokens, text)[:, :text.shape[1]])
+
+    def mlm_head(self, text_seq):
+        """Masked-LM logits `[B, L, V]` of the text half `[B, L, D]` of a fused sequence:
+        transform (dense, activation, LayerNorm), then the tied word embeddings + bias."""
+        h = self.mlm_norm(self.mlm_dense(text_seq))
         logits = self.text_tower.attend(h) + self.mlm_bias
         return constrain(logits.astype(jnp.float32), ("act_batch", "act_length", "act_vocab"))
 
@@ -342,9 +346,8 @@ class OneTower(nn.Module):
         tokens = self.image_tokens(images)
         seq = self.fuse(tokens, text)
         pooled = self.pooled(seq)
-        h = self.mlm_norm(self.mlm_dense(seq[:, :text.shape[1]]))
         out = {"itm_logits": self.itm_head(pooled).astype(jnp.float32),
-               "mlm_logits": (self.text_tower.attend(h) + self.mlm_bias).astype(jnp.float32)}
+               "mlm_logits": self.mlm_head(seq[:, :text.shape[1]])}
         if self.answers:
             out["vqa_logits"] = self.vqa_head(pooled)
         if self.experts == "multiway":
