@@ -88,6 +88,10 @@ KEYS: dict[str, tuple] = {
     "evals.vqa.max_new_tokens": (8, "most tokens per generated answer"),
     "evals.vqa.max_len": (0, "tokens of an evaluation dialog, all its questions (0: "
                              "data.train.max_len)"),
+    "evals.grounding.shards": ("", "grounding maps' pointing game: 'synthetic' (the built-in "
+                                   "held-out images, which know their shapes' boxes) or '' (off)"),
+    "evals.grounding.num_images": (200, "held-out images with two shapes (2 phrases each)"),
+    "evals.grounding.examples": (8, "maps kept for the evaluation report"),
 }
 # The sections whose keys a recipe chooses.
 SECTIONS = {

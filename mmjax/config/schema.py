@@ -154,8 +154,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 NOT_OFFERED = {"retrieval": "a two-tower, CoCa, BLIP-2 or multiway one-tower recipe",
                "captioning": "a CoCa, BLIP-2 or VisionLM recipe",
                "vqa": "a VisionLM (llava, blip2_stage2) or one-tower (one_tower_tiny:vqa) "
-                      "recipe"}
-EVALUATORS = ("zeroshot", "retrieval", "captioning", "vqa")
+                      "recipe",
+               "grounding": "a two-tower, CoCa, BLIP-2 or one-tower recipe"}
+EVALUATORS = ("zeroshot", "retrieval", "captioning", "vqa", "grounding")
 
 
 def enabled_evaluators(config: Any) -> list[str]:

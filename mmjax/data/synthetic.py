@@ -85,7 +85,8 @@ ANSWERS_BY_TYPE: dict[str, tuple[str, ...]] = {  # question type -> every possib
 _QA_STREAM = 1  # extra seed word of the stream that orders the questions
 
 
-def _article(phrase: str) -> str:
+def article(phrase: str) -> str:
+    """``"red circle"`` -> ``"a red circle"``; ``"orange cross"`` -> ``"an orange cross"``."""
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
@@ -190,8 +191,11 @@ def make_sample(index: int, split: str = "train", image_size: int = 64,
 
     Returns:
       dict with ``image`` uint8 ``[H, W, 3]`` (H = W = image_size),
-      ``caption`` str, ``label`` int in ``[0, 24)``, ``classname`` str and
-      ``qa``: 5 dicts ``{"question", "answer", "type"}`` (see ``QUESTIONS``).
+      ``caption`` str, ``label`` int in ``[0, 24)``, ``classname`` str,
+      ``qa``: 5 dicts ``{"question", "answer", "type"}`` (see ``QUESTIONS``) and
+      ``objects``: one dict per drawn shape, the class object first,
+      ``{"name": "red circle", "size": "big" | "small", "box": (x0, y0, x1, y1)}``
+      with the box in [0, 1] image coordinates (x right, y down).
     """
     if image_size < 8:
         raise ConfigError(f"image_size must be >= 8, got {image_size}")
@@ -222,14 +226,18 @@ def make_sample(index: int, split: str = "train", image_size: int = 64,
         template = _PAIR_TEMPLATES[rng.integers(len(_PAIR_TEMPLATES))]
         if "next to" in template and rel in ("above", "below"):
             template = _PAIR_TEMPLATES[0]
-        caption = template.format(m=_article(m), s=_article(s), rel=rel,
+        caption = template.format(m=article(m), s=article(s), rel=rel,
                                   inv=_RELATIONS[rel])
     else:
         template = _SINGLE_TEMPLATES[rng.integers(len(_SINGLE_TEMPLATES))]
-        caption = template.format(m=_article(m))
+        caption = template.format(m=article(m))
     label = color1 * len(SHAPES) + shape1
     qa = _make_qa(index, split, seed, color1, shape1, two, color2, rel)
-    return dict(image=image, caption=caption, label=label, classname=CLASSNAMES[label], qa=qa)
+    found = [dict(name=f"{_COLOR_NAMES[ci]} {SHAPES[si]}", size=kind,
+                  box=(cx - size / 2, cy - size / 2, cx + size / 2, cy + size / 2))
+             for ((size, cx, cy), ci, si), kind in zip(objects, ("big", "small"))]
+    return dict(image=image, caption=caption, label=label, classname=CLASSNAMES[label], qa=qa,
+                objects=found)
 
 
 def majority_answer_baselines(split: str = "train", num_samples: int = 10_000,
@@ -271,7 +279,9 @@ def make_batch(indices, split: str = "train", image_size: int = 64, seed: int = 
     return images, labels, [s["caption"] for s in samples]
 
 
-def _encode_image(image: np.ndarray, image_format: str, quality: int = 95) -> bytes:
+def encode_image(image: np.ndarray, image_format: str, quality: int = 95) -> bytes:
+    """uint8 ``[H, W, 3]`` -> the bytes of a ``"jpg"`` (quality 95) or ``"png"`` file, as
+    the built-in shards hold them."""
     from PIL import Image
 
     buf = io.BytesIO()
@@ -305,14 +315,14 @@ def write_synthetic_shards(out_dir: str, split: str = "train", num_samples: int 
 
     if num_samples < 1:
         raise ConfigError(f"num_samples must be >= 1, got {num_samples}")
-    _encode_image(np.zeros((1, 1, 3), np.uint8), image_format)  # validate early
+    encode_image(np.zeros((1, 1, 3), np.uint8), image_format)  # validate early
     with ShardWriter(out_dir, max_count=samples_per_shard, max_bytes=1 << 40,
                      prefix=prefix or split) as writer:
         for i in range(num_samples):
             s = make_sample(i, split, image_size, seed)
             writer.write({
                 "__key__": f"{i:09d}",
-                image_format: _encode_image(s["image"], image_format),
+                image_format: encode_image(s["image"], image_format),
                 "txt": s["caption"],
                 "cls": s["label"],
                 "json": {"caption": s["caption"], "label": s["label"],

@@ -157,6 +157,11 @@ class Family:
         cannot caption."""
         return None
 
+    def grounding(self, model: Any) -> Any:
+        """The `mmjax.evaluate.grounding.GroundingSpec` of the family's grounding maps (a
+        score of a media-text pair and where media tokens are tapped), or None."""
+        return None
+
     def answerer(self, model: Any, variables: Any) -> Optional[Callable[..., list[str]]]:
         """`fn(media [N, ...], prompts (N id lists), tokenizer, max_new_tokens, width=None,
         chunk=64) -> N answers` (greedy), or None if the family does not answer

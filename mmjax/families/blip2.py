@@ -10,12 +10,18 @@ from mmjax.models.flops import (TRAIN, dense_flops, qformer_flops, similarity_fl
 class Blip2Family(Family):
     name = "blip2_stage1"
     objectives = ("itc", "itm", "itg")
-    evaluators = ("zeroshot", "retrieval", "captioning")
+    evaluators = ("zeroshot", "retrieval", "captioning", "grounding")
     text_section = "qformer"
     itm_rerank = True
 
     def pad_id(self, model):
         return model.pad_id
+
+    def grounding(self, model):
+        """ITM log-odds, tapped where the Q-Former reads the image features (the keys
+        and values of its cross-attention; LAVIS's Grad-CAM layer)."""
+        from mmjax.evaluate.grounding import GroundingSpec, itm_score
+        return GroundingSpec(score=itm_score, tap=("input_of", ("qformer_module",)))
 
     def losses(self, model, params, batch, objectives, rng):
         v = {"params": params}

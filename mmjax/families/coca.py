@@ -11,7 +11,7 @@ from mmjax.models.flops import (TRAIN, caption_decoder_flops, dense_flops, poole
 class CoCaFamily(Family):
     name = "coca"
     objectives = ("softmax_contrastive", "sigmoid_contrastive", "caption")
-    evaluators = ("zeroshot", "retrieval", "captioning")
+    evaluators = ("zeroshot", "retrieval", "captioning", "grounding")
 
     def check_config(self, config):
         check_embeddings(self, config)
@@ -40,6 +40,14 @@ class CoCaFamily(Family):
 
     def shrink(self, c):
         c.evals.captioning.update(dict(shards="synthetic", max_samples=8, max_len=8))
+
+    def grounding(self, model):
+        from mmjax.families.two_tower import cosine_score
+        from mmjax.evaluate.grounding import GroundingSpec
+        # The attention pooler reads every final token of the tower (built with pool="none").
+        tap = ("output_of", ("image_tower", "ln_post")) \
+            if plain(model.image).get("ln_post", True) else ("last_block_output", ("image_tower",))
+        return GroundingSpec(score=cosine_score, tap=tap)
 
     def captioner(self, model, variables, beam_size):
         from mmjax.families.captioning import coca_logits_fn

@@ -40,13 +40,19 @@ def _multiway(model_cfg: Mapping) -> bool:
 class OneTowerFamily(Family):
     name = "one_tower"
     objectives = ("itm", "mlm", "itc", "vqa")
-    evaluators = ("zeroshot", "retrieval", "vqa")
+    evaluators = ("zeroshot", "retrieval", "vqa", "grounding")
     itm_rerank = True
     # The class of each sample where the data has one (`cls`; -1 otherwise).
     optional_batch_keys = ("label",)
 
     def pad_id(self, model):
         return model.pad_id
+
+    def grounding(self, model):
+        """ITM log-odds, tapped at the input of the fused stack's last block (its media
+        positions): gradient x activation of the fused attention's last layer."""
+        from mmjax.evaluate.grounding import GroundingSpec, itm_score
+        return GroundingSpec(score=itm_score, tap=("last_block", ("encoder",)))
 
     # --- checks -------------------------------------------------------------------------
     def check_objectives(self, model, objectives):

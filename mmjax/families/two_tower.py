@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import jax
 import jax.numpy as jnp
 
 from mmjax import losses
@@ -34,6 +35,36 @@ def contrastive_terms(out: Mapping, objectives: Mapping) -> tuple[dict, dict]:
     return terms, extra
 
 
+def cosine_score(m: Any, media, text):
+    """`[B]` cosine of the media and text embeddings (a model with `encode_image` and
+    `encode_text`): the score two-tower grounding maps explain."""
+    zi, zt = m.encode_image(media), m.encode_text(text)
+    zi = zi * jax.lax.rsqrt(jnp.sum(zi * zi, -1, keepdims=True) + 1e-12)
+    zt = zt * jax.lax.rsqrt(jnp.sum(zt * zt, -1, keepdims=True) + 1e-12)
+    return jnp.sum(zi * zt, -1)
+
+
+def tower_tokens_cosine(model: Any):
+    """Grounding of a contrastive model: the cosine, tapped at the media tower's final
+    tokens (after `ln_post`; the frame ViT's for video), which the pooling (mean, MAP
+    head) reads; with class-token pooling the patches' final tokens do not reach
+    the embedding, so the tap is the input of the last block."""
+    from mmjax.evaluate.grounding import GroundingSpec
+    from mmjax.models.towers import tower_fields
+    cls, fields = tower_fields(model.image)
+    tower = cls(**fields)
+    if plain(model.image).get("kind") == "video_vit":
+        prefix, tower = ("image_tower", "frame"), tower.frame_vit()
+    else:
+        prefix = ("image_tower",)
+    pool = tower.pool
+    if pool in ("cls", "cls_dist"):
+        return GroundingSpec(score=cosine_score, tap=("last_block", prefix))
+    if getattr(tower, "ln_post", True):
+        return GroundingSpec(score=cosine_score, tap=("output_of", prefix + ("ln_post",)))
+    return GroundingSpec(score=cosine_score, tap=("last_block_output", prefix))
+
+
 def check_embeddings(family: Family, config: Any) -> None:
     """The media and text towers must embed into one space: `zimg` and `ztxt` of one
     shape (traced on one example, nothing allocated)."""
@@ -58,7 +89,7 @@ def check_embeddings(family: Family, config: Any) -> None:
 class TwoTowerFamily(Family):
     name = "two_tower"
     objectives = ("softmax_contrastive", "sigmoid_contrastive")
-    evaluators = ("zeroshot", "retrieval")
+    evaluators = ("zeroshot", "retrieval", "grounding")
 
     def check_objectives(self, model: Any, objectives: Mapping[str, float]) -> None:
         super().check_objectives(model, objectives)
@@ -68,6 +99,9 @@ class TwoTowerFamily(Family):
 
     def check_config(self, config):
         check_embeddings(self, config)
+
+    def grounding(self, model):
+        return tower_tokens_cosine(model)
 
     def losses(self, model, params, batch, objectives, rng):
         out = self.apply(model, params, *self.model_inputs(model, batch), rng=rng)

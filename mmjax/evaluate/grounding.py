@@ -1,0 +1,415 @@
+"""Grounding maps: where in the media a model finds a phrase.
+
+`grounding_maps(config, model, variables, media, text)` returns one float map per
+row over the media tower's patch grid: `[B, gh, gw]` for images, `[B, F, T]`
+(mel-frequency x time patches) for audio, `[B, frames, gh, gw]` for video.
+
+Method: Grad-CAM on tokens (gradient x activation). The family names a scalar
+score of a (media, text) pair and a place where media tokens `A [B, N, D]` enter a
+module; the map of patch i is `relu(sum_d A[i, d] * dS/dA[i, d])`:
+
+  family      score S                                  tokens A
+  two_tower   cosine of the media and text embeddings  input of the media tower's
+  coca                                                 last block (the frame ViT's
+                                                       for video)
+  one_tower   ITM log-odds (match - no match)          input of the fused stack's
+                                                       last block, media positions
+  blip2       ITM log-odds                             the image features the
+                                                       Q-Former's cross-attention reads
+
+Why these: the last block's input is where a ViT's patch tokens are still
+spatial and already semantic (Grad-CAM's "last convolutional layer"); for a
+class-token tower the final tokens get no gradient at all, and raw gradients
+on pixels are noisy. For BLIP-2 the features the cross-attention reads are the
+keys and values of LAVIS's cross-attention Grad-CAM (attention x gradient, at
+one layer); grad x activation on them needs no attention probabilities, so it
+works with fused attention kernels that never form them. Scanned stacks are
+evaluated unrolled (the same numbers; `unrolled`), so the tap finds one layer.
+
+`pointing_game` scores maps where the truth is known: the built-in shapes
+images (`mmjax.data.synthetic`) with two objects, the phrase naming one of
+them; a hit is the map's maximum (upsampled to pixels) inside the object's
+box. Chance is the box's share of the image (a random point's hit rate).
+`grounding_eval` is the `evals.grounding` evaluator; `overlay` draws a map.
+"""
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmjax.errors import ConfigError
+
+_BLOCK_NAME = re.compile(r"(layers|vl_layers)_(\d+)$")
+
+
+@dataclass(frozen=True)
+class GroundingSpec:
+    """What a family grounds with (see the module docstring).
+
+    score: `(module, media [B, ...], text [B, L]) -> [B]` float32, called inside
+      `model.apply` as a method.
+    tap: `("last_block", prefix)`: the input of the last Transformer block whose
+      module path starts with `prefix` (e.g. `("image_tower",)`),
+      `("last_block_output", prefix)`: that block's output,
+      `("input_of", path)`: the first positional input of the module at `path`,
+      `("output_of", path)`: its output (an array).
+    """
+    score: Callable
+    tap: tuple
+
+
+def itm_score(m: Any, media, text):
+    """`[B]` image-text matching log-odds (match minus no-match logit) of a model with
+    `image_tokens(media)` and `itm_logits(image_tokens, text) -> [B, 2]`."""
+    logits = m.itm_logits(m.image_tokens(media), text).astype(jnp.float32)
+    return logits[:, 1] - logits[:, 0]
+
+
+def _no_scan(value: Any) -> Any:
+    """`value` with every `scan` key set False and `remat` "none" (nested dicts too)."""
+    if not isinstance(value, Mapping):
+        return value
+    out = {k: _no_scan(v) for k, v in value.items()}
+    if out.get("scan"):
+        out["scan"] = False
+    if out.get("remat") not in (None, "none"):
+        out["remat"] = "none"
+    return out
+
+
+def _restack(src: Any, target: Any) -> Any:
+    """Params `src` laid out as `target` (a shape tree): scanned `{name}` subtrees with
+    a leading depth axis become `{name}_i`."""
+    if not isinstance(target, Mapping):
+        return src
+    out = {}
+    for k, t in target.items():
+        if k in src:
+            out[k] = _restack(src[k], t)
+            continue
+        m = _BLOCK_NAME.match(k) or re.match(r"(.+)_(\d+)$", k)
+        if not (m and m.group(1) in src):
+            raise KeyError(f"parameter {k!r} has no counterpart in the checkpoint's params")
+        i = int(m.group(2))
+        out[k] = _restack(jax.tree.map(lambda x: x[i], src[m.group(1)]), t)
+    return out
+
+
+def unrolled(model: nn.Module, params: Any, sample_args: tuple) -> tuple[nn.Module, Any]:
+    """`(model, params)` with every scanned stack unrolled and remat off: the same
+    function, with one module per block (`layers_0 ..`), so one block can be tapped.
+
+    `sample_args`: inputs of `model.init` (shapes only matter)."""
+    changes = {}
+    for name in model.__dataclass_fields__:
+        if name in ("parent", "name"):
+            continue
+        value = getattr(model, name)
+        if name == "scan" and value:
+            changes[name] = False
+        elif name == "remat" and value not in (None, "none"):
+            changes[name] = "none"
+        elif isinstance(value, Mapping) and _no_scan(value) != dict(value):
+            changes[name] = _no_scan(value)
+    if not changes:
+        return model, params
+    flat = model.clone(**changes)
+    target = jax.eval_shape(lambda: flat.init(jax.random.key(0), *sample_args))["params"]
+    return flat, _restack(nn.unbox(params), nn.unbox(target))
+
+
+def _tap_path(model, variables, media, text, spec: GroundingSpec) -> tuple:
+    """Module path of the tap (`spec.tap`), found by tracing the score once."""
+    kind, where = spec.tap
+    if kind in ("input_of", "output_of"):
+        return tuple(where)
+    if kind not in ("last_block", "last_block_output"):
+        raise ValueError(f"GroundingSpec.tap kind {kind!r}")
+    seen = []
+
+    def record(next_fun, args, kwargs, context):
+        path = tuple(context.module.path)
+        if (context.method_name == "__call__" and path[:len(where)] == tuple(where)
+                and len(path) == len(where) + 1 and _BLOCK_NAME.match(path[-1])):
+            seen.append(path)
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(functools.partial(model.apply, method=spec.score), variables, media, text)
+    if not seen:
+        raise ConfigError(f"grounding: no Transformer block under {'/'.join(where)} in "
+                          f"{type(model).__name__}; the media tower needs depth >= 1.")
+    return seen[-1]
+
+
+def _cam(model, variables, media, text, spec: GroundingSpec, path: tuple):
+    """`(cam [B', N] float32, scores [B])`: relu(sum_d A * dS/dA) at the tap."""
+    captured = []
+    output = spec.tap[0] in ("output_of", "last_block_output")
+
+    def tap_fn(delta):
+        def add(next_fun, args, kwargs, context):
+            if context.method_name != "__call__" or tuple(context.module.path) != path:
+                return next_fun(*args, **kwargs)
+            if output:  # an array, or a tuple whose first item is the tokens (a block)
+                y = next_fun(*args, **kwargs)
+                first = y[0] if isinstance(y, tuple) else y
+                captured.append(first)
+                first = first + delta.astype(first.dtype)
+                return (first,) + tuple(y[1:]) if isinstance(y, tuple) else first
+            x = args[0]
+            captured.append(x)
+            return next_fun(x + delta.astype(x.dtype), *args[1:], **kwargs)
+
+        with nn.intercept_methods(add):
+            s = model.apply(variables, media, text, method=spec.score)
+        return jnp.sum(s.astype(jnp.float32)), (captured[-1], s)
+
+    shape = _tap_shape(model, variables, media, text, spec, path)
+    grad, (act, scores) = jax.grad(tap_fn, has_aux=True)(jnp.zeros(shape, jnp.float32))
+    cam = jnp.sum(act.astype(jnp.float32) * grad, axis=-1)
+    return jax.nn.relu(cam), scores
+
+
+def _tap_shape(model, variables, media, text, spec, path) -> tuple:
+    shapes = []
+    output = spec.tap[0] in ("output_of", "last_block_output")
+
+    def record(next_fun, args, kwargs, context):
+        y = next_fun(*args, **kwargs)
+        if context.method_name == "__call__" and tuple(context.module.path) == path:
+            shapes.append((y[0] if isinstance(y, tuple) else y).shape if output
+                          else args[0].shape)
+        return y
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(functools.partial(model.apply, method=spec.score), variables, media, text)
+    return shapes[-1]
+
+
+def media_grid(model: Any, media_shape: tuple) -> tuple[int, ...]:
+    """Patch grid of one example's media for the model's media tower: `(gh, gw)`
+    (ViT), `(F, T)` (AST: frequency, time) or `(frames, gh, gw)` (VideoViT)."""
+    tower = _media_tower(model)
+    if hasattr(tower, "frame_vit"):
+        g = tower.frame_vit().grid
+        return (int(media_shape[1]), g, g)
+    g = tower.grid
+    return tuple(int(x) for x in g) if isinstance(g, tuple) else (int(g), int(g))
+
+
+def _media_tower(model: Any):
+    from mmjax.models.towers import tower_fields
+    cls, fields = tower_fields(getattr(model, "image"))
+    return cls(**fields)
+
+
+class Grounder:
+    """Grounding maps of one model, compiled once per input shape.
+
+    `Grounder(config, model, variables)(media [B, ...], text [B, L] int32)` ->
+    `(maps [B, *grid] float32 >= 0, scores [B] float32)` with `grid` from
+    `media_grid`. Maps are not normalized (`normalize_maps`)."""
+
+    def __init__(self, config: Any, model: Any, variables: Any):
+        from mmjax.families import get_family
+        family = get_family(config)
+        self.spec = family.grounding(model)
+        if self.spec is None:
+            raise ConfigError(f"config.evals.grounding: the {family.name} family has no "
+                              "grounding maps (two_tower, coca, blip2_stage1 and one_tower do).")
+        args = family.sample_inputs(config, 1)
+        self.model, params = unrolled(model, variables["params"], args)
+        self.variables = {**variables, "params": params}
+        self._fn = {}
+
+    def __call__(self, media, text):
+        media, text = jnp.asarray(media), jnp.asarray(text, jnp.int32)
+        key = (media.shape, text.shape)
+        if key not in self._fn:
+            path = _tap_path(self.model, self.variables, media, text, self.spec)
+            self._fn[key] = jax.jit(lambda v, m, t: _cam(self.model, v, m, t, self.spec, path))
+        cam, scores = self._fn[key](self.variables, media, text)
+        cam = np.asarray(cam, np.float32)
+        grid = media_grid(self.model, media.shape)
+        b = media.shape[0]
+        n = int(np.prod(grid))
+        if cam.shape[0] != b:  # frames folded into the batch (video): [B*T, N]
+            cam = cam.reshape(b, -1)
+            per = cam.shape[1] // grid[0]
+            cam = cam.reshape(b, grid[0], per)[:, :, per - n // grid[0]:]
+        else:  # content tokens are the last ones (after class / text tokens)
+            cam = cam[:, cam.shape[1] - n:]
+        return cam.reshape((b,) + grid), np.asarray(scores, np.float32)
+
+
+def grounding_maps(config: Any, model: Any, variables: Any, media, text) -> np.ndarray:
+    """Grounding maps of `text [B, L]` int32 in `media [B, ...]` (the media tower's
+    input, normalized as in training) -> `[B, *grid]` float32 in [0, 1] (each map
+    divided by its maximum; all-zero where the score has no positive evidence)."""
+    return normalize_maps(Grounder(config, model, variables)(media, text)[0])
+
+
+def normalize_maps(maps: np.ndarray) -> np.ndarray:
+    """Each map `[B, ...]` divided by its maximum (zeros stay zeros)."""
+    maps = np.asarray(maps, np.float32)
+    top = maps.reshape(len(maps), -1).max(axis=1) if len(maps) else np.zeros(0)
+    top = np.where(top > 0, top, 1.0).reshape((-1,) + (1,) * (maps.ndim - 1))
+    return maps / top
+
+
+# ------------------------------------------------------------------ drawing
+
+
+def upsample(heat: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """`[h, w]` map -> `[H, W]` float32, bilinear (cell centres on pixel centres)."""
+    from PIL import Image
+    img = Image.fromarray(np.asarray(heat, np.float32), mode="F")
+    return np.asarray(img.resize((int(size[1]), int(size[0])), Image.BILINEAR), np.float32)
+
+
+def colormap(x: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] -> uint8 RGB `[..., 3]`: dark blue, cyan, yellow, red ("jet")."""
+    x = np.clip(np.asarray(x, np.float32), 0, 1)
+    r = np.clip(1.5 - np.abs(4 * x - 3), 0, 1)
+    g = np.clip(1.5 - np.abs(4 * x - 2), 0, 1)
+    b = np.clip(1.5 - np.abs(4 * x - 1), 0, 1)
+    return np.round(np.stack([r, g, b], -1) * 255).astype(np.uint8)
+
+
+def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """`image` uint8 `[H, W, 3]` with `heat` `[h, w]` (>= 0; scaled by its maximum)
+    upsampled and drawn over it in `colormap` -> uint8 `[H, W, 3]`."""
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, -1)
+    heat = normalize_maps(np.asarray(heat, np.float32)[None])[0]
+    up = upsample(heat, image.shape[:2])
+    out = (1 - alpha) * image.astype(np.float32) + alpha * colormap(up).astype(np.float32)
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+# ------------------------------------------------------------------ pointing game
+
+
+def pointing_hits(maps: np.ndarray, boxes: np.ndarray, image_size: int) -> np.ndarray:
+    """Pointing game: `maps [B, h, w]`, `boxes [B, 4]` (x0, y0, x1, y1) in pixels of a
+    square `image_size` image -> `[B]` bool: the maximum of the map upsampled to
+    pixels lies inside the box. A constant map's maximum is its first pixel."""
+    hits = []
+    for heat, (x0, y0, x1, y1) in zip(maps, boxes):
+        up = upsample(heat, (image_size, image_size))
+        y, x = np.unravel_index(int(np.argmax(up)), up.shape)
+        cx, cy = x + 0.5, y + 0.5  # pixel centre
+        hits.append(x0 <= cx <= x1 and y0 <= cy <= y1)
+    return np.asarray(hits, bool)
+
+
+def box_share(boxes: np.ndarray, image_size: int) -> np.ndarray:
+    """`[B]` share of the image each box `[B, 4]` covers (clipped to the image)."""
+    b = np.clip(np.asarray(boxes, np.float64), 0, image_size)
+    return (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) / float(image_size) ** 2
+
+
+def pointing_examples(split: str, num_images: int, image_size: int, seed: int = 0,
+                      image_format: str = "jpg") -> list[dict]:
+    """Built-in images with two shapes, each with the phrase naming each shape.
+
+    Walks samples 0, 1, ... of `split` (`mmjax.data.synthetic`) and keeps the
+    first `num_images` that show two objects; each gives two rows
+    `{"index", "image" uint8 [S, S, 3], "phrase", "box" (x0, y0, x1, y1) pixels,
+    "which": "big" | "small", "share"}`. Images go through the same encoding
+    (JPEG) and decoding as the built-in shards, so they equal the eval images."""
+    from mmjax.data import synthetic
+    from mmjax.data.decode import decode_and_crop
+    rows, i = [], 0
+    while len(rows) < 2 * num_images:
+        s = synthetic.make_sample(i, split, image_size, seed)
+        objs = s["objects"]
+        if len(objs) == 2:
+            data = synthetic.encode_image(s["image"], image_format)
+            image, _ = decode_and_crop(data, image_size, None, augment="center")
+            for o in objs:
+                box = np.asarray(o["box"], np.float64) * image_size
+                rows.append({"index": i, "image": image,
+                             "phrase": synthetic.article(o["name"]), "box": tuple(box),
+                             "which": o["size"]})
+        i += 1
+    return rows
+
+
+def pointing_game(config: Any, model: Any, variables: Any, tokenizer: Any, *,
+                  num_images: int = 200, split: str = "test", batch_size: int = 32) -> dict:
+    """Pointing-game accuracy on `num_images` held-out built-in images with two shapes
+    (2 phrases each).
+
+    Returns `{"pointing": acc, "chance": mean box share, "pointing_big", "chance_big",
+    "pointing_small", "chance_small", "n": rows, "rows": the example rows with
+    "map" [h, w] and "hit" added}`."""
+    from mmjax.data.decode import normalize
+    d = config.data.train
+    size = int(d.image_size)
+    rows = pointing_examples(split, num_images, size, seed=0,
+                             image_format=str(config.synthetic.get("image_format", "jpg")))
+    grounder = Grounder(config, model, variables)
+    maps = []
+    for s in range(0, len(rows), batch_size):
+        chunk = rows[s:s + batch_size]
+        pad = batch_size - len(chunk)  # one compiled shape
+        images = np.stack([r["image"] for r in chunk] + [chunk[0]["image"]] * pad)
+        text = np.asarray(tokenizer([r["phrase"] for r in chunk] + [chunk[0]["phrase"]] * pad),
+                          np.int32)
+        m, _ = grounder(normalize(images, d.mean, d.std), text)
+        maps.extend(m[:len(chunk)])
+    maps = np.stack(maps)
+    boxes = np.asarray([r["box"] for r in rows])
+    hits = pointing_hits(maps, boxes, size)
+    share = box_share(boxes, size)
+    which = np.asarray([r["which"] for r in rows])
+    out = {"pointing": float(hits.mean()), "chance": float(share.mean()), "n": len(rows)}
+    for w in ("big", "small"):
+        sel = which == w
+        out[f"pointing_{w}"] = float(hits[sel].mean())
+        out[f"chance_{w}"] = float(share[sel].mean())
+    for r, m, h in zip(rows, maps, hits):
+        r["map"], r["hit"] = m, bool(h)
+    out["rows"] = rows
+    return out
+
+
+def grounding_eval(config: Any, model: Any, variables: Any, tokenizer: Any) -> tuple[dict, dict]:
+    """The `evals.grounding` evaluator: pointing game on held-out built-in images.
+
+    Returns `(metrics, details)`: metrics `grounding/pointing` (accuracy),
+    `grounding/chance` (mean box share), the same per object (`_big`, `_small`) and
+    `grounding/n`; details `{"examples": [dict(image uint8 [H, W, 3], text str,
+    map float32 [h, w] in [0, 1], overlay uint8 [H, W, 3], box (x0, y0, x1, y1)
+    pixels, hit bool), ...]}` for the first `evals.grounding.examples` rows.
+
+    In a multi-process job every process computes the same result (the maps are
+    cheap: a few hundred small images)."""
+    section = config.evals.grounding
+    if str(section.shards) != "synthetic":
+        raise ConfigError(f"config.evals.grounding.shards={section.shards!r}: the pointing "
+                          "game needs object boxes, which only the built-in data has; set "
+                          "it to 'synthetic' or ''.")
+    from mmjax.families import get_family
+    if get_family(config).media(config.model) != "image":
+        raise ConfigError("config.evals.grounding: the pointing game runs on the built-in "
+                          "images; for audio or video use `mmjax explain` (maps only).")
+    r = pointing_game(config, model, variables, tokenizer,
+                      num_images=int(section.num_images), split="test",
+                      batch_size=int(config.evals.batch_size))
+    metrics = {f"grounding/{k}": v for k, v in r.items() if k != "rows"}
+    examples = [dict(image=row["image"], text=row["phrase"],
+                     map=normalize_maps(row["map"][None])[0],
+                     overlay=overlay(row["image"], row["map"]), box=row["box"], hit=row["hit"])
+                for row in r["rows"][:int(section.examples)]]
+    return metrics, {"examples": examples}
