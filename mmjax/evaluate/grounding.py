@@ -5,26 +5,39 @@ row over the media tower's patch grid: `[B, gh, gw]` for images, `[B, F, T]`
 (mel-frequency x time patches) for audio, `[B, frames, gh, gw]` for video.
 
 Method: Grad-CAM on tokens (gradient x activation). The family names a scalar
-score of a (media, text) pair and a place where media tokens `A [B, N, D]` enter a
-module; the map of patch i is `relu(sum_d A[i, d] * dS/dA[i, d])`:
+score S of a (media, text) pair and a place where media tokens `A [B, N, D]`
+are tapped; the map of patch i is `relu(sum_d A[i, d] * dS/dA[i, d])`:
 
   family      score S                                  tokens A
-  two_tower   cosine of the media and text embeddings  input of the media tower's
-  coca                                                 last block (the frame ViT's
-                                                       for video)
+  two_tower   cosine of the media and text embeddings  the media tower's final
+  coca                                                 tokens (after ln_post; the
+                                                       frame ViT's for video), which
+                                                       mean / MAP pooling reads; with
+                                                       class-token pooling the input
+                                                       of its last block
   one_tower   ITM log-odds (match - no match)          input of the fused stack's
                                                        last block, media positions
   blip2       ITM log-odds                             the image features the
                                                        Q-Former's cross-attention reads
 
-Why these: the last block's input is where a ViT's patch tokens are still
-spatial and already semantic (Grad-CAM's "last convolutional layer"); for a
-class-token tower the final tokens get no gradient at all, and raw gradients
-on pixels are noisy. For BLIP-2 the features the cross-attention reads are the
-keys and values of LAVIS's cross-attention Grad-CAM (attention x gradient, at
-one layer); grad x activation on them needs no attention probabilities, so it
-works with fused attention kernels that never form them. Scanned stacks are
-evaluated unrolled (the same numbers; `unrolled`), so the tap finds one layer.
+Why these: the tokens must still be one per patch and must reach the score. A
+class-token tower's final patch tokens do not reach its embedding, so there the
+last block's input is used (Grad-CAM's "last convolutional layer"); raw
+gradients on pixels are noisy. For BLIP-2 the features the cross-attention
+reads are the keys and values of LAVIS's cross-attention Grad-CAM (attention x
+gradient, at one layer); grad x activation on them needs no attention
+probabilities, so it works with fused attention kernels that never form them.
+Scanned stacks are evaluated unrolled (the same numbers; `unrolled`), so the
+tap finds one layer.
+
+Contrastive maps: given alternative phrases (`ref`), S is the phrase's score
+minus the mean score of the alternatives. A contrastive model's tokens share
+a large component that supports every caption of the image (after two
+attention layers the background tokens carry the objects' description too:
+the "opposite visualization" CLIP Surgery reports), so a plain map of "a green
+triangle" lights up the background; against "an orange triangle" only what
+tells the two apart remains, which is the object. `mmjax explain` with several
+`--text` phrases and the pointing game use it.
 
 `pointing_game` scores maps where the truth is known: the built-in shapes
 images (`mmjax.data.synthetic`) with two objects, the phrase naming one of
@@ -149,8 +162,16 @@ def _tap_path(model, variables, media, text, spec: GroundingSpec) -> tuple:
     return seen[-1]
 
 
-def _cam(model, variables, media, text, spec: GroundingSpec, path: tuple):
-    """`(cam [B', N] float32, scores [B])`: relu(sum_d A * dS/dA) at the tap."""
+def _cam(model, variables, media, text, spec: GroundingSpec, path: tuple, ref=None):
+    """`(cam [B', N] float32, scores [B])`: relu(sum_d A * dS/dA) at the tap.
+
+    `ref [B, K, L]` (optional): alternative phrases; then S = score(text) minus the
+    mean score of the row's K alternatives (one batch: the media are repeated)."""
+    b = text.shape[0]
+    if ref is not None:
+        k = ref.shape[1]
+        media = jnp.concatenate([media, jnp.repeat(media, k, axis=0)], axis=0)
+        text = jnp.concatenate([text, ref.reshape(b * k, ref.shape[-1])], axis=0)
     captured = []
     output = spec.tap[0] in ("output_of", "last_block_output")
 
@@ -169,12 +190,19 @@ def _cam(model, variables, media, text, spec: GroundingSpec, path: tuple):
             return next_fun(x + delta.astype(x.dtype), *args[1:], **kwargs)
 
         with nn.intercept_methods(add):
-            s = model.apply(variables, media, text, method=spec.score)
-        return jnp.sum(s.astype(jnp.float32)), (captured[-1], s)
+            s = model.apply(variables, media, text, method=spec.score).astype(jnp.float32)
+        if ref is not None:
+            s = s[:b] - s[b:].reshape(b, -1).mean(axis=1)
+        return jnp.sum(s), (captured[-1], s)
 
     shape = _tap_shape(model, variables, media, text, spec, path)
     grad, (act, scores) = jax.grad(tap_fn, has_aux=True)(jnp.zeros(shape, jnp.float32))
-    cam = jnp.sum(act.astype(jnp.float32) * grad, axis=-1)
+    rows = act.shape[0] * b // media.shape[0]  # the first b examples' rows (frames folded)
+    if ref is not None:  # the repeated media are the same tokens: their gradients add up
+        g = grad[rows:].reshape((b, -1) + grad.shape[1:]) if rows == b else \
+            grad[rows:].reshape((b, -1, rows // b) + grad.shape[1:])
+        grad = grad[:rows] + g.sum(axis=1).reshape((rows,) + grad.shape[1:])
+    cam = jnp.sum(act[:rows].astype(jnp.float32) * grad, axis=-1)
     return jax.nn.relu(cam), scores
 
 
@@ -230,13 +258,15 @@ class Grounder:
         self.variables = {**variables, "params": params}
         self._fn = {}
 
-    def __call__(self, media, text):
+    def __call__(self, media, text, ref=None):
         media, text = jnp.asarray(media), jnp.asarray(text, jnp.int32)
-        key = (media.shape, text.shape)
+        ref = None if ref is None else jnp.asarray(ref, jnp.int32)
+        key = (media.shape, text.shape, None if ref is None else ref.shape)
         if key not in self._fn:
             path = _tap_path(self.model, self.variables, media, text, self.spec)
-            self._fn[key] = jax.jit(lambda v, m, t: _cam(self.model, v, m, t, self.spec, path))
-        cam, scores = self._fn[key](self.variables, media, text)
+            self._fn[key] = jax.jit(
+                lambda v, m, t, r: _cam(self.model, v, m, t, self.spec, path, r))
+        cam, scores = self._fn[key](self.variables, media, text, ref)
         cam = np.asarray(cam, np.float32)
         grid = media_grid(self.model, media.shape)
         b = media.shape[0]
@@ -348,7 +378,8 @@ def pointing_examples(split: str, num_images: int, image_size: int, seed: int = 
 def pointing_game(config: Any, model: Any, variables: Any, tokenizer: Any, *,
                   num_images: int = 200, split: str = "test", batch_size: int = 32) -> dict:
     """Pointing-game accuracy on `num_images` held-out built-in images with two shapes
-    (2 phrases each).
+    (2 phrases each). Each map explains its phrase against the other shape's phrase
+    (`Grounder` with `ref`): where the image supports one shape more than the other.
 
     Returns `{"pointing": acc, "chance": mean box share, "pointing_big", "chance_big",
     "pointing_small", "chance_small", "n": rows, "rows": the example rows with
@@ -356,6 +387,7 @@ def pointing_game(config: Any, model: Any, variables: Any, tokenizer: Any, *,
     from mmjax.data.decode import normalize
     d = config.data.train
     size = int(d.image_size)
+    batch_size += batch_size % 2
     rows = pointing_examples(split, num_images, size, seed=0,
                              image_format=str(config.synthetic.get("image_format", "jpg")))
     grounder = Grounder(config, model, variables)
@@ -366,7 +398,11 @@ def pointing_game(config: Any, model: Any, variables: Any, tokenizer: Any, *,
         images = np.stack([r["image"] for r in chunk] + [chunk[0]["image"]] * pad)
         text = np.asarray(tokenizer([r["phrase"] for r in chunk] + [chunk[0]["phrase"]] * pad),
                           np.int32)
-        m, _ = grounder(normalize(images, d.mean, d.std), text)
+        # rows come in pairs (the two shapes of one image): each one's alternative is
+        # the other's phrase
+        other = [rows[(s + j) ^ 1]["phrase"] for j in range(len(chunk))]
+        ref = np.asarray(tokenizer(other + [chunk[0]["phrase"]] * pad), np.int32)[:, None]
+        m, _ = grounder(normalize(images, d.mean, d.std), text, ref)
         maps.extend(m[:len(chunk)])
     maps = np.stack(maps)
     boxes = np.asarray([r["box"] for r in rows])
@@ -408,6 +444,13 @@ def grounding_eval(config: Any, model: Any, variables: Any, tokenizer: Any) -> t
                       num_images=int(section.num_images), split="test",
                       batch_size=int(config.evals.batch_size))
     metrics = {f"grounding/{k}": v for k, v in r.items() if k != "rows"}
+    if jax.process_index() == 0:
+        import logging
+        logging.getLogger("mmjax").info(
+            "grounding: pointing game %.1f%% (chance %.1f%%) on %d phrases; big shape %.1f%% "
+            "(%.1f%%), small %.1f%% (%.1f%%)", 100 * r["pointing"], 100 * r["chance"], r["n"],
+            100 * r["pointing_big"], 100 * r["chance_big"], 100 * r["pointing_small"],
+            100 * r["chance_small"])
     examples = [dict(image=row["image"], text=row["phrase"],
                      map=normalize_maps(row["map"][None])[0],
                      overlay=overlay(row["image"], row["map"]), box=row["box"], hit=row["hit"])
