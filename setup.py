@@ -33,14 +33,17 @@ setup(
         "soundfile>=0.12",            # audio decoding (libsndfile, bundled in the wheels)
         "soxr>=0.3.7",                # audio resampling
         "av>=12.0",                   # video decoding (PyAV, FFmpeg bundled in the wheels)
+        "matplotlib>=3.8",            # training curves of the eval report (Agg backend)
     ],
     extras_require={
         # The test suite includes parity tests against Hugging Face transformers and
         # compiles the train step for TPU slices deviceless (libtpu through jax[tpu]).
         # librosa: the log-mel parity reference; pytest-xdist: two test processes
-        # (the suite is compile-bound, and one XLA compile uses one core).
+        # (the suite is compile-bound, and one XLA compile uses one core). selenium:
+        # renders the eval report in headless Chromium (the system's chromium and
+        # chromedriver; the test skips without them).
         "test": ["pytest>=8.0", "pytest-xdist>=3.5", "tensorflow-datasets>=4.9.6",
-                 "jax[tpu]>=0.6.0", "librosa>=0.10", *PARITY],
+                 "jax[tpu]>=0.6.0", "librosa>=0.10", "selenium>=4.15", *PARITY],
         "parity": PARITY,
         "tfds": ["tensorflow-datasets>=4.9.6"],
         "gpu": ["jax[cuda12]>=0.6.0"],

@@ -3,6 +3,9 @@ weights, with the evaluations its config enables (`mmjax.evaluate.runner`).
 
     mmjax eval --workdir DIR [--step N] [--config configs/X.py] [--config.a.b=value ...]
     mmjax eval --hf /path/to/clip [--config.evals.zeroshot.shards=...]
+
+`--report OUT` also writes an HTML page of the results, `OUT/index.html`
+(`mmjax.evaluate.report`): metrics, examples of each evaluation, training curves.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ def eval_command(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="mmjax eval",
         usage="mmjax eval (--workdir DIR | --hf PATH) [--step N] [--config RECIPE] "
-              "[--config.KEY=VALUE ...]",
+              "[--report OUT] [--config.KEY=VALUE ...]",
         description="Evaluate a training run's checkpoint (or imported weights) with the "
                     "evaluations its config enables; results go to DIR/eval/step_<N>.json.",
         epilog="--config.a.b=value sets any config key, e.g. "
@@ -46,28 +49,43 @@ def eval_command(argv: list[str]) -> int:
                         "config.json")
     p.add_argument("--hf", default=None, metavar="PATH",
                    help="a Hugging Face CLIP/SigLIP folder to evaluate instead of a run")
+    p.add_argument("--report", default=None, metavar="OUT",
+                   help="also write an HTML report to OUT/index.html (a local folder; open "
+                        "the file in a browser): metrics, examples, training curves")
     args = p.parse_args(rest)
+    if args.report and "://" in args.report and not args.report.startswith("file://"):
+        return fail(f"--report {args.report}: give a local folder")
     if args.workdir and not args.hf and "://" not in args.workdir \
             and not os.path.isdir(args.workdir):
         return fail(f"--workdir {args.workdir}: no such folder")
     try:
-        results = evaluate_run(args.config, args.workdir, args.step, args.hf, overrides)
+        results = evaluate_run(args.config, args.workdir, args.step, args.hf, overrides,
+                               report=args.report)
     except user_errors() as e:
         return fail(error_text(e))
     import jax
     if jax.process_index() == 0:  # every process holds the same results
         for k, v in sorted(results.items()):
             print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
+        if args.report:
+            print(f"report: {os.path.join(_local(args.report), 'index.html')}")
     return 0
 
 
+def _local(path: str) -> str:
+    return path[len("file://"):] if path.startswith("file://") else path
+
+
 def evaluate_run(config_spec: Optional[str], workdir: Optional[str], step: Optional[int],
-                 hf_path: Optional[str], overrides: list[str]) -> dict:
+                 hf_path: Optional[str], overrides: list[str],
+                 report: Optional[str] = None) -> dict:
     """`mmjax eval`: evaluate a workdir checkpoint or a Hugging Face folder
-    (in one process, or in every process of a job started as for `mmjax train`)."""
+    (in one process, or in every process of a job started as for `mmjax train`);
+    with `report` (a local folder) process 0 also writes `report/index.html`."""
     multihost.join()  # (the timeouts of config.multihost's defaults)
+    report = _local(report) if report else None
     if hf_path:
-        return _eval_hf(hf_path, config_spec, overrides)
+        return _eval_hf(hf_path, config_spec, overrides, report)
     if not workdir:
         raise EvalError("give --workdir DIR (a training run) or --hf PATH")
     saved = wd.join(workdir, "config.json")
@@ -94,8 +112,9 @@ def evaluate_run(config_spec: Optional[str], workdir: Optional[str], step: Optio
             raise EvalError(str(e)) from None
     finally:
         ckpt.close()
+    info = {"recipe": config_spec if config_spec else f"as saved in {saved}"}
     results = run_evals(config, trainer.model, {"params": state["params"]}, trainer.mesh, step=step,
-                        workdir=workdir)
+                        workdir=workdir, report=report, report_info=info)
     if not results:
         raise EvalError(nothing_to_evaluate(f"{workdir} (step {step})"))
     return {"step": step, **results}
@@ -110,7 +129,8 @@ def nothing_to_evaluate(what: str) -> str:
             "the held-out built-in data")
 
 
-def _eval_hf(path: str, config_spec: Optional[str], overrides: list[str]) -> dict:
+def _eval_hf(path: str, config_spec: Optional[str], overrides: list[str],
+             report: Optional[str] = None) -> dict:
     from mmjax.convert import hf
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
         kind = json.load(f).get("model_type")
@@ -137,7 +157,8 @@ def _eval_hf(path: str, config_spec: Optional[str], overrides: list[str]) -> dic
                         f"{tokenizer.vocab_size} tokens but the model only "
                         f"{model.text['vocab_size']}; put the model's tokenizer.json in the "
                         "folder or pass --config.data.train.tokenizer=hf:PATH")
-    results = run_evals(config, model, variables, step=0, workdir=None)
+    results = run_evals(config, model, variables, step=0, workdir=None, report=report,
+                        report_info={"weights": f"{kind} (Hugging Face) from {path}"})
     if not results:
         raise EvalError(nothing_to_evaluate(path))
     return results

@@ -71,8 +71,8 @@ def _upscale(image: np.ndarray, long_side: int = PANEL) -> np.ndarray:
 
 def _spectrogram_image(model, wave: np.ndarray) -> np.ndarray:
     """The tower's log-mel of `wave [1, num_samples]` as uint8 `[F, T, 3]`, frequency up."""
-    from mmjax.evaluate.grounding import _media_tower
-    tower = _media_tower(model)
+    from mmjax.models.grounding import media_tower
+    tower = media_tower(model)
     spec = np.asarray(tower.apply({}, np.asarray(wave, np.float32), method="spectrogram"))[0]
     img = spec.T[::-1]  # [n_mels, frames], low frequencies at the bottom
     lo, hi = float(img.min()), float(img.max())

@@ -13,17 +13,20 @@ are tapped; the map of patch i is `relu(sum_d A[i, d] * dS/dA[i, d])`:
   coca                                                 tokens (after ln_post; the
                                                        frame ViT's for video), which
                                                        mean / MAP pooling reads; with
-                                                       class-token pooling the input
-                                                       of its last block
-  one_tower   ITM log-odds (match - no match)          input of the fused stack's
-                                                       last block, media positions
+                                                       class-token pooling the
+                                                       normalized tokens the last
+                                                       block's attention reads
+  one_tower   ITM log-odds (match - no match)          the normalized tokens the
+                                                       fused stack's last attention
+                                                       reads, media positions
   blip2       ITM log-odds                             the image features the
                                                        Q-Former's cross-attention reads
 
 Why these: the tokens must still be one per patch and must reach the score. A
 class-token tower's final patch tokens do not reach its embedding, so there the
-last block's input is used (Grad-CAM's "last convolutional layer"); raw
-gradients on pixels are noisy. For BLIP-2 the features the cross-attention
+keys and values of the last attention are used (Grad-CAM's "last convolutional
+layer"); not the block's input, whose gradient the pre-norm LayerNorm makes
+orthogonal to it. Raw gradients on pixels are noisy. For BLIP-2 the features the cross-attention
 reads are the keys and values of LAVIS's cross-attention Grad-CAM (attention x
 gradient, at one layer); grad x activation on them needs no attention
 probabilities, so it works with fused attention kernels that never form them.
@@ -47,197 +50,14 @@ box. Chance is the box's share of the image (a random point's hit rate).
 """
 from __future__ import annotations
 
-import functools
-import re
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional
+from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mmjax.errors import ConfigError
-
-_BLOCK_NAME = re.compile(r"(layers|vl_layers)_(\d+)$")
-
-
-@dataclass(frozen=True)
-class GroundingSpec:
-    """What a family grounds with (see the module docstring).
-
-    score: `(module, media [B, ...], text [B, L]) -> [B]` float32, called inside
-      `model.apply` as a method.
-    tap: `("last_block", prefix)`: the input of the last Transformer block whose
-      module path starts with `prefix` (e.g. `("image_tower",)`),
-      `("last_block_output", prefix)`: that block's output,
-      `("input_of", path)`: the first positional input of the module at `path`,
-      `("output_of", path)`: its output (an array).
-    """
-    score: Callable
-    tap: tuple
-
-
-def itm_score(m: Any, media, text):
-    """`[B]` image-text matching log-odds (match minus no-match logit) of a model with
-    `image_tokens(media)` and `itm_logits(image_tokens, text) -> [B, 2]`."""
-    logits = m.itm_logits(m.image_tokens(media), text).astype(jnp.float32)
-    return logits[:, 1] - logits[:, 0]
-
-
-def _no_scan(value: Any) -> Any:
-    """`value` with every `scan` key set False and `remat` "none" (nested dicts too)."""
-    if not isinstance(value, Mapping):
-        return value
-    out = {k: _no_scan(v) for k, v in value.items()}
-    if out.get("scan"):
-        out["scan"] = False
-    if out.get("remat") not in (None, "none"):
-        out["remat"] = "none"
-    return out
-
-
-def _restack(src: Any, target: Any) -> Any:
-    """Params `src` laid out as `target` (a shape tree): scanned `{name}` subtrees with
-    a leading depth axis become `{name}_i`."""
-    if not isinstance(target, Mapping):
-        return src
-    out = {}
-    for k, t in target.items():
-        if k in src:
-            out[k] = _restack(src[k], t)
-            continue
-        m = _BLOCK_NAME.match(k) or re.match(r"(.+)_(\d+)$", k)
-        if not (m and m.group(1) in src):
-            raise KeyError(f"parameter {k!r} has no counterpart in the checkpoint's params")
-        i = int(m.group(2))
-        out[k] = _restack(jax.tree.map(lambda x: x[i], src[m.group(1)]), t)
-    return out
-
-
-def unrolled(model: nn.Module, params: Any, sample_args: tuple) -> tuple[nn.Module, Any]:
-    """`(model, params)` with every scanned stack unrolled and remat off: the same
-    function, with one module per block (`layers_0 ..`), so one block can be tapped.
-
-    `sample_args`: inputs of `model.init` (shapes only matter)."""
-    changes = {}
-    for name in model.__dataclass_fields__:
-        if name in ("parent", "name"):
-            continue
-        value = getattr(model, name)
-        if name == "scan" and value:
-            changes[name] = False
-        elif name == "remat" and value not in (None, "none"):
-            changes[name] = "none"
-        elif isinstance(value, Mapping) and _no_scan(value) != dict(value):
-            changes[name] = _no_scan(value)
-    if not changes:
-        return model, params
-    flat = model.clone(**changes)
-    target = jax.eval_shape(lambda: flat.init(jax.random.key(0), *sample_args))["params"]
-    return flat, _restack(nn.unbox(params), nn.unbox(target))
-
-
-def _tap_path(model, variables, media, text, spec: GroundingSpec) -> tuple:
-    """Module path of the tap (`spec.tap`), found by tracing the score once."""
-    kind, where = spec.tap
-    if kind in ("input_of", "output_of"):
-        return tuple(where)
-    if kind not in ("last_block", "last_block_output"):
-        raise ValueError(f"GroundingSpec.tap kind {kind!r}")
-    seen = []
-
-    def record(next_fun, args, kwargs, context):
-        path = tuple(context.module.path)
-        if (context.method_name == "__call__" and path[:len(where)] == tuple(where)
-                and len(path) == len(where) + 1 and _BLOCK_NAME.match(path[-1])):
-            seen.append(path)
-        return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(record):
-        jax.eval_shape(functools.partial(model.apply, method=spec.score), variables, media, text)
-    if not seen:
-        raise ConfigError(f"grounding: no Transformer block under {'/'.join(where)} in "
-                          f"{type(model).__name__}; the media tower needs depth >= 1.")
-    return seen[-1]
-
-
-def _cam(model, variables, media, text, spec: GroundingSpec, path: tuple, ref=None):
-    """`(cam [B', N] float32, scores [B])`: relu(sum_d A * dS/dA) at the tap.
-
-    `ref [B, K, L]` (optional): alternative phrases; then S = score(text) minus the
-    mean score of the row's K alternatives (one batch: the media are repeated)."""
-    b = text.shape[0]
-    if ref is not None:
-        k = ref.shape[1]
-        media = jnp.concatenate([media, jnp.repeat(media, k, axis=0)], axis=0)
-        text = jnp.concatenate([text, ref.reshape(b * k, ref.shape[-1])], axis=0)
-    captured = []
-    output = spec.tap[0] in ("output_of", "last_block_output")
-
-    def tap_fn(delta):
-        def add(next_fun, args, kwargs, context):
-            if context.method_name != "__call__" or tuple(context.module.path) != path:
-                return next_fun(*args, **kwargs)
-            if output:  # an array, or a tuple whose first item is the tokens (a block)
-                y = next_fun(*args, **kwargs)
-                first = y[0] if isinstance(y, tuple) else y
-                captured.append(first)
-                first = first + delta.astype(first.dtype)
-                return (first,) + tuple(y[1:]) if isinstance(y, tuple) else first
-            x = args[0]
-            captured.append(x)
-            return next_fun(x + delta.astype(x.dtype), *args[1:], **kwargs)
-
-        with nn.intercept_methods(add):
-            s = model.apply(variables, media, text, method=spec.score).astype(jnp.float32)
-        if ref is not None:
-            s = s[:b] - s[b:].reshape(b, -1).mean(axis=1)
-        return jnp.sum(s), (captured[-1], s)
-
-    shape = _tap_shape(model, variables, media, text, spec, path)
-    grad, (act, scores) = jax.grad(tap_fn, has_aux=True)(jnp.zeros(shape, jnp.float32))
-    rows = act.shape[0] * b // media.shape[0]  # the first b examples' rows (frames folded)
-    if ref is not None:  # the repeated media are the same tokens: their gradients add up
-        g = grad[rows:].reshape((b, -1) + grad.shape[1:]) if rows == b else \
-            grad[rows:].reshape((b, -1, rows // b) + grad.shape[1:])
-        grad = grad[:rows] + g.sum(axis=1).reshape((rows,) + grad.shape[1:])
-    cam = jnp.sum(act[:rows].astype(jnp.float32) * grad, axis=-1)
-    return jax.nn.relu(cam), scores
-
-
-def _tap_shape(model, variables, media, text, spec, path) -> tuple:
-    shapes = []
-    output = spec.tap[0] in ("output_of", "last_block_output")
-
-    def record(next_fun, args, kwargs, context):
-        y = next_fun(*args, **kwargs)
-        if context.method_name == "__call__" and tuple(context.module.path) == path:
-            shapes.append((y[0] if isinstance(y, tuple) else y).shape if output
-                          else args[0].shape)
-        return y
-
-    with nn.intercept_methods(record):
-        jax.eval_shape(functools.partial(model.apply, method=spec.score), variables, media, text)
-    return shapes[-1]
-
-
-def media_grid(model: Any, media_shape: tuple) -> tuple[int, ...]:
-    """Patch grid of one example's media for the model's media tower: `(gh, gw)`
-    (ViT), `(F, T)` (AST: frequency, time) or `(frames, gh, gw)` (VideoViT)."""
-    tower = _media_tower(model)
-    if hasattr(tower, "frame_vit"):
-        g = tower.frame_vit().grid
-        return (int(media_shape[1]), g, g)
-    g = tower.grid
-    return tuple(int(x) for x in g) if isinstance(g, tuple) else (int(g), int(g))
-
-
-def _media_tower(model: Any):
-    from mmjax.models.towers import tower_fields
-    cls, fields = tower_fields(getattr(model, "image"))
-    return cls(**fields)
-
+from mmjax.models.grounding import media_grid, tap_path, token_cam, unrolled
 
 class Grounder:
     """Grounding maps of one model, compiled once per input shape.
@@ -254,7 +74,7 @@ class Grounder:
             raise ConfigError(f"config.evals.grounding: the {family.name} family has no "
                               "grounding maps (two_tower, coca, blip2_stage1 and one_tower do).")
         args = family.sample_inputs(config, 1)
-        self.model, params = unrolled(model, variables["params"], args)
+        self.model, params = unrolled(model, variables["params"], args, self.spec.unroll)
         self.variables = {**variables, "params": params}
         self._fn = {}
 
@@ -263,9 +83,9 @@ class Grounder:
         ref = None if ref is None else jnp.asarray(ref, jnp.int32)
         key = (media.shape, text.shape, None if ref is None else ref.shape)
         if key not in self._fn:
-            path = _tap_path(self.model, self.variables, media, text, self.spec)
+            path = tap_path(self.model, self.variables, media, text, self.spec)
             self._fn[key] = jax.jit(
-                lambda v, m, t, r: _cam(self.model, v, m, t, self.spec, path, r))
+                lambda v, m, t, r: token_cam(self.model, v, m, t, self.spec, path, r))
         cam, scores = self._fn[key](self.variables, media, text, ref)
         cam = np.asarray(cam, np.float32)
         grid = media_grid(self.model, media.shape)

@@ -20,8 +20,9 @@ class Blip2Family(Family):
     def grounding(self, model):
         """ITM log-odds, tapped where the Q-Former reads the image features (the keys
         and values of its cross-attention; LAVIS's Grad-CAM layer)."""
-        from mmjax.evaluate.grounding import GroundingSpec, itm_score
-        return GroundingSpec(score=itm_score, tap=("input_of", ("qformer_module",)))
+        from mmjax.models.grounding import GroundingSpec, itm_score
+        return GroundingSpec(score=itm_score, tap=("input_of", ("qformer_module",)),
+                             unroll=())
 
     def losses(self, model, params, batch, objectives, rng):
         v = {"params": params}

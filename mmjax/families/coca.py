@@ -42,8 +42,7 @@ class CoCaFamily(Family):
         c.evals.captioning.update(dict(shards="synthetic", max_samples=8, max_len=8))
 
     def grounding(self, model):
-        from mmjax.families.two_tower import cosine_score
-        from mmjax.evaluate.grounding import GroundingSpec
+        from mmjax.models.grounding import GroundingSpec, cosine_score
         # The attention pooler reads every final token of the tower (built with pool="none").
         tap = ("output_of", ("image_tower", "ln_post")) \
             if plain(model.image).get("ln_post", True) else ("last_block_output", ("image_tower",))

@@ -49,10 +49,11 @@ class OneTowerFamily(Family):
         return model.pad_id
 
     def grounding(self, model):
-        """ITM log-odds, tapped at the input of the fused stack's last block (its media
-        positions): gradient x activation of the fused attention's last layer."""
-        from mmjax.evaluate.grounding import GroundingSpec, itm_score
-        return GroundingSpec(score=itm_score, tap=("last_block", ("encoder",)))
+        """ITM log-odds, tapped at the normalized tokens the fused stack's last attention
+        reads (its media positions): gradient x activation of the last fused layer."""
+        from mmjax.models.grounding import GroundingSpec, itm_score
+        return GroundingSpec(score=itm_score, tap=("last_block", ("encoder",)),
+                             unroll=("self",))
 
     # --- checks -------------------------------------------------------------------------
     def check_objectives(self, model, objectives):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-import jax
 import jax.numpy as jnp
 
 from mmjax import losses
@@ -35,28 +34,18 @@ def contrastive_terms(out: Mapping, objectives: Mapping) -> tuple[dict, dict]:
     return terms, extra
 
 
-def cosine_score(m: Any, media, text):
-    """`[B]` cosine of the media and text embeddings (a model with `encode_image` and
-    `encode_text`): the score two-tower grounding maps explain."""
-    zi, zt = m.encode_image(media), m.encode_text(text)
-    zi = zi * jax.lax.rsqrt(jnp.sum(zi * zi, -1, keepdims=True) + 1e-12)
-    zt = zt * jax.lax.rsqrt(jnp.sum(zt * zt, -1, keepdims=True) + 1e-12)
-    return jnp.sum(zi * zt, -1)
-
-
 def tower_tokens_cosine(model: Any):
     """Grounding of a contrastive model: the cosine, tapped at the media tower's final
     tokens (after `ln_post`; the frame ViT's for video), which the pooling (mean, MAP
     head) reads; with class-token pooling the patches' final tokens do not reach
-    the embedding, so the tap is the input of the last block."""
-    from mmjax.evaluate.grounding import GroundingSpec
+    the embedding, so the tap is the normalized tokens the last block's attention reads."""
+    from mmjax.models.grounding import GroundingSpec, cosine_score
     from mmjax.models.towers import tower_fields
     cls, fields = tower_fields(model.image)
     tower = cls(**fields)
-    if plain(model.image).get("kind") == "video_vit":
-        prefix, tower = ("image_tower", "frame"), tower.frame_vit()
-    else:
-        prefix = ("image_tower",)
+    # (a VideoViT has the fields of its frame ViT)
+    prefix = ("image_tower", "frame") if plain(model.image).get("kind") == "video_vit" \
+        else ("image_tower",)
     pool = tower.pool
     if pool in ("cls", "cls_dist"):
         return GroundingSpec(score=cosine_score, tap=("last_block", prefix))

@@ -6,7 +6,9 @@ built-in held-out set (zero-shot, retrieval, captioning). Each child process
 spread over both processes, as an FSDP train state is; the pytest process
 runs the same call alone with host parameters. Batches of 8 rows make the
 splits uneven: zero-shot sees 1 batch (process 1 gets none), retrieval 5,
-captioning 3.
+captioning 3. Both runs also write the HTML report (`report=`): process 0
+writes it from the gathered results, and its tables and media are the
+single-process report's.
 """
 import json
 import os
@@ -67,7 +69,8 @@ def _child(out_dir):
     spread = _spread(variables)
     assert not any(a.is_fully_addressable for a in jax.tree.leaves(spread))
     results = run_evals(config, model, spread, step=STEP,
-                        workdir=os.path.join(out_dir, f"workdir_{i}"))
+                        workdir=os.path.join(out_dir, f"workdir_{i}"),
+                        report=os.path.join(out_dir, f"report_{i}"))
     # The gather itself, on rows whose order a random model's metrics may not
     # reveal: stream positions 0..4 held out of order, strings of different
     # lengths (one empty, one not ASCII); then a column only process 1 has.
@@ -104,7 +107,8 @@ def test_two_processes_give_single_process_metrics(tmp_path, monkeypatch):
     assert saved == {"step": STEP, **per_process[0]}
     assert not (tmp_path / "workdir_1" / "eval").exists()
 
-    single = json.loads(json.dumps(run_evals(config, model, variables)))
+    single = json.loads(json.dumps(run_evals(config, model, variables, step=STEP,
+                                             report=str(tmp_path / "report_single"))))
     # Each example counted once: the sizes of a single-process run.
     assert single["zeroshot/n"] == 8 and single["retrieval/n_images"] == 36
     assert single["retrieval/n_texts"] == 36 and single["captioning/n"] == 20
@@ -113,6 +117,25 @@ def test_two_processes_give_single_process_metrics(tmp_path, monkeypatch):
     assert per_process[0] == single
     # The random model is not degenerate: some retrieval hits, some wrong.
     assert 0 < single["retrieval/t2i_r5"] < 1
+
+    # One report, from process 0, with the single-process report's content: the
+    # same metrics table (the eval file's pairs, as `mmjax eval` prints them) and
+    # the same example tables and thumbnails.
+    assert not (tmp_path / "report_1").exists()
+    from mmjax.evaluate.report import read_report
+    two, one = read_report(tmp_path / "report_0"), read_report(tmp_path / "report_single")
+    assert two.tables["metrics"][1:] == one.tables["metrics"][1:]
+    assert {row[0]: row[1] for row in two.tables["metrics"][1:]} == {
+        k: f"{v:.4f}" if isinstance(v, float) else str(v) for k, v in saved.items()}
+    shown = {"confusion", "confused-pairs", "retrieval-t2i", "retrieval-i2t", "captioning"}
+    assert shown <= set(one.tables)
+    assert {k: v for k, v in two.tables.items() if k != "run-info"} == {
+        k: v for k, v in one.tables.items() if k != "run-info"}
+    media = [src for src in one.images if src.startswith("media/")]
+    assert media and media == [src for src in two.images if src.startswith("media/")]
+    for src in media:
+        assert (tmp_path / "report_0" / src).read_bytes() == \
+            (tmp_path / "report_single" / src).read_bytes(), src
 
 
 if __name__ == "__main__":
