@@ -57,6 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.errors import ConfigError
+from mmjax.evaluate.gather import Share, combine
 from mmjax.models.grounding import media_grid, tap_path, token_cam, unrolled
 
 class Grounder:
@@ -211,9 +212,11 @@ def pointing_game(config: Any, model: Any, variables: Any, tokenizer: Any, *,
     rows = pointing_examples(split, num_images, size, seed=0,
                              image_format=str(config.synthetic.get("image_format", "jpg")))
     grounder = Grounder(config, model, variables)
+    # In a multi-process job chunk i is computed by process i % P, then gathered.
+    share = Share([rows[s:s + batch_size] for s in range(0, len(rows), batch_size)])
     maps = []
-    for s in range(0, len(rows), batch_size):
-        chunk = rows[s:s + batch_size]
+    for chunk in share:
+        s = share.own[-1] * batch_size  # the chunk's first row
         pad = batch_size - len(chunk)  # one compiled shape
         images = np.stack([r["image"] for r in chunk] + [chunk[0]["image"]] * pad)
         text = np.asarray(tokenizer([r["phrase"] for r in chunk] + [chunk[0]["phrase"]] * pad),
@@ -223,8 +226,10 @@ def pointing_game(config: Any, model: Any, variables: Any, tokenizer: Any, *,
         other = [rows[(s + j) ^ 1]["phrase"] for j in range(len(chunk))]
         ref = np.asarray(tokenizer(other + [chunk[0]["phrase"]] * pad), np.int32)[:, None]
         m, _ = grounder(normalize(images, d.mean, d.std), text, ref)
-        maps.extend(m[:len(chunk)])
-    maps = np.stack(maps)
+        maps.append(m[:len(chunk)])
+    grid = media_grid(grounder.model, (1,) + rows[0]["image"].shape)
+    maps, = combine(share.rows(), np.concatenate(maps) if maps else
+                    np.zeros((0,) + grid, np.float32))
     boxes = np.asarray([r["box"] for r in rows])
     hits = pointing_hits(maps, boxes, size)
     share = box_share(boxes, size)
@@ -249,8 +254,8 @@ def grounding_eval(config: Any, model: Any, variables: Any, tokenizer: Any) -> t
     map float32 [h, w] in [0, 1], overlay uint8 [H, W, 3], box (x0, y0, x1, y1)
     pixels, hit bool), ...]}` for the first `evals.grounding.examples` rows.
 
-    In a multi-process job every process computes the same result (the maps are
-    cheap: a few hundred small images)."""
+    In a multi-process job every process computes the maps of its share of the
+    batches; the maps are gathered, so every process returns the same result."""
     section = config.evals.grounding
     if str(section.shards) != "synthetic":
         raise ConfigError(f"config.evals.grounding.shards={section.shards!r}: the pointing "

@@ -6,9 +6,9 @@ built-in held-out set (zero-shot, retrieval, captioning). Each child process
 spread over both processes, as an FSDP train state is; the pytest process
 runs the same call alone with host parameters. Batches of 8 rows make the
 splits uneven: zero-shot sees 1 batch (process 1 gets none), retrieval 5,
-captioning 3. Both runs also write the HTML report (`report=`): process 0
-writes it from the gathered results, and its tables and media are the
-single-process report's.
+captioning 3, grounding 3 (the pointing game's 20 phrases). Both runs also
+write the HTML report (`report=`): process 0 writes it from the gathered
+results, and its tables and media are the single-process report's.
 """
 import json
 import os
@@ -32,7 +32,8 @@ def _setup(params_file=None):
     config = load_config("coca_b16:tiny", [
         "evals.batch_size=8", "synthetic.test_samples=36", "synthetic.samples_per_shard=16",
         "evals.zeroshot.max_samples=8", "evals.captioning.max_samples=20",
-        "evals.captioning.max_len=6", "model.dtype=float32"])
+        "evals.captioning.max_len=6", "model.dtype=float32",
+        "evals.grounding.shards=synthetic", "evals.grounding.num_images=10"])
     model = build(config.model)
     if params_file is not None:
         with open(params_file, "rb") as f:
@@ -112,6 +113,7 @@ def test_two_processes_give_single_process_metrics(tmp_path, monkeypatch):
     # Each example counted once: the sizes of a single-process run.
     assert single["zeroshot/n"] == 8 and single["retrieval/n_images"] == 36
     assert single["retrieval/n_texts"] == 36 and single["captioning/n"] == 20
+    assert single["grounding/n"] == 20  # 3 chunks of 8 phrases: process 1 computes one
     assert set(single) == set(per_process[0])
     # Same examples, same programs, same order: every metric equal, not just close.
     assert per_process[0] == single
@@ -127,7 +129,8 @@ def test_two_processes_give_single_process_metrics(tmp_path, monkeypatch):
     assert two.tables["metrics"][1:] == one.tables["metrics"][1:]
     assert {row[0]: row[1] for row in two.tables["metrics"][1:]} == {
         k: f"{v:.4f}" if isinstance(v, float) else str(v) for k, v in saved.items()}
-    shown = {"confusion", "confused-pairs", "retrieval-t2i", "retrieval-i2t", "captioning"}
+    shown = {"confusion", "confused-pairs", "retrieval-t2i", "retrieval-i2t", "captioning",
+             "grounding"}
     assert shown <= set(one.tables)
     assert {k: v for k, v in two.tables.items() if k != "run-info"} == {
         k: v for k, v in one.tables.items() if k != "run-info"}

@@ -213,3 +213,35 @@ def test_explain_errors_are_one_line(trained, tmp_path, capsys):
     assert cli.main(["explain", "--workdir", workdir, "--image", str(tmp_path / "no.png"),
                      "--text", "a", "--out", str(tmp_path / "m.png")]) != 0
     assert "cannot read it" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recipe,ext", [("clap_tiny", "flac"), ("video_clip_tiny", "mp4")])
+def test_explain_draws_maps_over_a_spectrogram_or_the_frames(recipe, ext, tiny_run, tmp_path,
+                                                              capsys):
+    """A sound: the map over its log-mel (frequency x time patches); a clip: one map
+    per frame, the frames side by side."""
+    from mmjax.commands.explain import explain_panels
+    from mmjax.data import synthetic_audio, synthetic_video
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    workdir = str(tiny_run(os.path.join(root, "configs", f"{recipe}.py"))[0])
+    media = tmp_path / f"clip.{ext}"
+    if ext == "flac":
+        s = synthetic_audio.make_sample(0, "test", sample_rate=16000, seconds=1.0)
+        media.write_bytes(synthetic_audio.encode_flac(s["audio"], 16000))
+    else:
+        s = synthetic_video.make_clip(0, "test", frames=8, size=32)
+        media.write_bytes(synthetic_video.encode_mp4(s["frames"]))
+    panels = explain_panels(workdir, str(media), [s["caption"], "something else"])
+    heat = panels[0]["map"]
+    assert np.isfinite(heat).all() and heat.max() == pytest.approx(1.0)
+    pic = panels[0]["picture"]
+    if ext == "flac":
+        assert heat.ndim == 2 and pic.ndim == 3  # [F, T] over the spectrogram
+    else:
+        assert heat.ndim == 3  # one map per frame, the frames side by side
+        assert pic.shape[1] == heat.shape[0] * pic.shape[0]
+    out = tmp_path / "map.png"
+    assert cli.main(["explain", "--workdir", workdir, "--media", str(media), "--text",
+                     s["caption"], "--out", str(out)]) == 0
+    assert Image.open(out).size[0] >= pic.shape[1] // 2 and f"wrote {out}" in \
+        capsys.readouterr().out
