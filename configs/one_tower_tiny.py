@@ -46,6 +46,9 @@ def get_config(arg=None):
     # 40 bytes: the longest captions lose their tail (about one in five).
     d.update(dict(shards="synthetic", tokenizer="bytes", max_len=40, image_size=32, workers=1,
                   shuffle_buffer=1000))
+    # Samples of one scene (same shapes, colours and relation) are no ITM negatives of
+    # each other: any caption of one is true of the other.
+    d.group_key = "json:scene"
     c.evals.batch_size = 200
     c.evals.zeroshot.update(dict(shards="synthetic", max_samples=1000))
     c.evals.retrieval.update(dict(shards="synthetic", max_samples=1000, rerank_k=16))
@@ -59,7 +62,7 @@ def get_config(arg=None):
         c.total_steps, c.batch_size = 600, 16
         c.optim.update(dict(lr=5e-4, warmup_steps=50))
         d.update(dict(text_format="vqa", caption_key="json:qa", num_captions=5, max_len=40,
-                      dialog_template="qa"))
+                      dialog_template="qa", group_key=""))
         c.evals.zeroshot.shards = c.evals.retrieval.shards = ""
         c.evals.vqa.update(dict(shards="synthetic", max_samples=200, max_len=256))
     if "tiny" in parts:

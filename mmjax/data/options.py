@@ -30,6 +30,10 @@ DATA_KEYS: dict[str, tuple] = {
                      "'::', a list, or 'synthetic' (the built-in data of the model's tower)"),
     "weights": (None, "None, or one sampling weight per pattern (needs resampled=True)"),
     "caption_key": ("txt", "caption member: 'txt', or 'json:FIELD' for a JSON field"),
+    "group_key": ("", "member ('txt', 'json:FIELD') whose value is shared by samples with "
+                      "the same content (duplicates, one scene): batches gain group int32 [B] "
+                      "(-1 where absent) and matching losses never draw such samples as each "
+                      "other's negatives; '' = none"),
     "text_format": ("caption", "'caption' (text [B, L]); 'caption_list': text [B, "
                                "num_captions, L] from a JSON list; 'dialog': JSON Q/A turns "
                                "(mmjax.data.dialog), batches gain loss_mask [B, L]; 'vqa': "
@@ -105,6 +109,7 @@ class DataOptions:
     modality: str
     media: media_lib.MediaSpec
     caption_key: str
+    group_key: str
     tokenizer: str | Callable
     text_format: str
     image_token_id: int | None
@@ -210,7 +215,8 @@ def build_options(cfg, *, mode: str, process_index: int | None, process_count: i
         resampled=resampled, seed=int(get("seed") if seed is None else seed),
         process_index=int(process_index), process_count=int(process_count),
         workers=workers, num_workers=num_workers, modality=media.name, media=media,
-        caption_key=get("caption_key"), tokenizer=tokenizer or get("tokenizer"),
+        caption_key=get("caption_key"), group_key=str(get("group_key") or ""),
+        tokenizer=tokenizer or get("tokenizer"),
         text_format=get("text_format"), image_token_id=cfg_get(cfg, "image_token_id"),
         dialog_template=template,
         num_captions=int(get("num_captions")),

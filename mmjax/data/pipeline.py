@@ -145,7 +145,7 @@ class DataIterator:
         out = {}
         for k, v in merged.items():
             pad = np.zeros((self.batch_size - n,) + v.shape[1:], v.dtype)
-            if k == "label":
+            if k in ("label", "group"):
                 pad -= 1
             out[k] = np.concatenate([v[:n], pad])
         out["valid"] = np.arange(self.batch_size) < n

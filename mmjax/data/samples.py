@@ -36,8 +36,28 @@ def make_tokenizer(options) -> Callable:
     return build_tokenizer(tok, options.max_len)
 
 
+def sample_group(members: dict, key: str) -> int:
+    """The group id of a sample: a stable 31-bit hash of member ``key`` (``"txt"`` or
+    ``"json:FIELD"``), -1 when ``key`` is empty or the sample lacks it."""
+    if not key:
+        return -1
+    import zlib
+    from mmjax.data.tario import json_field
+    ext, _, field = key.partition(":")
+    raw = members.get(ext)
+    if raw is None:
+        return -1
+    try:
+        value = json_field(raw, field) if field else raw.decode("utf-8", errors="replace")
+    except (ValueError, KeyError, TypeError):
+        return -1
+    if value is None:
+        return -1
+    return zlib.crc32(str(value).strip().encode("utf-8")) & 0x7FFFFFFF
+
+
 class SampleParser:
-    """members -> ``((ext, media bytes), tokens, label)``, or None for a bad
+    """members -> ``((ext, media bytes), tokens, label, group)``, or None for a bad
     sample (counted in ``counters`` under its reason: ``no_<modality>``,
     ``invalid_json``, ``no_caption``, ``no_dialog``, ``no_vqa``)."""
 
@@ -54,6 +74,7 @@ class SampleParser:
                               f"sample {key!r} has no {'/'.join(spec.exts)}")
             return None
         _, caption, label = sample_fields(members, o.caption_key)
+        ids = (label, sample_group(members, o.group_key))
         if not caption:
             why = json_member_error(members, o.caption_key)
             if why is not None:
@@ -71,14 +92,14 @@ class SampleParser:
             tokens = np.zeros((o.num_captions, o.max_len), np.int32)
             tokens[:] = getattr(self.tokenize, "pad_id", 0)
             tokens[:len(captions)] = self.tokenize(captions)
-            return media, tokens, label
+            return (media, tokens) + ids
         if o.text_format == "dialog":
             tokens, why = dialog_from_members(members, o.caption_key, self.tokenize,
                                               o.max_len, o.image_token_id, o.dialog_template)
             if tokens is None:
                 self.counters.bad("no_dialog", path, f"sample {key!r}: {why}")
                 return None
-            return media, tokens, label
+            return (media, tokens) + ids
         if o.text_format == "vqa":
             fields, why = vqa_from_members(members, o.caption_key, self.tokenize, o.max_len,
                                            self.answer_index, o.num_captions, o.max_answers,
@@ -86,19 +107,21 @@ class SampleParser:
             if fields is None:
                 self.counters.bad("no_vqa", path, f"sample {key!r}: {why}")
                 return None
-            return media, fields, label
+            return (media, fields) + ids
         tokens = np.asarray(self.tokenize([caption])[0], np.int32)
-        return media, tokens, label
+        return (media, tokens) + ids
 
 
 def stack_rows(rows: list, options) -> dict:
-    """Decoded rows ``(media array, tokens, label)`` -> the batch dict:
+    """Decoded rows ``(media array, tokens, label, group)`` -> the batch dict:
     ``{<media key>: [B, ...], "text": int32 [B, L] (or [B, C, L]), "label":
-    int32 [B]}`` (+ ``"loss_mask"`` [B, L] for dialogs; ``"answer_ids"``,
-    ``"answer_scores"`` [B, Q, K] for VQA)."""
+    int32 [B]}`` (+ ``"group"`` int32 [B] with ``group_key``; ``"loss_mask"``
+    [B, L] for dialogs; ``"answer_ids"``, ``"answer_scores"`` [B, Q, K] for VQA)."""
     spec = options.media
     out = {spec.batch_key: spec.stack([r[0] for r in rows], options),
            "label": np.asarray([r[2] for r in rows], np.int32)}
+    if options.group_key:
+        out["group"] = np.asarray([r[3] for r in rows], np.int32)
     if options.text_format == "vqa":  # rows of (ids, answer ids, answer scores)
         return dict(out, text=np.stack([r[1][0] for r in rows]).astype(np.int32),
                     answer_ids=np.stack([r[1][1] for r in rows]).astype(np.int32),

@@ -36,7 +36,7 @@ from mmjax.errors import ConfigError
 log = logging.getLogger("mmjax")
 
 # Bump when the generator changes, so cached shards are rebuilt.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (215, 35, 35),
@@ -195,7 +195,9 @@ def make_sample(index: int, split: str = "train", image_size: int = 64,
       ``qa``: 5 dicts ``{"question", "answer", "type"}`` (see ``QUESTIONS``) and
       ``objects``: one dict per drawn shape, the class object first,
       ``{"name": "red circle", "size": "big" | "small", "box": (x0, y0, x1, y1)}``
-      with the box in [0, 1] image coordinates (x right, y down).
+      with the box in [0, 1] image coordinates (x right, y down), and
+      ``scene``: what every caption of the image can say, e.g. ``"red circle
+      above blue square"`` (the same for images no caption tells apart).
     """
     if image_size < 8:
         raise ConfigError(f"image_size must be >= 8, got {image_size}")
@@ -216,7 +218,7 @@ def make_sample(index: int, split: str = "train", image_size: int = 64,
     image += rng.normal(0, 5, image.shape)
     image = np.clip(np.round(image), 0, 255).astype(np.uint8)
 
-    m = f"{_COLOR_NAMES[color1]} {SHAPES[shape1]}"
+    m = m_name = f"{_COLOR_NAMES[color1]} {SHAPES[shape1]}"
     if obj1[0] > 0.56 and rng.uniform() < 0.5:
         m = f"{'large' if rng.uniform() < 0.5 else 'big'} {m}"
     if two:
@@ -236,8 +238,9 @@ def make_sample(index: int, split: str = "train", image_size: int = 64,
     found = [dict(name=f"{_COLOR_NAMES[ci]} {SHAPES[si]}", size=kind,
                   box=(cx - size / 2, cy - size / 2, cx + size / 2, cy + size / 2))
              for ((size, cx, cy), ci, si), kind in zip(objects, ("big", "small"))]
+    scene = f"{m_name} {rel} {_COLOR_NAMES[color2]} {SHAPES[shape2]}" if two else m_name
     return dict(image=image, caption=caption, label=label, classname=CLASSNAMES[label], qa=qa,
-                objects=found)
+                objects=found, scene=scene)
 
 
 def majority_answer_baselines(split: str = "train", num_samples: int = 10_000,
@@ -305,7 +308,8 @@ def write_synthetic_shards(out_dir: str, split: str = "train", num_samples: int 
 
     Members per sample: ``{key}.{jpg|png}``, ``{key}.txt`` (caption),
     ``{key}.cls`` (label) and ``{key}.json`` ({"caption", "label",
-    "classname", "qa"}); ``sizes.json`` lists the shards. Shards are named
+    "classname", "qa", "scene"}: samples of one scene are one group, see
+    ``data.train.group_key``); ``sizes.json`` lists the shards. Shards are named
     ``{prefix or split}-000000.tar``, ...
 
     Returns:
@@ -326,7 +330,7 @@ def write_synthetic_shards(out_dir: str, split: str = "train", num_samples: int 
                 "txt": s["caption"],
                 "cls": s["label"],
                 "json": {"caption": s["caption"], "label": s["label"],
-                         "classname": s["classname"], "qa": s["qa"]},
+                         "classname": s["classname"], "qa": s["qa"], "scene": s["scene"]},
             })
             if progress is not None:
                 progress(i + 1)

@@ -69,14 +69,14 @@ class WorkerPipeline:
         return item
 
     def next_sample(self):
-        """Next decoded sample ``(media array, tokens [L], label)``, e.g. an
+        """Next decoded sample ``(media array, tokens [L], label, group)``, e.g. an
         image uint8 ``[S, S, 3]``; None at the end (eval)."""
         o = self.o
         while True:
             raw = self._next_raw()
             if raw is None:
                 return None
-            pass_id, shard, index, (ext, data), tokens, label = raw
+            pass_id, shard, index, (ext, data), tokens, label, group = raw
             rng = seeded(o.seed, pass_id, shard, index)
             try:
                 array = o.media.decode(data, ext, rng, o)
@@ -84,7 +84,7 @@ class WorkerPipeline:
                 self.counters.bad(e.reason, o.paths[shard], f"sample {index}: {e}")
                 continue
             self.counters.counts["ok"] += 1
-            return array, tokens, label
+            return array, tokens, label, group
 
     def next_batch(self, batch_size: int):
         """A dict of numpy arrays with up to ``batch_size`` rows (see

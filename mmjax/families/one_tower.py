@@ -7,9 +7,11 @@ losses, fine-tuned for VQA as classification over an answer vocabulary.
         negative text drawn from the in-batch similarities (the dual-mode
         contrastive ones when `itc` is trained, VLMo; uniformly otherwise, ViLT),
         with BLIP-2's sharded sampling (`mmjax.losses.blip2_itm_triples`); two
-        samples with the very same caption, or of one class where the data labels
-        its samples (`cls`), are not drawn as each other's negatives (in-batch
-        false negatives, as BLIP excludes the captions of one image);
+        samples with the very same caption, or of one group (`data.train.group_key`:
+        the data marks samples of the same content), or without groups of one class
+        where the data labels its samples (`cls`), are not drawn as each other's
+        negatives (in-batch false negatives, as BLIP excludes the captions of one
+        image);
   mlm   15% of the text tokens masked (BERT's 80/10/10), the loss on them only;
   itc   multiway only: media-only and text-only passes through the stack, the
         sharded softmax contrastive loss (CLIP's, learned scale);
@@ -42,8 +44,9 @@ class OneTowerFamily(Family):
     objectives = ("itm", "mlm", "itc", "vqa")
     evaluators = ("zeroshot", "retrieval", "vqa", "grounding")
     itm_rerank = True
-    # The class of each sample where the data has one (`cls`; -1 otherwise).
-    optional_batch_keys = ("label",)
+    # The class (`cls`) and group (`data.train.group_key`) of each sample where the
+    # data has them (-1 otherwise).
+    optional_batch_keys = ("label", "group")
 
     def pad_id(self, model):
         return model.pad_id
@@ -145,11 +148,14 @@ class OneTowerFamily(Family):
             temp = 1.0 / out["scale"]
             extra["scale"] = out["scale"]
         if "itm" in objectives:
-            # In-batch false negatives: the very same caption, or the same class.
+            # In-batch false negatives: the very same caption, or one group (samples
+            # the data marks as showing the same content, `data.train.group_key`);
+            # without groups, one class where the data labels its samples.
             same = (text[:, None, :] == text[None, :, :]).all(-1)
-            label = batch.get("label")
-            if label is not None:
-                same = same | ((label[:, None] == label[None, :]) & (label[:, None] >= 0))
+            group = batch.get("group")
+            group = batch.get("label") if group is None else group
+            if group is not None:
+                same = same | ((group[:, None] == group[None, :]) & (group[:, None] >= 0))
             tri = losses.blip2_itm_triples(sim, k_itm, temp=temp, exclude=same)
             logits = model.apply(v, tokens[tri["image_index"]], text[tri["text_index"]],
                                  method="itm_logits")

@@ -219,7 +219,7 @@ def test_write_shards_png_exact_and_jpg_close(tmp_path):
         assert s["txt"].decode() == ref["caption"] and int(s["cls"]) == ref["label"]
         assert json.loads(s["json"]) == {"caption": ref["caption"], "label": ref["label"],
                                          "classname": CLASSNAMES[ref["label"]],
-                                         "qa": ref["qa"]}
+                                         "qa": ref["qa"], "scene": ref["scene"]}
     jpg = _read_samples(write_synthetic_shards(str(tmp_path / "jpg"), "train", 3, 24))
     decoded = np.asarray(Image.open(io.BytesIO(jpg["000000001"]["jpg"]))).astype(float)
     ref = make_sample(1, "train", 24)["image"].astype(float)
@@ -227,6 +227,33 @@ def test_write_shards_png_exact_and_jpg_close(tmp_path):
     def blocks(x):
         return x.reshape(6, 4, 6, 4, 3).mean((1, 3))
     assert np.abs(blocks(decoded) - blocks(ref)).mean() < 3
+
+
+def test_group_key_marks_the_samples_of_one_scene(tmp_path):
+    """`data.train.group_key="json:scene"`: batches carry one group id per scene (the
+    same for samples no caption tells apart, different otherwise; -1 on pad rows);
+    without the key batches have no `group`."""
+    from mmjax.data import pipeline
+    shards = write_synthetic_shards(str(tmp_path), "train", num_samples=300, image_size=16,
+                                    samples_per_shard=300, image_format="png")
+    cfg = pipeline.default_data_config()
+    cfg.update(dict(shards=shards[0], tokenizer="bytes", max_len=48, image_size=16,
+                    workers=0, group_key="json:scene"))
+    batches = list(pipeline.build_eval_iterator(cfg, 128, process_index=0, process_count=1))
+    group = np.concatenate([b["group"] for b in batches])
+    valid = np.concatenate([b["valid"] for b in batches])
+    assert (group[~valid] == -1).all() and (group[valid] >= 0).all()
+    scenes = [make_sample(i, "train", 16)["scene"] for i in range(300)]
+    assert len(set(scenes)) < 300  # some scenes repeat, most do not
+    same_scene = np.equal.outer(scenes, scenes)
+    same_group = np.equal.outer(group[valid], group[valid])
+    assert (same_scene == same_group).all()
+    # a scene names what every caption of the image can say
+    s = make_sample(0, "train", 16)
+    assert s["classname"] in s["scene"] and s["classname"] in s["caption"]
+    cfg.group_key = ""
+    assert "group" not in next(pipeline.build_eval_iterator(cfg, 8, process_index=0,
+                                                            process_count=1))
 
 
 def test_ensure_shards_cached_and_concurrent(tmp_path):

@@ -330,6 +330,44 @@ def _ce(logits, labels):
     return (lse - x[np.arange(len(x)), labels]).mean()
 
 
+def test_itm_never_draws_a_sample_of_the_same_group_as_negative(multiway):
+    """`group` (data.train.group_key) marks samples of the same content: at scale e^20
+    the hardest negative of each sample is its most similar other sample of ANOTHER
+    group; without groups the class (`label`) plays that part."""
+    model, params = multiway
+    b = 6
+    images, text = _inputs(6, b=b)
+    params = dict(params, log_scale=jnp.float32(20.0))
+    v = {"params": params}
+    tokens = _apply(model, v, images, method="image_tokens")
+    dual = _apply(model, v, tokens, text, method="dual")
+    sim = np.float64(dual["zimg"]) @ np.float64(dual["ztxt"]).T
+    group = np.array([0, 0, 1, 1, 2, 2], np.int32)
+    banned = np.equal.outer(group, group)
+    off = np.where(banned, -np.inf, sim)
+    neg_text, neg_image = off.argmax(1), off.argmax(0)
+    ar = np.arange(b)
+    labels = np.concatenate([np.ones(b, int), np.zeros(2 * b, int)])
+    logits = _apply(model, v, tokens[np.concatenate([ar, neg_image, ar])],
+                    text[np.concatenate([ar, ar, neg_text])], method="itm_logits")
+    want = _ce(logits, labels)
+    for key, other in (("group", {"label": np.full(b, -1, np.int32)}),
+                       ("label", {})):
+        batch = {"image": images, "text": text, key: group, **other}
+        terms, _ = _losses(model, params, batch, {"itc": 1.0, "itm": 1.0}, jax.random.key(0))
+        np.testing.assert_allclose(float(terms["itm"]), want, rtol=1e-5)
+    # the group wins over the label where both are given: all groups distinct, so
+    # only the sample itself is banned (its partner in `label` may be drawn)
+    off = np.where(np.eye(b, dtype=bool), -np.inf, sim)
+    assert (off.argmax(1) != neg_text).any() or (off.argmax(0) != neg_image).any()
+    logits = _apply(model, v, tokens[np.concatenate([ar, off.argmax(0), ar])],
+                    text[np.concatenate([ar, ar, off.argmax(1)])], method="itm_logits")
+    batch = {"image": images, "text": text, "group": np.arange(b, dtype=np.int32),
+             "label": group}
+    terms, _ = _losses(model, params, batch, {"itc": 1.0, "itm": 1.0}, jax.random.key(0))
+    np.testing.assert_allclose(float(terms["itm"]), _ce(logits, labels), rtol=1e-5)
+
+
 def test_itm_negatives_are_the_hardest_by_dual_similarity(multiway):
     """With the contrastive scale at e^20 the sampling of ITM negatives from the
     similarities is an argmax: each image's negative text is its most similar other
