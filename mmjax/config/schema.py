@@ -155,7 +155,7 @@ NOT_OFFERED = {"retrieval": "a two-tower, CoCa, BLIP-2 or multiway one-tower rec
                "captioning": "a CoCa, BLIP-2 or VisionLM recipe",
                "vqa": "a VisionLM (llava, blip2_stage2) or one-tower (one_tower_tiny:vqa) "
                       "recipe",
-               "grounding": "a two-tower, CoCa, BLIP-2 or one-tower recipe"}
+               "grounding": "a two-tower, CoCa, BLIP-2, one-tower or VisionLM recipe"}
 EVALUATORS = ("zeroshot", "retrieval", "captioning", "vqa", "grounding")
 
 

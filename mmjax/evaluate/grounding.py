@@ -21,6 +21,9 @@ are tapped; the map of patch i is `relu(sum_d A[i, d] * dS/dA[i, d])`:
                                                        reads, media positions
   blip2       ITM log-odds                             the image features the
                                                        Q-Former's cross-attention reads
+  vision_lm   log-likelihood of the phrase after the   LLaVA: the projected patch
+              media (a caption of it)                  tokens the LM reads; BLIP-2
+                                                       stage 2: as blip2
 
 Why these: the tokens must still be one per patch and must reach the score. A
 class-token tower's final patch tokens do not reach its embedding, so there the
@@ -73,7 +76,8 @@ class Grounder:
         self.spec = family.grounding(model)
         if self.spec is None:
             raise ConfigError(f"config.evals.grounding: the {family.name} family has no "
-                              "grounding maps (two_tower, coca, blip2_stage1 and one_tower do).")
+                              "grounding maps (two_tower, coca, blip2_stage1, one_tower and "
+                              "vision_lm do).")
         args = family.sample_inputs(config, 1)
         self.model, params = unrolled(model, variables["params"], args, self.spec.unroll)
         self.variables = {**variables, "params": params}

@@ -23,12 +23,21 @@ from mmjax.models.vision_lm import language_model, vlm_targets
 class VisionLMFamily(Family):
     name = "vision_lm"
     objectives = ("lm",)
-    evaluators = ("captioning", "vqa")
+    evaluators = ("captioning", "vqa", "grounding")
     text_section = "lm"
     optional_batch_keys = ("loss_mask",)  # dialog data: 1 on answer tokens
 
     def pad_id(self, model):
         return model.pad_id
+
+    def grounding(self, model):
+        """The phrase's log-likelihood after the media, tapped at the media tokens the LM
+        reads (LLaVA: the projector's output, one per patch) or, with a Q-Former
+        connector (BLIP-2 stage 2), at the image features it cross-attends."""
+        from mmjax.models.grounding import GroundingSpec, likelihood_score
+        tap = (("input_of", ("qformer_module",)) if model.connector == "qformer"
+               else ("output_of", ("projector_fc2",)))
+        return GroundingSpec(score=likelihood_score, tap=tap, unroll=())
 
     def losses(self, model, params, batch, objectives, rng):
         media, text = self.model_inputs(model, batch)

@@ -57,6 +57,18 @@ def itm_score(m: Any, media, text):
     return logits[:, 1] - logits[:, 0]
 
 
+def likelihood_score(m: Any, media, text):
+    """`[B]` log-likelihood of the text tokens after the media under a VisionLM (the
+    media first when the text has no `<image>` placeholder): what a captioning
+    model finds of the phrase in the media."""
+    from mmjax.models.vision_lm import vlm_targets
+    out = m(media, text)
+    targets, weights = vlm_targets(text, None, out["text_index"], m.pad_id)
+    logp = jax.nn.log_softmax(out["logits"][:, :-1].astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum(picked * weights, axis=-1)
+
+
 def _no_scan(value: Any) -> Any:
     """`value` with every `scan` key set False and `remat` "none" (nested dicts too)."""
     if not isinstance(value, Mapping):

@@ -89,6 +89,8 @@ def test_scanned_model_gives_the_maps_of_the_unrolled_one():
     ("one_tower_tiny:shared", None),
     ("clap_tiny:tiny", None),
     ("video_clip_tiny:tiny", None),
+    ("llava:tiny", (4, 4)),
+    ("blip2_stage2:tiny", (4, 4)),
 ])
 def test_every_aligning_family_draws_maps_over_its_patch_grid(recipe, grid):
     config = load_config(recipe, [])
