@@ -63,6 +63,7 @@ from mmjax.errors import ConfigError
 from mmjax.evaluate.gather import Share, combine
 from mmjax.models.grounding import media_grid, tap_path, token_cam, unrolled
 
+
 class Grounder:
     """Grounding maps of one model, compiled once per input shape.
 
