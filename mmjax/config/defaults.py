@@ -60,6 +60,9 @@ KEYS: dict[str, tuple] = {
     "synthetic.video_frames": (16, "built-in data: frames per video clip"),
     "synthetic.audio_seconds": (2.0, "built-in data: length of a sound in seconds"),
     "synthetic.audio_sample_rate": (16000, "built-in data: audio samples per second"),
+    "health.patience": (3, "log rows after the warmup with the loss still at its first "
+                           "step's value before one warning naming the likely keys (0: off)"),
+    "health.tolerance": (0.05, "relative change of the loss that counts as moving (health)"),
     "evals.every": (0, "steps between periodic evaluations (0: only at the end)"),
     "evals.batch_size": (256, "rows per evaluation batch (per process)"),
     "evals.tfds_data_dir": ("", "TFDS data_dir for 'tfds:NAME[@SPLIT]' sources"),
@@ -75,6 +78,9 @@ KEYS: dict[str, tuple] = {
     "evals.retrieval.caption_key": ("", "caption member ('': data.train.caption_key); a JSON "
                                         "list field (json:captions) gives several per sample"),
     "evals.retrieval.num_captions": (5, "most captions per sample from a JSON list"),
+    "evals.retrieval.group_key": ("", "member ('txt', 'json:FIELD') whose value marks samples "
+                                      "showing the same content: any caption or image of the "
+                                      "query's group is a hit ('': only its own)"),
     "evals.retrieval.rerank_k": (0, "re-rank the k best contrastive candidates of every query "
                                     "with the image-text matching head (BLIP-2, one_tower; "
                                     "0: off; at least 10)"),

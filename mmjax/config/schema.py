@@ -58,6 +58,7 @@ NUMERIC_KEYS = {
     "data.train.seed": _INT_GE0, "data.train.min_bad_count": _INT_GE0,
     "data.train.max_bad_fraction": ("float", 0, 1, ""),
     "data.train.max_pixels": ("int", 1, None, "none"),
+    "health.patience": _INT_GE0, "health.tolerance": ("float", 0, None, ""),
     "evals.every": _INT_GE0, "evals.batch_size": _INT_GE1,
     "evals.zeroshot.max_samples": _INT_GE0, "evals.retrieval.max_samples": _INT_GE0,
     "evals.retrieval.num_captions": _INT_GE1, "evals.captioning.max_samples": _INT_GE0,

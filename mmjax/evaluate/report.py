@@ -387,17 +387,24 @@ def _retrieval_section(d: Mapping[str, Any], media: _Media, kind: Optional[str])
     items = "images" if kind in (None, "image") else f"{kind} clips"
     item = items[:-1]
     t2i = np.asarray(d["text_to_image"])
+    groups = d.get("groups")  # images of one group are hits for each other's captions
+
+    def same(i, own):
+        return int(i) == int(own) or (groups is not None and groups[int(i)] == groups[int(own)])
     pics, caps = d.get("media", {}), d.get("captions", {})
+    hit = (f"the caption's own {item} or one of its group ({_e(d.get('group_key', ''))})"
+           if groups is not None else f"the caption's own {item}")
     out = ["<h2>Retrieval</h2>",
            f"<p>{len(np.unique(t2i)) if len(t2i) else 0} {items}, {len(t2i)} captions, ranked by "
-           f"{_e(d.get('ranked_by', 'embedding similarity'))}. A hit is the caption's own "
-           f"{item}.</p>", f"<h3>Caption &rarr; top-5 {items}</h3>"]
+           f"{_e(d.get('ranked_by', 'embedding similarity'))}. A hit is {hit}.</p>",
+           f"<h3>Caption &rarr; top-5 {items}</h3>"]
     rows = []
     for q in d.get("text_to_image_queries", []):
         own = int(t2i[q["caption"]])
         cells = "".join(_cell(media.img(f"retrieval_image_{i}", pics.get(i), f"image {i}"),
-                              f"#{r + 1}", i == own) for r, i in enumerate(q["top"]))
-        rows.append((_e(caps.get(q["caption"], "")), cells, _mark(own in q["top"]),
+                              f"#{r + 1}", same(i, own)) for r, i in enumerate(q["top"]))
+        rows.append((_e(caps.get(q["caption"], "")), cells,
+                     _mark(any(same(i, own) for i in q["top"])),
                      media.img(f"retrieval_image_{own}", pics.get(own), f"image {own}")))
     out.append(_table(rows, ("caption", f"top-5 {items}", "in top 5", f"its own {item}"),
                       table_id="retrieval-t2i"))
@@ -406,10 +413,10 @@ def _retrieval_section(d: Mapping[str, Any], media: _Media, kind: Optional[str])
     for q in d.get("image_to_text_queries", []):
         img = q["image"]
         items = "".join(
-            f'<li class="{_mark(int(t2i[c]) == img)[1]}">{_e(caps.get(c, ""))} '
-            f"({_mark(int(t2i[c]) == img)[0]})</li>" for c in q["top"])
+            f'<li class="{_mark(same(t2i[c], img))[1]}">{_e(caps.get(c, ""))} '
+            f"({_mark(same(t2i[c], img))[0]})</li>" for c in q["top"])
         rows.append((media.img(f"retrieval_image_{img}", pics.get(img), f"image {img}"),
-                     f"<ol>{items}</ol>", _mark(any(int(t2i[c]) == img for c in q["top"]))))
+                     f"<ol>{items}</ol>", _mark(any(same(t2i[c], img) for c in q["top"]))))
     out.append(_table(rows, (item, "top-5 captions", "in top 5"), table_id="retrieval-i2t"))
     return "".join(out)
 
@@ -490,7 +497,8 @@ def write_report(out_dir: str, results: Mapping[str, Any], details: Mapping[str,
         "zeroshot": dict(predictions int [n] (top-1 class), labels int [n],
           classnames list[C], examples: [dict(index=int stream position,
           prediction=int, label=int, media=uint8 [H, W, 3] or None), ...]);
-        "retrieval": dict(text_to_image int [M], text_to_image_queries:
+        "retrieval": dict(text_to_image int [M], optional groups int [N] and
+          group_key (hits by group), text_to_image_queries:
           [dict(caption=int, top=[5 image ids])], image_to_text_queries:
           [dict(image=int, top=[5 caption ids])], media {image id: uint8 [H, W, 3]
           or None}, captions {caption id: str}, ranked_by str);

@@ -170,20 +170,21 @@ def similarity(image_emb: jax.Array, text_emb: jax.Array) -> jax.Array:
 
 
 @jax.jit
-def _image_block_ranks(image_blk, image_ids, text_emb, text_to_image):
-    """Rank of each image's best-scored own caption among all M texts."""
+def _image_block_ranks(image_blk, image_groups, text_emb, text_groups):
+    """Rank of each image's best-scored positive (a caption of its group) among all M texts."""
     s = similarity(image_blk, text_emb)                                  # [b, M]
-    own = text_to_image[None, :] == image_ids[:, None]
+    own = text_groups[None, :] == image_groups[:, None]
     best = jnp.max(jnp.where(own, s, -jnp.inf), axis=1)
     return jnp.sum(s > best[:, None], axis=1)
 
 
 @jax.jit
-def _text_block_ranks(text_blk, true_image, image_emb):
-    """Rank of each caption's own image among all N images."""
+def _text_block_ranks(text_blk, text_groups, image_emb, image_groups):
+    """Rank of each caption's best-scored positive (an image of its group) among all N images."""
     s = similarity(image_emb, text_blk).T                                # [b, N]
-    own = jnp.take_along_axis(s, true_image[:, None], axis=1)
-    return jnp.sum(s > own, axis=1)
+    own = image_groups[None, :] == text_groups[:, None]
+    best = jnp.max(jnp.where(own, s, -jnp.inf), axis=1)
+    return jnp.sum(s > best[:, None], axis=1)
 
 
 def _blocks(n: int, block: int):
@@ -222,7 +223,7 @@ def _recall_dict(i2t_ranks, t2i_ranks, ks) -> dict:
     return out
 
 
-def retrieval_ranks(image_emb, text_emb, text_to_image, block: int = 1024):
+def retrieval_ranks(image_emb, text_emb, text_to_image, block: int = 1024, groups=None):
     """Per-query ranks of image->text and text->image retrieval.
 
     Args:
@@ -231,53 +232,84 @@ def retrieval_ranks(image_emb, text_emb, text_to_image, block: int = 1024):
       text_emb: `[M, E]`.
       text_to_image: int `[M]`: the image each text describes.
       block: rows scored per step; device memory is O(block * max(N, M)).
+      groups: optional int `[N]`: images of one group show the same content
+        (duplicates, one scene: `evals.retrieval.group_key`), so any caption of
+        any image of the query's group is a hit for it, and any image of a
+        caption's group a hit for the caption, as COCO counts any of an image's
+        captions. None: every image its own group; a negative id: that image
+        alone.
 
     Returns:
       `(i2t [N], t2i [M])` int arrays: for each image the number of texts
-      scored strictly above its best own caption; for each text the number of
-      images scored strictly above its own image (ties favour the correct one).
+      scored strictly above its best positive caption; for each text the number
+      of images scored strictly above its best positive image (ties favour the
+      correct one).
     """
     image_emb = np.asarray(image_emb, np.float32)
     text_emb = np.asarray(text_emb, np.float32)
     n, m = image_emb.shape[0], text_emb.shape[0]
     t2i = _check_text_to_image(text_to_image, n, m)
-    img_dev, txt_dev, t2i_dev = jnp.asarray(image_emb), jnp.asarray(text_emb), jnp.asarray(t2i)
-    # Every block is padded to `block` rows so both loops compile once.
+    groups = dense_groups(groups, n)
+    text_groups = groups[t2i]
+    img_dev, txt_dev = jnp.asarray(image_emb), jnp.asarray(text_emb)
+    groups_dev, text_groups_dev = jnp.asarray(groups), jnp.asarray(text_groups)
+    # Every block is padded to `block` rows so both loops compile once; padding
+    # rows carry group -1, which no real row has.
     blk = max(1, min(block, n))
     i2t = []
     for s, e in _blocks(n, blk):
         ranks = _image_block_ranks(jnp.asarray(_pad_rows(image_emb[s:e], blk)),
-                                   jnp.asarray(_pad_rows(np.arange(s, e, dtype=np.int32), blk, -1)),
-                                   txt_dev, t2i_dev)
+                                   jnp.asarray(_pad_rows(groups[s:e], blk, -1)),
+                                   txt_dev, text_groups_dev)
         i2t.append(np.asarray(ranks)[:e - s])
     blk = max(1, min(block, m))
     t2i_ranks = []
     for s, e in _blocks(m, blk):
         ranks = _text_block_ranks(jnp.asarray(_pad_rows(text_emb[s:e], blk)),
-                                  jnp.asarray(_pad_rows(t2i[s:e], blk)), img_dev)
+                                  jnp.asarray(_pad_rows(text_groups[s:e], blk, -1)),
+                                  img_dev, groups_dev)
         t2i_ranks.append(np.asarray(ranks)[:e - s])
     return np.concatenate(i2t), np.concatenate(t2i_ranks)
 
 
+def dense_groups(groups, n_images: int) -> np.ndarray:
+    """Group ids int `[N]` (or None) -> dense int32 ids in [0, G) `[N]`:
+    `arange(N)` for None; a negative id (a sample without the group field) is
+    a group of its own."""
+    if groups is None:
+        return np.arange(n_images, dtype=np.int32)
+    groups = np.asarray(groups).astype(np.int64)
+    if groups.shape != (n_images,):
+        raise ValueError(f"groups must be [N] = [{n_images}] (one group per image), got shape "
+                         f"{groups.shape}.")
+    alone = groups < 0
+    if alone.any():
+        groups = groups.copy()
+        groups[alone] = groups.max(initial=0) + 1 + np.arange(int(alone.sum()))
+    return np.unique(groups, return_inverse=True)[1].reshape(-1).astype(np.int32)
+
+
 def retrieval_recall(image_emb, text_emb, text_to_image, ks: Sequence[int] = (1, 5, 10),
-                     block: int = 1024) -> dict:
+                     block: int = 1024, groups=None) -> dict:
     """Recall@k both ways with several captions per image.
 
-    An image->text query is a hit at k when ANY of its captions is among the
-    k best-scored texts; a text->image query when its image is among the k
-    best images. Arguments as in `retrieval_ranks`.
+    An image->text query is a hit at k when ANY of its captions (of its group's
+    images, with `groups`) is among the k best-scored texts; a text->image query
+    when its image (one of its group) is among the k best images. Arguments as
+    in `retrieval_ranks`.
 
     Returns:
       dict(i2t_r1, i2t_r5, i2t_r10, t2i_r1, t2i_r5, t2i_r10, n_images,
       n_texts) (keys follow `ks`), recalls as fractions in [0, 1].
     """
-    i2t, t2i = retrieval_ranks(image_emb, text_emb, text_to_image, block)
+    i2t, t2i = retrieval_ranks(image_emb, text_emb, text_to_image, block, groups)
     return _recall_dict(i2t, t2i, ks)
 
 
 def retrieval_embeddings(model: Any, variables: Any, batches: Iterable,
                          mesh: Optional[Mesh] = None, pad_id: Optional[int] = None,
-                         key: str = "image", inputs: bool = False) -> tuple:
+                         key: str = "image", inputs: bool = False,
+                         groups: bool = False) -> tuple:
     """Image and caption embeddings of the valid rows of `batches`.
 
     Arguments as in `retrieval_evaluate`; `key` is the batch field the model's
@@ -289,16 +321,21 @@ def retrieval_embeddings(model: Any, variables: Any, batches: Iterable,
       [M])`, float32 and not normalized, rows in batch order; N = M = 0 (arrays
       of shape `[0]`) when the data holds no valid row. With `inputs`, also what
       ITM re-ranking reads (`blip2_rerank_recall`): the model's `image_tokens`
-      `[N, S, D]` and the caption ids `[M, L]`.
+      `[N, S, D]` and the caption ids `[M, L]`. With `groups`, last the images'
+      int32 `[N]` "group" field (the data's `group_key`; MissingFieldError when
+      the batches carry none).
     """
     run_img = BatchRunner(model_method(model, "encode_image"), mesh, variables)
     run_txt = BatchRunner(model_method(model, "encode_text"), mesh, run_img.variables)
     run_tok = (BatchRunner(model_method(model, "image_tokens"), mesh, run_img.variables)
                if inputs else None)
     imgs, txts, owners, n = [], [], [], 0
-    tokens, ids = [], []
+    tokens, ids, group_ids = [], [], []
     for batch in batches:
         images, valid = _select(batch, key)
+        if groups and (not isinstance(batch, dict) or "group" not in batch):
+            raise MissingFieldError("retrieval by group needs a 'group' field in every batch "
+                                    "(set the data's group_key).")
         text = np.asarray(batch["text"])
         valid = np.ones(len(images), bool) if valid is None else valid
         if not valid.any():
@@ -315,16 +352,21 @@ def retrieval_embeddings(model: Any, variables: Any, batches: Iterable,
         if inputs:
             tokens.append(np.asarray(run_tok(images))[valid])
             ids.append(flat[keep])
+        if groups:
+            group_ids.append(np.asarray(batch["group"], np.int32)[valid])
         owner = np.full(b, -1, np.int32)
         owner[valid] = np.arange(n, n + int(valid.sum()), dtype=np.int32)
         owners.append(np.repeat(owner, c)[keep])
         n += int(valid.sum())
+    none = np.zeros((0,), np.int32)
     if not imgs:
         empty = np.zeros((0,), np.float32)
-        out = (empty, empty, np.zeros((0,), np.int32))
-        return out + (empty, np.zeros((0,), np.int32)) if inputs else out
+        out = (empty, empty, none) + ((empty, none) if inputs else ())
+        return out + (none,) if groups else out
     out = (np.concatenate(imgs), np.concatenate(txts), np.concatenate(owners))
-    return out + (np.concatenate(tokens), np.concatenate(ids)) if inputs else out
+    if inputs:
+        out += (np.concatenate(tokens), np.concatenate(ids))
+    return out + (np.concatenate(group_ids),) if groups else out
 
 
 def retrieval_evaluate(model: Any, variables: Any, batches: Iterable,
@@ -387,7 +429,8 @@ def _reranked_ranks(cand, cand_scores, is_positive):
 def blip2_rerank_recall(model: Any, variables: Any, image_tokens, text_ids, itc_sim,
                         text_to_image, k: int = 128, ks: Sequence[int] = (1, 5, 10),
                         itm_score: str = "prob", add_itc: bool = True,
-                        batch_size: int = 64, mesh: Optional[Mesh] = None) -> dict:
+                        batch_size: int = 64, mesh: Optional[Mesh] = None,
+                        groups=None) -> dict:
     """BLIP-2 retrieval: ITC top-k candidates re-ranked by the ITM head.
 
     For each image the k texts with the highest ITC similarity, and for each
@@ -407,6 +450,7 @@ def blip2_rerank_recall(model: Any, variables: Any, image_tokens, text_ids, itc_
       itm_score: "prob" (softmax match probability) or "logit" (the match
         logit, what LAVIS's BLIP-2 `compute_itm` returns).
       batch_size: pairs per ITM call; mesh: optional mesh with a "data" axis.
+      groups: optional int `[N]`, hits by group as in `retrieval_ranks`.
 
     Returns:
       the `retrieval_recall` dict.
@@ -420,6 +464,7 @@ def blip2_rerank_recall(model: Any, variables: Any, image_tokens, text_ids, itc_
     if text_ids.shape[0] != m:
         raise ValueError(f"text_ids has {text_ids.shape[0]} rows but itc_sim has {m} columns.")
     t2i = _check_text_to_image(text_to_image, n, m)
+    groups = dense_groups(groups, n)
     if k < 1 or max(ks) > k:
         raise ValueError(f"recall@{max(ks)} needs at least that many re-ranked candidates; "
                          f"raise k (now {k}) or lower ks.")
@@ -437,6 +482,6 @@ def blip2_rerank_recall(model: Any, variables: Any, image_tokens, text_ids, itc_
     if add_itc:
         scores = scores + itc_sim[pair_img, pair_txt]
     i2t_scores, t2i_scores = scores[:n * ki].reshape(n, ki), scores[n * ki:].reshape(m, kt)
-    i2t = _reranked_ranks(i2t_cand, i2t_scores, t2i[i2t_cand] == np.arange(n)[:, None])
-    t2i_ranks = _reranked_ranks(t2i_cand, t2i_scores, t2i_cand == t2i[:, None])
+    i2t = _reranked_ranks(i2t_cand, i2t_scores, groups[t2i[i2t_cand]] == groups[:, None])
+    t2i_ranks = _reranked_ranks(t2i_cand, t2i_scores, groups[t2i_cand] == groups[t2i][:, None])
     return _recall_dict(i2t, t2i_ranks, ks)

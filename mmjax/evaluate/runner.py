@@ -207,7 +207,7 @@ def _zeroshot(config, model, variables, tokenizer, details: Optional[dict] = Non
 
 
 def _retrieval(config, model, variables, tokenizer, details: Optional[dict] = None) -> dict:
-    from mmjax.evaluate.retrieval import (blip2_rerank_recall, itc_similarity,
+    from mmjax.evaluate.retrieval import (dense_groups, blip2_rerank_recall, itc_similarity,
                                           retrieval_embeddings, retrieval_recall)
     section = config.evals.retrieval
     key = section.get("caption_key") or config.data.train.caption_key
@@ -217,13 +217,18 @@ def _retrieval(config, model, variables, tokenizer, details: Optional[dict] = No
                         "has no image-text matching head; set it to 0.")
     # A plain member ("txt") holds one caption: no pad rows to embed.
     per_image = int(section.get("num_captions") or 5) if ":" in key else 1
-    stream = dict(text_format="caption_list", caption_key=key, num_captions=per_image)
+    group_key = str(section.get("group_key") or "")
+    stream = dict(text_format="caption_list", caption_key=key, num_captions=per_image,
+                  group_key=group_key)
     share = Share(_batches(config, section, **stream))
-    img, txt, owner, *inputs = retrieval_embeddings(
+    img, txt, owner, *extra = retrieval_embeddings(
         model, variables, share, pad_id=tokenizer.pad_id, key=_media(config),
-        inputs=bool(rerank))
+        inputs=bool(rerank), groups=bool(group_key))
+    inputs, groups = (extra[:2], extra[2:]) if rerank else ([], extra)
     rows = share.rows()
-    img, *image_tokens = combine(rows, img, *inputs[:1])
+    img, *image_side = combine(rows, img, *inputs[:1], *groups)
+    image_tokens, groups = (image_side[:1], image_side[1:]) if rerank else ([], image_side)
+    groups = groups[0] if groups else None
     # Captions follow their image; the stream position of the image is its
     # index in the combined image array.
     txt, text_to_image, *text_ids = combine(rows[owner], txt, rows[owner], *inputs[1:])
@@ -231,20 +236,28 @@ def _retrieval(config, model, variables, tokenizer, details: Optional[dict] = No
         raise EvalError(f"config.evals.retrieval.shards={section.shards!r} yielded no valid "
                         "samples.")
     img, txt = l2_normalize(img), l2_normalize(txt)
-    m = retrieval_recall(img, txt, text_to_image)
-    _info("retrieval i2t R@1 %.2f%% t2i R@1 %.2f%% over %d examples",
-          100 * m["i2t_r1"], 100 * m["t2i_r1"], m["n_images"])
+    by = ""
+    if group_key:
+        missing = int((groups < 0).sum())
+        by = (f" (hits by {group_key}: {len(np.unique(groups[groups >= 0]))} groups"
+              + (f"; {missing} samples without it count alone)" if missing else ")"))
+    m = retrieval_recall(img, txt, text_to_image, groups=groups)
+    _info("retrieval i2t R@1 %.2f%% t2i R@1 %.2f%% over %d examples%s",
+          100 * m["i2t_r1"], 100 * m["t2i_r1"], m["n_images"], by)
     out = {f"retrieval/{k}": v for k, v in m.items()}
     if rerank:
         r = blip2_rerank_recall(model, variables, image_tokens[0], text_ids[0],
                                 itc_similarity(img, txt), text_to_image, k=rerank,
-                                batch_size=int(config.evals.batch_size))
-        _info("retrieval re-ranked by ITM (top %d): i2t R@1 %.2f%% t2i R@1 %.2f%%", rerank,
-              100 * r["i2t_r1"], 100 * r["t2i_r1"])
+                                batch_size=int(config.evals.batch_size), groups=groups)
+        _info("retrieval re-ranked by ITM (top %d): i2t R@1 %.2f%% t2i R@1 %.2f%%%s", rerank,
+              100 * r["i2t_r1"], 100 * r["t2i_r1"], by)
         out.update({f"retrieval/itm_{k}": v for k, v in r.items() if not k.startswith("n_")})
     if details is not None and jax.process_index() == 0:
         details["retrieval"] = _retrieval_details(config, section, stream, img, txt,
                                                   np.asarray(text_to_image), tokenizer)
+        if groups is not None:
+            details["retrieval"].update(groups=dense_groups(groups, len(img)).tolist(),
+                                        group_key=group_key)
     return out
 
 

@@ -27,6 +27,7 @@ from mmjax.config.loading import (all_differences, config_fingerprint,
 from mmjax.train.init_sources import init_entries
 from mmjax.families import get_family, model_train_flops
 from mmjax.train.mfu import peak_flops_per_device
+from mmjax.train.health import LossHealth
 from mmjax.train.logging_utils import MetricsWriter, Progress, format_line, setup_logging
 from mmjax.train import multihost
 from mmjax.train.step import build_trainer
@@ -223,6 +224,8 @@ def _train(config: Any, workdir: str, status: multihost.RunStatus) -> dict:
     stop = multihost.StopAgreement(mesh, every=mh["stop_check_every"],
                                    deadline_s=mh["preemption_deadline_s"], status=status)
     progress = Progress(start, total)
+    h = config.get("health") or {}  # absent from configs saved before it existed
+    health = LossHealth(config, int(h.get("patience", 3)), float(h.get("tolerance", 0.05)))
     batch_keys = trainer.family.batch_keys(config)
     objectives = list(config.objectives.keys())
     evals_every = int(config.evals.get("every", 0) or 0)
@@ -242,6 +245,8 @@ def _train(config: Any, workdir: str, status: multihost.RunStatus) -> dict:
             if pending is not None:
                 _nan_check(jax.device_get(pending[1]), pending[0], objectives, config.optim)
             pending = (step, metrics)
+            if step == start + 1:
+                health.first_step(float(jax.device_get(metrics["loss"])))
             is_last = step == total
             if step % int(config.log_every) == 0 or is_last:
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -251,8 +256,11 @@ def _train(config: Any, workdir: str, status: multihost.RunStatus) -> dict:
                 m["samples_per_s"] = config.batch_size / t["step_time"]
                 m["mfu"] = flops / t["step_time"] / (peak * jax.device_count()) if peak else None
                 m["tflops_per_device"] = flops / t["step_time"] / jax.device_count() / 1e12
+                warning = health.update(step, m)
                 if jax.process_index() == 0:
                     log.info(format_line(step, total, m, t["eta_s"]))
+                    if warning:
+                        log.warning(warning)
                 writer.write(step, m)
                 last = m
             if step % int(config.checkpoint_every) == 0 or is_last or stop_now:

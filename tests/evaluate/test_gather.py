@@ -33,7 +33,8 @@ def _setup(params_file=None):
         "evals.batch_size=8", "synthetic.test_samples=36", "synthetic.samples_per_shard=16",
         "evals.zeroshot.max_samples=8", "evals.captioning.max_samples=20",
         "evals.captioning.max_len=6", "model.dtype=float32",
-        "evals.grounding.shards=synthetic", "evals.grounding.num_images=10"])
+        "evals.grounding.shards=synthetic", "evals.grounding.num_images=10",
+        "evals.retrieval.group_key=json:scene"])
     model = build(config.model)
     if params_file is not None:
         with open(params_file, "rb") as f:
@@ -119,6 +120,15 @@ def test_two_processes_give_single_process_metrics(tmp_path, monkeypatch):
     assert per_process[0] == single
     # The random model is not degenerate: some retrieval hits, some wrong.
     assert 0 < single["retrieval/t2i_r5"] < 1
+    # Hits by scene (evals.retrieval.group_key), the groups gathered with the images:
+    # the by-group recall of the single-process embeddings, and above the plain one.
+    plain_config = config.copy_and_resolve_references()
+    plain_config.evals.retrieval.group_key = ""
+    for other in ("zeroshot", "captioning", "grounding"):
+        plain_config.evals[other].shards = ""
+    plain = run_evals(plain_config, model, variables, step=STEP)
+    assert all(single[k] >= plain[k] for k in plain if k.startswith("retrieval/"))
+    assert any(single[k] > plain[k] for k in plain if k.startswith("retrieval/"))
 
     # One report, from process 0, with the single-process report's content: the
     # same metrics table (the eval file's pairs, as `mmjax eval` prints them) and

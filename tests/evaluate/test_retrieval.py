@@ -16,15 +16,23 @@ TEXT = dict(vocab_size=259, max_len=MAX_LEN, width=32, depth=1, heads=2, mlp_dim
 KS = (1, 5, 10)
 
 
-def _brute_force(img, txt, t2i):
-    """Recall@k by sorting the full float64 cosine matrix (LAVIS style)."""
+def _same(groups, i, j):
+    """Images i and j count as one: the same image, or one group (negative: none)."""
+    return i == j or (groups is not None and groups[i] >= 0 and groups[i] == groups[j])
+
+
+def _brute_force(img, txt, t2i, groups=None):
+    """Recall@k by sorting the full float64 cosine matrix (LAVIS style); with
+    `groups`, the best rank over every caption / image of the query's group."""
     img = np.asarray(img, np.float64)
     txt = np.asarray(txt, np.float64)
     sim = (img / np.linalg.norm(img, axis=1, keepdims=True)) @ \
         (txt / np.linalg.norm(txt, axis=1, keepdims=True)).T
-    i2t = [min((np.argsort(-sim[i]) == j).argmax() for j in np.flatnonzero(t2i == i))
-           for i in range(len(img))]
-    t2i_rank = [(np.argsort(-sim[:, j]) == t2i[j]).argmax() for j in range(len(txt))]
+    n, m = sim.shape
+    i2t = [min((np.argsort(-sim[i], kind="stable") == j).argmax()
+               for j in range(m) if _same(groups, i, t2i[j])) for i in range(n)]
+    t2i_rank = [min((np.argsort(-sim[:, j], kind="stable") == i).argmax()
+                    for i in range(n) if _same(groups, i, t2i[j])) for j in range(m)]
     out = {f"i2t_r{k}": np.mean(np.array(i2t) < k) for k in KS}
     out.update({f"t2i_r{k}": np.mean(np.array(t2i_rank) < k) for k in KS})
     return out
@@ -104,24 +112,52 @@ def test_retrieval_evaluate_several_captions_per_image(two_tower):
         assert got[key] == pytest.approx(value), key
 
 
+def test_hits_by_group_vs_brute_force():
+    """`groups`: any caption / image of the query's group is a hit (ids < 0:
+    alone); blocks smaller than the sets, several captions per image."""
+    rng = np.random.default_rng(4)
+    n, m = 23, 50
+    img = l2_normalize(rng.standard_normal((n, 8)))
+    txt = l2_normalize(rng.standard_normal((m, 8)))
+    t2i = np.concatenate([np.arange(n), rng.integers(0, n, m - n)]).astype(np.int32)
+    groups = rng.integers(0, 6, n) * 1000 + 7  # ids need not be dense
+    groups[:4] = -1
+    got = retrieval_recall(img, txt, t2i, block=5, groups=groups)
+    expected = _brute_force(img, txt, t2i, groups)
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value), key
+    plain = retrieval_recall(img, txt, t2i, block=5)
+    # More positives can only raise recall, and here do (the sets are random).
+    assert all(got[k] >= plain[k] for k in plain if "_r" in k)
+    assert got["i2t_r1"] > plain["i2t_r1"] and got["t2i_r1"] > plain["t2i_r1"]
+    # One image per group is the plain metric.
+    same = retrieval_recall(img, txt, t2i, block=5, groups=np.arange(n) * 3)
+    assert same == plain
+    with pytest.raises(ValueError, match="one group per image"):
+        retrieval_recall(img, txt, t2i, groups=groups[:-1])
+
+
 # ----------------------------------------------------------------- BLIP-2 re-ranking
 
 
-def _reference_rerank(itc, itm, t2i, k, ks, add_itc):
+def _reference_rerank(itc, itm, t2i, k, ks, add_itc, groups=None):
     """LAVIS procedure in NumPy: per query, top-k ITC candidates rescored, others -inf."""
     n, m = itc.shape
     i2t_rank, t2i_rank = [], []
     for i in range(n):
         score = np.full(m, -np.inf)
-        cand = np.argsort(-itc[i])[:k]
+        cand = np.argsort(-itc[i], kind="stable")[:k]  # near-ties at random init
         score[cand] = itm[i, cand] + (itc[i, cand] if add_itc else 0)
-        order = np.argsort(-score)
-        i2t_rank.append(min((order == j).argmax() for j in np.flatnonzero(t2i == i)))
+        order = np.argsort(-score, kind="stable")
+        i2t_rank.append(min((order == j).argmax() for j in range(m)
+                            if _same(groups, i, t2i[j])))
     for j in range(m):
         score = np.full(n, -np.inf)
-        cand = np.argsort(-itc[:, j])[:k]
+        cand = np.argsort(-itc[:, j], kind="stable")[:k]
         score[cand] = itm[cand, j] + (itc[cand, j] if add_itc else 0)
-        t2i_rank.append((np.argsort(-score) == t2i[j]).argmax())
+        order = np.argsort(-score, kind="stable")
+        t2i_rank.append(min((order == i).argmax() for i in range(n)
+                            if _same(groups, i, t2i[j])))
     out = {f"i2t_r{q}": np.mean(np.array(i2t_rank) < q) for q in ks}
     out.update({f"t2i_r{q}": np.mean(np.array(t2i_rank) < q) for q in ks})
     return out
@@ -163,6 +199,14 @@ def test_blip2_rerank_vs_numpy(blip2_case, k, itm_score, add_itc):
         assert got[key] == pytest.approx(value), key
     with pytest.raises(ValueError, match="raise k"):
         blip2_rerank_recall(model, variables, tokens, ids, itc, t2i, k=2, ks=(1, 5))
+    # Hits by group: images 0-2 one group, 3 and 4 another, 5 alone.
+    groups = np.array([9, 9, 9, 4, 4, -1])
+    got = blip2_rerank_recall(model, variables, tokens, ids, itc, t2i, k=k, ks=ks,
+                              itm_score=itm_score, add_itc=add_itc, batch_size=8,
+                              groups=groups)
+    expected = _reference_rerank(itc.astype(np.float64), itm, t2i, k, ks, add_itc, groups)
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value), key
 
 
 def test_json_caption_lists_from_shards(two_tower, tmp_path):
