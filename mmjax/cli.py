@@ -6,6 +6,7 @@
     mmjax generate --workdir DIR --image PATH [--prompt "question"] [--step N] [--max-new-tokens N]
     mmjax explain --workdir DIR --image PATH --text "a red circle" [--text ...] --out map.png
     mmjax shards --images DIR --captions FILE --out DIR | --synthetic [--split S] [--num-samples N] --out DIR
+    mmjax tokenizer --shards PATTERN|synthetic --out FILE [--kind bpe|sentencepiece] [--vocab-size N]
     mmjax bench [--config configs/X.py[:arg]] [--steps N] [--aot] [--config.a.b=value ...]
     mmjax compile --config configs/X.py[:arg] --target v5p-256|h100x8|... [--max-batch] [--json PATH]
     mmjax --version
@@ -59,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("train", "eval", "generate", "explain", "bench", "shards"):
         skip_unusable_tpu_backend()
-    commands = ("train", "eval", "generate", "explain", "shards", "bench", "compile")
+    commands = ("train", "eval", "generate", "explain", "shards", "tokenizer", "bench",
+                "compile")
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
