@@ -26,6 +26,7 @@ setup(
         "safetensors>=0.4.3",
         "fsspec>=2024.3.0",
         "tokenizers>=0.19",
+        "huggingface_hub>=0.23",      # named tokenizers: files through the hub cache
         "sentencepiece>=0.2.0",
         "tensorboardX>=2.6",
         "tqdm>=4.66",

@@ -19,6 +19,7 @@ import ml_collections
 from mmjax import workdir as wd
 from mmjax.commands.util import error_text, fail, split_overrides, user_errors
 from mmjax.config import apply_override, base_config, load_config
+from mmjax.config.schema import check_vocabulary
 from mmjax.data.tokenizers import build_tokenizer
 from mmjax.evaluate.runner import EvalError, run_evals
 from mmjax.train import multihost
@@ -97,6 +98,7 @@ def evaluate_run(config_spec: Optional[str], workdir: Optional[str], step: Optio
             apply_override(config, o)
     else:
         config = load_config(config_spec, overrides)
+    check_vocabulary(config)  # the tokenizer x the model's vocabulary, before it is built
 
     ckpt_dir = wd.join(workdir, "checkpoints")
     if not wd.isdir(ckpt_dir):

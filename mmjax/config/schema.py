@@ -226,18 +226,56 @@ def check_model(config: Any) -> None:
 
 
 def check_vocabulary(config: Any) -> None:
-    """The tokenizer's ids must fit the model's vocabulary (a gather would clamp
-    them silently)."""
+    """The model's text vocabulary and special ids x the tokenizer's
+    (`data.train.tokenizer`), before anything is built or compiled: the tokenizer's
+    ids must fit `model.<text section>.vocab_size` (a gather would clamp them
+    silently); the model's pad id (`model.pad_id`, else `model.text.pad_id`) and,
+    where the text tower pools at EOS, `model.text.eos_id` must be the tokenizer's.
+    A vocab_size or pad id the config sets to None is filled in from the tokenizer
+    (in `config` itself, so the run's saved config holds it); an eos_id of None keeps
+    its meaning (pool at each row's highest id). ConfigError naming the keys and
+    both values."""
     from mmjax.data.tokenizers import build_tokenizer
     from mmjax.families import get_family
+    from mmjax.models import build
+    from mmjax.models.text import TextEncoder
     d = config.data.train
     tokenizer = build_tokenizer(d.tokenizer, int(d.max_len))
     family = get_family(config)
-    vocab = family.vocab_size(config.model)
+    model, text = config.model, config.model.get("text")
+    what = f"config.data.train.tokenizer={d.tokenizer!r}"
+    key = f"model.{family.text_section}.vocab_size"
+    if model[family.text_section].get("vocab_size") is None:
+        model[family.text_section].vocab_size = tokenizer.vocab_size
+    vocab = family.vocab_size(model)
     if tokenizer.vocab_size > vocab:
-        raise ConfigError(f"config.data.train.tokenizer={d.tokenizer!r} has "
-                          f"{tokenizer.vocab_size} tokens but the model's vocab_size is {vocab}; "
-                          f"raise config.model.{family.text_section}.vocab_size.")
+        raise ConfigError(f"{what} has {tokenizer.vocab_size} tokens but the model's vocab_size "
+                          f"is {vocab}; raise config.{key} to {tokenizer.vocab_size} "
+                          f"(--config.{key}={tokenizer.vocab_size}, or None to take it from "
+                          "the tokenizer).")
+    ids = []  # (section, its key prefix, field, the tokenizer's id, what the id does)
+    if "pad_id" in model or text is None:
+        ids.append((model, "model", "pad_id", tokenizer.pad_id, "pads with"))
+    else:
+        ids.append((text, "model.text", "pad_id", tokenizer.pad_id, "pads with"))
+    if text is not None and text.get("pool", TextEncoder.pool) == "eos":
+        ids.append((text, "model.text", "eos_id", tokenizer.eos_id, "ends every text with"))
+    built = build(model)  # its fields with their defaults
+    for section, prefix, field, want, does in ids:
+        unset = field not in section
+        if unset:
+            have = getattr(TextEncoder if prefix == "model.text" else built, field, None)
+        else:
+            have = section[field]
+            if have is None and field == "pad_id":
+                section[field] = have = want
+        if have is not None and have != want:
+            fix = (f"add {field}={want} to config.{prefix} in the recipe" if unset else
+                   f"set --config.{prefix}.{field}={want}"
+                   + (" (or None to take it from the tokenizer)" if field == "pad_id" else ""))
+            raise ConfigError(f"config.{prefix}.{field}={have}"
+                              f"{' (unset: the default)' if unset else ''} but {what} {does} "
+                              f"id {want}; {fix}.")
 
 
 def param_paths(config: Any, model: Any) -> list[str]:

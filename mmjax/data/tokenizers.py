@@ -8,13 +8,26 @@ BOS is present only when the tokenizer has one. When the text is too long the
 *content* is truncated so that EOS is always the last real token (text towers
 pool at EOS, so it must never be cut off).
 
-Three kinds, chosen by a spec string (``build_tokenizer``):
+Chosen by a spec string (``build_tokenizer``):
 
 - ``"bytes"``: UTF-8 bytes, no files needed (the default; used by the built-in
   synthetic dataset and the tests).
 - ``"sentencepiece:/path/model.model"``: a SentencePiece model (big_vision, T5).
 - ``"hf:/path/tokenizer.json"``: a Hugging Face ``tokenizers`` JSON file
   (for example the CLIP BPE).
+- A name of ``NAMED``: ``"clip"``, ``"siglip"``, ``"bert-base-uncased"``, ``"t5"``,
+  or ``"hub:ORG/NAME"`` for any Hugging Face Hub repository holding tokenizer
+  files (e.g. the language model's own for LLaVA). The files come from the hub
+  cache (``mmjax.data.hub``: ``HF_HUB_CACHE`` / ``HF_HOME``, ``HF_HUB_OFFLINE``),
+  downloaded on first use where there is network. The ids equal those of
+  transformers' tokenizer of the repository (``CLIPTokenizer``,
+  ``SiglipTokenizer``, ``BertTokenizer``, ``T5Tokenizer``): a ``tokenizer.json``
+  is loaded when the repository has one (except for SigLIP, whose text is
+  canonicalized first: lowercased, punctuation removed, whitespace collapsed),
+  else the tokenizer is built from ``vocab.json`` + ``merges.txt`` (CLIP),
+  ``vocab.txt`` (BERT) or the SentencePiece model; the special tokens are those of
+  ``tokenizer_config.json`` / ``special_tokens_map.json`` (transformers' class
+  defaults where they say nothing). transformers itself is not needed.
 
 Special-token rule for SentencePiece and Hugging Face files: BOS and EOS are
 the model's own (for ``tokenizer.json`` read from the post-processor, else
@@ -27,6 +40,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import string
 from typing import Sequence
 
 import numpy as np
@@ -34,7 +49,8 @@ import numpy as np
 from mmjax.errors import ConfigError
 
 SPEC_FORMS = ('"bytes", "sentencepiece:/path/model.model", '
-              '"hf:/path/tokenizer.json"')
+              '"hf:/path/tokenizer.json", "clip", "siglip", "bert-base-uncased", "t5", '
+              '"hub:ORG/NAME"')
 
 
 class Tokenizer:
@@ -122,29 +138,67 @@ class ByteTokenizer(Tokenizer):
 
 
 class SentencePieceTokenizer(Tokenizer):
-    """A SentencePiece model file; BOS/EOS/pad from the model (pad falls back to EOS)."""
+    """A SentencePiece model file; BOS/EOS/pad from the model (pad falls back to EOS).
 
-    def __init__(self, model_path: str, max_len: int):
+    ``tokens`` overrides them by piece (``{"eos": "</s>", "pad": "<pad>"}``; a ``None``
+    value: no such token, e.g. ``{"bos": None}``).
+    """
+
+    def __init__(self, model_path: str, max_len: int, tokens: dict | None = None):
         import sentencepiece as spm
 
         self.path = model_path
         self._sp = spm.SentencePieceProcessor(model_file=model_path)
         self.vocab_size = int(self._sp.get_piece_size())
-        if self._sp.eos_id() < 0:
+        own = {"bos": self._sp.bos_id(), "eos": self._sp.eos_id(), "pad": self._sp.pad_id()}
+        ids = {k: int(v) if v >= 0 else None for k, v in own.items()}
+        for key, piece in (tokens or {}).items():
+            ids[key] = None if piece is None else self._piece_id(piece)
+        if ids["eos"] is None:
             raise ConfigError(
                 f"SentencePiece model {model_path} has no EOS piece (eos_id=-1); "
                 "train it with eos_id >= 0.")
-        self.eos_id = int(self._sp.eos_id())
-        self.bos_id = int(self._sp.bos_id()) if self._sp.bos_id() >= 0 else None
-        self.pad_id = int(self._sp.pad_id()) if self._sp.pad_id() >= 0 else self.eos_id
+        self.bos_id, self.eos_id = ids["bos"], ids["eos"]
+        self.pad_id = ids["pad"] if ids["pad"] is not None else self.eos_id
         self.max_len = int(max_len)
         self._check_max_len()
+
+    def _piece_id(self, piece: str) -> int:
+        i = int(self._sp.piece_to_id(piece))
+        if i == self._sp.unk_id() and piece != self._sp.id_to_piece(i):
+            raise ConfigError(f"{self.path}: special token {piece!r} is not a piece of the model.")
+        return i
 
     def _encode_content(self, texts):
         return self._sp.encode(list(texts), out_type=int)
 
     def _decode_content(self, ids):
         return self._sp.decode(ids)
+
+
+_NO_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+class SiglipTokenizer(SentencePieceTokenizer):
+    """SigLIP's SentencePiece tokenizer, as transformers' ``SiglipTokenizer``: no BOS;
+    the text is canonicalized (lowercased unless ``lowercase=False``, ASCII
+    punctuation removed, whitespace runs collapsed, stripped) after a leading word
+    boundary ``\u2581``, then encoded after ``unk`` whose pieces are dropped."""
+
+    def __init__(self, model_path: str, max_len: int, eos: str, pad: str, unk: str,
+                 lowercase: bool = True):
+        super().__init__(model_path, max_len, {"bos": None, "eos": eos, "pad": pad})
+        self.unk, self.lowercase = unk, lowercase
+
+    def _encode_content(self, texts):
+        skip = len(self._sp.encode(self.unk))
+        out = []
+        for text in texts:
+            text = "\u2581" + text.replace("\u2581", " ")
+            text = (text.lower() if self.lowercase else text).translate(_NO_PUNCTUATION)
+            text = re.sub(r"\s+", " ", text).strip()
+            out.append(self._sp.encode(self.unk + text)[skip:])
+        return out
 
 
 # Special-token names tried, in order, when a tokenizer.json post-processor
@@ -176,20 +230,21 @@ def _specials_from_post_processor(proc: dict | None) -> tuple[str | None, str | 
 
 
 class HFTokenizer(Tokenizer):
-    """A Hugging Face ``tokenizers`` JSON file (e.g. CLIP BPE).
+    """A Hugging Face ``tokenizers`` JSON file (e.g. CLIP BPE), or a built
+    ``tokenizers.Tokenizer`` (``tokenizer``; ``path`` then names it in messages).
 
     BOS/EOS come from the post-processor (Roberta/Bert/Template), else from
-    well-known special-token names; pad is the file's padding token or a
-    ``<pad>``-like special token, else the EOS id.
+    well-known special-token names; pad is ``pad_token`` if it is in the vocabulary,
+    else the file's padding token, else a ``<pad>``-like special token, else the EOS
+    id.
     """
 
-    def __init__(self, path: str, max_len: int):
+    def __init__(self, path: str, max_len: int, *, tokenizer=None, pad_token: str | None = None):
         from tokenizers import Tokenizer as _HFTok
 
         self.path = path
-        with open(path, encoding="utf-8") as f:
-            spec = json.load(f)
-        self._tok = _HFTok.from_file(path)
+        self._tok = tokenizer if tokenizer is not None else _HFTok.from_file(path)
+        spec = json.loads(self._tok.to_str())
         # Truncation and padding are done here so that EOS survives truncation.
         self._tok.no_truncation()
         self._tok.no_padding()
@@ -208,12 +263,11 @@ class HFTokenizer(Tokenizer):
         self.eos_id = self._id(eos)
         self.bos_id = self._id(bos) if bos is not None else None
 
-        padding = spec.get("padding") or {}
-        if padding.get("pad_token") in self._tok.get_vocab(with_added_tokens=True):
-            self.pad_id = self._id(padding["pad_token"])
-        else:
-            pad = next((n for n in _PAD_NAMES if n in specials), None)
-            self.pad_id = self._id(pad) if pad is not None else self.eos_id
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        pad = next((t for t in (pad_token, (spec.get("padding") or {}).get("pad_token"))
+                    if t in vocab), None)
+        pad = pad or next((n for n in _PAD_NAMES if n in specials), None)
+        self.pad_id = self._id(pad) if pad is not None else self.eos_id
         self.max_len = int(max_len)
         self._check_max_len()
 
@@ -228,24 +282,201 @@ class HFTokenizer(Tokenizer):
         return [e.ids for e in encs]
 
     def _decode_content(self, ids):
-        return self._tok.decode(ids, skip_special_tokens=True)
+        text = self._tok.decode(ids, skip_special_tokens=True)
+        # CLIP's BPE marks word ends with "</w>", which its byte-level decoder keeps:
+        # spaces, as in transformers' CLIPTokenizer.
+        suffix = getattr(self._tok.model, "end_of_word_suffix", None)
+        return text.replace(suffix, " ").strip() if suffix else text
+
+
+# ---- named tokenizers: files from the Hugging Face Hub cache ----------------------
+
+# name -> (repository, then older names of it looked for in the cache; kind).
+NAMED = {
+    "clip": (("openai/clip-vit-base-patch32",), "clip"),
+    "siglip": (("google/siglip-base-patch16-224",), "siglip"),
+    "bert-base-uncased": (("google-bert/bert-base-uncased", "bert-base-uncased"), "bert"),
+    "t5": (("google-t5/t5-base", "t5-base"), "t5"),
+}
+# The file sets a kind loads from, best first (None: a `hub:` repository of any kind).
+_FILES = {
+    "clip": (("tokenizer.json",), ("vocab.json", "merges.txt")),
+    "siglip": (("spiece.model",),),
+    "bert": (("tokenizer.json",), ("vocab.txt",)),
+    "t5": (("tokenizer.json",), ("spiece.model",)),
+    None: (("tokenizer.json",), ("spiece.model",), ("tokenizer.model",), ("vocab.txt",),
+           ("vocab.json", "merges.txt")),
+}
+_CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+# tokenizer_config.json's `tokenizer_class` -> kind (a `hub:` repository).
+_CLASS_KINDS = {"CLIPTokenizer": "clip", "SiglipTokenizer": "siglip", "BertTokenizer": "bert",
+                "T5Tokenizer": "t5"}
+# transformers' defaults of each class, where the repository's config says nothing.
+_DEFAULTS = {
+    "clip": {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+             "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"},
+    "siglip": {"eos_token": "</s>", "pad_token": "</s>", "unk_token": "<unk>",
+               "do_lower_case": True},
+    "bert": {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]",
+             "cls_token": "[CLS]", "mask_token": "[MASK]", "do_lower_case": True,
+             "tokenize_chinese_chars": True, "strip_accents": None},
+    "t5": {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>", "extra_ids": 100},
+}
+_CLIP_SPLIT = (r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|"""
+               r"""[\p{N}]|[^\s\p{L}\p{N}]+""")
+
+
+def _read_config(folder: str) -> dict:
+    """tokenizer_config.json with special_tokens_map.json over it; token values as strings."""
+    cfg = {}
+    for name in _CONFIG_FILES:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                cfg.update({k: v.get("content") if k.endswith("_token") and isinstance(v, dict)
+                            else v for k, v in json.load(f).items() if v is not None})
+    return cfg
+
+
+def _vocab_id(vocab: dict, token: str, where: str) -> int:
+    if token not in vocab:
+        raise ConfigError(f"{where}: special token {token!r} is not in the vocabulary.")
+    return vocab[token]
+
+
+def _clip_bpe(folder: str, cfg: dict):
+    """CLIP's BPE from vocab.json + merges.txt, built as transformers' CLIPTokenizer."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import processors
+
+    vocab, merges = models.BPE.read_file(os.path.join(folder, "vocab.json"),
+                                         os.path.join(folder, "merges.txt"))
+    tok = Tokenizer(models.BPE(vocab, merges, dropout=None, continuing_subword_prefix="",
+                               end_of_word_suffix="</w>", fuse_unk=False,
+                               unk_token=cfg["unk_token"]))
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(),
+                                           normalizers.Replace(Regex(r"\s+"), " "),
+                                           normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_CLIP_SPLIT), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    bos, eos = cfg["bos_token"], cfg["eos_token"]
+    tok.post_processor = processors.RobertaProcessing(
+        (eos, _vocab_id(vocab, eos, folder)), (bos, _vocab_id(vocab, bos, folder)),
+        trim_offsets=False, add_prefix_space=False)
+    tok.add_special_tokens(sorted({cfg[k] for k in ("bos_token", "eos_token", "pad_token",
+                                                   "unk_token")}))
+    return tok
+
+
+def _bert_wordpiece(folder: str, cfg: dict):
+    """BERT's WordPiece from vocab.txt, built as transformers' BertTokenizer."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    vocab = models.WordPiece.read_file(os.path.join(folder, "vocab.txt"))
+    tok = Tokenizer(models.WordPiece(vocab, unk_token=cfg["unk_token"]))
+    tok.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=cfg["tokenize_chinese_chars"],
+        strip_accents=cfg["strip_accents"], lowercase=cfg["do_lower_case"])
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    cls, sep = cfg["cls_token"], cfg["sep_token"]
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{cls} $A {sep}", special_tokens=[(cls, _vocab_id(vocab, cls, folder)),
+                                                  (sep, _vocab_id(vocab, sep, folder))])
+    tok.add_special_tokens([cfg[k] for k in ("pad_token", "unk_token", "cls_token",
+                                             "sep_token", "mask_token")])
+    return tok
+
+
+def load_pretrained(folder: str, max_len: int, kind: str | None = None) -> Tokenizer:
+    """The tokenizer of a Hugging Face tokenizer folder (e.g. a hub snapshot).
+
+    Args:
+      folder: holds tokenizer.json, or vocab.json + merges.txt (CLIP), vocab.txt
+        (BERT), spiece.model / tokenizer.model (SentencePiece), with
+        tokenizer_config.json / special_tokens_map.json.
+      max_len: length L of every encoded row ``[N, L]``.
+      kind: "clip", "siglip", "bert", "t5", or None to read it from
+        tokenizer_config.json's ``tokenizer_class`` (else: a generic tokenizer).
+    """
+    cfg = _read_config(folder)
+    kind = kind or _CLASS_KINDS.get(str(cfg.get("tokenizer_class", "")).removesuffix("Fast"))
+    cfg = {**_DEFAULTS.get(kind, {}), **cfg}
+
+    def path(name):
+        return os.path.join(folder, name)
+
+    def has(*names):
+        return all(os.path.isfile(path(n)) for n in names)
+
+    if kind == "siglip" and has("spiece.model"):
+        return SiglipTokenizer(path("spiece.model"), max_len, cfg["eos_token"],
+                               cfg["pad_token"], cfg["unk_token"], bool(cfg["do_lower_case"]))
+    if has("tokenizer.json"):
+        return HFTokenizer(path("tokenizer.json"), max_len, pad_token=cfg.get("pad_token"))
+    if kind == "clip" and has("vocab.json", "merges.txt"):
+        return HFTokenizer(folder, max_len, tokenizer=_clip_bpe(folder, cfg),
+                           pad_token=cfg["pad_token"])
+    if kind == "bert" and has("vocab.txt"):
+        return HFTokenizer(folder, max_len, tokenizer=_bert_wordpiece(folder, cfg),
+                           pad_token=cfg["pad_token"])
+    for name in ("spiece.model", "tokenizer.model"):
+        if has(name):
+            tokens = {k: cfg[f"{k}_token"] for k in ("eos", "pad") if cfg.get(f"{k}_token")}
+            if kind == "t5":
+                tokens["bos"] = None
+            tok = SentencePieceTokenizer(path(name), max_len, tokens)
+            # Ids past the model's pieces count too (T5's sentinels <extra_id_N>, tokens
+            # added in tokenizer_config.json), as in transformers' len(tokenizer).
+            added = [int(i) + 1 for i in cfg.get("added_tokens_decoder") or {}]
+            tok.vocab_size = max([tok.vocab_size + int(cfg.get("extra_ids") or 0), *added])
+            return tok
+    raise ConfigError(
+        f"{folder}: no tokenizer files mmjax can load for a {kind or 'generic'} tokenizer "
+        f"(needs {' or '.join(' + '.join(s) for s in _FILES[kind])}).")
+
+
+def named_tokenizer(spec: str, max_len: int) -> Tokenizer:
+    """The tokenizer named by ``spec`` (a name of ``NAMED`` or ``"hub:ORG/NAME"``), its
+    files from the Hugging Face Hub cache (``mmjax.data.hub.snapshot_folder``: fetched
+    on first use where there is network; ConfigError naming the repository, the files,
+    the cache and the fetch command otherwise)."""
+    from mmjax.data import hub
+
+    if spec in NAMED:
+        repos, kind = NAMED[spec]
+    else:
+        repos, kind = (spec[len("hub:"):].strip(),), None
+        if repos[0].count("/") != 1:
+            raise ConfigError(f"tokenizer spec {spec!r}: expected hub:ORG/NAME, a Hugging "
+                              "Face Hub repository id.")
+    needed = _FILES[kind]
+    patterns = sorted({f for files in needed for f in files} | set(_CONFIG_FILES))
+    folder = hub.snapshot_folder(repos, patterns, needed, f"tokenizer {spec!r}")
+    return load_pretrained(folder, max_len, kind)
 
 
 def build_tokenizer(spec: str = "bytes", max_len: int = 64) -> Tokenizer:
     """Tokenizer from a spec string.
 
     Args:
-      spec: ``"bytes"``, ``"sentencepiece:/path/model.model"`` or
-        ``"hf:/path/tokenizer.json"``.
+      spec: ``"bytes"``, ``"sentencepiece:/path/model.model"``,
+        ``"hf:/path/tokenizer.json"``, a name of ``NAMED`` (``"clip"``, ``"siglip"``,
+        ``"bert-base-uncased"``, ``"t5"``) or ``"hub:ORG/NAME"``.
       max_len: length L of every encoded row ``[N, L]``.
 
     Raises:
-      ValueError: unknown spec form.
+      ValueError: unknown spec form; a named tokenizer whose files are neither in the
+        hub cache nor downloadable (ConfigError, a ValueError).
       FileNotFoundError: the model file does not exist.
     """
     spec = (spec or "bytes").strip()
     if spec == "bytes":
         return ByteTokenizer(max_len)
+    if spec in NAMED or spec.startswith("hub:"):
+        return named_tokenizer(spec, max_len)
     kind, sep, path = spec.partition(":")
     if not sep or kind not in ("sentencepiece", "hf") or not path:
         raise ConfigError(
