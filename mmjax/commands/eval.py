@@ -77,6 +77,18 @@ def _local(path: str) -> str:
     return path[len("file://"):] if path.startswith("file://") else path
 
 
+def _with_defaults(saved: dict) -> ml_collections.ConfigDict:
+    """A run's saved config with the keys added to mmjax since it was saved, at
+    their defaults (`base_config`), so they can be read and overridden."""
+    def merge(base, new):
+        out = dict(base)
+        for k, v in new.items():
+            out[k] = merge(base[k], v) if isinstance(v, dict) and isinstance(
+                base.get(k), dict) else v
+        return out
+    return ml_collections.ConfigDict(merge(base_config().to_dict(), saved))
+
+
 def evaluate_run(config_spec: Optional[str], workdir: Optional[str], step: Optional[int],
                  hf_path: Optional[str], overrides: list[str],
                  report: Optional[str] = None) -> dict:
@@ -93,7 +105,7 @@ def evaluate_run(config_spec: Optional[str], workdir: Optional[str], step: Optio
     if config_spec is None:
         if not wd.exists(saved):
             raise EvalError(f"{workdir}: no config.json; pass --config configs/X.py")
-        config = ml_collections.ConfigDict(json.loads(wd.read_text(saved))["config"])
+        config = _with_defaults(json.loads(wd.read_text(saved))["config"])
         for o in overrides:
             apply_override(config, o)
     else:

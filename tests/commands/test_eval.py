@@ -47,6 +47,28 @@ def test_runner_reproduces_training_accuracy(trained, capsys):
     assert os.path.exists(os.path.join(workdir, "eval", "step_75.json"))
 
 
+def test_keys_newer_than_the_run_take_their_defaults(trained, tmp_path, capsys):
+    """A workdir saved before `health` and `evals.retrieval.group_key` existed is
+    evaluated from its own config.json, and the newer keys can be overridden."""
+    import shutil
+    workdir, result, _ = trained
+    old = tmp_path / "old"
+    shutil.copytree(workdir, old, ignore=shutil.ignore_patterns("eval"))
+    saved = json.loads((old / "config.json").read_text())
+    del saved["config"]["health"], saved["config"]["evals"]["retrieval"]["group_key"]
+    (old / "config.json").write_text(json.dumps(saved))
+    argv = ["eval", "--workdir", str(old), "--config.evals.zeroshot.shards="]
+    assert cli.main(argv + ["--config.evals.retrieval.shards=synthetic"]) == 0
+    plain = json.loads((old / "eval" / "step_150.json").read_text())
+    assert cli.main(argv + ["--config.evals.retrieval.shards=synthetic",
+                            "--config.evals.retrieval.group_key=json:scene"]) == 0
+    grouped = json.loads((old / "eval" / "step_150.json").read_text())
+    assert plain["retrieval/n_images"] == grouped["retrieval/n_images"] == 240
+    # The built-in captions repeat: counting the query's scene can only add hits.
+    assert grouped["retrieval/i2t_r1"] > plain["retrieval/i2t_r1"]
+    assert grouped["retrieval/t2i_r1"] >= plain["retrieval/t2i_r1"]
+
+
 def test_missing_step_is_one_line(trained, capsys):
     workdir, _, overrides = trained
     msg = cli_error_line(["eval", "--config", "clip_tiny", "--workdir", str(workdir),
