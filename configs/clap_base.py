@@ -2,8 +2,8 @@
 
     mmjax train --config configs/clap_base.py --workdir gs://bucket/runs/clap \
         --config.data.train.shards='/data/laion-audio-630k/{00000..00999}.tar' \
-        --config.data.train.tokenizer=hf:/path/roberta/tokenizer.json \
-        --config.model.text.vocab_size=50265
+        --config.data.train.tokenizer=hub:FacebookAI/roberta-base \
+        --config.model.text.vocab_size=None --config.model.text.pad_id=None
 
 Shards hold `key.flac|wav|ogg|mp3` + `key.txt` (or `key.json` with
 `--config.data.train.caption_key=json:text`), the layout of LAION-Audio-630K.

@@ -3,12 +3,14 @@
 
     mmjax train --config configs/clip_b16.py --workdir gs://bucket/runs/clip_b16 \
         --config.data.train.shards='/data/laion400m/{00000..41407}.tar' \
-        --config.data.train.tokenizer=hf:/path/clip/tokenizer.json \
-        --config.model.text.vocab_size=49408 --config.model.text.eos_id=49407
+        --config.data.train.tokenizer=clip --config.model.text.vocab_size=None \
+        --config.model.text.pad_id=None --config.model.text.eos_id=49407
 
 Expect: on LAION-400M for 32 epochs (~400k steps at 32k) open_clip reports
 67.1% ImageNet zero-shot for B/16. `:tiny` shrinks it to a 3-step CPU run.
-The default tokenizer is the byte tokenizer (no files needed).
+The default tokenizer is the byte tokenizer (no files needed); `tokenizer=clip`
+reads CLIP's BPE from the Hugging Face hub cache (fetched on first use), and
+`None` takes the vocabulary size and pad id from it.
 """
 from mmjax.config.defaults import base_config, make_tiny
 

@@ -47,7 +47,9 @@ DATA_KEYS: dict[str, tuple] = {
     "max_answers": (10, "vqa: most distinct answers kept per question (VQAv2 has 10)"),
     "image_token_id": (None, "dialog: id that '<image>' in a question becomes (None: dropped)"),
     "dialog_template": ("qa", "dialog: 'qa' ('Q: {q} A:'), 'vicuna_v1' (LLaVA), 'blip2_vqa'"),
-    "tokenizer": ("bytes", "'bytes' | 'sentencepiece:PATH' | 'hf:PATH/tokenizer.json'"),
+    "tokenizer": ("bytes", "'bytes' | 'sentencepiece:PATH' | 'hf:PATH/tokenizer.json' | "
+                           "'clip' | 'siglip' | 'bert-base-uncased' | 't5' | 'hub:ORG/NAME' "
+                           "(the Hugging Face hub cache)"),
     "max_len": (32, "text length L of the int32 [B, L] token ids"),
     "image_size": (224, "output side in pixels (images, video frames)"),
     "augment": ("rrc", "'rrc' (random resized crop) or 'center' (resize + center crop)"),
