@@ -53,4 +53,5 @@ setup(
     },
     entry_points={"console_scripts": ["mmjax=mmjax.cli:main"]},
     include_package_data=True,
+    package_data={"mmjax.data": ["assets/*.json"]},
 )

@@ -49,7 +49,7 @@ import numpy as np
 from mmjax.errors import ConfigError
 
 SPEC_FORMS = ('"bytes", "sentencepiece:/path/model.model", '
-              '"hf:/path/tokenizer.json", "clip", "siglip", "bert-base-uncased", "t5", '
+              '"hf:/path/tokenizer.json", "synthetic", "clip", "siglip", "bert-base-uncased", "t5", '
               '"hub:ORG/NAME"')
 
 
@@ -458,11 +458,17 @@ def named_tokenizer(spec: str, max_len: int) -> Tokenizer:
     return load_pretrained(folder, max_len, kind)
 
 
+# `synthetic`: a byte-level BPE of the built-in captions (every word of them one token),
+# `mmjax tokenizer --shards synthetic --config configs/one_tower_tiny.py --vocab-size 600`.
+SYNTHETIC_BPE = os.path.join(os.path.dirname(__file__), "assets", "synthetic_bpe.json")
+
+
 def build_tokenizer(spec: str = "bytes", max_len: int = 64) -> Tokenizer:
     """Tokenizer from a spec string.
 
     Args:
-      spec: ``"bytes"``, ``"sentencepiece:/path/model.model"``,
+      spec: ``"bytes"``, ``"synthetic"`` (a word-level BPE of the built-in
+        captions, shipped), ``"sentencepiece:/path/model.model"``,
         ``"hf:/path/tokenizer.json"``, a name of ``NAMED`` (``"clip"``, ``"siglip"``,
         ``"bert-base-uncased"``, ``"t5"``) or ``"hub:ORG/NAME"``.
       max_len: length L of every encoded row ``[N, L]``.
@@ -475,6 +481,8 @@ def build_tokenizer(spec: str = "bytes", max_len: int = 64) -> Tokenizer:
     spec = (spec or "bytes").strip()
     if spec == "bytes":
         return ByteTokenizer(max_len)
+    if spec == "synthetic":
+        return HFTokenizer(SYNTHETIC_BPE, max_len)
     if spec in NAMED or spec.startswith("hub:"):
         return named_tokenizer(spec, max_len)
     kind, sep, path = spec.partition(":")
