@@ -56,7 +56,7 @@ def compile_command(argv: list[str]) -> int:
         target = parse_target(args.target)
         hbm_bytes(target, args.hbm_gib)  # a bad XLA_CLIENT_MEM_FRACTION: usage error, first
         config = load_config(args.config, overrides)
-        check_model(config)
+        check_model(config, tokenizer=False)  # compiling reads no text
         if args.max_batch:
             best, reports = max_batch(config, target, args.hbm_gib)
             report = next((r for r in reversed(reports) if r["batch"] == best), reports[-1])

@@ -209,16 +209,21 @@ def check_config(config: Any) -> None:
                           "shard paths.")
 
 
-def check_model(config: Any) -> None:
+def check_model(config: Any, tokenizer: bool = True) -> None:
     """The checks that read the tokenizer or trace the model (shapes only, nothing
     allocated, but JAX starts its backend: in a multi-process job this runs after
     the processes joined): the tokenizer's vocabulary x the model's, the family's
     own checks (e.g. both towers' embedding width), `optim.freeze` and `init`
-    prefixes x the model's parameters. ConfigError naming the keys."""
+    prefixes x the model's parameters. ConfigError naming the keys.
+
+    `tokenizer=False` (`mmjax compile`, which reads no data) skips the tokenizer
+    unless the model takes its vocabulary size from it (`vocab_size=None`)."""
     from mmjax.families import get_family
     from mmjax.models import build
-    check_vocabulary(config)
-    get_family(config).check_config(config)
+    family = get_family(config)
+    text = config.model.get(family.text_section)
+    if tokenizer or (text is not None and text.get("vocab_size", 0) is None):
+        family.check_config(config)
     prefixes = [("optim.freeze", p) for p in (config.optim.get("freeze") or [])]
     prefixes += [("init", p) for p in (config.get("init") or {}) if p != "all"]  # all: the model
     if prefixes:

@@ -125,11 +125,16 @@ def test_every_recipe_compiles_for_a_tpu_slice(recipe):
         assert ("all-gather", "jvp(softmax_contrastive_loss)") in loss_sources
 
 
-def test_oversized_batch_exits_1_with_one_line(capsys):
+def test_oversized_batch_exits_1_with_one_line(capsys, tmp_path, monkeypatch):
     """The TPU compiler refuses a step that needs more than a v5e's 16 GiB per chip:
-    exit 1 and one line with needed vs available and the keys that trade memory."""
+    exit 1 and one line with needed vs available and the keys that trade memory.
+    Compiling reads no text: a tokenizer that is nowhere (not in an empty, offline
+    hub cache) does not stop it."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_hub"))
     code = compile_command(["--config", "clip_b16:tiny", "--target", "v5litepod-4",
-                            "--config.model.dtype=bfloat16", "--config.batch_size=131072"])
+                            "--config.model.dtype=bfloat16", "--config.batch_size=131072",
+                            "--config.data.train.tokenizer=clip"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1, err
     assert "does not fit v5litepod-4" in err[0] and "batch_size" in err[0]
