@@ -2,12 +2,9 @@
 
     mmjax eval --workdir RUN --report OUT      # then open OUT/index.html in a browser
 
-`write_report` writes `OUT/index.html`, a self-contained page that opens from
-the file system (no server, no scripts, no network). Its pictures are PNG
-files beside it: media thumbnails in `OUT/media/` and the training curves in
-`OUT/curves.png`, referenced by relative links (copy the folder as a whole).
-
-The page holds, in order:
+`write_report` writes `OUT/index.html`, a self-contained page (no server, no
+scripts, no network) with PNG files beside it (`OUT/media/`, `OUT/curves.png`,
+relative links: copy the folder as a whole). It holds, in order:
 
 - Run: step, model (`config.model.name`), recipe when known, the eval data of
   each evaluator that ran, the media kind and the date;
@@ -20,14 +17,13 @@ The page holds, in order:
   beyond), the most confused class pairs and a few misclassified held-out
   examples with their predicted and true class;
 - Retrieval: for a few captions their top-5 images, for a few images their
-  top-5 captions, each marked hit (the caption's own image) or miss;
+  top-5 captions, each marked hit (the caption's own image, or of its group) or miss;
 - Captioning: media, generated caption and reference;
 - VQA: media, question, prediction, reference answer, correct or not;
 - Grounding: the map drawn over the image, the phrase, hit or miss.
 
-Each evaluator's section appears when its details are given. Hits are green,
-misses red. Audio media are shown as spectrograms, video by its first frame;
-media without a preview get a text placeholder.
+Each evaluator's section appears when its details are given; hits green, misses
+red; audio as spectrograms, video by its first frame, else a text placeholder.
 """
 from __future__ import annotations
 
@@ -387,24 +383,20 @@ def _retrieval_section(d: Mapping[str, Any], media: _Media, kind: Optional[str])
     items = "images" if kind in (None, "image") else f"{kind} clips"
     item = items[:-1]
     t2i = np.asarray(d["text_to_image"])
-    groups = d.get("groups")  # images of one group are hits for each other's captions
-
-    def same(i, own):
-        return int(i) == int(own) or (groups is not None and groups[int(i)] == groups[int(own)])
+    # Images of one group (evals.retrieval.group_key) are hits for each other's captions.
+    g = np.asarray(d["groups"] if d.get("groups") is not None else np.arange(t2i.max() + 1))
     pics, caps = d.get("media", {}), d.get("captions", {})
-    hit = (f"the caption's own {item} or one of its group ({_e(d.get('group_key', ''))})"
-           if groups is not None else f"the caption's own {item}")
+    by = f" or one of its group ({_e(d['group_key'])})" if d.get("group_key") else ""
     out = ["<h2>Retrieval</h2>",
            f"<p>{len(np.unique(t2i)) if len(t2i) else 0} {items}, {len(t2i)} captions, ranked by "
-           f"{_e(d.get('ranked_by', 'embedding similarity'))}. A hit is {hit}.</p>",
-           f"<h3>Caption &rarr; top-5 {items}</h3>"]
+           f"{_e(d.get('ranked_by', 'embedding similarity'))}. A hit is the caption's own "
+           f"{item}{by}.</p>", f"<h3>Caption &rarr; top-5 {items}</h3>"]
     rows = []
     for q in d.get("text_to_image_queries", []):
         own = int(t2i[q["caption"]])
         cells = "".join(_cell(media.img(f"retrieval_image_{i}", pics.get(i), f"image {i}"),
-                              f"#{r + 1}", same(i, own)) for r, i in enumerate(q["top"]))
-        rows.append((_e(caps.get(q["caption"], "")), cells,
-                     _mark(any(same(i, own) for i in q["top"])),
+                              f"#{r + 1}", g[i] == g[own]) for r, i in enumerate(q["top"]))
+        rows.append((_e(caps.get(q["caption"], "")), cells, _mark((g[q["top"]] == g[own]).any()),
                      media.img(f"retrieval_image_{own}", pics.get(own), f"image {own}")))
     out.append(_table(rows, ("caption", f"top-5 {items}", "in top 5", f"its own {item}"),
                       table_id="retrieval-t2i"))
@@ -413,10 +405,10 @@ def _retrieval_section(d: Mapping[str, Any], media: _Media, kind: Optional[str])
     for q in d.get("image_to_text_queries", []):
         img = q["image"]
         items = "".join(
-            f'<li class="{_mark(same(t2i[c], img))[1]}">{_e(caps.get(c, ""))} '
-            f"({_mark(same(t2i[c], img))[0]})</li>" for c in q["top"])
+            f'<li class="{_mark(g[t2i[c]] == g[img])[1]}">{_e(caps.get(c, ""))} '
+            f"({_mark(g[t2i[c]] == g[img])[0]})</li>" for c in q["top"])
         rows.append((media.img(f"retrieval_image_{img}", pics.get(img), f"image {img}"),
-                     f"<ol>{items}</ol>", _mark(any(same(t2i[c], img) for c in q["top"]))))
+                     f"<ol>{items}</ol>", _mark((g[t2i[q['top']]] == g[img]).any())))
     out.append(_table(rows, (item, "top-5 captions", "in top 5"), table_id="retrieval-i2t"))
     return "".join(out)
 
