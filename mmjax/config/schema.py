@@ -223,7 +223,8 @@ def check_model(config: Any, tokenizer: bool = True) -> None:
     family = get_family(config)
     text = config.model.get(family.text_section)
     if tokenizer or (text is not None and text.get("vocab_size", 0) is None):
-        family.check_config(config)
+        check_vocabulary(config)
+    family.check_config(config)
     prefixes = [("optim.freeze", p) for p in (config.optim.get("freeze") or [])]
     prefixes += [("init", p) for p in (config.get("init") or {}) if p != "all"]  # all: the model
     if prefixes:
