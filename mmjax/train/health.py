@@ -38,6 +38,15 @@ class LossHealth:
         self.rows = 0
         self.warned = False
 
+    @classmethod
+    def from_config(cls, config: Any) -> "LossHealth":
+        """The watcher of `config.health` (a config saved before the section existed:
+        the defaults of `mmjax.config.defaults.KEYS`)."""
+        from mmjax.config.defaults import KEYS
+        h = config.get("health") or {}
+        return cls(config, int(h.get("patience", KEYS["health.patience"][0])),
+                   float(h.get("tolerance", KEYS["health.tolerance"][0])))
+
     def first_step(self, loss: float) -> None:
         """The loss of the run's first step (the value "not moved" is measured from)."""
         if math.isfinite(loss):

@@ -224,8 +224,7 @@ def _train(config: Any, workdir: str, status: multihost.RunStatus) -> dict:
     stop = multihost.StopAgreement(mesh, every=mh["stop_check_every"],
                                    deadline_s=mh["preemption_deadline_s"], status=status)
     progress = Progress(start, total)
-    h = config.get("health") or {}  # absent from configs saved before it existed
-    health = LossHealth(config, int(h.get("patience", 3)), float(h.get("tolerance", 0.05)))
+    health = LossHealth.from_config(config)
     batch_keys = trainer.family.batch_keys(config)
     objectives = list(config.objectives.keys())
     evals_every = int(config.evals.get("every", 0) or 0)
