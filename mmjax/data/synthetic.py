@@ -36,7 +36,7 @@ from mmjax.errors import ConfigError
 log = logging.getLogger("mmjax")
 
 # Bump when the generator changes, so cached shards are rebuilt.
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (215, 35, 35),
@@ -64,6 +64,11 @@ _PAIR_TEMPLATES = (
     "{m} {rel} {s}", "a photo of {m} {rel} {s}", "{m} and {s}",
     "{m} with {s} {inv} it", "a picture of {m} {rel} {s}", "{m} next to {s}",
 )
+# Complete captions (`full_caption`): sizes, both objects and the relation, always.
+_FULL_PAIR_TEMPLATES = (
+    "{m} {rel} {s}", "a photo of {m} {rel} {s}", "{m} with {s} {inv} it",
+    "a picture of {m} {rel} {s}", "{s} {inv} {m}", "there is {s} {inv} {m}",
+)
 _SUPERSAMPLE = 2  # render at 2x and average: smooth edges without a drawing library
 
 QUESTIONS: dict[str, str] = {  # question type -> question text
@@ -83,6 +88,7 @@ ANSWERS_BY_TYPE: dict[str, tuple[str, ...]] = {  # question type -> every possib
     "where": tuple(_WHERE.values()) + ("none",),
 }
 _QA_STREAM = 1  # extra seed word of the stream that orders the questions
+_FULL_CAPTION_STREAM = 2  # ... and of the stream that phrases `full_caption`
 
 
 def article(phrase: str) -> str:
@@ -174,6 +180,22 @@ def _make_qa(index: int, split: str, seed: int, color1: int, shape1: int, two: b
     return [qa[i] for i in order]
 
 
+def _full_caption(index: int, split: str, seed: int, main: str, second: str | None,
+                  rel: str | None) -> str:
+    """A caption that states the whole scene: one shape (``"a photo of a red circle"``)
+    or both, with sizes and the relation (``"a small blue square below a big red
+    circle"``), so it is true of exactly the images of its scene. Phrased from its own
+    stream, so it never shifts the draws of the image and caption."""
+    rng = np.random.default_rng([int(seed), _split_stream(split), int(index),
+                                 _FULL_CAPTION_STREAM])
+    if second is None:
+        return _SINGLE_TEMPLATES[rng.integers(len(_SINGLE_TEMPLATES))].format(m=article(main))
+    template = _FULL_PAIR_TEMPLATES[rng.integers(len(_FULL_PAIR_TEMPLATES))]
+    big = "large" if rng.uniform() < 0.5 else "big"
+    return template.format(m=article(f"{big} {main}"), s=article(f"small {second}"), rel=rel,
+                           inv=_RELATIONS[rel])
+
+
 def sample_qa(index: int, split: str = "train", seed: int = 0) -> list[dict]:
     """Question/answer list of sample ``index`` without rendering its image.
 
@@ -197,7 +219,11 @@ def make_sample(index: int, split: str = "train", image_size: int = 64,
       ``{"name": "red circle", "size": "big" | "small", "box": (x0, y0, x1, y1)}``
       with the box in [0, 1] image coordinates (x right, y down), and
       ``scene``: what every caption of the image can say, e.g. ``"red circle
-      above blue square"`` (the same for images no caption tells apart).
+      above blue square"`` (the same for images no caption tells apart), and
+      ``full_caption``: a caption true of exactly the images of its scene (both
+      shapes, their sizes and the relation always said; ``caption`` may leave the
+      relation out, "a red circle and a blue square", and then is true of images of
+      other scenes too).
     """
     if image_size < 8:
         raise ConfigError(f"image_size must be >= 8, got {image_size}")
@@ -238,9 +264,11 @@ def make_sample(index: int, split: str = "train", image_size: int = 64,
     found = [dict(name=f"{_COLOR_NAMES[ci]} {SHAPES[si]}", size=kind,
                   box=(cx - size / 2, cy - size / 2, cx + size / 2, cy + size / 2))
              for ((size, cx, cy), ci, si), kind in zip(objects, ("big", "small"))]
-    scene = f"{m_name} {rel} {_COLOR_NAMES[color2]} {SHAPES[shape2]}" if two else m_name
+    s_name = f"{_COLOR_NAMES[color2]} {SHAPES[shape2]}" if two else None
+    scene = f"{m_name} {rel} {s_name}" if two else m_name
     return dict(image=image, caption=caption, label=label, classname=CLASSNAMES[label], qa=qa,
-                objects=found, scene=scene)
+                objects=found, scene=scene,
+                full_caption=_full_caption(index, split, seed, m_name, s_name, rel))
 
 
 def majority_answer_baselines(split: str = "train", num_samples: int = 10_000,
@@ -308,8 +336,8 @@ def write_synthetic_shards(out_dir: str, split: str = "train", num_samples: int 
 
     Members per sample: ``{key}.{jpg|png}``, ``{key}.txt`` (caption),
     ``{key}.cls`` (label) and ``{key}.json`` ({"caption", "label",
-    "classname", "qa", "scene"}: samples of one scene are one group, see
-    ``data.train.group_key``); ``sizes.json`` lists the shards. Shards are named
+    "classname", "qa", "scene", "full_caption"}: samples of one scene are one
+    group, see ``data.train.group_key``); ``sizes.json`` lists the shards. Shards are named
     ``{prefix or split}-000000.tar``, ...
 
     Returns:
@@ -330,7 +358,8 @@ def write_synthetic_shards(out_dir: str, split: str = "train", num_samples: int 
                 "txt": s["caption"],
                 "cls": s["label"],
                 "json": {"caption": s["caption"], "label": s["label"],
-                         "classname": s["classname"], "qa": s["qa"], "scene": s["scene"]},
+                         "classname": s["classname"], "qa": s["qa"], "scene": s["scene"],
+                         "full_caption": s["full_caption"]},
             })
             if progress is not None:
                 progress(i + 1)

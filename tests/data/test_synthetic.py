@@ -219,7 +219,8 @@ def test_write_shards_png_exact_and_jpg_close(tmp_path):
         assert s["txt"].decode() == ref["caption"] and int(s["cls"]) == ref["label"]
         assert json.loads(s["json"]) == {"caption": ref["caption"], "label": ref["label"],
                                          "classname": CLASSNAMES[ref["label"]],
-                                         "qa": ref["qa"], "scene": ref["scene"]}
+                                         "qa": ref["qa"], "scene": ref["scene"],
+                                         "full_caption": ref["full_caption"]}
     jpg = _read_samples(write_synthetic_shards(str(tmp_path / "jpg"), "train", 3, 24))
     decoded = np.asarray(Image.open(io.BytesIO(jpg["000000001"]["jpg"]))).astype(float)
     ref = make_sample(1, "train", 24)["image"].astype(float)
@@ -254,6 +255,43 @@ def test_group_key_marks_the_samples_of_one_scene(tmp_path):
     cfg.group_key = ""
     assert "group" not in next(pipeline.build_eval_iterator(cfg, 8, process_index=0,
                                                             process_count=1))
+
+
+def _scene_of(caption: str) -> str:
+    """The scene a complete caption states, read back from its words (independent of
+    the generator's templates: prefixes, sizes and articles dropped, the relation
+    inverted where the small shape is named first)."""
+    inverse = {"above": "below", "below": "above", "to the left of": "to the right of",
+               "to the right of": "to the left of"}
+    for prefix in ("a photo of ", "a picture of ", "a drawing of ", "there is "):
+        caption = caption.removeprefix(prefix)
+    caption = caption.removesuffix(" on a grey background")
+
+    def name(phrase):
+        words = [w for w in phrase.split() if w not in ("a", "an", "big", "large", "small")]
+        return " ".join(words)
+    if " with " in caption:  # "A with S REL it": S is REL A
+        main, rest = caption.split(" with ")
+        rel = next(r for r in sorted(inverse, key=len, reverse=True) if f" {r} it" in rest)
+        return f"{name(main)} {inverse[rel]} {name(rest.removesuffix(f' {rel} it'))}"
+    for rel in sorted(inverse, key=len, reverse=True):
+        if f" {rel} " in caption:
+            left, right = caption.split(f" {rel} ")
+            if "small" in left.split():
+                return f"{name(right)} {inverse[rel]} {name(left)}"
+            return f"{name(left)} {rel} {name(right)}"
+    return name(caption)
+
+
+def test_full_caption_states_exactly_the_scene():
+    """`full_caption` says both shapes with their sizes and the relation, so reading it
+    back gives the sample's scene (the plain `caption` may leave the relation out);
+    it is drawn from its own stream: image and caption are those of the draws alone."""
+    samples = [make_sample(i, "train", 16) for i in range(300)]
+    assert all(_scene_of(s["full_caption"]) == s["scene"] for s in samples)
+    assert sum(_scene_of(s["caption"]) != s["scene"] for s in samples) > 30
+    phrasings = {s["full_caption"].split(" a ")[0] for s in samples}
+    assert len(phrasings) > 5  # several phrasings, not one template
 
 
 def test_ensure_shards_cached_and_concurrent(tmp_path):
