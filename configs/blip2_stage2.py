@@ -9,15 +9,17 @@ with a Llama-family LM). Start from a stage-1 run and an imported LM:
         --config.data.train.shards='/data/coco_vg_cc_sbu_laion/{00000..12999}.tar' \
         --config.init.image_tower=workdir:/runs/blip2_s1#image_tower \
         --config.init.qformer_module=workdir:/runs/blip2_s1#qformer_module \
-        --config.init.lm_module=hf_llama:/models/vicuna-7b-v1.1 \
-        --config.data.train.tokenizer=hf:/models/vicuna-7b-v1.1/tokenizer.json
+        --config.init.lm_module=hf_llama:/models/vicuna-7b-v1.1
 
 The frozen ViT and LM come from their sources at start and on resume; the
 checkpoints hold the Q-Former, the projection and their optimizer state plus
 the source references (`optim.frozen_dtype="bfloat16"` keeps the frozen LM
 in bf16). Instruction tuning (InstructBLIP-style) is the same recipe with
 `--config.data.train.text_format=dialog --config.data.train.caption_key=json:conversations`.
-`:tiny` shrinks it to a 3-step CPU run (random frozen parts).
+The captions are tokenized by the LM's own tokenizer
+(`tokenizer="hub:lmsys/vicuna-7b-v1.1"`, from the Hugging Face hub cache, fetched on
+first use; point it at another LM's with `--config.data.train.tokenizer`).
+`:tiny` shrinks it to a 3-step CPU run (random frozen parts, the same tokenizer).
 """
 from mmjax.config.defaults import base_config, make_tiny
 
@@ -34,6 +36,7 @@ def get_config(arg=None):
     d.shards = None
     d.image_size, d.max_len = 224, 32
     d.output, d.workers, d.resampled = "uint8", 8, True
+    d.tokenizer = "hub:lmsys/vicuna-7b-v1.1"
     c.model.name = "vision_lm"
     c.model.connector = "qformer"
     c.model.dtype = "bfloat16"

@@ -2,15 +2,15 @@
 10k warmup, cosine, global batch 32k, bf16).
 
     mmjax train --config configs/clip_b16.py --workdir gs://bucket/runs/clip_b16 \
-        --config.data.train.shards='/data/laion400m/{00000..41407}.tar' \
-        --config.data.train.tokenizer=clip --config.model.text.vocab_size=None \
-        --config.model.text.pad_id=None --config.model.text.eos_id=49407
+        --config.data.train.shards='/data/laion400m/{00000..41407}.tar'
 
 Expect: on LAION-400M for 32 epochs (~400k steps at 32k) open_clip reports
 67.1% ImageNet zero-shot for B/16. `:tiny` shrinks it to a 3-step CPU run.
-The default tokenizer is the byte tokenizer (no files needed); `tokenizer=clip`
-reads CLIP's BPE from the Hugging Face hub cache (fetched on first use), and
-`None` takes the vocabulary size and pad id from it.
+The text is CLIP's BPE (`tokenizer="clip"`: 49,408 ids, EOS 49407, padded with
+EOS as Hugging Face's CLIPTokenizer does), read from the Hugging Face hub cache
+(fetched on first use; offline, the error names the command that fetches it);
+the model's vocabulary size and ids are checked against it before anything is
+built. `:tiny` keeps the tokenizer.
 """
 from mmjax.config.defaults import base_config, make_tiny
 
@@ -33,8 +33,9 @@ def get_config(arg=None):
     c.model.image = dict(image_size=224, patch_size=16, width=768, depth=12, heads=12,
                          pool="cls", ln_pre=True, patch_bias=False, embed_dim=512,
                          act="gelu", scan=True, remat="dots_no_batch")
-    c.model.text = dict(vocab_size=259, max_len=77, width=512, depth=12, heads=8,
-                        embed_dim=512, causal=True, pool="eos", eos_id=2, pad_id=0,
+    d.tokenizer = "clip"
+    c.model.text = dict(vocab_size=49408, max_len=77, width=512, depth=12, heads=8,
+                        embed_dim=512, causal=True, pool="eos", eos_id=49407, pad_id=49407,
                         act="gelu", scan=True, remat="dots_no_batch")
     c.objectives.softmax_contrastive = 1.0
     return make_tiny(c) if arg == "tiny" else c

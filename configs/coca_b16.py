@@ -6,7 +6,10 @@ queries), 12-layer multimodal decoder with cross-attention.
         --config.data.train.shards='/data/laion2b/{000000..231349}.tar'
 
 Expect: open_clip's CoCa ViT-B/32 on LAION-2B (13B samples) reaches 63.3%
-ImageNet zero-shot. `:tiny` shrinks it to a 3-step CPU run.
+ImageNet zero-shot. The text is CLIP's BPE (`tokenizer="clip"`, as open_clip's
+CoCa; from the Hugging Face hub cache, fetched on first use), padded with EOS:
+the first EOS of a caption is still a captioning target, so the decoder learns to
+stop. `:tiny` shrinks it to a 3-step CPU run with the same tokenizer.
 """
 from mmjax.config.defaults import base_config, make_tiny
 
@@ -29,10 +32,11 @@ def get_config(arg=None):
     c.model.pooler_heads = 8
     c.model.image = dict(image_size=224, patch_size=16, width=768, depth=12, heads=12,
                          ln_pre=True, patch_bias=False, scan=True, remat="dots_no_batch")
-    c.model.text = dict(vocab_size=259, max_len=76, width=512, depth=12, heads=8,
-                        causal=True, pool="eos", eos_id=2, pad_id=0, scan=True,
+    c.data.train.tokenizer = "clip"
+    c.model.text = dict(vocab_size=49408, max_len=76, width=512, depth=12, heads=8,
+                        causal=True, pool="eos", eos_id=49407, pad_id=49407, scan=True,
                         remat="dots_no_batch")
-    c.model.decoder = dict(vocab_size=259, width=512, depth=12, heads=8, scan=True,
+    c.model.decoder = dict(vocab_size=49408, width=512, depth=12, heads=8, scan=True,
                            remat="dots_no_batch")
     c.objectives.softmax_contrastive = 1.0
     c.objectives.caption = 2.0

@@ -7,7 +7,10 @@ trained from scratch with the CLIP softmax loss.
 
 Start the image tower from pretrained weights by restoring a CLIP/SigLIP
 checkpoint into the workdir (see README, "Imported weights"); from random
-weights LiT only shows the mechanics. `:tiny` shrinks it to a 3-step CPU run.
+weights LiT only shows the mechanics. The text is BERT's WordPiece
+(`tokenizer="bert-base-uncased"`, 30,522 ids, [CLS] first: the tower pools it), as
+LiT's BERT text towers, from the Hugging Face hub cache (fetched on first use).
+`:tiny` shrinks it to a 3-step CPU run with the same tokenizer.
 """
 from mmjax.config.defaults import base_config, make_tiny
 
@@ -29,8 +32,9 @@ def get_config(arg=None):
     c.model.dtype = "bfloat16"
     c.model.image = dict(image_size=224, patch_size=16, width=768, depth=12, heads=12,
                          pool="gap", posemb="sincos2d", embed_dim=768, scan=True)
-    c.model.text = dict(vocab_size=259, max_len=64, width=768, depth=12, heads=12,
-                        embed_dim=768, causal=False, pool="cls", eos_id=2, pad_id=0, scan=True,
+    c.data.train.tokenizer = "bert-base-uncased"
+    c.model.text = dict(vocab_size=30522, max_len=64, width=768, depth=12, heads=12,
+                        embed_dim=768, causal=False, pool="cls", eos_id=102, pad_id=0, scan=True,
                         remat="dots_no_batch")
     c.objectives.softmax_contrastive = 1.0
     return make_tiny(c) if arg == "tiny" else c

@@ -6,17 +6,17 @@ Two stages, as in LLaVA-1.5 (arg `pretrain` or `finetune`):
     mmjax train --config configs/llava.py:pretrain --workdir /runs/llava_pt \
         --config.data.train.shards='/data/lcs558k/{00000..00558}.tar' \
         --config.init.image_tower='hf_clip:/models/clip-vit-large-patch14-336#image_tower' \
-        --config.init.lm_module=hf_llama:/models/vicuna-7b-v1.5 \
-        --config.data.train.tokenizer=hf:/models/vicuna-7b-v1.5/tokenizer.json
+        --config.init.lm_module=hf_llama:/models/vicuna-7b-v1.5
     # 2. visual instruction tuning: projector + LM train (665K conversations)
     mmjax train --config configs/llava.py:finetune --workdir /runs/llava_ft \
         --config.data.train.shards='/data/llava665k/{00000..00665}.tar' \
         --config.init.image_tower='hf_clip:/models/clip-vit-large-patch14-336#image_tower' \
         --config.init.lm_module=hf_llama:/models/vicuna-7b-v1.5 \
         --config.init.projector_fc1=workdir:/runs/llava_pt#projector_fc1 \
-        --config.init.projector_fc2=workdir:/runs/llava_pt#projector_fc2 \
-        --config.data.train.tokenizer=hf:/models/vicuna-7b-v1.5/tokenizer.json
+        --config.init.projector_fc2=workdir:/runs/llava_pt#projector_fc2
 
+The text is Vicuna's own tokenizer (`tokenizer="hub:lmsys/vicuna-7b-v1.5"`, from
+the Hugging Face hub cache, fetched on first use; `<unk>` = 0 pads).
 Finetune data are webdataset samples whose `json` holds LLaVA `conversations`
 (`text_format="dialog"`); the loss covers answer tokens only. Frozen parts
 sourced from `init` are not written into checkpoints (only references).
@@ -57,6 +57,7 @@ def get_config(arg=None):
     c.objectives.lm = 1.0
     d = c.data.train
     d.shards = None
+    d.tokenizer = "hub:lmsys/vicuna-7b-v1.5"
     d.image_size, d.max_len = 336, 2048
     d.output, d.workers, d.resampled = "uint8", 8, True
     d.augment = "center"

@@ -6,7 +6,10 @@ MAP head, bidirectional text with last-token pooling, batch 32k).
 
 The sigmoid loss runs as a ring over the batch devices (memory flat in the
 device count). Expect (WebLI, 40B examples seen): ~76-78% ImageNet zero-shot.
-`:tiny` shrinks it to a 3-step CPU run.
+The text is SigLIP's SentencePiece (`tokenizer="siglip"`, 32,000 ids, padded
+with EOS = 1 as Hugging Face's SiglipTokenizer does), from the Hugging Face hub
+cache (fetched on first use). `:tiny` shrinks it to a 3-step CPU run with the
+same tokenizer.
 """
 from mmjax.config.defaults import base_config, make_tiny
 
@@ -30,9 +33,10 @@ def get_config(arg=None):
                          pool="map", posemb="learned", ln_pre=False, patch_bias=True,
                          embed_dim=None, act="gelu_tanh", norm_eps=1e-6, scan=True,
                          remat="dots_no_batch")
-    c.model.text = dict(vocab_size=259, max_len=64, width=768, depth=12, heads=12,
+    c.data.train.tokenizer = "siglip"
+    c.model.text = dict(vocab_size=32000, max_len=64, width=768, depth=12, heads=12,
                         embed_dim=768, proj_bias=True, causal=False, mask_padding=False,
-                        pool="last", eos_id=2, pad_id=0, act="gelu_tanh", norm_eps=1e-6,
+                        pool="last", eos_id=1, pad_id=1, act="gelu_tanh", norm_eps=1e-6,
                         scan=True, remat="dots_no_batch")
     c.objectives.sigmoid_contrastive = 1.0
     c.evals.zeroshot.templates = "simple"

@@ -11,7 +11,8 @@ the 8 chips of a v5p-16: `mmjax compile --config configs/video_clip_b16.py --tar
 shows the step fitting (BENCHMARKS.md). CLIP4Clip (ViT-B/32, seqTransf)
 reports MSR-VTT text-to-video R@1 44.5 after fine-tuning on MSR-VTT.
 The frame ViT initialises from an image-text run's image tower (`config.init`)
-or imported CLIP weights (`hf_clip:PATH#image_tower`).
+or imported CLIP weights (`hf_clip:PATH#image_tower`). The text is CLIP's BPE
+(`tokenizer="clip"`, from the Hugging Face hub cache, fetched on first use).
 """
 from mmjax.config.defaults import base_config, make_tiny
 
@@ -37,8 +38,9 @@ def get_config(arg=None):
                          image_size=224, patch_size=16, width=768, depth=12, heads=12,
                          pool="cls", ln_pre=True, patch_bias=False, embed_dim=512,
                          act="gelu", scan=True, remat="full")
-    c.model.text = dict(vocab_size=259, max_len=77, width=512, depth=12, heads=8,
-                        embed_dim=512, causal=True, pool="eos", eos_id=2, pad_id=0,
+    c.data.train.tokenizer = "clip"
+    c.model.text = dict(vocab_size=49408, max_len=77, width=512, depth=12, heads=8,
+                        embed_dim=512, causal=True, pool="eos", eos_id=49407, pad_id=49407,
                         act="gelu", scan=True, remat="full")
     c.objectives.softmax_contrastive = 1.0
     c.evals.zeroshot.shards = ""

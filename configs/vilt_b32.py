@@ -20,7 +20,7 @@ BERT's WordPiece (`bert-base-uncased`), 40 tokens.
 """
 from mmjax.config.defaults import base_config, make_tiny
 
-BERT_TOKENIZER = "hf:/models/bert-base-uncased/tokenizer.json"
+BERT_TOKENIZER = "bert-base-uncased"  # from the Hugging Face hub cache
 
 
 def read_answers(path: str) -> list[str]:

@@ -16,8 +16,11 @@ Shared code: fixtures here (`mmjax_cache`, `mmjax_cache_dir`, `subprocess_env`,
 multi-process runs in `_local.py`, imported as `from _helpers import ...`
 (pytest puts tests/, this file's folder, on `sys.path`).
 
-Session setup: 8 simulated CPU devices, set before jax starts, and one
-persistent XLA compilation cache for the session.
+Session setup: 8 simulated CPU devices, set before jax starts, one
+persistent XLA compilation cache for the session, and an offline Hugging Face
+hub cache holding small tokenizers in the layouts of those the recipes name
+(`clip`, `siglip`, `bert-base-uncased`, Vicuna's; `_hub.py`), so `recipe:tiny`
+runs with its recipe's tokenizer and nothing is downloaded.
 
 Single-device computations run on device 0; sharding tests build meshes over
 all 8. Multi-process tests start their own subprocesses.
@@ -61,6 +64,16 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _CACHE = tempfile.mkdtemp(prefix="mmjax-test-xla-cache-")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _recipe_hub_cache(tmp_path_factory):
+    """`HF_HUB_CACHE` (inherited by subprocesses) -> the session's offline hub cache of
+    the recipes' tokenizers (`_hub.recipe_hub_cache`), downloads off."""
+    from _hub import recipe_hub_cache
+    os.environ["HF_HUB_CACHE"] = recipe_hub_cache(tmp_path_factory.mktemp("hf"))
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    yield
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -132,11 +132,30 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+BYTE_IDS = {"vocab_size": 259, "pad_id": 0, "bos_id": 1, "eos_id": 2}
+"""The byte tokenizer's vocabulary size and special ids (`mmjax.data.tokenizers`)."""
+
+
+def tiny_token_ids(c: ml_collections.ConfigDict) -> dict:
+    """`{vocab_size, pad_id, bos_id, eos_id}` of the tokenizer a `:tiny` run of `c`
+    reads (`data.train.tokenizer`): the byte tokenizer's without loading it, else
+    the tokenizer's own (loaded: a named one from the hub cache)."""
+    spec = c.data.train.tokenizer
+    if spec == "bytes":
+        return dict(BYTE_IDS)
+    from mmjax.data.tokenizers import build_tokenizer
+    tok = build_tokenizer(spec, int(c.data.train.max_len))
+    return {"vocab_size": tok.vocab_size, "pad_id": tok.pad_id, "bos_id": tok.bos_id,
+            "eos_id": tok.eos_id}
+
+
 def make_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Shrink any recipe to a few-second CPU run on the built-in data (`:tiny` arg).
 
     Keeps the recipe's structure (model kind, pooling, heads, objectives,
-    freezing) and only reduces sizes, steps and data: the generic part here,
+    freezing) and its tokenizer (a named one, e.g. `clip`, is read from the hub
+    cache; the vocabulary size and special ids follow it; `synthetic` becomes
+    `bytes`), and only reduces sizes, steps and data: the generic part here,
     the media tower's sizes from its `tiny()`, the family's own sections and
     evaluators from `Family.shrink` (`mmjax.families`).
     """
@@ -148,8 +167,10 @@ def make_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.synthetic.update(dict(train_samples=64, test_samples=32, image_size=32,
                             samples_per_shard=16))
     d = c.data.train
-    d.update(dict(shards="synthetic", tokenizer="bytes", max_len=32, image_size=32,
-                  workers=0, shuffle_buffer=16))
+    if d.get("tokenizer") in (None, "", "synthetic"):
+        d.tokenizer = "bytes"
+    d.update(dict(shards="synthetic", max_len=32, image_size=32, workers=0, shuffle_buffer=16))
+    ids = tiny_token_ids(c)
     c.evals.batch_size = 32
     c.evals.zeroshot.shards = c.evals.retrieval.shards = "synthetic"
     m = c.model
@@ -159,11 +180,16 @@ def make_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         m.image.update(tower.tiny(fields))
         d.update(towers.data_keys(*towers.tower_fields(m.image)))  # what the tower reads
     if "text" in m:
-        m.text.update(dict(vocab_size=259, max_len=32, **small))
+        m.text.update(dict(vocab_size=ids["vocab_size"], max_len=32, **small))
+        for key in ("pad_id", "eos_id"):
+            if key in m.text:
+                m.text[key] = ids[key]
         if m.text.get("embed_dim"):
             m.text.embed_dim = 32
+    if "pad_id" in m:
+        m.pad_id = ids["pad_id"]
     if "decoder" in m:
-        m.decoder.update(dict(vocab_size=259, **small))
+        m.decoder.update(dict(vocab_size=ids["vocab_size"], **small))
     if "qformer" in m:
         m.qformer.update(small)
     for key, value in (("embed_dim", 32), ("caption_queries", 4), ("pooler_heads", 4)):

@@ -65,7 +65,10 @@ class Blip2Family(Family):
                 + similarity_flops(batch, e, nq, TRAIN))
 
     def shrink(self, c):
-        c.model.qformer.update(dict(num_queries=4, max_len=32, vocab_size=260))
+        from mmjax.config.defaults import tiny_token_ids
+        vocab = tiny_token_ids(c)["vocab_size"]  # [DEC] is one id past the tokenizer's
+        c.model.qformer.update(dict(num_queries=4, max_len=32, vocab_size=vocab + 1))
+        c.model.dec_id = vocab
         c.evals.captioning.update(dict(shards="synthetic", max_samples=8, max_len=8))
 
     def captioner(self, model, variables, beam_size):

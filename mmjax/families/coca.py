@@ -21,7 +21,8 @@ class CoCaFamily(Family):
         out = self.apply(model, params, media, text, rng=rng)
         terms, extra = contrastive_terms(out, objectives)
         if "caption" in objectives:
-            terms["caption"] = losses.next_token_loss(out["logits"], text, self.pad_id(model))
+            terms["caption"] = losses.next_token_loss(
+                out["logits"], text, self.pad_id(model), eos_id=dict(model.text).get("eos_id", 2))
         return terms, extra
 
     def train_flops(self, model_cfg, batch, text_len, frozen=()):

@@ -227,11 +227,14 @@ class OneTowerFamily(Family):
 
     # --- :tiny --------------------------------------------------------------------------
     def shrink(self, c):
-        m = c.model
+        from mmjax.config.defaults import tiny_token_ids
+        ids, m = tiny_token_ids(c), c.model
+        vocab = ids["vocab_size"]  # [MASK] is one id past the tokenizer's
+        special = tuple(ids[k] for k in ("pad_id", "bos_id", "eos_id") if ids[k] is not None)
         m.image.update(dict(depth=0, width=64, heads=4))
-        m.text.update(dict(depth=0, vocab_size=260, width=64, heads=4))
-        m.update(dict(depth=2, heads=4, mlp_dim=128, mask_id=259, special_ids=(0, 1, 2),
-                      pad_id=0))
+        m.text.update(dict(depth=0, vocab_size=vocab + 1, width=64, heads=4))
+        m.update(dict(depth=2, heads=4, mlp_dim=128, mask_id=vocab,
+                      special_ids=tuple(dict.fromkeys(special)), pad_id=ids["pad_id"]))
         if m.get("vl_depth"):
             m.vl_depth = 1
         if not _multiway(m):

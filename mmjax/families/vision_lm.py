@@ -69,8 +69,10 @@ class VisionLMFamily(Family):
         d = c.data.train
         c.evals.zeroshot.shards = c.evals.retrieval.shards = ""
         c.init = ml_collections.ConfigDict()  # random frozen parts at tiny size
-        c.model.lm.update(dict(vocab_size=259, width=64, depth=2, num_heads=4, mlp_dim=128,
-                               max_len=256, remat="none"))
+        from mmjax.config.defaults import tiny_token_ids
+        ids = tiny_token_ids(c)
+        c.model.lm.update(dict(vocab_size=ids["vocab_size"], width=64, depth=2, num_heads=4,
+                               mlp_dim=128, max_len=256, remat="none"))
         if "qformer" in c.model:
             c.model.qformer.update(dict(num_queries=4, max_len=32, vocab_size=260))
         if d.get("text_format") == "dialog":

@@ -38,7 +38,7 @@ def caption_loss(logits, targets, mask, label_smoothing=0.0):
     return jnp.sum(token_loss * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def next_token_loss(logits, tokens, pad_id, label_smoothing=0.0):
+def next_token_loss(logits, tokens, pad_id, label_smoothing=0.0, eos_id=None):
     """Shifted LM loss: `logits[:, :-1]` predict `tokens[:, 1:]`, pads ignored.
 
     Args:
@@ -46,10 +46,14 @@ def next_token_loss(logits, tokens, pad_id, label_smoothing=0.0):
       tokens: int `[B, L]` the decoder's input ids (with BOS first).
       pad_id: id of padding (from the tokenizer); targets equal to it get no loss.
       label_smoothing: as in `caption_loss`.
+      eos_id: the tokenizer's EOS id; where it equals `pad_id` (a tokenizer that
+        pads with EOS, e.g. CLIP's) the first EOS of a row is still a target, so
+        the model learns to stop (`mmjax.models.text.real_tokens`).
 
     Returns:
       Scalar float32 mean over the non-pad target tokens of the batch.
     """
+    from mmjax.models.text import real_tokens
     targets = tokens[:, 1:]
-    return caption_loss(logits[:, :-1], targets, targets != pad_id,
+    return caption_loss(logits[:, :-1], targets, real_tokens(targets, pad_id, eos_id),
                         label_smoothing=label_smoothing)

@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mmjax.models.layers import Dense, MAPHead, Norm, boundary, l2_normalize
-from mmjax.models.text import CaptionDecoder, TextEncoder
+from mmjax.models.text import CaptionDecoder, TextEncoder, real_tokens
 from mmjax.models.two_tower import _scalar
 from mmjax.models.towers import build_tower
 
@@ -102,6 +102,10 @@ class CoCa(nn.Module):
         """Decoder-side image tokens `[B, caption_queries, D]`."""
         return self._image(images)[1]
 
+    def _real(self, text):
+        """The decoder's key mask `[B, L]`: text tokens, not padding (`real_tokens`)."""
+        return real_tokens(text, self.text_tower.pad_id, self.text_tower.eos_id)
+
     def decode(self, text, image_tokens):
         """Caption logits `[B, L, V]` for `text [B, L]` given `image_tokens [B, N, D]`.
 
@@ -109,11 +113,11 @@ class CoCa(nn.Module):
         `image_tokens` only on the first call (None afterwards).
         """
         _, tok = self.text_tower(text)
-        return self.text_decoder(tok, image_tokens, text != self.text_tower.pad_id)
+        return self.text_decoder(tok, image_tokens, self._real(text))
 
     def __call__(self, images, text):
         zimg, img_tokens = self._image(images)
         ztxt, tok = self.text_tower(text)
-        logits = self.text_decoder(tok, img_tokens, text != self.text_tower.pad_id)
+        logits = self.text_decoder(tok, img_tokens, self._real(text))
         return {"zimg": l2_normalize(zimg), "ztxt": l2_normalize(ztxt.astype(jnp.float32)),
                 "scale": jnp.exp(self.log_scale), "logits": logits}

@@ -45,6 +45,19 @@ def eos_positions(ids, eos_id: Optional[int], pad_id: int):
     return jnp.where(is_eos.any(-1), jnp.argmax(is_eos, axis=-1), last_real)
 
 
+def real_tokens(ids, pad_id: int, eos_id: Optional[int] = None):
+    """Bool `[B, L]`: the text tokens of each row, the padding after them False.
+
+    `ids != pad_id`, except where the tokenizer pads with its EOS token (Hugging
+    Face's CLIP, GPT-2 style): then the first EOS of a row is text and only what
+    follows it is padding.
+    """
+    if eos_id is None or eos_id != pad_id:
+        return ids != pad_id
+    is_eos = ids == eos_id
+    return jnp.cumsum(is_eos, axis=-1) - is_eos == 0  # up to and including the first EOS
+
+
 class TextEncoder(nn.Module):
     """Text Transformer encoder.
 
@@ -119,7 +132,7 @@ class TextEncoder(nn.Module):
         x = self.embedding(ids).astype(self.dtype)
         pos = self.param("posemb", logical(normal_init(0.01), (None, "embed")),
                          (self.max_len, self.width))
-        valid = ids != self.pad_id if self.mask_padding else None
+        valid = real_tokens(ids, self.pad_id, self.eos_id) if self.mask_padding else None
         cache_kw = {}
         if self.decode:
             cache_len = self.cache_len or self.max_len

@@ -1,7 +1,6 @@
 """Named tokenizers ("clip", "siglip", "bert-base-uncased", "t5", "hub:ORG/NAME") read
 from an offline Hugging Face hub cache laid out here, against transformers' tokenizers
 loaded from the same files; the check of a config's vocabulary against its tokenizer."""
-import hashlib
 import json
 import os
 import pickle
@@ -10,6 +9,7 @@ import shutil
 
 import pytest
 
+from _hub import lay_out
 from mmjax.config.loading import CONFIG_DIR, load_config
 from mmjax.config.schema import check_vocabulary
 from mmjax.data.tokenizers import build_tokenizer
@@ -146,12 +146,7 @@ def hub_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
 
     def put(repo_id, folder):
-        repo = cache / ("models--" + repo_id.replace("/", "--"))
-        commit = hashlib.sha1(repo_id.encode()).hexdigest()
-        shutil.copytree(folder, repo / "snapshots" / commit)
-        (repo / "refs").mkdir()
-        (repo / "refs" / "main").write_text(commit)
-        return str(repo / "snapshots" / commit)
+        return lay_out(cache, repo_id, folder)
     put.cache = str(cache)
     return put
 
@@ -262,14 +257,18 @@ def test_vocabulary_mismatch_fails_before_the_workdir_is_touched(sources, hub_ca
                                                                         tok.pad_id)
 
 
-def test_byte_tokenizer_recipes_pass_the_check():
-    """Every recipe on the byte tokenizer (259 ids, pad 0, EOS 2), full size and :tiny,
-    agrees with it: the pad/EOS checks leave them unchanged."""
+def test_recipes_pass_the_check():
+    """Every recipe at :tiny agrees with its own tokenizer (a named one from the
+    session's hub cache: vocabulary size and ids follow it), and every recipe on the
+    byte tokenizer (259 ids, pad 0, EOS 2) at full size too: the checks leave them
+    unchanged."""
     checked = 0
     for name in sorted(os.listdir(CONFIG_DIR)):
         for arg in ("", ":tiny"):
             config = load_config(os.path.join(CONFIG_DIR, name) + arg)
-            if config.data.train.tokenizer == "bytes":
+            if arg or config.data.train.tokenizer == "bytes":
+                before = config.model.to_dict()
                 check_vocabulary(config)
+                assert config.model.to_dict() == before, name + arg
                 checked += 1
-    assert checked >= 20
+    assert checked > len(os.listdir(CONFIG_DIR)) >= 15  # every :tiny and the byte recipes

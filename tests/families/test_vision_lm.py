@@ -209,8 +209,8 @@ def test_stage2_checkpoint_holds_only_trained_parts(tmp_path, tiny_run):
     image = make_sample(0, "test", 32)["image"]
     Image.fromarray(image).save(tmp_path / "x.png")
     got = generate_answer(s2, str(tmp_path / "x.png"), "colour?", max_new_tokens=6)
-    tok = build_tokenizer("bytes", 32)
     d = config.data.train
+    tok = build_tokenizer(d.tokenizer, 32)  # the recipe's: Vicuna's
     variables = {"params": full}
     pixels = normalize(image[None], d.mean, d.std)
     emb = image_embeds(model, variables, pixels)

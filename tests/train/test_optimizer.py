@@ -16,15 +16,15 @@ from mmjax.train.optimizer import build_optimizer, frozen_labels
 
 
 def _batch(config, rows=None, seed=0):
+    """Random images and built-in captions in the recipe's own tokenizer."""
+    from mmjax.data.synthetic import make_sample
+    from mmjax.data.tokenizers import build_tokenizer
     rng = np.random.RandomState(seed)
     s, l = config.data.train.image_size, config.data.train.max_len
     b = rows or config.batch_size
-    text = rng.randint(3, 200, (b, l)).astype(np.int32)
-    text[:, 0] = 1
-    for row, length in zip(text, rng.randint(4, l, b)):
-        row[length] = 2
-        row[length + 1:] = 0
-    return {"image": rng.randn(b, s, s, 3).astype(np.float32), "text": text}
+    tok = build_tokenizer(config.data.train.tokenizer, l)
+    text = tok([make_sample(seed * 1000 + i, "train", 8)["caption"] for i in range(b)])
+    return {"image": rng.randn(b, s, s, 3).astype(np.float32), "text": text.astype(np.int32)}
 
 
 def _name(path):
