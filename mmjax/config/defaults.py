@@ -9,6 +9,7 @@ from __future__ import annotations
 import ml_collections
 
 from mmjax.data.options import default_data_config
+from mmjax.data.tokenizers import token_ids
 
 
 # Every key of the base config: dotted name -> (default, one-line description);
@@ -17,6 +18,9 @@ from mmjax.data.options import default_data_config
 KEYS: dict[str, tuple] = {
     "seed": (0, "seed of the parameter init and of the step's random numbers"),
     "total_steps": (1000, "optimizer steps of the run"),
+    "unmasked_tuning_steps": (0, "the last N of total_steps train with the media tower's "
+                                 "patch dropout off (FLIP's unmasked tuning; "
+                                 "model.image.patch_dropout; 0: none)"),
     "batch_size": (256, "global batch: rows per step over all processes and devices"),
     "log_every": (50, "steps between metric rows (metrics.jsonl, TensorBoard, the log line)"),
     "checkpoint_every": (1000, "steps between checkpoints (and one at the end)"),
@@ -132,23 +136,6 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-BYTE_IDS = {"vocab_size": 259, "pad_id": 0, "bos_id": 1, "eos_id": 2}
-"""The byte tokenizer's vocabulary size and special ids (`mmjax.data.tokenizers`)."""
-
-
-def tiny_token_ids(c: ml_collections.ConfigDict) -> dict:
-    """`{vocab_size, pad_id, bos_id, eos_id}` of the tokenizer a `:tiny` run of `c`
-    reads (`data.train.tokenizer`): the byte tokenizer's without loading it, else
-    the tokenizer's own (loaded: a named one from the hub cache)."""
-    spec = c.data.train.tokenizer
-    if spec == "bytes":
-        return dict(BYTE_IDS)
-    from mmjax.data.tokenizers import build_tokenizer
-    tok = build_tokenizer(spec, int(c.data.train.max_len))
-    return {"vocab_size": tok.vocab_size, "pad_id": tok.pad_id, "bos_id": tok.bos_id,
-            "eos_id": tok.eos_id}
-
-
 def make_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Shrink any recipe to a few-second CPU run on the built-in data (`:tiny` arg).
 
@@ -170,7 +157,7 @@ def make_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if d.get("tokenizer") in (None, "", "synthetic"):
         d.tokenizer = "bytes"
     d.update(dict(shards="synthetic", max_len=32, image_size=32, workers=0, shuffle_buffer=16))
-    ids = tiny_token_ids(c)
+    ids = token_ids(d.tokenizer, int(d.max_len))
     c.evals.batch_size = 32
     c.evals.zeroshot.shards = c.evals.retrieval.shards = "synthetic"
     m = c.model

@@ -95,6 +95,29 @@ def _parse(text: str, current: Any) -> Any:
 OPEN_SECTIONS = {"init": str, "objectives": float}
 
 
+def module_field(config: ml_collections.ConfigDict, section: Sequence[str],
+                 name: str) -> tuple[bool, Any]:
+    """`(is_field, default)`: whether `name` is a field of the module that the config
+    section `section` (`["model"]`, `["model", "image"]`, ...) configures (the
+    model's class, or the one of its section: the tower of `model.image.kind`), and
+    its default. Such a key may be set with `--config.model...=VALUE` although the
+    recipe leaves it at its default (what `--help-config` lists)."""
+    import dataclasses
+    if not section or section[0] != "model" or len(section) > 2:
+        return False, None
+    from mmjax.models import MODELS, SUBMODULES, towers
+    model = config.model
+    cls = MODELS.get(model.get("name"))
+    if cls is not None and len(section) == 2:
+        cls = SUBMODULES.get(model.get("name"), {}).get(section[1])
+        if cls == "tower":
+            cls = towers.tower_fields(model.get(section[1]), f"model.{section[1]}")[0]
+    field = getattr(cls, "__dataclass_fields__", {}).get(name)
+    if field is None or name in ("parent", "name") or field.default is dataclasses.MISSING:
+        return False, None
+    return True, field.default
+
+
 def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
     """Apply one `a.b.c=value` override (the `--config.` prefix already removed)."""
     if "=" not in item:
@@ -113,6 +136,11 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
         return
     for i, part in enumerate(parts):
         is_last = i == len(parts) - 1
+        if is_last and isinstance(node, ml_collections.ConfigDict) and part not in node:
+            field, default = module_field(config, parts[:-1], part)
+            if field:  # a field of the model's module that the recipe leaves at its default
+                with node.unlocked():
+                    node[part] = default
         if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
             siblings = list(node.keys()) if hasattr(node, "keys") else []
             close = difflib.get_close_matches(part, siblings, n=3)

@@ -37,6 +37,7 @@ _INT_GE1 = ("int", 1, None, "")
 _INT_GE0 = ("int", 0, None, "")
 NUMERIC_KEYS = {
     "seed": _INT_GE0, "total_steps": _INT_GE1, "batch_size": _INT_GE1, "log_every": _INT_GE1,
+    "unmasked_tuning_steps": _INT_GE0, "model.image.patch_dropout": ("float", 0, "<1", ""),
     "checkpoint_every": _INT_GE1, "keep_checkpoints": _INT_GE1,
     "peak_flops": ("float", ">0", None, "none"),
     "mesh.data": ("int", 1, None, "-1"), "mesh.fsdp": ("int", 1, None, "-1"),
@@ -200,6 +201,7 @@ def check_config(config: Any) -> None:
             raise ConfigError(f"config.data.train.{key}={data.get(key)!r} but the model's "
                               f"{media} tower reads {value!r} (model.image); set "
                               f"--config.data.train.{key}={value}.")
+    check_patch_dropout(config, family)
     evaluators = enabled_evaluators(config)
     builtin = ["data.train.shards"] if data.get("shards") == "synthetic" else []
     builtin += [f"evals.{n}.shards" for n in evaluators if config.evals[n].shards == "synthetic"]
@@ -207,6 +209,22 @@ def check_config(config: Any) -> None:
         raise ConfigError(f"config.{builtin[0]}='synthetic': there is no built-in data for the "
                           f"model's {media} tower (have {sorted(builtin_lib.BUILTIN)}); give "
                           "shard paths.")
+
+
+def check_patch_dropout(config: Any, family: Any) -> None:
+    """`model.image.patch_dropout` only where the family takes any number of media
+    tokens (`Family.patch_dropout`: not where they fill fixed places of one
+    sequence, VisionLM and one-tower), and `unmasked_tuning_steps` within
+    `total_steps`."""
+    rate = (config.model.get("image") or {}).get("patch_dropout") or 0
+    if rate and not family.patch_dropout:
+        raise ConfigError(f"config.model.image.patch_dropout={rate!r}: the {family.name} family "
+                          "places a fixed number of media tokens in one sequence, so its tower "
+                          "cannot drop patches; set it to 0.")
+    tail = int(config.get("unmasked_tuning_steps") or 0)
+    if tail > int(config.total_steps):
+        raise ConfigError(f"config.unmasked_tuning_steps={tail} is more than config.total_steps="
+                          f"{config.total_steps}; at most total_steps (every step unmasked).")
 
 
 def check_model(config: Any, tokenizer: bool = True) -> None:

@@ -438,6 +438,21 @@ def load_pretrained(folder: str, max_len: int, kind: str | None = None) -> Token
         f"(needs {' or '.join(' + '.join(s) for s in _FILES[kind])}).")
 
 
+BYTE_IDS = {"vocab_size": 259, "pad_id": 0, "bos_id": 1, "eos_id": 2}
+"""The byte tokenizer's vocabulary size and special ids."""
+
+
+def token_ids(spec: str, max_len: int) -> dict:
+    """`{vocab_size, pad_id, bos_id, eos_id}` of tokenizer `spec` (as
+    `data.train.tokenizer` names it): the byte tokenizer's without building it, else
+    the tokenizer's own (built: a named one read from the hub cache)."""
+    if spec == "bytes":
+        return dict(BYTE_IDS)
+    tok = build_tokenizer(spec, int(max_len))
+    return {"vocab_size": tok.vocab_size, "pad_id": tok.pad_id, "bos_id": tok.bos_id,
+            "eos_id": tok.eos_id}
+
+
 def named_tokenizer(spec: str, max_len: int) -> Tokenizer:
     """The tokenizer named by ``spec`` (a name of ``NAMED`` or ``"hub:ORG/NAME"``), its
     files from the Hugging Face Hub cache (``mmjax.data.hub.snapshot_folder``: fetched

@@ -41,6 +41,9 @@ class Family:
     text_section: str = "text"            # model section whose vocabulary the tokenizer feeds
     optional_batch_keys: tuple[str, ...] = ()  # step inputs some data has (VisionLM: loss_mask)
     itm_rerank: bool = False              # retrieval re-ranks with `itm_logits(image_tokens, text)`
+    # The step takes any number of media tokens (it pools them or attends over them),
+    # so the tower may drop patches in training (`model.image.patch_dropout`).
+    patch_dropout: bool = False
 
     # --- the media tower -------------------------------------------------------------
     def tower(self, model_cfg: Mapping) -> type:

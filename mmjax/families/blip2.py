@@ -13,6 +13,7 @@ class Blip2Family(Family):
     evaluators = ("zeroshot", "retrieval", "captioning", "grounding")
     text_section = "qformer"
     itm_rerank = True
+    patch_dropout = True
 
     def pad_id(self, model):
         return model.pad_id
@@ -65,8 +66,9 @@ class Blip2Family(Family):
                 + similarity_flops(batch, e, nq, TRAIN))
 
     def shrink(self, c):
-        from mmjax.config.defaults import tiny_token_ids
-        vocab = tiny_token_ids(c)["vocab_size"]  # [DEC] is one id past the tokenizer's
+        from mmjax.data.tokenizers import token_ids
+        d = c.data.train  # [DEC] is one id past the tokenizer's
+        vocab = token_ids(d.tokenizer, int(d.max_len))["vocab_size"]
         c.model.qformer.update(dict(num_queries=4, max_len=32, vocab_size=vocab + 1))
         c.model.dec_id = vocab
         c.evals.captioning.update(dict(shards="synthetic", max_samples=8, max_len=8))

@@ -12,6 +12,7 @@ class CoCaFamily(Family):
     name = "coca"
     objectives = ("softmax_contrastive", "sigmoid_contrastive", "caption")
     evaluators = ("zeroshot", "retrieval", "captioning", "grounding")
+    patch_dropout = True
 
     def check_config(self, config):
         check_embeddings(self, config)

@@ -227,8 +227,8 @@ class OneTowerFamily(Family):
 
     # --- :tiny --------------------------------------------------------------------------
     def shrink(self, c):
-        from mmjax.config.defaults import tiny_token_ids
-        ids, m = tiny_token_ids(c), c.model
+        from mmjax.data.tokenizers import token_ids
+        ids, m = token_ids(c.data.train.tokenizer, int(c.data.train.max_len)), c.model
         vocab = ids["vocab_size"]  # [MASK] is one id past the tokenizer's
         special = tuple(ids[k] for k in ("pad_id", "bos_id", "eos_id") if ids[k] is not None)
         m.image.update(dict(depth=0, width=64, heads=4))

@@ -79,6 +79,7 @@ class TwoTowerFamily(Family):
     name = "two_tower"
     objectives = ("softmax_contrastive", "sigmoid_contrastive")
     evaluators = ("zeroshot", "retrieval", "grounding")
+    patch_dropout = True
 
     def check_objectives(self, model: Any, objectives: Mapping[str, float]) -> None:
         super().check_objectives(model, objectives)

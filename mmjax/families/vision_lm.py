@@ -69,8 +69,8 @@ class VisionLMFamily(Family):
         d = c.data.train
         c.evals.zeroshot.shards = c.evals.retrieval.shards = ""
         c.init = ml_collections.ConfigDict()  # random frozen parts at tiny size
-        from mmjax.config.defaults import tiny_token_ids
-        ids = tiny_token_ids(c)
+        from mmjax.data.tokenizers import token_ids
+        ids = token_ids(c.data.train.tokenizer, int(c.data.train.max_len))
         c.model.lm.update(dict(vocab_size=ids["vocab_size"], width=64, depth=2, num_heads=4,
                                mlp_dim=128, max_len=256, remat="none"))
         if "qformer" in c.model:

@@ -48,12 +48,14 @@ def next_token_loss(logits, tokens, pad_id, label_smoothing=0.0, eos_id=None):
       label_smoothing: as in `caption_loss`.
       eos_id: the tokenizer's EOS id; where it equals `pad_id` (a tokenizer that
         pads with EOS, e.g. CLIP's) the first EOS of a row is still a target, so
-        the model learns to stop (`mmjax.models.text.real_tokens`).
+        the model learns to stop (as `mmjax.models.text.real_tokens`).
 
     Returns:
       Scalar float32 mean over the non-pad target tokens of the batch.
     """
-    from mmjax.models.text import real_tokens
     targets = tokens[:, 1:]
-    return caption_loss(logits[:, :-1], targets, real_tokens(targets, pad_id, eos_id),
-                        label_smoothing=label_smoothing)
+    mask = targets != pad_id
+    if eos_id is not None and eos_id == pad_id:  # up to and including the first EOS
+        is_eos = targets == eos_id
+        mask = jnp.cumsum(is_eos, axis=-1) - is_eos == 0
+    return caption_loss(logits[:, :-1], targets, mask, label_smoothing=label_smoothing)

@@ -50,7 +50,8 @@ from mmjax.errors import ConfigError
 from mmjax.models import audio
 from mmjax.models.flops import layer_flops
 from mmjax.models.layers import (Block, Dense, Norm, PositionEmbedding, boundary, constrain,
-                                 default_kernel_init, logical, normal_init, stacked)
+                                 default_kernel_init, drop_patches, kept_patches, logical,
+                                 normal_init, stacked)
 from mmjax.models.ops.matmul import broadcast_param, matmul_2d
 
 AST_MEAN, AST_STD = -4.2677393, 4.5689974  # AST's AudioSet fbank statistics
@@ -124,6 +125,10 @@ class AST(nn.Module):
       spec_augment: keyword arguments of `mmjax.models.audio.spec_augment`
         (time_masks, time_width, freq_masks, freq_width, fill), applied to
         waveform inputs in training only (calls with an "augment" rng); None = off.
+      patch_dropout: fraction of the spectrogram patches dropped in training (FLIP), in
+        [0, 1): each clip keeps its own random max(1, round(N (1 - patch_dropout)))
+        patches after the position embeddings, the class and distillation tokens
+        always (`layers.drop_patches`); calls with an "augment" rng only. 0 = off.
     """
     sample_rate: int = 16000
     clip_seconds: float = 10.0
@@ -159,6 +164,7 @@ class AST(nn.Module):
     attention: Optional[str] = "xla"
     dtype: Any = jnp.float32
     spec_augment: Optional[dict] = None
+    patch_dropout: float = 0.0
 
     # Tower protocol (mmjax.models.towers): the media it reads and its costs.
     modality = "audio"
@@ -177,21 +183,24 @@ class AST(nn.Module):
 
     @staticmethod
     def forward_flops(cfg: dict) -> float:
-        """Forward FLOPs per clip: mel filterbank, patch embedding, Transformer, projection
+        """Forward FLOPs per clip in a training step: mel filterbank, patch embedding,
+        Transformer over the patches `patch_dropout` keeps, projection
         (`mmjax.models.flops` rules; the FFT is not counted)."""
         m = AST(**{k: v for k, v in cfg.items() if k != "dtype"})
         gf, gt = m.grid
         n, w, p = gf * gt, m.width, m.patch_size
         f = 2 * m.frames * (m.n_fft // 2 + 1) * m.n_mels + 2 * n * p * p * w
-        f += m.depth * layer_flops(n + 2, w, m.mlp_dim or 4 * w, gated=m.act == "swiglu")
+        f += m.depth * layer_flops(kept_patches(n, m.patch_dropout) + 2, w, m.mlp_dim or 4 * w, gated=m.act == "swiglu")
         return f + (2 * w * m.embed_dim if m.embed_dim else 0)
 
     @staticmethod
     def num_tokens(cfg: dict) -> int:
-        """N of the `tokens [B, N, D]` output: the class and distillation tokens and
-        the patches of the frequency x time grid."""
-        gf, gt = AST(**cfg).grid
-        return 2 + gf * gt
+        """N of the `tokens [B, N, D]` output in a training step: the class and
+        distillation tokens and the patches of the frequency x time grid (those
+        `patch_dropout` keeps; evaluation returns every one)."""
+        m = AST(**cfg)
+        gf, gt = m.grid
+        return 2 + kept_patches(gf * gt, m.patch_dropout)
 
     @staticmethod
     def prefix_tokens(cfg: dict) -> int:
@@ -285,6 +294,7 @@ class AST(nn.Module):
         x = jnp.concatenate(special + [x], axis=1)
         x = PositionEmbedding("learned", name="posemb")(x)
         x = constrain(x, ("act_batch", "act_length", "act_embed"))
+        x = drop_patches(self, x, self.patch_dropout, prefix=2)  # training only
 
         encoder = stacked(Block, self.depth, scan=self.scan, remat=self.remat, name="layers",
                           num_heads=self.heads, mlp_dim=self.mlp_dim or 4 * self.width,

@@ -22,12 +22,18 @@ a trained tower 3× that. The program computes less on the raw media: no
 input gradient for the patch embedding, no gradient at all for AST's
 parameter-free mel filterbank (at real sizes, 0.1-0.2% of the tower).
 
+Patch dropout (`model.image.patch_dropout`, FLIP) counts in training: the
+towers' `forward_flops` and `num_tokens` take the kept patches, so MFU and every
+family's formula follow them; evaluation runs every patch.
+
 Block functions return FLOPs per example; `similarity_flops` per step.
 Families combine them into a training step's count (`mmjax.families`).
 """
 from __future__ import annotations
 
 from typing import Mapping, NamedTuple, Optional
+
+from mmjax.models.layers import kept_patches
 
 # Share of a causal attention's score and weighted-sum FLOPs that counts.
 CAUSAL_ATTENTION = 0.5
@@ -113,11 +119,13 @@ def pooler_flops(n: int, d: int, queries: int = 1, mlp: int = 0, gated: bool = F
 
 
 def vit_flops(c: Mapping) -> float:
-    """Forward FLOPs of a ViT (`ViT` fields) per image."""
+    """Forward FLOPs of a ViT (`ViT` fields) per image in a training step: the patch
+    embedding of every patch, the blocks (and pooling) over the patches that
+    `patch_dropout` keeps (`layers.kept_patches`) and the class token."""
     p, w = c["patch_size"], c["width"]
     n = (c["image_size"] // p) ** 2
     pool = c.get("pool", "cls")
-    t = n + (1 if pool == "cls" else 0)
+    t = kept_patches(n, c.get("patch_dropout") or 0.0) + (1 if pool == "cls" else 0)
     mlp, gated = c.get("mlp_dim") or 4 * w, c.get("act") == "swiglu"
     f = dense_flops(n, p * p * 3, w) + c["depth"] * layer_flops(t, w, mlp, gated=gated)
     if pool == "map":

@@ -20,6 +20,7 @@ Shapes: B batch, T query length, S key length, D width, H heads, K head width.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
@@ -449,6 +450,55 @@ class MAPHead(nn.Module):
             h = Norm(eps=self.norm_eps, dtype=self.dtype, name="norm")(y)
             y = y + Mlp(self.mlp_dim or 4 * d, self.act, dtype=self.dtype, name="mlp")(h)
         return boundary(y)
+
+
+# ----------------------------------------------------------------------------
+# Patch dropout (FLIP)
+# ----------------------------------------------------------------------------
+
+def kept_patches(n: int, rate: float) -> int:
+    """How many of `n` patch tokens patch dropout at `rate` (the fraction dropped)
+    keeps: `max(1, round(n * (1 - rate)))`, halves rounded up; static.
+
+    open_clip floors instead; both give 98 of 196 at 0.5 and 49 at 0.75, and
+    rounding cannot lose a token to a float error below an integer (0.7 of 100
+    patches floors 29.999... to 29)."""
+    return max(1, int(math.floor(n * (1.0 - float(rate)) + 0.5)))
+
+
+def check_patch_dropout(rate: float, key: str = "model.image.patch_dropout") -> None:
+    """ConfigError naming `key` unless 0 <= rate < 1."""
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+        raise ConfigError(f"config.{key}={rate!r}: must be a fraction of patches dropped in "
+                          "[0, 1) (0: off; FLIP drops 0.5 to 0.75).")
+
+
+def drop_patches(module: nn.Module, x: Array, rate: float, prefix: int = 0) -> Array:
+    """Patch dropout (FLIP; open_clip's `patch_dropout`): in training, each example
+    keeps its own random `kept_patches(N, rate)` of its N patch tokens.
+
+    `x [B, prefix + N, D]` (position embeddings added; the `prefix` class /
+    distillation tokens first, always kept) -> `[B, prefix + K, D]`, the kept
+    patches in their original order (attention does not care, but equal rows of
+    the unmasked tokens are easy to check). Only when `module` is called with an
+    "augment" rng (`Family.apply` in the train step passes one; evaluation passes
+    none), from which it draws: uniform scores per patch, the K highest kept
+    (`lax.top_k`, then sorted), gathered with `take_along_axis`, so the work and
+    memory of every later layer follow K. `rate == 0` or no rng: `x` unchanged.
+    The gather runs per row, so the batch stays sharded like the rest (pinned to
+    `TOKENS` again after it); the scores depend only on the key and the shape, so
+    every mesh draws the same mask.
+    """
+    check_patch_dropout(rate)
+    if not rate or not module.has_rng("augment"):
+        return x
+    b, n = x.shape[0], x.shape[1] - prefix
+    k = kept_patches(n, rate)
+    scores = jax.random.uniform(module.make_rng("augment"), (b, n))
+    keep = jnp.sort(jax.lax.top_k(scores, k)[1], axis=-1)        # [B, K]
+    x = jnp.concatenate([x[:, :prefix], jnp.take_along_axis(x[:, prefix:], keep[:, :, None],
+                                                             axis=1)], axis=1)
+    return constrain(x, TOKENS)
 
 
 def l2_normalize(x: Array, axis: int = -1, eps: float = 1e-12) -> Array:

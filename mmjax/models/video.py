@@ -47,7 +47,8 @@ import jax.numpy as jnp
 
 from mmjax.errors import ConfigError
 from mmjax.models.flops import layer_flops, vit_flops
-from mmjax.models.layers import Block, boundary, constrain, logical, normal_init, stacked
+from mmjax.models.layers import (Block, boundary, constrain, kept_patches, logical,
+                                 normal_init, stacked)
 from mmjax.models.ops.matmul import broadcast_param
 from mmjax.models.vit import ViT
 
@@ -85,6 +86,9 @@ class VideoViT(ViT):
       attention: attention implementation: "xla", "cudnn" (GPU) or None (JAX picks).
       dtype: compute dtype (params stay float32); in a model config, `model.dtype`
         unless this section sets it.
+      patch_dropout: fraction of each frame's patch tokens the frame ViT drops in
+        training (FLIP), in [0, 1): every frame of every clip keeps its own random
+        patches (as `ViT`); evaluation sees every patch. 0 = off.
       num_frames: frames per clip (`data.train.num_frames` must match); with
         `temporal="transformer"` the length of `frame_posemb`: no more frames.
       temporal: "mean" (meanP: mean of the frame embeddings) or "transformer"
@@ -118,8 +122,9 @@ class VideoViT(ViT):
 
     @staticmethod
     def forward_flops(cfg: dict, frames: int | None = None) -> float:
-        """Forward FLOPs per clip: `frames` (default `num_frames`) ViT passes plus the
-        temporal Transformer (none with `pool="none"`, which returns the frames' tokens)."""
+        """Forward FLOPs per clip in a training step: `frames` (default `num_frames`) ViT
+        passes (over the patches `patch_dropout` keeps) plus the temporal Transformer
+        (none with `pool="none"`, which returns the frames' tokens)."""
         c = {f.name: f.default for f in dataclasses.fields(VideoViT)
              if f.name not in ("parent", "name")}
         c.update(cfg)
@@ -132,11 +137,12 @@ class VideoViT(ViT):
 
     @staticmethod
     def num_tokens(cfg: dict, frames: int | None = None) -> int:
-        """N of the `tokens [B, N, D]` output for `frames` (default `num_frames`) frames:
-        one per frame, or with `pool="none"` every frame's patch tokens."""
+        """N of the `tokens [B, N, D]` output for `frames` (default `num_frames`) frames
+        in a training step: one per frame, or with `pool="none"` every frame's patch
+        tokens (those `patch_dropout` keeps)."""
         m = VideoViT(**cfg)
         t = int(frames or m.num_frames)
-        return t * m.grid ** 2 if m.pool == "none" else t
+        return t * kept_patches(m.grid ** 2, m.patch_dropout) if m.pool == "none" else t
 
     @staticmethod
     def prefix_tokens(cfg: dict) -> int:

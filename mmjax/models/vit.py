@@ -18,8 +18,8 @@ import numpy as np
 from mmjax.errors import ConfigError
 from mmjax.models.flops import vit_flops
 from mmjax.models.layers import (Block, Dense, MAPHead, Norm, PositionEmbedding, boundary,
-                                 constrain, default_kernel_init, logical, normal_init,
-                                 stacked)
+                                 constrain, default_kernel_init, drop_patches, kept_patches,
+                                 logical, normal_init, stacked)
 from mmjax.models.ops.matmul import broadcast_param, matmul_2d
 
 
@@ -56,6 +56,13 @@ class ViT(nn.Module):
         fused kernel) or None (JAX picks).
       dtype: compute dtype (params stay float32); in a model config, `model.dtype`
         unless this section sets it.
+      patch_dropout: fraction of the patch tokens dropped in training (FLIP; open_clip's
+        `patch_dropout`), in [0, 1): each example keeps its own random
+        max(1, round(N (1 - patch_dropout))) patches after the position embeddings
+        (the class token always stays; `layers.drop_patches`), so the blocks run
+        on fewer tokens. Only calls with an "augment" rng (the train step) drop;
+        evaluation sees every patch. 0 = off. `unmasked_tuning_steps` turns it off
+        for the last steps of a run.
 
     Returns `(pooled [B, E] or [B, D], tokens [B, N(+1), D])`; tokens are after
     `ln_post` and include the class token first when `pool == "cls"`.
@@ -79,6 +86,7 @@ class ViT(nn.Module):
     remat: str = "none"
     attention: Optional[str] = "xla"
     dtype: Any = jnp.float32
+    patch_dropout: float = 0.0
 
     # Tower protocol (mmjax.models.towers): the media it reads and its costs.
     modality = "image"
@@ -91,15 +99,18 @@ class ViT(nn.Module):
 
     @staticmethod
     def forward_flops(cfg: dict) -> float:
-        """Forward FLOPs per image (`mmjax.models.flops`)."""
+        """Forward FLOPs per image in a training step (`mmjax.models.flops`): the blocks
+        count the kept patches with `patch_dropout`; an evaluation forward is
+        `forward_flops({**cfg, "patch_dropout": 0})`."""
         return vit_flops(cfg)
 
     @staticmethod
     def num_tokens(cfg: dict) -> int:
-        """N of the `tokens [B, N, D]` output: the patches, plus the class token when
-        `pool == "cls"`."""
+        """N of the `tokens [B, N, D]` output in a training step: the patches (those
+        `patch_dropout` keeps), plus the class token when `pool == "cls"`. Evaluation
+        returns every patch: `num_tokens({**cfg, "patch_dropout": 0})`."""
         m = ViT(**cfg)
-        return m.grid ** 2 + (1 if m.pool == "cls" else 0)
+        return kept_patches(m.grid ** 2, m.patch_dropout) + (1 if m.pool == "cls" else 0)
 
     @staticmethod
     def prefix_tokens(cfg: dict) -> int:
@@ -160,6 +171,8 @@ class ViT(nn.Module):
             if self.pool == "cls":
                 x = jnp.concatenate([cls, x], axis=1)
         x = constrain(x, ("act_batch", "act_length", "act_embed"))
+        # Training only (an "augment" rng): each image keeps its own random patches.
+        x = drop_patches(self, x, self.patch_dropout, prefix=1 if self.pool == "cls" else 0)
         if self.ln_pre:
             x = Norm(eps=self.norm_eps, dtype=self.dtype, name="ln_pre")(x)
 

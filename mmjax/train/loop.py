@@ -30,7 +30,7 @@ from mmjax.train.mfu import peak_flops_per_device
 from mmjax.train.health import LossHealth
 from mmjax.train.logging_utils import MetricsWriter, Progress, format_line, setup_logging
 from mmjax.train import multihost
-from mmjax.train.step import build_trainer
+from mmjax.train.step import build_trainer, unmasked_config
 from mmjax.errors import UserError
 from mmjax.evaluate.runner import run_evals
 
@@ -217,7 +217,12 @@ def _train(config: Any, workdir: str, status: multihost.RunStatus) -> dict:
     elif data_state is not None:
         data.set_state(data_state)  # StreamMismatchError if the stream is another one
 
+    # Model FLOPs of a step: with patch dropout the kept tokens', every patch in the
+    # unmasked tail; each logged row takes the mean over the steps it covers.
     flops = model_train_flops(config)
+    tail_flops = (model_train_flops(unmasked_config(config))
+                  if trainer.unmasked_from is not None else flops)
+    interval_flops, interval_steps = 0.0, 0
     peak = peak_flops_per_device(config.get("peak_flops"), mesh.devices.flat[0])
     writer = MetricsWriter(workdir, resume_step=start)
     mh = multihost.options(config)
@@ -236,7 +241,14 @@ def _train(config: Any, workdir: str, status: multihost.RunStatus) -> dict:
             local = next(data)
             batch = make_global_batch({k: local[k] for k in batch_keys if k in local},
                                       trainer.batch_sharding)
-            state, metrics = trainer.step(state, batch)
+            unmasked = trainer.unmasked(step)
+            if unmasked and step in (start, trainer.unmasked_from):
+                log.info("steps %d-%d: unmasked tuning (model.image.patch_dropout off, "
+                         "unmasked_tuning_steps=%d)", step + 1, total,
+                         total - trainer.unmasked_from)
+            state, metrics = trainer.step(state, batch, unmasked=unmasked)
+            interval_flops += tail_flops if unmasked else flops
+            interval_steps += 1
             step += 1
             status.step = step
             stop_now = stop.should_stop()  # the same answer on every process
@@ -253,8 +265,12 @@ def _train(config: Any, workdir: str, status: multihost.RunStatus) -> dict:
                 t = progress.tick(step)
                 m["step_time"] = t["step_time"]
                 m["samples_per_s"] = config.batch_size / t["step_time"]
-                m["mfu"] = flops / t["step_time"] / (peak * jax.device_count()) if peak else None
-                m["tflops_per_device"] = flops / t["step_time"] / jax.device_count() / 1e12
+                m["step_flops"] = interval_flops / interval_steps
+                interval_flops, interval_steps = 0.0, 0
+                m["mfu"] = (m["step_flops"] / t["step_time"] / (peak * jax.device_count())
+                            if peak else None)
+                m["tflops_per_device"] = (m["step_flops"] / t["step_time"] / jax.device_count()
+                                          / 1e12)
                 warning = health.update(step, m)
                 if jax.process_index() == 0:
                     log.info(format_line(step, total, m, t["eta_s"]))

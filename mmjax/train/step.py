@@ -5,9 +5,16 @@ It is created with `jax.eval_shape(init)` -> shardings from the logical
 rules -> `jax.jit(init, out_shardings=...)`, so no device ever holds a full
 replicated copy of a sharded parameter. The step is jitted with in/out
 shardings and the state is donated.
+
+With `model.image.patch_dropout` and `unmasked_tuning_steps` (FLIP's unmasked
+tuning) a Trainer has two step functions: the run's, and for the last steps one of
+the same model with patch dropout off (`Trainer.unmasked`, `unmasked_start`). Both
+take and return the same state, so the loop switches between them by step count
+alone and a run resumed in the tail runs the tail's.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
@@ -67,7 +74,13 @@ class Trainer:
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
             abstract, self.state_sharding)
         self.batch_sharding = shd.batch_sharding(mesh)
-        self._step = self._grad_fn = self._init_fn = None
+        # FLIP's unmasked tuning: steps from `unmasked_from` on (the last
+        # `unmasked_tuning_steps`) run a second step function, of the same model with
+        # the tower's patch dropout off: the same parameters, so the state carries on.
+        self.unmasked_from = unmasked_start(config)
+        self.unmasked_model = (model.clone(image={**dict(model.image), "patch_dropout": 0.0})
+                               if self.unmasked_from is not None else None)
+        self._steps, self._grad_fns, self._init_fn = {}, {}, None
 
     def context(self):
         """Mesh, logical rules and kernel policy active while tracing (losses read the
@@ -121,10 +134,16 @@ class Trainer:
         return restored, data_state, step
 
     # ------------------------------------------------------------------
-    def _loss_and_grads(self, params, batch, rng):
+    def unmasked(self, step: int) -> bool:
+        """Whether the step that takes the state from `step` to `step + 1` is one of the
+        unmasked tail (`unmasked_tuning_steps`; always False without patch dropout)."""
+        return self.unmasked_from is not None and int(step) >= self.unmasked_from
+
+    def _loss_and_grads(self, params, batch, rng, unmasked=False):
         # Gradients only for trained parameters: frozen ones (optim.freeze)
         # are closed over, so no backward work or memory goes to them.
         labels = trees.flat(frozen_labels(params, self.freeze))
+        model = self.unmasked_model if unmasked else self.model
 
         def fn(p, b, key):
             flat = trees.flat(p)
@@ -133,7 +152,7 @@ class Trainer:
 
             def loss_fn(t):
                 full = trees.nested({**frozen, **t})
-                return compute_losses(self.model, full, b, self.objectives, key, self.family)
+                return compute_losses(model, full, b, self.objectives, key, self.family)
             out, g = jax.value_and_grad(loss_fn, has_aux=True)(trained)
             g = {**{k: jnp.zeros_like(v) for k, v in frozen.items()}, **g}
             return out, trees.nested(g)
@@ -179,13 +198,13 @@ class Trainer:
         rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         return batch, rng
 
-    def _grads(self, state, batch):
+    def _grads(self, state, batch, unmasked=False):
         batch, rng = self._prepare(state, batch)
-        return self._loss_and_grads(state["params"], batch, rng)
+        return self._loss_and_grads(state["params"], batch, rng, unmasked)
 
-    def _train_step(self, state, batch):
+    def _train_step(self, state, batch, unmasked=False):
         batch, rng = self._prepare(state, batch)
-        loss, metrics, grads = self._loss_and_grads(state["params"], batch, rng)
+        loss, metrics, grads = self._loss_and_grads(state["params"], batch, rng, unmasked)
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         params = clamp_params(params, self.param_bounds)
@@ -195,35 +214,75 @@ class Trainer:
                      "rng": state["rng"]}
         return new_state, metrics
 
-    def compiled_step(self):
-        if self._step is None:
-            self._step = jax.jit(self._train_step,
-                                 in_shardings=(self.state_sharding, self.batch_sharding),
-                                 out_shardings=(self.state_sharding, shd.replicated(self.mesh)),
-                                 donate_argnums=(0,))
-        return self._step
+    def compiled_step(self, unmasked: bool = False):
+        """The jitted step (`unmasked`: the unmasked tail's, patch dropout off)."""
+        unmasked = self._check_unmasked(unmasked)
+        if unmasked not in self._steps:
+            self._steps[unmasked] = jax.jit(
+                functools.partial(self._train_step, unmasked=unmasked),
+                in_shardings=(self.state_sharding, self.batch_sharding),
+                out_shardings=(self.state_sharding, shd.replicated(self.mesh)),
+                donate_argnums=(0,))
+        return self._steps[unmasked]
 
-    def grads(self, state: dict, batch: dict) -> tuple[jax.Array, dict, Any]:
+    def _check_unmasked(self, unmasked: bool) -> bool:
+        if unmasked and self.unmasked_model is None:
+            raise ValueError("an unmasked step needs model.image.patch_dropout > 0 and "
+                             "unmasked_tuning_steps > 0")
+        return bool(unmasked)
+
+    def grads(self, state: dict, batch: dict, unmasked: bool = False
+              ) -> tuple[jax.Array, dict, Any]:
         """`(loss, metrics, grads)` that `step` would compute on `batch` at `state`
-        (same shardings, micro-batching and random key; `grads` shaped and sharded
-        like the parameters, zeros for frozen ones), without updating anything."""
-        if self._grad_fn is None:
+        (same shardings, micro-batching and random key, so the same patch dropout mask;
+        `unmasked`: the unmasked tail's step; `grads` shaped and sharded like the
+        parameters, zeros for frozen ones), without updating anything."""
+        unmasked = self._check_unmasked(unmasked)
+        if unmasked not in self._grad_fns:
             repl = shd.replicated(self.mesh)
-            self._grad_fn = jax.jit(self._grads,
-                                    in_shardings=(self.state_sharding, self.batch_sharding),
-                                    out_shardings=(repl, repl, self.state_sharding["params"]))
+            self._grad_fns[unmasked] = jax.jit(
+                functools.partial(self._grads, unmasked=unmasked),
+                in_shardings=(self.state_sharding, self.batch_sharding),
+                out_shardings=(repl, repl, self.state_sharding["params"]))
         with self.context():
-            return self._grad_fn(state, batch)
+            return self._grad_fns[unmasked](state, batch)
 
-    def step(self, state: dict, batch: dict) -> tuple[dict, dict]:
-        """One optimizer step on a global batch (dict of sharded jax.Arrays)."""
+    def step(self, state: dict, batch: dict, unmasked: bool = False) -> tuple[dict, dict]:
+        """One optimizer step on a global batch (dict of sharded jax.Arrays);
+        `unmasked`: the unmasked tail's step (`unmasked(step)` says when)."""
         with self.context():
-            return self.compiled_step()(state, batch)
+            return self.compiled_step(unmasked)(state, batch)
 
-    def lower(self, batch_shapes: dict):
+    def lower(self, batch_shapes: dict, unmasked: bool = False):
         """AOT-lower the step for `batch_shapes` (name -> ShapeDtypeStruct)."""
         with self.context():
-            return self.compiled_step().lower(self.abstract_state, batch_shapes)
+            return self.compiled_step(unmasked).lower(self.abstract_state, batch_shapes)
+
+
+def patch_dropout(config: Any) -> float:
+    """`model.image.patch_dropout` of a config (0 where not set)."""
+    return float((config.model.get("image") or {}).get("patch_dropout") or 0.0)
+
+
+def unmasked_start(config: Any) -> Optional[int]:
+    """The first step (the state's step count before it) of the unmasked tail:
+    `total_steps - unmasked_tuning_steps`; None without one (no tail, or no patch
+    dropout to turn off). Read from the config in use, so a resumed run switches
+    at the same step whatever step it resumed from."""
+    tail = int(config.get("unmasked_tuning_steps") or 0)
+    if not tail or not patch_dropout(config):
+        return None
+    return int(config.total_steps) - tail
+
+
+def unmasked_config(config: Any) -> Any:
+    """A copy of `config` with the media tower's patch dropout off: the model the
+    unmasked tail trains (for its FLOPs)."""
+    out = config.copy_and_resolve_references()
+    if patch_dropout(out):
+        with out.unlocked():
+            out.model.image.patch_dropout = 0.0
+    return out
 
 
 def build_trainer(config: Any, devices: Optional[Sequence[jax.Device]] = None,

@@ -90,6 +90,22 @@ def test_loading_a_config_leaves_jax_unstarted():
     assert run.returncode == 0, run.stderr[-2000:]
 
 
+def test_patch_dropout_keys_are_checked_when_the_config_loads():
+    """`model.image.patch_dropout` (a tower field no recipe sets: settable from the
+    command line all the same) is a fraction in [0, 1), refused by the families whose
+    media tokens fill fixed places of one sequence; the unmasked tail fits in the run."""
+    assert load_config("clip_tiny", ["model.image.patch_dropout=0.5"]).model.image.patch_dropout == 0.5
+    with pytest.raises(ConfigError, match=r"config\.model\.image\.patch_dropout=1\.0: must be "
+                                          r"a number >= 0 and < 1"):
+        load_config("clip_tiny", ["model.image.patch_dropout=1.0"])
+    with pytest.raises(ConfigError, match=r"config\.model\.image\.patch_dropout=0\.5: the "
+                                          r"vision_lm family places a fixed number of media"):
+        load_config("llava", ["model.image.patch_dropout=0.5"])
+    with pytest.raises(ConfigError, match=r"config\.unmasked_tuning_steps=401 is more than "
+                                          r"config\.total_steps=400"):
+        load_config("clip_tiny", ["unmasked_tuning_steps=401"])
+
+
 def test_unknown_keys_and_towers_are_errors_with_the_choices():
     with pytest.raises(ConfigError, match=r"unknown config key config\.model\.image\.pooll; "
                                           r"did you mean model\.image\.pool"):

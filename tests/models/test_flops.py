@@ -42,7 +42,7 @@ from mmjax.models import flops
 from mmjax.models.ast import AST
 from mmjax.models.video import VideoViT
 from mmjax.models.vit import ViT
-from mmjax.train.step import build_trainer
+from mmjax.train.step import build_trainer, unmasked_config
 
 RECIPES = ["blip2_stage1:tiny", "blip2_stage2:tiny", "llava:tiny", "coca_b16:tiny", "clip_tiny:tiny",
            "lit_b16:tiny", "siglip_b16:tiny", "clap_tiny:tiny", "video_clip_tiny:tiny",
@@ -87,9 +87,9 @@ def matmul_flops(stablehlo: str) -> int:
     return total("main")
 
 
-def _unrolled_config(spec: str) -> ml_collections.ConfigDict:
+def _unrolled_config(spec: str, overrides=()) -> ml_collections.ConfigDict:
     """The recipe with every `scan` off and `remat` "none" (see the module docstring)."""
-    config = load_config(spec)
+    config = load_config(spec, overrides)
     for section in (config.model, *config.model.values()):  # the model's own, e.g. OneTower's
         if isinstance(section, ml_collections.ConfigDict):
             if "scan" in section:
@@ -126,26 +126,45 @@ def _loss_matmuls(config, shapes) -> int:
     return 2 * int(np.prod(shapes["answer_ids"].shape)) * len(config.model.answers)
 
 
-@pytest.mark.parametrize("spec", RECIPES)
-def test_train_flops_match_the_matmuls_of_the_train_step(spec, monkeypatch):
-    """`model_train_flops` of the recipe (its family's `step_flops`, which passes what
-    else the formula reads: one-tower objectives and VQA questions) = the matmul FLOPs
-    of its jitted train step, like with like (module docstring)."""
-    config = _unrolled_config(spec)
+def _check_train_flops(config, monkeypatch, unmasked=False):
+    """`model_train_flops` of `config` (of the unmasked tail's model with `unmasked`)
+    against the matmuls of its lowered train step, like with like (module docstring)."""
     trainer = build_trainer(config, jax.devices()[:1])
     batch = int(config.batch_size)
     family = get_family(config)
     shapes = {k: jax.ShapeDtypeStruct(s, d, sharding=trainer.batch_sharding)
               for k, (s, d) in family.batch_spec(config, batch).items()}
-    program = matmul_flops(trainer.lower(shapes).as_text())
+    program = matmul_flops(trainer.lower(shapes, unmasked=unmasked).as_text())
 
     frozen = tuple(config.optim.get("freeze") or ())
     monkeypatch.setattr(flops, "CAUSAL_ATTENTION", 1.0)
-    expected = model_train_flops(config)  # `Family.step_flops`: objectives, questions
+    # `Family.step_flops`: objectives, questions
+    expected = model_train_flops(unmasked_config(config) if unmasked else config)
     if "image_tower" not in frozen:
         expected -= batch * _tower_raw_input_flops(trainer)
     expected += _loss_matmuls(config, shapes)
     assert expected == pytest.approx(program, rel=0.02)
+    return program
+
+
+@pytest.mark.parametrize("spec", RECIPES)
+def test_train_flops_match_the_matmuls_of_the_train_step(spec, monkeypatch):
+    """`model_train_flops` of the recipe (its family's `step_flops`, which passes what
+    else the formula reads: one-tower objectives and VQA questions) = the matmul FLOPs
+    of its jitted train step, like with like (module docstring)."""
+    _check_train_flops(_unrolled_config(spec), monkeypatch)
+
+
+def test_train_flops_follow_the_patches_patch_dropout_keeps(monkeypatch):
+    """With `model.image.patch_dropout=0.75` the formula counts the kept patches as the
+    lowered step computes them, and the unmasked tail's step every patch: each within 2%
+    of its program. (The families' formulas take the kept count from the towers'
+    `num_tokens`, which the tower cases below check against a training call.)"""
+    config = _unrolled_config("clip_tiny:tiny", ["model.image.patch_dropout=0.75",
+                                                 "unmasked_tuning_steps=1"])
+    masked = _check_train_flops(config, monkeypatch)
+    full = _check_train_flops(config, monkeypatch, unmasked=True)
+    assert masked < 0.8 * full
 
 
 def _data(cfg: dict) -> ml_collections.ConfigDict:
@@ -156,7 +175,8 @@ def _data(cfg: dict) -> ml_collections.ConfigDict:
 
 
 def _case(cls, marks=(), **fields):
-    return pytest.param(cls, fields, marks=marks, id=f"{cls.__name__}-{fields['pool']}")
+    pd = "-patch_dropout" if fields.get("patch_dropout") else ""
+    return pytest.param(cls, fields, marks=marks, id=f"{cls.__name__}-{fields['pool']}{pd}")
 
 
 TOWER_CASES = [
@@ -167,24 +187,29 @@ TOWER_CASES = [
     _case(VideoViT, pool="cls", embed_dim=16, temporal="mean", num_frames=3),
     _case(VideoViT, pool="none", temporal="transformer", num_frames=3),
     _case(VideoViT, pool="gap", temporal="transformer", num_frames=3, act="swiglu"),
+    # a training call (with an "augment" rng) keeps 1 - patch_dropout of the patches
+    _case(ViT, pool="cls", patch_dropout=0.5), _case(AST, pool="cls_dist", patch_dropout=0.5),
+    _case(VideoViT, pool="none", temporal="mean", num_frames=3, patch_dropout=0.5),
 ]
 
 
 @pytest.mark.parametrize("cls,fields", TOWER_CASES)
 def test_tower_tokens_and_forward_flops_match_the_module(cls, fields):
-    """`num_tokens` / `token_width` are the shape of `tokens [B, N, D]` that `__call__`
-    returns, and `forward_flops` the matmuls of its forward (pooled output included)."""
+    """`num_tokens` / `token_width` are the shape of `tokens [B, N, D]` that a training
+    call of `__call__` (with an "augment" rng) returns, and `forward_flops` the matmuls
+    of its forward (pooled output included)."""
     cfg = {**fields, **cls.tiny(fields)}
     model = cls(**cfg)
     shape, _ = cls.example_input(cfg, _data(cfg))
     x = jax.ShapeDtypeStruct((2,) + tuple(shape), jnp.float32)
-    (pooled, tokens), variables = jax.eval_shape(
-        lambda x: model.init_with_output(jax.random.key(0), x), x)
+    rngs = {"params": jax.random.key(0), "augment": jax.random.key(1)}
+    (pooled, tokens), variables = jax.eval_shape(lambda x: model.init_with_output(rngs, x), x)
     assert tokens.shape == (2, cls.num_tokens(cfg), cls.token_width(cfg))
     assert (pooled is None) == (cfg["pool"] == "none")
 
     def forward(v, media):
-        return [y for y in model.apply(v, media) if y is not None]
+        return [y for y in model.apply(v, media, rngs={"augment": jax.random.key(1)})
+                if y is not None]
     one = jax.ShapeDtypeStruct((1,) + tuple(shape), jnp.float32)
     program = matmul_flops(jax.jit(forward).lower(variables, one).as_text())
     assert cls.forward_flops(cfg) == pytest.approx(program, rel=1e-6)

@@ -11,6 +11,7 @@ from mmjax import cli
 from mmjax.families import get_family
 from mmjax.train.checkpoint import Checkpointer
 from mmjax.config.loading import load_config
+from mmjax.data.tokenizers import token_ids
 from mmjax.train.step import build_trainer
 
 pytestmark = pytest.mark.usefixtures("mmjax_cache")
@@ -19,6 +20,7 @@ pytestmark = pytest.mark.usefixtures("mmjax_cache")
 def _batches(config, n, seed=0):
     """`n` random batches with every field of the config's `family.batch_spec`, in its
     shape and dtype: the media (images, audio or video), text rows `[BOS] ids EOS pad..`
+    in the ids of the recipe's tokenizer
     (`[B, L]`, or `[B, Q, L]` questions for VQA), and for VQA `answer_ids` int32 in
     [-1, A) with a valid first id per question and `answer_scores` float32 in [0, 1]."""
     rng = np.random.RandomState(seed)
@@ -27,14 +29,15 @@ def _batches(config, n, seed=0):
     text_shape = spec.get("text", ((b, config.data.train.max_len), np.int32))[0]
     l = text_shape[-1]
     answers = len(config.model.get("answers") or ())
+    ids = token_ids(config.data.train.tokenizer, l)  # the recipe's tokenizer's
     out = []
     for _ in range(n):
-        text = rng.randint(3, 200, text_shape).astype(np.int32)
+        text = rng.randint(5, min(200, ids["vocab_size"]), text_shape).astype(np.int32)
         rows = text.reshape(-1, l)
-        rows[:, 0] = 1
+        rows[:, 0] = ids["bos_id"] if ids["bos_id"] is not None else rows[:, 0]
         for row, length in zip(rows, rng.randint(4, l, len(rows))):  # EOS then padding
-            row[length] = 2
-            row[length + 1:] = 0
+            row[length] = ids["eos_id"]
+            row[length + 1:] = ids["pad_id"]
         batch = {"text": text}
         for key, (shape, dtype) in spec.items():
             if key == "text":
@@ -182,25 +185,51 @@ def test_sharded_gradients_equal_single_device(recipe, arg):
     floor = _noise_floor(config, batch, state, ref, single)
     global_norm = np.sqrt(sum(np.sum(np.float64(g) ** 2) for g in jax.tree.leaves(ref)))
     assert np.isfinite(ref_loss) and global_norm > 0
-    frozen = list(config.optim.freeze)
     for shape in [(2, 2, 2)] + ([(1, 4, 2)] if recipe in SECOND_MESH else []):
         loss, grads, trainer, _ = _grads(config, shape, batch, state)
         np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
-        checked = 0
-        for path, (err, norm) in _leaf_errors(grads, ref).items():
-            if any(path.startswith(f"['{f}']") for f in frozen):
-                assert norm == 0.0, path  # frozen: no gradient at all
-                continue
-            if norm <= 1e-6 * global_norm:  # zero in exact arithmetic
-                assert err * norm <= 1e-6 * global_norm, (shape, path, err, norm)
-                continue
-            limit = FLOOR_FACTOR * floor[path] + ULPS * np.finfo(np.float32).eps
-            assert err <= limit, (shape, path, err, norm, floor[path])
-            checked += 1
-        assert checked >= 10
+        _assert_leaves_within_floor(grads, ref, floor, global_norm, config, shape)
         # The mesh really shards: FSDP and tensor parallelism both hold weights.
         specs = [str(s.spec) for s in jax.tree.leaves(trainer.state_sharding["params"])]
         assert any("fsdp" in s for s in specs) and any("tensor" in s for s in specs)
+
+
+def _assert_leaves_within_floor(grads, ref, floor, global_norm, config, shape):
+    """Every trained leaf of `grads` within FLOOR_FACTOR x its noise floor (+ ULPS) of
+    `ref`; frozen leaves zero; leaves zero in exact arithmetic against the global scale."""
+    frozen = list(config.optim.freeze)
+    checked = 0
+    for path, (err, norm) in _leaf_errors(grads, ref).items():
+        if any(path.startswith(f"['{f}']") for f in frozen):
+            assert norm == 0.0, path  # frozen: no gradient at all
+            continue
+        if norm <= 1e-6 * global_norm:  # zero in exact arithmetic
+            assert err * norm <= 1e-6 * global_norm, (shape, path, err, norm)
+            continue
+        limit = FLOOR_FACTOR * floor[path] + ULPS * np.finfo(np.float32).eps
+        assert err <= limit, (shape, path, err, norm, floor[path])
+        checked += 1
+    assert checked >= 10
+
+
+@pytest.mark.numerics
+def test_sharded_gradients_with_patch_dropout_equal_single_device():
+    """Patch dropout (`model.image.patch_dropout`, FLIP) draws each image's mask from the
+    step's key, so a (2, 2, 2) mesh drops the very patches one device drops: loss and
+    gradients agree as in the test above. (That the step drops patches at all, and which
+    ones, is shown by tests/models/test_flops.py, the step's matmuls over the kept
+    patches, and tests/train/test_loop_unmasked_tuning.py, its loss against the unmasked
+    step's.)"""
+    config = load_config("clip_b16:tiny", ["batch_size=16", "model.dtype=float32",
+                                           "model.image.patch_dropout=0.5"])
+    batch = _batches(config, 1, seed=1)[0]
+    state = _host_state(config)
+    ref_loss, ref, single, _ = _grads(config, (1, 1, 1), batch, state)
+    floor = _noise_floor(config, batch, state, ref, single)
+    global_norm = np.sqrt(sum(np.sum(np.float64(g) ** 2) for g in jax.tree.leaves(ref)))
+    loss, grads, _, _ = _grads(config, (2, 2, 2), batch, state)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    _assert_leaves_within_floor(grads, ref, floor, global_norm, config, (2, 2, 2))
 
 
 @pytest.mark.numerics
