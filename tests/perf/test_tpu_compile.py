@@ -129,12 +129,15 @@ def test_oversized_batch_exits_1_with_one_line(capsys, tmp_path, monkeypatch):
     """The TPU compiler refuses a step that needs more than a v5e's 16 GiB per chip:
     exit 1 and one line with needed vs available and the keys that trade memory.
     Compiling reads no text: a tokenizer that is nowhere (not in an empty, offline
-    hub cache) does not stop it."""
+    hub cache) does not stop it when the config gives the vocabulary size and ids
+    (a `:tiny` config takes them from the tokenizer, so it is the small recipe here)."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_hub"))
-    code = compile_command(["--config", "clip_b16:tiny", "--target", "v5litepod-4",
-                            "--config.model.dtype=bfloat16", "--config.batch_size=131072",
-                            "--config.data.train.tokenizer=clip"])
+    code = compile_command(["--config", "clip_tiny", "--target", "v5litepod-4",
+                            "--config.batch_size=131072",
+                            "--config.data.train.tokenizer=clip",
+                            "--config.model.text.vocab_size=49408",
+                            "--config.model.text.eos_id=49407", "--config.model.text.pad_id=49407"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1, err
     assert "does not fit v5litepod-4" in err[0] and "batch_size" in err[0]
@@ -272,7 +275,10 @@ def test_max_batch_is_the_largest_batch_that_fits():
     from mmjax.perf.compile import max_batch, used_bytes
     # 128 and 256 (doubling) fit; the line through their peaks points at 280,
     # which fits, and 284 does not: 4 compiles.
-    config = load_config("clip_b16:tiny", ["batch_size=128", "model.dtype=bfloat16"])
+    config = load_config("clip_b16:tiny", ["batch_size=128", "model.dtype=bfloat16",
+                                           "data.train.tokenizer=bytes",  # the sizes above
+                                           "model.text.vocab_size=259", "model.text.eos_id=2",
+                                           "model.text.pad_id=0"])
     target = parse_target("v5p-8")  # 4 chips: batches in steps of 4
     hbm_gib = 24 / 1024  # 24 MiB per chip: a few hundred tiny images
     best, reports = max_batch(config, target, hbm_gib, log=lambda *_: None)
