@@ -7,6 +7,7 @@
     mmjax explain --workdir DIR --image PATH --text "a red circle" [--text ...] --out map.png
     mmjax shards --images DIR --captions FILE --out DIR | --synthetic [--split S] [--num-samples N] --out DIR
     mmjax tokenizer --shards PATTERN|synthetic --out FILE [--kind bpe|sentencepiece] [--vocab-size N]
+    mmjax curate (--workdir RUN | --hf PATH) --shards PATTERN --out DIR (--keep-fraction F | --threshold T) [--captioner RUN] [--dedup COS]
     mmjax bench [--config configs/X.py[:arg]] [--steps N] [--aot] [--config.a.b=value ...]
     mmjax compile --config configs/X.py[:arg] --target v5p-256|h100x8|... [--max-batch] [--json PATH]
     mmjax --version
@@ -58,10 +59,11 @@ def skip_unusable_tpu_backend() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("train", "eval", "generate", "explain", "bench", "shards"):
+    if argv and argv[0] in ("train", "eval", "generate", "explain", "bench", "shards",
+                            "curate"):
         skip_unusable_tpu_backend()
     commands = ("train", "eval", "generate", "explain", "shards", "tokenizer", "bench",
-                "compile")
+                "compile", "curate")
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2

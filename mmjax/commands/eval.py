@@ -99,6 +99,21 @@ def evaluate_run(config_spec: Optional[str], workdir: Optional[str], step: Optio
     report = _local(report) if report else None
     if hf_path:
         return _eval_hf(hf_path, config_spec, overrides, report)
+    config, trainer, state, step = load_run(config_spec, workdir, step, overrides)
+    saved = wd.join(workdir, "config.json")
+    info = {"recipe": config_spec if config_spec else f"as saved in {saved}"}
+    results = run_evals(config, trainer.model, {"params": state["params"]}, trainer.mesh, step=step,
+                        workdir=workdir, report=report, report_info=info)
+    if not results:
+        raise EvalError(nothing_to_evaluate(f"{workdir} (step {step})"))
+    return {"step": step, **results}
+
+
+def load_run(config_spec: Optional[str], workdir: Optional[str], step: Optional[int],
+             overrides: list[str]) -> tuple:
+    """A training run's config (`config_spec`, else its saved config.json with
+    `overrides`), trainer, restored state and step (`step`, default the latest).
+    Raises EvalError naming what is missing."""
     if not workdir:
         raise EvalError("give --workdir DIR (a training run) or --hf PATH")
     saved = wd.join(workdir, "config.json")
@@ -126,12 +141,7 @@ def evaluate_run(config_spec: Optional[str], workdir: Optional[str], step: Optio
             raise EvalError(str(e)) from None
     finally:
         ckpt.close()
-    info = {"recipe": config_spec if config_spec else f"as saved in {saved}"}
-    results = run_evals(config, trainer.model, {"params": state["params"]}, trainer.mesh, step=step,
-                        workdir=workdir, report=report, report_info=info)
-    if not results:
-        raise EvalError(nothing_to_evaluate(f"{workdir} (step {step})"))
-    return {"step": step, **results}
+    return config, trainer, state, step
 
 
 def nothing_to_evaluate(what: str) -> str:
@@ -145,6 +155,18 @@ def nothing_to_evaluate(what: str) -> str:
 
 def _eval_hf(path: str, config_spec: Optional[str], overrides: list[str],
              report: Optional[str] = None) -> dict:
+    config, model, variables, kind = load_hf(path, overrides)
+    results = run_evals(config, model, variables, step=0, workdir=None, report=report,
+                        report_info={"weights": f"{kind} (Hugging Face) from {path}"})
+    if not results:
+        raise EvalError(nothing_to_evaluate(path))
+    return results
+
+
+def load_hf(path: str, overrides: list[str]) -> tuple:
+    """A Hugging Face CLIP / SigLIP folder as `(config, model, variables, model_type)`:
+    a two-tower config describing the model, its tokenizer.json when present,
+    with `overrides`. Raises EvalError for an unsupported model or tokenizer."""
     from mmjax.convert import hf
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
         kind = json.load(f).get("model_type")
