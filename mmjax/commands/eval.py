@@ -136,7 +136,9 @@ def load_run(config_spec: Optional[str], workdir: Optional[str], step: Optional[
             raise EvalError(f"{workdir}: no checkpoint in {ckpt_dir}; train first")
         trainer = build_trainer(config)
         try:
-            state, _, step = trainer.restore(ckpt, step)
+            # The data position is not needed (nothing continues the stream), so a
+            # run saved by a job of another process count loads as well.
+            state, _, step = trainer.restore(ckpt, step, reset_stream=True)
         except CheckpointError as e:
             raise EvalError(str(e)) from None
     finally:
