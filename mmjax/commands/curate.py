@@ -61,7 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default=None, metavar="RUN",
                    help="the scoring model: a training run's folder (two-tower, CoCa: CLIP "
                         "score; BLIP-2 stage 1, one-tower: CLIP score and ITM)")
-    p.add_argument("--step", type=int, default=None, help="its checkpoint step (default latest)")
+    p.add_argument("--step", type=int, default=None, metavar="N",
+                   help="its checkpoint step (default latest)")
     p.add_argument("--hf", default=None, metavar="PATH",
                    help="instead of --workdir: a Hugging Face CLIP / SigLIP folder")
     p.add_argument("--shards", required=True, metavar="PATTERN",
@@ -79,10 +80,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--captioner", default=None, metavar="RUN",
                    help="a captioning run (CoCa, BLIP-2 stage 1): re-caption each image and keep "
                         "its synthetic caption when it passes the same filter (CapFilt)")
-    p.add_argument("--captioner-step", type=int, default=None)
-    p.add_argument("--caption-max-len", type=int, default=None,
+    p.add_argument("--captioner-step", type=int, default=None, metavar="N",
+                   help="the captioner's checkpoint step (default latest)")
+    p.add_argument("--caption-max-len", type=int, default=None, metavar="N",
                    help="tokens of a synthetic caption (default the captioner's max_len)")
-    p.add_argument("--batch-size", type=int, default=64, help="pairs per model call")
+    p.add_argument("--batch-size", type=int, default=64, metavar="N", help="pairs per model call")
     p.add_argument("--wait-timeout", type=float, default=3600.0, metavar="S",
                    help="multi-process: seconds to wait for the other processes' scores")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -91,7 +91,7 @@ def test_train_help_explains_config_overrides(capsys):
     assert "--config.batch_size=64" in text
 
 
-@pytest.mark.parametrize("sub", ["train", "eval", "generate"])
+@pytest.mark.parametrize("sub", ["train", "eval", "generate", "curate"])
 def test_every_option_has_a_description(sub, capsys):
     options = _options(_help(sub, capsys))
     assert "--workdir" in options
