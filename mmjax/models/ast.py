@@ -119,7 +119,8 @@ class AST(nn.Module):
         axis, else `layers_0..`): the same numbers, compile time flat in depth.
       remat: `jax.checkpoint` policy per block: "none", "full", "dots",
         "dots_no_batch" or "save_everything".
-      attention: attention implementation: "xla", "cudnn" (GPU) or None (JAX picks).
+      attention: attention implementation: "xla", "cudnn" (GPU), "splash" (TPU) or
+        None (the platform's best).
       dtype: compute dtype (params stay float32; the log-mel is float32); in a
         model config, `model.dtype` unless this section sets it.
       spec_augment: keyword arguments of `mmjax.models.audio.spec_augment`

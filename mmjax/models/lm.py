@@ -168,7 +168,7 @@ class DecoderLM(nn.Module):
         unrolled params are `layers_0..`).
       remat: `jax.checkpoint` policy per block: "none", "full", "dots",
         "dots_no_batch" or "save_everything".
-      attention: "xla", "cudnn" or None (see `layers.dot_product_attention`).
+      attention: "xla", "cudnn", "splash" or None (see `ops.attention.dot_product_attention`).
       dtype: compute dtype (params stay float32; logits are float32); in a
         VisionLM config, `model.dtype` unless this section sets it.
       init_std: standard deviation of the normal init of the token embedding and

@@ -177,7 +177,7 @@ class OneTower(nn.Module):
       scan: run the blocks as `nn.scan` (params `layers` with a leading depth axis,
         and `vl_layers` for the top `vl_depth`), else `layers_0..`, `vl_layers_0..`.
       remat: `jax.checkpoint` policy per block ("none", "full", "dots", ...).
-      attention: attention implementation ("xla", "cudnn", None).
+      attention: attention implementation ("xla", "cudnn", "splash", None).
       dtype: compute dtype (params stay float32); the sections' unless they set one.
     """
     image: dict

@@ -173,7 +173,8 @@ class QFormer(nn.Module):
         otherwise under `layers_i`.
       remat: `jax.checkpoint` policy per layer (per group with `scan`): "none",
         "full", "dots", "dots_no_batch" or "save_everything" (not in decode mode).
-      attention: attention implementation: "xla", "cudnn" (GPU) or None (JAX picks).
+      attention: attention implementation: "xla", "cudnn" (GPU), "splash" (TPU) or
+        None (the platform's best).
       dtype: compute dtype (params stay float32; LM logits are float32); in a
         model config, `model.dtype` unless this section sets it.
       decode: KV-cache mode of the causal (ITG) text path (module docstring);

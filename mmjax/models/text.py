@@ -87,7 +87,8 @@ class TextEncoder(nn.Module):
         axis, else `layers_0..`): the same numbers, compile time flat in depth.
       remat: `jax.checkpoint` policy per block: "none", "full", "dots",
         "dots_no_batch" or "save_everything" (not applied in decode mode).
-      attention: attention implementation: "xla", "cudnn" (GPU) or None (JAX picks).
+      attention: attention implementation: "xla", "cudnn" (GPU), "splash" (TPU) or
+        None (the platform's best).
       dtype: compute dtype (params stay float32); in a model config, `model.dtype`
         unless this section sets it.
       decode: KV-cache mode (causal only; see the module docstring): no pooling,
@@ -212,7 +213,8 @@ class CaptionDecoder(nn.Module):
         axis, else `layers_0..`).
       remat: `jax.checkpoint` policy per block: "none", "full", "dots",
         "dots_no_batch" or "save_everything" (not applied in decode mode).
-      attention: attention implementation: "xla", "cudnn" (GPU) or None (JAX picks).
+      attention: attention implementation: "xla", "cudnn" (GPU), "splash" (TPU) or
+        None (the platform's best).
       dtype: compute dtype (params stay float32); in a model config, `model.dtype`
         unless this section sets it.
       decode: KV-cache mode (incremental decoding); CoCa sets it from

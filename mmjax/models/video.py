@@ -83,7 +83,8 @@ class VideoViT(ViT):
       scan: `nn.scan` over the frame ViT's blocks (the temporal blocks are never scanned).
       remat: `jax.checkpoint` policy per block (frame ViT and temporal): "none",
         "full", "dots", "dots_no_batch" or "save_everything".
-      attention: attention implementation: "xla", "cudnn" (GPU) or None (JAX picks).
+      attention: attention implementation: "xla", "cudnn" (GPU), "splash" (TPU) or
+        None (the platform's best).
       dtype: compute dtype (params stay float32); in a model config, `model.dtype`
         unless this section sets it.
       patch_dropout: fraction of each frame's patch tokens the frame ViT drops in

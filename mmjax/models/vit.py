@@ -53,7 +53,8 @@ class ViT(nn.Module):
       remat: `jax.checkpoint` policy per block: "none", "full" (recompute
         everything), "dots", "dots_no_batch" or "save_everything".
       attention: attention implementation: "xla" (any device), "cudnn" (GPU
-        fused kernel) or None (JAX picks).
+        fused kernel), "splash" (TPU fused kernel) or None (the platform's best;
+        see `ops.attention.dot_product_attention`).
       dtype: compute dtype (params stay float32); in a model config, `model.dtype`
         unless this section sets it.
       patch_dropout: fraction of the patch tokens dropped in training (FLIP; open_clip's

@@ -123,7 +123,7 @@ def computations(hlo_text: str) -> tuple[dict[str, list[str]], Optional[str]]:
             comps[current] = []
             if m.group(1):
                 entry = current
-        elif line.startswith("}"):
+        elif line.rstrip() == "}":  # (a custom call's config may start a line with "}}")
             current = None
         elif current is not None:
             comps[current].append(line)

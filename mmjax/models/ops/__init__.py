@@ -10,6 +10,8 @@
   activations  GELU variants and the table of activations by config name
   attention    masks and scaled dot-product attention (heads-major einsums,
                or `jax.nn.dot_product_attention`'s fused kernels)
+  tpu_attention  the Pallas splash-attention kernel on TPU (`attention="splash"`):
+               key-padding / causal masks, GQA, block padding, shard_map
 
 Every kernel reads the active policy, never the host's default backend, so a
 step compiled for an accelerator from a CPU host takes the accelerator's path.

@@ -2,9 +2,16 @@
 
 Shapes: B batch, T query length, S key length, H query heads, KV key/value
 heads (H % KV == 0: grouped-query attention), K head width.
+
+Implementations (config key `attention`): "xla" (`xla_attention`, any device),
+"cudnn" (`jax.nn.dot_product_attention`'s GPU kernel), "splash" (the Pallas TPU
+kernel of `ops.tpu_attention` when the kernel policy's platform is TPU, else
+"xla") and None (the platform's best: "splash" on TPU where it applies, else
+`jax.nn.dot_product_attention`'s own choice).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import jax
@@ -13,17 +20,41 @@ import numpy as np
 
 from mmjax.errors import ConfigError
 from mmjax.models.ops.matmul import matmul_f32_out, transposed
-from mmjax.models.ops.policy import f32_accumulating
+from mmjax.models.ops.policy import f32_accumulating, fused_attention
 
 Array = jax.Array
 
-IMPLEMENTATIONS = ("xla", "cudnn", None)
+IMPLEMENTATIONS = ("xla", "cudnn", "splash", None)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, eq=False)
+class AttentionMask:
+    """A boolean mask (`array`, True = attend) together with what it was built
+    from, so a fused kernel can take the structure instead of the `[T, S]` array
+    (`make_attention_mask`). It stands for `array` wherever an array is expected
+    (`jnp.asarray`, `np.asarray`, `.shape`); the kernel paths that do not read
+    `array` leave it out of the compiled program."""
+    array: Array                     # bool, broadcastable to [B, H, T, S]
+    key_valid: Optional[Array]       # [B, S] bool or None
+    causal: bool = dataclasses.field(metadata=dict(static=True))
+
+    shape = property(lambda self: self.array.shape)
+    ndim = property(lambda self: self.array.ndim)
+    dtype = property(lambda self: self.array.dtype)
+
+    def __jax_array__(self):
+        return self.array
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(self.array, dtype)
 
 
 def make_attention_mask(query_valid: Optional[Array], key_valid: Optional[Array],
                         causal: bool = False, q_len: Optional[int] = None,
-                        k_len: Optional[int] = None) -> Optional[Array]:
-    """Boolean attention mask `[B, 1, T, S]` (True = attend), or None if nothing is masked.
+                        k_len: Optional[int] = None) -> Optional[AttentionMask]:
+    """Boolean attention mask `[B, 1, T, S]` (True = attend), or None if nothing is
+    masked, as an `AttentionMask` (the array and the key validity / causal flag).
 
     Args:
       query_valid: `[B, T]` bool or None (padding queries still attend; their
@@ -40,24 +71,39 @@ def make_attention_mask(query_valid: Optional[Array], key_valid: Optional[Array]
         s = k_len if k_len is not None else t
         c = jnp.tril(jnp.ones((t, s), bool))[None, None]
         mask = c if mask is None else jnp.logical_and(mask, c)
-    return mask
+    return None if mask is None else AttentionMask(mask, key_valid, causal)
 
 
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Optional[Array] = None,
                           implementation: Optional[str] = "xla") -> Array:
-    """Scaled dot-product attention: `xla_attention` for "xla", else
-    `jax.nn.dot_product_attention` (cuDNN's fused kernel, or JAX's choice).
+    """Scaled dot-product attention: `xla_attention` for "xla", the Pallas splash
+    kernel for "splash" on TPU, else `jax.nn.dot_product_attention` (cuDNN's fused
+    kernel, or JAX's choice).
 
     Args:
       q: `[B, T, H, K]`; k, v: `[B, S, KV, K]`.
-      mask: bool, broadcastable to `[B, H, T, S]`, True = attend.
-      implementation: "xla" (any device), "cudnn" (GPU fused kernel) or None
-        (let JAX pick).
+      mask: bool, broadcastable to `[B, H, T, S]`, True = attend, or an
+        `AttentionMask` (`make_attention_mask`).
+      implementation: "xla" (any device), "cudnn" (GPU fused kernel), "splash"
+        (TPU fused kernel; "xla" on other platforms) or None (the platform's best:
+        "splash" on TPU, else JAX's pick). "splash" and None on TPU run the kernel
+        for no mask, key-padding masks and `make_attention_mask`'s causal masks,
+        with both sequences at least 128 long; otherwise (other masks, e.g. `[T, S]`
+        or the decoding cache's, shorter sequences; see `ops.tpu_attention`)
+        "splash" runs `xla_attention` and None JAX's pick.
     Returns: `[B, T, H, K]`.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ConfigError(f"attention implementation {implementation!r} (config key "
-                          "`attention`): choose 'xla', 'cudnn' or None.")
+                          "`attention`): choose 'xla', 'cudnn', 'splash' or None.")
+    if implementation in ("splash", None) and fused_attention():
+        from mmjax.models.ops import tpu_attention
+        if tpu_attention.splash_applies(q, k, mask):
+            return tpu_attention.splash_attention(q, k, v, *tpu_attention.expressible_mask(mask))
+    if implementation == "splash":
+        implementation = "xla"
+    if isinstance(mask, AttentionMask):
+        mask = mask.array
     if mask is not None:
         b, t, h, _ = q.shape
         mask = jnp.reshape(mask, (1,) * (4 - jnp.ndim(mask)) + jnp.shape(mask))  # [T, S] -> 4-D

@@ -88,3 +88,11 @@ def fuse_projections() -> bool:
     concatenation of head-sharded kernels costs all-to-alls under tensor
     parallelism, and three matmuls cost nothing extra."""
     return current_platform() == "cpu"
+
+
+def fused_attention() -> bool:
+    """Whether `attention="splash"` (and None) run the Pallas splash kernel
+    (`ops.tpu_attention`): on TPU, where it keeps attention memory linear in the
+    sequence; a Mosaic kernel compiles for TPUs only, so every other platform
+    takes the XLA path."""
+    return current_platform() == "tpu"
