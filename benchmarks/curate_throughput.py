@@ -114,12 +114,13 @@ def plain_loop(workdir: str, paths: list[str], batch: int) -> float:
     return n / (time.perf_counter() - start)
 
 
-def curate_pass(workdir: str, pattern: str, batch: int, out: str) -> float:
+def curate_pass(workdir: str, pattern: str, batch: int, out: str, threads: int) -> float:
     """pairs/s of `mmjax curate`'s scoring pass (its own per-shard timings)."""
     from mmjax import cli
     shutil.rmtree(out, ignore_errors=True)
     assert cli.main(["curate", "--workdir", workdir, "--shards", pattern, "--out", out,
-                     "--keep-fraction", "0.5", "--batch-size", str(batch), "--quiet"]) == 0
+                     "--keep-fraction", "0.5", "--batch-size", str(batch), "--quiet"]
+                    + (["--decode-threads", str(threads)] if threads else [])) == 0
     marks = [json.load(open(p)) for p in glob.glob(os.path.join(out, "scores", "*.scored.json"))]
     return sum(m["pairs"] for m in marks) / sum(m["seconds"] for m in marks)
 
@@ -133,11 +134,14 @@ def main():
     p.add_argument("--size", type=int, nargs=2, default=(320, 240))
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--decode-threads", type=int, default=0,
+                   help="curate's --decode-threads (default: its own, the CPU cores)")
     a = p.parse_args()
     paths = write_shards(a.data, a.shards, a.per_shard, tuple(a.size))
     pattern = os.path.join(a.data, "web-*.tar")
     plain = max(plain_loop(a.workdir, paths, a.batch) for _ in range(a.repeats))
-    cur = max(curate_pass(a.workdir, pattern, a.batch, os.path.join(a.data, "out"))
+    cur = max(curate_pass(a.workdir, pattern, a.batch, os.path.join(a.data, "out"),
+                          a.decode_threads)
               for _ in range(a.repeats))
     print("| pairs | plain loop (pairs/s) | mmjax curate scoring (pairs/s) | ratio |")
     print(f"| {len(paths) * a.per_shard} | {plain:.0f} | {cur:.0f} | {cur / plain:.2f}x |")

@@ -85,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--caption-max-len", type=int, default=None, metavar="N",
                    help="tokens of a synthetic caption (default the captioner's max_len)")
     p.add_argument("--batch-size", type=int, default=64, metavar="N", help="pairs per model call")
+    p.add_argument("--decode-threads", type=int, default=None, metavar="N",
+                   help="threads decoding media (default: the CPU cores)")
     p.add_argument("--wait-timeout", type=float, default=3600.0, metavar="S",
                    help="multi-process: seconds to wait for the other processes' scores")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -292,6 +294,7 @@ def _score_pass(args, out, paths, names, mine, scorer, kinds, options, captioner
     tokenize = make_tokenizer(options)
     if captioner is not None:
         captioner.options = _options(captioner.model, paths)
+    threads = args.decode_threads or os.cpu_count() or 1
     pairs, start = 0, time.perf_counter()
     bar = tqdm(todo, unit="shard", desc="curate: scoring", disable=args.quiet,
                file=sys.stderr)
@@ -299,7 +302,7 @@ def _score_pass(args, out, paths, names, mine, scorer, kinds, options, captioner
         t0 = time.perf_counter()
         counters = Counters(options)
         records, emb = score_shard(paths[i], runner, kinds, options, counters, tokenize,
-                                   args.batch_size, captioner)
+                                   args.batch_size, captioner, threads)
         stem = _marker(out, names[i], "")
         with open(stem + ".jsonl.tmp", "w", encoding="utf-8") as f:
             for r in records:

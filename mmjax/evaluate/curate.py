@@ -65,31 +65,50 @@ class Pair:
 
 
 def read_pairs(path: str, options: Any, counters: Counters, tokenize: Callable,
-               extra_views: Sequence[Any] = ()) -> Iterator[tuple[Pair, list[np.ndarray]]]:
+               extra_views: Sequence[Any] = (), threads: int = 1, chunk: int = 64
+               ) -> Iterator[tuple[Pair, list[np.ndarray]]]:
     """Yields each usable sample of shard `path` as `(Pair, [media decoded by each of
-    extra_views])` (a captioner may read another image size / normalization).
+    extra_views])` (a captioner may read another image size / normalization), in
+    shard order.
 
-    `options`: the scoring model's eval `DataOptions` (center crops). Bad samples
-    and a shard that cannot be read (further) are counted in `counters` under the
-    training pipeline's reasons and skipped."""
+    `options`: the scoring model's eval `DataOptions` (center crops). Media of
+    `chunk` samples at a time is decoded by `threads` threads (image decoders
+    release the GIL). Bad samples and a shard that cannot be read (further) are
+    counted in `counters` under the training pipeline's reasons and skipped."""
+    from concurrent.futures import ThreadPoolExecutor
+    views = (options,) + tuple(extra_views)
+
+    def decode(item):
+        index, _, _, (ext, data), _ = item
+        try:
+            rng = np.random.default_rng(index)
+            return [v.media.decode(data, ext, rng, v) for v in views]
+        except BadSample as e:
+            return e
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        for items in batched(_parsed(path, options, counters, tokenize), chunk):
+            for item, media in zip(items, pool.map(decode, items) if threads > 1
+                                   else map(decode, items)):
+                index, key, caption, _, tokens = item
+                if isinstance(media, BadSample):
+                    counters.bad(media.reason, path, f"sample {key!r}: {media}")
+                    continue
+                counters.counts["ok"] += 1
+                yield Pair(index, key, caption, media[0], tokens), media[1:]
+
+
+def _parsed(path: str, options: Any, counters: Counters, tokenize: Callable) -> Iterator:
+    """`(index, key, caption, (ext, media bytes), tokens)` of each sample with media and
+    caption (the others counted); a shard that breaks is counted and ends the stream."""
     parser = SampleParser(options, counters, tokenize)
     try:
         with open_shard(path) as f:
             for index, key, members in iter_tar_samples(f):
                 row = parser(path, key, members)
-                if row is None:
-                    continue
-                (ext, data), tokens, _, _ = row
-                try:
-                    rng = np.random.default_rng(index)
-                    media = options.media.decode(data, ext, rng, options)
-                    extra = [v.media.decode(data, ext, rng, v) for v in extra_views]
-                except BadSample as e:
-                    counters.bad(e.reason, path, f"sample {key!r}: {e}")
-                    continue
-                counters.counts["ok"] += 1
-                caption = sample_fields(members, options.caption_key)[1]
-                yield Pair(index, key, caption, media, np.asarray(tokens, np.int32)), extra
+                if row is not None:
+                    caption = sample_fields(members, options.caption_key)[1]
+                    yield index, key, caption, row[0], np.asarray(row[1], np.int32)
     except ShardReadError as e:
         counters.bad(e.reason, path, str(e))
 
@@ -300,7 +319,8 @@ class Captioner:
 
 def score_shard(path: str, runner: Callable, kinds: Sequence[str], options: Any,
                 counters: Counters, tokenize: Callable, batch_size: int = 64,
-                captioner: Optional[Captioner] = None) -> tuple[list[dict], np.ndarray]:
+                captioner: Optional[Captioner] = None, threads: int = 1
+                ) -> tuple[list[dict], np.ndarray]:
     """Scores every usable pair of shard `path`.
 
     Args:
@@ -310,6 +330,7 @@ def score_shard(path: str, runner: Callable, kinds: Sequence[str], options: Any,
       options, counters, tokenize: as `read_pairs` (tokenize also encodes the
         synthetic captions).
       captioner: optional; each image also gets a synthetic caption, scored.
+      threads: media decoding threads (`read_pairs`).
     Returns:
       `(records, embeddings)`: one JSON-able dict per usable sample, in shard
       order (`index`, `key`, `caption`, each score; with a captioner
@@ -318,7 +339,8 @@ def score_shard(path: str, runner: Callable, kinds: Sequence[str], options: Any,
     """
     records, embs = [], []
     views = [captioner.options] if captioner else []
-    for chunk in batched(read_pairs(path, options, counters, tokenize, views), batch_size):
+    pairs_ = read_pairs(path, options, counters, tokenize, views, threads, max(batch_size, 16))
+    for chunk in batched(pairs_, batch_size):
         pairs = [p for p, _ in chunk]
         media = options.media.stack([p.media for p in pairs], options)
         out = runner(media, np.stack([p.tokens for p in pairs]))
