@@ -289,17 +289,6 @@ class CaptionReader:
                  f" | {bad} skipped" if bad else "")
 
 
-def _batched(items: Iterator[str], size: int = 1000) -> Iterator[list[str]]:
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def train_bpe(captions: Iterator[str], out: str, vocab_size: int, min_frequency: int = 2,
               lowercase: bool = False) -> None:
     """Trains a byte-level BPE on ``captions`` (consumed once, streamed) and saves it
@@ -309,6 +298,8 @@ def train_bpe(captions: Iterator[str], out: str, vocab_size: int, min_frequency:
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from tokenizers import trainers
 
+    from mmjax.data.batch import batched
+
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.Sequence(
         [normalizers.NFC()] + ([normalizers.Lowercase()] if lowercase else []))
@@ -317,7 +308,7 @@ def train_bpe(captions: Iterator[str], out: str, vocab_size: int, min_frequency:
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(BPE_SPECIALS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(_batched(captions), trainer)
+    tok.train_from_iterator(batched(captions, 1000), trainer)
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A {EOS}",
         special_tokens=[(BOS, tok.token_to_id(BOS)), (EOS, tok.token_to_id(EOS))])

@@ -1,5 +1,8 @@
-"""Global batch assembly: per-process numpy rows -> sharded ``jax.Array``s."""
+"""Global batch assembly: per-process numpy rows -> sharded ``jax.Array``s; host-side
+chunking of a stream (``batched``)."""
 from __future__ import annotations
+
+from typing import Iterable, Iterator
 
 import jax
 import numpy as np
@@ -33,3 +36,15 @@ def make_global_batch(local: dict[str, np.ndarray],
                               "(the local batch size must split evenly over this process's "
                               "devices on the data axes)") from e
     return out
+
+
+def batched(items: Iterable, size: int) -> Iterator[list]:
+    """Lists of up to ``size`` consecutive items of ``items`` (the last may be shorter)."""
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

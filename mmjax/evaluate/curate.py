@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.data.bad import BadSample
+from mmjax.data.batch import batched
 from mmjax.data.counters import Counters
 from mmjax.data.samples import SampleParser
 from mmjax.data.sources import open_shard
@@ -111,18 +112,6 @@ def _parsed(path: str, options: Any, counters: Counters, tokenize: Callable) -> 
                     yield index, key, caption, row[0], np.asarray(row[1], np.int32)
     except ShardReadError as e:
         counters.bad(e.reason, path, str(e))
-
-
-def batched(items: Iterator, size: int) -> Iterator[list]:
-    """Lists of up to `size` consecutive items."""
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 # ---------------------------------------------------------------- scoring

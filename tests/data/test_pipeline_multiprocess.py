@@ -51,12 +51,14 @@ def _child(address: str, process_id: int, out_dir: str, pattern: str):
 
 
 def test_two_processes_disjoint_shards_and_global_batch(tmp_path):
-    import portpicker
+    import socket
     from _shards import write_dataset
 
     write_dataset(tmp_path, NUM_SHARDS, PER_SHARD)
     pattern = str(tmp_path / ("shard-{000..%03d}.tar" % (NUM_SHARDS - 1)))
-    address = f"127.0.0.1:{portpicker.pick_unused_port()}"
+    with socket.socket() as sock:  # a free port for the coordinator
+        sock.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{sock.getsockname()[1]}"
     # The repository and tests/ (for `_helpers`, `_shards`) on the children's path.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [ROOT, TESTS, os.environ.get("PYTHONPATH", "")])}

@@ -61,7 +61,7 @@ def test_map_is_gradient_times_activation_of_the_final_tokens():
         g = jax.grad(cosine)(tokens[b], ztxt[b])
         want = np.maximum(np.asarray((g * tokens[b]).sum(-1)), 0).reshape(grid)
         np.testing.assert_allclose(maps[b], want, rtol=1e-4, atol=1e-6)
-        np.testing.assert_allclose(scores[b], cosine(tokens[b], ztxt[b]), rtol=1e-5)
+        np.testing.assert_allclose(scores[b], cosine(tokens[b], ztxt[b]), rtol=1e-5, atol=1e-6)
     assert maps.shape == (2,) + grid and maps.max() > 0
 
 
