@@ -46,6 +46,7 @@ from mmjax.data.counters import Counters
 from mmjax.data.samples import SampleParser
 from mmjax.data.sources import open_shard
 from mmjax.data.tario import ShardReadError, iter_tar_samples, sample_fields
+from mmjax.data.writer import _member_info  # deterministic tar headers, as `mmjax shards`
 from mmjax.models.jitted import per_model
 
 SCORES = ("clip", "itm")
@@ -222,14 +223,6 @@ def keep_mask(scores: np.ndarray, keep_fraction: Optional[float] = None,
 # ---------------------------------------------------------------- writing
 
 
-def _info(name: str, size: int) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)  # deterministic header, as mmjax.data.writer
-    info.size, info.mtime, info.mode = size, 0, 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info
-
-
 def _with_scores(members: dict[str, bytes], scores: dict, caption: Optional[str] = None,
                  caption_key: str = "txt") -> dict[str, bytes]:
     """The members of one output sample: the JSON member gains "curate" (the scores);
@@ -273,7 +266,7 @@ def write_shard(in_path: str, out_path: str, kept: dict[str, dict],
         for key, members in _kept_samples(f, kept, synthetic, caption_key):
             for ext in sorted(members):
                 data = members[ext]
-                tar.addfile(_info(f"{key}.{ext}", len(data)), io.BytesIO(data))
+                tar.addfile(_member_info(f"{key}.{ext}", len(data)), io.BytesIO(data))
             written += 1
     os.replace(tmp, out_path)
     return written
