@@ -1,9 +1,7 @@
 """CLAP with an AST-B/16 audio tower (LAION-CLAP recipe shape) for pods.
 
     mmjax train --config configs/clap_base.py --workdir gs://bucket/runs/clap \
-        --config.data.train.shards='/data/laion-audio-630k/{00000..00999}.tar' \
-        --config.data.train.tokenizer=hub:FacebookAI/roberta-base \
-        --config.model.text.vocab_size=None --config.model.text.pad_id=None
+        --config.data.train.shards='/data/laion-audio-630k/{00000..00999}.tar'
 
 Shards hold `key.flac|wav|ogg|mp3` + `key.txt` (or `key.json` with
 `--config.data.train.caption_key=json:text`), the layout of LAION-Audio-630K.
@@ -24,6 +22,15 @@ embeddings), width 768, 12 layers; the projection to the 512-d joint space
 waveform front end approximates AST's Kaldi fbank (see `mmjax.models.ast`).
 LAION-CLAP (HTS-AT + RoBERTa) reports ESC-50 zero-shot top-1 around 0.9 after
 training on LAION-Audio-630K and more.
+
+The text is RoBERTa's byte-level BPE, as LAION-CLAP's text encoder reads it
+(`tokenizer="hub:FacebookAI/roberta-base"`: 50,265 ids, `<s>` 0 first, `<pad>` 1,
+`</s>` 2 last, the id the text tower pools at), from the Hugging Face hub cache
+(fetched on first use; offline, the error names the command that fetches it); the
+model's vocabulary size and ids are checked against it before anything is built.
+The text tower is trained from scratch (a 12-layer, 512-wide causal Transformer,
+not RoBERTa's weights). `:tiny` shrinks it to a 3-step CPU run with the same
+tokenizer.
 """
 from mmjax.config.defaults import base_config, make_tiny
 
@@ -50,8 +57,9 @@ def get_config(arg=None):
                          spec_augment=dict(time_masks=2, time_width=192, freq_masks=2,
                                            freq_width=48),
                          scan=True, remat="full")  # 1,214 tokens a clip: recompute all
-    c.model.text = dict(vocab_size=259, max_len=77, width=512, depth=12, heads=8,
-                        embed_dim=512, causal=True, pool="eos", eos_id=2, pad_id=0,
+    d.tokenizer = "hub:FacebookAI/roberta-base"  # LAION-CLAP's text side is RoBERTa
+    c.model.text = dict(vocab_size=50265, max_len=77, width=512, depth=12, heads=8,
+                        embed_dim=512, causal=True, pool="eos", eos_id=2, pad_id=1,
                         act="gelu", scan=True, remat="dots_no_batch")
     c.objectives.softmax_contrastive = 1.0
     c.evals.zeroshot.shards = ""

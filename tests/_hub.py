@@ -1,6 +1,7 @@
 """A Hugging Face hub cache laid out locally (nothing downloaded): small tokenizers
 in the layouts of the repositories the recipes name (`clip`, `siglip`,
-`bert-base-uncased`, Vicuna's `hub:lmsys/...`), trained here on caption-like text.
+`bert-base-uncased`, Vicuna's `hub:lmsys/...`, RoBERTa's
+`hub:FacebookAI/roberta-base`), trained here on caption-like text.
 
 `lay_out(cache, repo_id, folder)` copies a folder as the cached snapshot of a
 repository; `recipe_hub_cache(root)` builds every recipe tokenizer's folder and
@@ -87,6 +88,41 @@ def bert_folder(root):
     return folder
 
 
+def roberta_folder(root, name="roberta"):
+    """RoBERTa's layout, as the hub repository FacebookAI/roberta-base has it: a
+    byte-level BPE (GPT-2's, no word-end suffix, cased) in tokenizer.json (with
+    RobertaProcessing `<s> ... </s>`) and as vocab.json + merges.txt, `<s>`=0,
+    `<pad>`=1, `</s>`=2, `<unk>`=3 first and `<mask>` last, tokenizer_config.json
+    without a `tokenizer_class`. In `root/name`."""
+    from tokenizers import (AddedToken, Tokenizer, decoders, models, pre_tokenizers,
+                            processors, trainers)
+    specials = ["<s>", "<pad>", "</s>", "<unk>"]
+    trainer = Tokenizer(models.BPE())
+    trainer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer.train_from_iterator(corpus(), trainers.BpeTrainer(
+        vocab_size=500, special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    model = json.loads(trainer.to_str())["model"]
+    vocab = dict(model["vocab"])
+    vocab["<mask>"] = len(vocab)
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    tok = Tokenizer(models.BPE(vocab, merges, dropout=None, continuing_subword_prefix="",
+                               end_of_word_suffix="", fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0),
+                                                      trim_offsets=True, add_prefix_space=False)
+    tok.add_special_tokens(specials + [AddedToken("<mask>", lstrip=True)])
+    folder = Path(root) / name
+    folder.mkdir()
+    tok.save(str(folder / "tokenizer.json"))
+    _json(folder / "vocab.json", vocab)
+    (folder / "merges.txt").write_text(
+        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+    _json(folder / "tokenizer_config.json", {"model_max_length": 512})
+    return folder
+
+
 def sentencepiece_folder(root, name, **ids):
     """A unigram SentencePiece model (`ids`: its pad/eos/unk/bos ids) in `root/name`
     as spiece.model and tokenizer.model."""
@@ -119,4 +155,5 @@ def recipe_hub_cache(root):
     _json(llama / "tokenizer_config.json", {"tokenizer_class": "LlamaTokenizer"})
     for repo in ("lmsys/vicuna-7b-v1.1", "lmsys/vicuna-7b-v1.5"):
         lay_out(cache, repo, llama)
+    lay_out(cache, "FacebookAI/roberta-base", roberta_folder(files))
     return str(cache)

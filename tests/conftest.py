@@ -19,7 +19,7 @@ multi-process runs in `_local.py`, imported as `from _helpers import ...`
 Session setup: 8 simulated CPU devices, set before jax starts, one
 persistent XLA compilation cache for the session, and an offline Hugging Face
 hub cache holding small tokenizers in the layouts of those the recipes name
-(`clip`, `siglip`, `bert-base-uncased`, Vicuna's; `_hub.py`), so `recipe:tiny`
+(`clip`, `siglip`, `bert-base-uncased`, RoBERTa's, Vicuna's; `_hub.py`), so `recipe:tiny`
 runs with its recipe's tokenizer and nothing is downloaded.
 
 Single-device computations run on device 0; sharding tests build meshes over

@@ -36,7 +36,7 @@ from mmjax.errors import ConfigError
 log = logging.getLogger("mmjax")
 
 # Bump when the generator changes, so cached shards are rebuilt.
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 5
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (215, 35, 35),
@@ -336,8 +336,10 @@ def write_synthetic_shards(out_dir: str, split: str = "train", num_samples: int 
 
     Members per sample: ``{key}.{jpg|png}``, ``{key}.txt`` (caption),
     ``{key}.cls`` (label) and ``{key}.json`` ({"caption", "label",
-    "classname", "qa", "scene", "full_caption"}: samples of one scene are one
-    group, see ``data.train.group_key``); ``sizes.json`` lists the shards. Shards are named
+    "classname", "qa", "conversations", "scene", "full_caption"}: samples of one
+    scene are one group, see ``data.train.group_key``; ``conversations`` holds the
+    ``qa`` turns in LLaVA's layout, human question then gpt answer, for the
+    instruction-tuning recipes); ``sizes.json`` lists the shards. Shards are named
     ``{prefix or split}-000000.tar``, ...
 
     Returns:
@@ -358,12 +360,20 @@ def write_synthetic_shards(out_dir: str, split: str = "train", num_samples: int 
                 "txt": s["caption"],
                 "cls": s["label"],
                 "json": {"caption": s["caption"], "label": s["label"],
-                         "classname": s["classname"], "qa": s["qa"], "scene": s["scene"],
+                         "classname": s["classname"], "qa": s["qa"],
+                         "conversations": conversations(s["qa"]), "scene": s["scene"],
                          "full_caption": s["full_caption"]},
             })
             if progress is not None:
                 progress(i + 1)
     return writer.shards
+
+
+def conversations(qa: list[dict]) -> list[dict]:
+    """`qa` pairs -> LLaVA `conversations` turns: `{"from": "human", "value": question}`,
+    `{"from": "gpt", "value": answer}`, ... (the same text, no `<image>` marker)."""
+    return [turn for q in qa for turn in ({"from": "human", "value": q["question"]},
+                                           {"from": "gpt", "value": q["answer"]})]
 
 
 def ensure_synthetic_shards(cache_dir: str, split: str = "train", num_samples: int = 10_000,

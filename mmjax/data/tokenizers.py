@@ -21,10 +21,11 @@ Chosen by a spec string (``build_tokenizer``):
   cache (``mmjax.data.hub``: ``HF_HUB_CACHE`` / ``HF_HOME``, ``HF_HUB_OFFLINE``),
   downloaded on first use where there is network. The ids equal those of
   transformers' tokenizer of the repository (``CLIPTokenizer``,
-  ``SiglipTokenizer``, ``BertTokenizer``, ``T5Tokenizer``): a ``tokenizer.json``
-  is loaded when the repository has one (except for SigLIP, whose text is
-  canonicalized first: lowercased, punctuation removed, whitespace collapsed),
-  else the tokenizer is built from ``vocab.json`` + ``merges.txt`` (CLIP),
+  ``SiglipTokenizer``, ``BertTokenizer``, ``T5Tokenizer``, ``RobertaTokenizer``): a
+  ``tokenizer.json`` is loaded when the repository has one (except for SigLIP,
+  whose text is canonicalized first: lowercased, punctuation removed, whitespace
+  collapsed), else the tokenizer is built from ``vocab.json`` + ``merges.txt``
+  (CLIP; RoBERTa where ``tokenizer_config.json`` names ``RobertaTokenizer``),
   ``vocab.txt`` (BERT) or the SentencePiece model; the special tokens are those of
   ``tokenizer_config.json`` / ``special_tokens_map.json`` (transformers' class
   defaults where they say nothing). transformers itself is not needed.
@@ -304,12 +305,14 @@ _FILES = {
     "siglip": (("spiece.model",),),
     "bert": (("tokenizer.json",), ("vocab.txt",)),
     "t5": (("tokenizer.json",), ("spiece.model",)),
+    "roberta": (("tokenizer.json",), ("vocab.json", "merges.txt")),
     None: (("tokenizer.json",), ("spiece.model",), ("tokenizer.model",), ("vocab.txt",),
            ("vocab.json", "merges.txt")),
 }
 _CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 # tokenizer_config.json's `tokenizer_class` -> kind (a `hub:` repository).
 _CLASS_KINDS = {"CLIPTokenizer": "clip", "SiglipTokenizer": "siglip", "BertTokenizer": "bert",
+                "RobertaTokenizer": "roberta",
                 "T5Tokenizer": "t5"}
 # transformers' defaults of each class, where the repository's config says nothing.
 _DEFAULTS = {
@@ -321,6 +324,9 @@ _DEFAULTS = {
              "cls_token": "[CLS]", "mask_token": "[MASK]", "do_lower_case": True,
              "tokenize_chinese_chars": True, "strip_accents": None},
     "t5": {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>", "extra_ids": 100},
+    "roberta": {"bos_token": "<s>", "eos_token": "</s>", "sep_token": "</s>", "cls_token": "<s>",
+                "unk_token": "<unk>", "pad_token": "<pad>", "mask_token": "<mask>",
+                "add_prefix_space": False, "trim_offsets": True},
 }
 _CLIP_SPLIT = (r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|"""
                r"""[\p{N}]|[^\s\p{L}\p{N}]+""")
@@ -390,15 +396,38 @@ def _bert_wordpiece(folder: str, cfg: dict):
     return tok
 
 
+def _roberta_bpe(folder: str, cfg: dict):
+    """RoBERTa's byte-level BPE (GPT-2's: no word-end suffix, cased) from vocab.json +
+    merges.txt, built as transformers' RobertaTokenizer: `<s> ... </s>`, `<mask>`
+    taking the space before it."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    vocab, merges = models.BPE.read_file(os.path.join(folder, "vocab.json"),
+                                         os.path.join(folder, "merges.txt"))
+    tok = Tokenizer(models.BPE(vocab, merges, dropout=None, continuing_subword_prefix="",
+                               end_of_word_suffix="", fuse_unk=False))
+    prefix_space, trim = bool(cfg["add_prefix_space"]), bool(cfg["trim_offsets"])
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=prefix_space)
+    tok.decoder = decoders.ByteLevel()
+    cls, sep = cfg["cls_token"], cfg["sep_token"]
+    tok.post_processor = processors.RobertaProcessing(
+        (sep, _vocab_id(vocab, sep, folder)), (cls, _vocab_id(vocab, cls, folder)),
+        trim_offsets=trim, add_prefix_space=prefix_space)
+    tok.add_special_tokens([cfg[k] for k in ("bos_token", "eos_token", "unk_token", "sep_token",
+                                             "pad_token", "cls_token")]
+                           + [AddedToken(cfg["mask_token"], lstrip=True)])
+    return tok
+
+
 def load_pretrained(folder: str, max_len: int, kind: str | None = None) -> Tokenizer:
     """The tokenizer of a Hugging Face tokenizer folder (e.g. a hub snapshot).
 
     Args:
-      folder: holds tokenizer.json, or vocab.json + merges.txt (CLIP), vocab.txt
+      folder: holds tokenizer.json, or vocab.json + merges.txt (CLIP, RoBERTa), vocab.txt
         (BERT), spiece.model / tokenizer.model (SentencePiece), with
         tokenizer_config.json / special_tokens_map.json.
       max_len: length L of every encoded row ``[N, L]``.
-      kind: "clip", "siglip", "bert", "t5", or None to read it from
+      kind: "clip", "siglip", "bert", "t5", "roberta", or None to read it from
         tokenizer_config.json's ``tokenizer_class`` (else: a generic tokenizer).
     """
     cfg = _read_config(folder)
@@ -418,6 +447,9 @@ def load_pretrained(folder: str, max_len: int, kind: str | None = None) -> Token
         return HFTokenizer(path("tokenizer.json"), max_len, pad_token=cfg.get("pad_token"))
     if kind == "clip" and has("vocab.json", "merges.txt"):
         return HFTokenizer(folder, max_len, tokenizer=_clip_bpe(folder, cfg),
+                           pad_token=cfg["pad_token"])
+    if kind == "roberta" and has("vocab.json", "merges.txt"):
+        return HFTokenizer(folder, max_len, tokenizer=_roberta_bpe(folder, cfg),
                            pad_token=cfg["pad_token"])
     if kind == "bert" and has("vocab.txt"):
         return HFTokenizer(folder, max_len, tokenizer=_bert_wordpiece(folder, cfg),

@@ -76,8 +76,10 @@ class VisionLMFamily(Family):
         if "qformer" in c.model:
             c.model.qformer.update(dict(num_queries=4, max_len=32, vocab_size=260))
         if d.get("text_format") == "dialog":
-            # The byte tokenizer and 192 tokens leave no room for a chat system prompt.
-            d.update(dict(caption_key="json:qa", max_len=192, dialog_template="qa"))
+            # The recipe's caption key stays (the built-in data hold both `qa` and
+            # LLaVA `conversations`), so `recipe:tiny` reads users' shards as the
+            # recipe does; 192 tokens leave no room for a chat system prompt.
+            d.update(dict(max_len=192, dialog_template="qa"))
             c.evals.vqa.update(dict(shards="synthetic", max_samples=4, max_new_tokens=4))
         else:
             c.evals.captioning.update(dict(shards="synthetic", max_samples=8, max_len=8))

@@ -1,4 +1,5 @@
-"""Named tokenizers ("clip", "siglip", "bert-base-uncased", "t5", "hub:ORG/NAME") read
+"""Named tokenizers ("clip", "siglip", "bert-base-uncased", "t5", "hub:ORG/NAME", e.g.
+RoBERTa's "hub:FacebookAI/roberta-base") read
 from an offline Hugging Face hub cache laid out here, against transformers' tokenizers
 loaded from the same files; the check of a config's vocabulary against its tokenizer."""
 import json
@@ -9,7 +10,7 @@ import shutil
 
 import pytest
 
-from _hub import lay_out
+from _hub import lay_out, roberta_folder
 from mmjax.config.loading import CONFIG_DIR, load_config
 from mmjax.config.schema import check_vocabulary
 from mmjax.data.tokenizers import build_tokenizer
@@ -124,6 +125,18 @@ def _bert_files(root, transformers):
         root / "bert_json")
 
 
+def _roberta_files(root):
+    """RoBERTa's hub layout (`_hub.roberta_folder`: tokenizer.json, vocab.json +
+    merges.txt, `<mask>` last), and its vocab.json + merges.txt alone with a
+    tokenizer_config.json naming RobertaTokenizer."""
+    folder = roberta_folder(root)
+    (root / "roberta_vocab").mkdir()
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(folder / name, root / "roberta_vocab" / name)
+    _write_json(root / "roberta_vocab" / "tokenizer_config.json",
+                {"tokenizer_class": "RobertaTokenizer"})
+
+
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     """Folders of tokenizer files made here (nothing is downloaded), by name."""
@@ -132,6 +145,7 @@ def sources(tmp_path_factory):
     _clip_files(root, transformers)
     _sentencepiece_files(root, transformers)
     _bert_files(root, transformers)
+    _roberta_files(root)
     return {p.name: str(p) for p in root.iterdir() if p.is_dir()}
 
 
@@ -163,6 +177,10 @@ CASES = [
      "cls_token_id"),
     ("t5", "google-t5/t5-base", "t5_json", "T5Tokenizer", None),
     ("t5", "t5-base", "t5_spiece", "T5Tokenizer", None),  # the old name, spiece.model only
+    ("hub:FacebookAI/roberta-base", "FacebookAI/roberta-base", "roberta", "RobertaTokenizer",
+     "bos_token_id"),  # clap_base's
+    ("hub:someone/roberta-vocab-merges", "someone/roberta-vocab-merges", "roberta_vocab",
+     "RobertaTokenizer", "bos_token_id"),
 ]
 
 
@@ -194,7 +212,8 @@ def test_named_tokenizer_ids_equal_transformers(spec, repo_id, source, ref_class
             n_truncated += 1
             assert row == full[:MAX_LEN - 1] + [full[-1]], text
     assert n_truncated >= 1
-    if ref_class != "CLIPTokenizer":  # (byte-level BPE has no unknown characters)
+    # (byte-level BPEs have no unknown characters)
+    if ref_class not in ("CLIPTokenizer", "RobertaTokenizer"):
         assert any(ref.unk_token_id in ref(t)["input_ids"] for t in CAPTIONS)
     assert (pickle.loads(pickle.dumps(tok))(CAPTIONS) == ids).all()  # data loader workers
 
