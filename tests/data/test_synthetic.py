@@ -220,7 +220,11 @@ def test_write_shards_png_exact_and_jpg_close(tmp_path):
         assert json.loads(s["json"]) == {"caption": ref["caption"], "label": ref["label"],
                                          "classname": CLASSNAMES[ref["label"]],
                                          "qa": ref["qa"], "scene": ref["scene"],
-                                         "full_caption": ref["full_caption"]}
+                                         "full_caption": ref["full_caption"],
+                                         "conversations": [
+                                             t for q in ref["qa"]
+                                             for t in ({"from": "human", "value": q["question"]},
+                                                       {"from": "gpt", "value": q["answer"]})]}
     jpg = _read_samples(write_synthetic_shards(str(tmp_path / "jpg"), "train", 3, 24))
     decoded = np.asarray(Image.open(io.BytesIO(jpg["000000001"]["jpg"]))).astype(float)
     ref = make_sample(1, "train", 24)["image"].astype(float)
