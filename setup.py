@@ -1,6 +1,7 @@
 """mmjax: multimodal (image-, audio- and video-text) pretraining in JAX/Flax."""
 from setuptools import find_packages, setup
 
+SPEECH = ["espeakng-loader>=0.2.4"]
 PARITY = ["torch>=2.4", "transformers>=4.45"]
 
 setup(
@@ -42,10 +43,12 @@ setup(
         # librosa: the log-mel parity reference; pytest-xdist: two test processes
         # (the suite is compile-bound, and one XLA compile uses one core). selenium:
         # renders the eval report in headless Chromium (the system's chromium and
-        # chromedriver; the test skips without them).
+        # chromedriver; the test skips without them). espeakng-loader: the spoken-word
+        # set (`mmjax.data.synthetic_speech`) is tested.
         "test": ["pytest>=8.0", "pytest-xdist>=3.5", "tensorflow-datasets>=4.9.6",
-                 "jax[tpu]>=0.6.0", "librosa>=0.10", "selenium>=4.15", *PARITY],
+                 "jax[tpu]>=0.6.0", "librosa>=0.10", "selenium>=4.15", *PARITY, *SPEECH],
         "parity": PARITY,
+        "speech": SPEECH,  # eSpeak NG for the spoken-word set (benchmarks/audio_speech.py)
         "tfds": ["tensorflow-datasets>=4.9.6"],
         "gpu": ["jax[cuda12]>=0.6.0"],
         "tpu": ["jax[tpu]>=0.6.0"],

@@ -19,7 +19,7 @@ def get_config(arg=None):
     c.batch_size = 128
     c.log_every = 50
     c.checkpoint_every = 400
-    c.optim.lr = 2e-3
+    c.optim.lr = 1e-3
     c.optim.warmup_steps = 50
     c.optim.weight_decay = 0.05
 
@@ -38,7 +38,8 @@ def get_config(arg=None):
     c.model.name = "two_tower"
     c.model.contrastive = "softmax"
     c.model.image = dict(kind="ast", sample_rate=16000, clip_seconds=1.0, n_mels=64,
-                         patch_size=16, frequency_stride=16, time_stride=16,
+                         spec_norm="example",  # each clip by its own mean and std
+                         patch_size=16, frequency_stride=16, time_stride=4,
                          width=128, depth=2, heads=4, embed_dim=128, pool="gap",
                          spec_augment=dict(time_masks=1, time_width=10, freq_masks=1,
                                            freq_width=6))

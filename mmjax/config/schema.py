@@ -235,13 +235,22 @@ def check_model(config: Any, tokenizer: bool = True) -> None:
     prefixes x the model's parameters. ConfigError naming the keys.
 
     `tokenizer=False` (`mmjax compile`, which reads no data) skips the tokenizer
-    unless the model takes its vocabulary size from it (`vocab_size=None`)."""
+    unless the model takes its vocabulary size from it (`vocab_size=None`). AST
+    towers with `spec_mean` / `spec_std` None get them measured on the training
+    data (`mmjax.config.audio_stats`); without data (compile), AST's numbers stand
+    in (they change no shape)."""
+    from mmjax.config import audio_stats
     from mmjax.families import get_family
     from mmjax.models import build
+    from mmjax.models.ast import AST_MEAN, AST_STD
     family = get_family(config)
     text = config.model.get(family.text_section)
     if tokenizer or (text is not None and text.get("vocab_size", 0) is None):
         check_vocabulary(config)
+    if tokenizer:
+        audio_stats.fill_spectrogram_stats(config)
+    for name in audio_stats.unset_sections(config):
+        config.model[name].update(dict(spec_mean=AST_MEAN, spec_std=AST_STD))
     family.check_config(config)
     prefixes = [("optim.freeze", p) for p in (config.optim.get("freeze") or [])]
     prefixes += [("init", p) for p in (config.get("init") or {}) if p != "all"]  # all: the model

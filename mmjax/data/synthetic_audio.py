@@ -275,7 +275,7 @@ def encode_flac(audio: np.ndarray, sample_rate: int) -> bytes:
 def write_audio_shards(out_dir: str, num_samples: int = 10_000, sample_rate: int = 16000,
                        seconds: float = 2.0, samples_per_shard: int = 1_000, seed: int = 0,
                        split: str = "train", prefix: str | None = None,
-                       progress=None) -> list[str]:
+                       progress=None, make=None, extra: tuple = ()) -> list[str]:
     """Writes samples `0 .. num_samples-1` of `split` as webdataset shards
     `{prefix or split}-000000.tar`, ... in `out_dir` (plus `sizes.json`).
 
@@ -283,6 +283,8 @@ def write_audio_shards(out_dir: str, num_samples: int = 10_000, sample_rate: int
     (caption), `{key}.cls` (label) and `{key}.json` ({"caption", "label",
     "classname"}). The same arguments give byte-identical shards. `progress`,
     if given, is called with the number of samples written after each one.
+    `make(i) -> dict` replaces `make_sample` (another generator with its fields);
+    `extra` names further fields of those samples that go into the JSON.
     Returns the shard paths, in order.
     """
     from mmjax.data.writer import ShardWriter
@@ -292,11 +294,12 @@ def write_audio_shards(out_dir: str, num_samples: int = 10_000, sample_rate: int
     with ShardWriter(out_dir, max_count=samples_per_shard, max_bytes=1 << 40,
                      prefix=prefix or split) as writer:
         for i in range(num_samples):
-            s = make_sample(i, split, sample_rate, seconds, seed)
+            s = make(i) if make else make_sample(i, split, sample_rate, seconds, seed)
             writer.write({"__key__": f"{i:09d}", "flac": encode_flac(s["audio"], sample_rate),
                           "txt": s["caption"], "cls": s["label"],
                           "json": {"caption": s["caption"], "label": s["label"],
-                                   "classname": s["classname"]}})
+                                   "classname": s["classname"],
+                                   **{k: s[k] for k in extra}}})
             if progress is not None:
                 progress(i + 1)
     return writer.shards

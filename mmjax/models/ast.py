@@ -94,8 +94,14 @@ class AST(nn.Module):
         "db" (10 log10, floored at each clip's peak - top_db) or "none" (mel power).
       top_db: floor of `log="db"` in dB below each clip's peak (None = no floor);
         unused by "ln" and "none".
-      spec_mean, spec_std: normalization `(x - spec_mean) / (2 * spec_std)` of the
-        log-mel of a waveform (a spectrogram input is taken as normalized).
+      spec_norm: normalization of the log-mel of a waveform (a spectrogram input is
+        taken as normalized): "fixed" = `(x - spec_mean) / (2 * spec_std)` (AST's);
+        "example" = each clip by its own mean and standard deviation over frames and
+        mel bins, `(x - mean) / (2 * std)`, which removes the recording level.
+      spec_mean, spec_std: the numbers of `spec_norm="fixed"`: AST's AudioSet
+        statistics by default; None in a training config = measured on the first
+        clips of `data.train.shards` when the run starts and saved in its config
+        (`mmjax.families.audio_stats`).
       max_length: frames the Transformer takes (the log-mel is zero-padded or cut
         to it); None = the frames of a clip.
       patch_size: patch side in mel bins and in frames (square patches).
@@ -145,8 +151,9 @@ class AST(nn.Module):
     pad_mode: str = "reflect"
     log: str = "ln"
     top_db: Optional[float] = 80.0
-    spec_mean: float = AST_MEAN
-    spec_std: float = AST_STD
+    spec_norm: str = "fixed"
+    spec_mean: Optional[float] = AST_MEAN
+    spec_std: Optional[float] = AST_STD
     max_length: Optional[int] = None
     patch_size: int = 16
     frequency_stride: int = 10
@@ -261,6 +268,17 @@ class AST(nn.Module):
         if t < self.frames:
             spec = jnp.pad(spec, ((0, 0), (0, self.frames - t), (0, 0)))
         spec = spec[:, :self.frames]
+        if self.spec_norm == "example":
+            mean = jnp.mean(spec, axis=(1, 2), keepdims=True)
+            std = jnp.sqrt(jnp.var(spec, axis=(1, 2), keepdims=True) + 1e-6)
+            return (spec - mean) / (2.0 * std)
+        if self.spec_norm != "fixed":
+            raise ConfigError(f"Unknown spec_norm {self.spec_norm!r} (config key `spec_norm`); "
+                              "choose 'fixed' or 'example'.")
+        if self.spec_mean is None or self.spec_std is None:
+            raise ConfigError("spec_mean / spec_std are None: a training run measures them on "
+                              "its data when it starts; set both numbers to use the tower "
+                              "elsewhere (config keys `spec_mean`, `spec_std`).")
         return (spec - self.spec_mean) / (2.0 * self.spec_std)
 
     @nn.compact
