@@ -101,7 +101,7 @@ class AST(nn.Module):
       spec_mean, spec_std: the numbers of `spec_norm="fixed"`: AST's AudioSet
         statistics by default; None in a training config = measured on the first
         clips of `data.train.shards` when the run starts and saved in its config
-        (`mmjax.families.audio_stats`).
+        (`mmjax.config.audio_stats`).
       max_length: frames the Transformer takes (the log-mel is zero-padded or cut
         to it); None = the frames of a clip.
       patch_size: patch side in mel bins and in frames (square patches).
