@@ -293,6 +293,13 @@ def check_vocabulary(config: Any) -> None:
         ids.append((text, "model.text", "pad_id", tokenizer.pad_id, "pads with"))
     if text is not None and text.get("pool", TextEncoder.pool) == "eos":
         ids.append((text, "model.text", "eos_id", tokenizer.eos_id, "ends every text with"))
+    if getattr(family, "pad_differs_from_eos", False) and tokenizer.pad_id == tokenizer.eos_id:
+        raise ConfigError(f"{what} pads with its EOS id {tokenizer.eos_id}; the "
+                          f"{family.name} family finds padding by id, so every EOS of a "
+                          "dialog would be hidden from attention and loss. Use a tokenizer "
+                          "with a pad token of its own (e.g. a copy of the tokenizer folder "
+                          "whose tokenizer_config.json sets pad_token to <unk> or a reserved "
+                          "token), as Vicuna's does.")
     built = build(model)  # its fields with their defaults
     for section, prefix, field, want, does in ids:
         unset = field not in section

@@ -26,6 +26,9 @@ class VisionLMFamily(Family):
     evaluators = ("captioning", "vqa", "grounding")
     text_section = "lm"
     optional_batch_keys = ("loss_mask",)  # dialog data: 1 on answer tokens
+    # Padding is found by id (`text != pad_id`): a tokenizer that pads with its EOS
+    # would hide every turn's EOS from attention and loss (checked at load time).
+    pad_differs_from_eos = True
 
     def pad_id(self, model):
         return model.pad_id

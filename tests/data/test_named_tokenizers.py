@@ -291,3 +291,17 @@ def test_recipes_pass_the_check():
                 assert config.model.to_dict() == before, name + arg
                 checked += 1
     assert checked > len(os.listdir(CONFIG_DIR)) >= 15  # every :tiny and the byte recipes
+
+
+def test_vision_lm_refuses_a_tokenizer_that_pads_with_eos(sources, hub_cache):
+    """CLIP's tokenizer pads with its EOS: a VisionLM (padding found by id) would hide
+    every turn's EOS, so the config is refused at load time; Vicuna's (pad <unk>) passes."""
+    hub_cache("openai/clip-vit-base-patch32", sources["clip_json"])
+    tok = build_tokenizer("clip", 32)
+    assert tok.pad_id == tok.eos_id
+    config = load_config("llava:cpu,tiny", ["data.train.tokenizer=clip",
+                                            "model.lm.vocab_size=None", "model.pad_id=None"])
+    with pytest.raises(ConfigError, match=rf"tokenizer='clip' pads with its EOS id "
+                                          rf"{tok.eos_id}; the vision_lm family"):
+        check_vocabulary(config)
+    check_vocabulary(load_config("llava:cpu,tiny", []))
