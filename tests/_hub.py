@@ -40,29 +40,38 @@ def lay_out(cache, repo_id, folder):
     return str(repo / "snapshots" / commit)
 
 
-def clip_folder(root):
-    """CLIP's layout: a byte-level BPE with "</w>" word ends, vocab.json + merges.txt,
-    <|startoftext|> and <|endoftext|> the last two ids."""
+def clip_bpe(texts, vocab_size: int, collapse_whitespace: bool = False):
+    """A byte-level BPE trained as CLIP's (lowercased, "</w>" word ends) on `texts` ->
+    `(vocab {token: id}, merges [(a, b)])`: the byte alphabet, the same with "</w>",
+    the merged tokens, then <|startoftext|> and <|endoftext|> (the last two ids)."""
     from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
     split = (r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|"""
              r"""[\p{N}]|[^\s\p{L}\p{N}]+""")
     tok = Tokenizer(models.BPE(end_of_word_suffix="</w>", continuing_subword_prefix=""))
-    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
+    norms = [normalizers.NFC()] + ([normalizers.Replace(Regex(r"\s+"), " ")]
+                                   if collapse_whitespace else []) + [normalizers.Lowercase()]
+    tok.normalizer = normalizers.Sequence(norms)
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(split), behavior="removed", invert=True),
         pre_tokenizers.ByteLevel(add_prefix_space=False)])
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(corpus(), trainers.BpeTrainer(
-        vocab_size=700, initial_alphabet=alphabet, end_of_word_suffix="</w>",
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=alphabet, end_of_word_suffix="</w>",
         show_progress=False))
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
               for m in json.loads(tok.to_str())["model"]["merges"]]
     tokens = alphabet + [a + "</w>" for a in alphabet]
     tokens += [t for t in dict.fromkeys(a + b for a, b in merges) if t not in set(tokens)]
+    return {t: i for i, t in enumerate(tokens + ["<|startoftext|>", "<|endoftext|>"])}, merges
+
+
+def clip_folder(root):
+    """CLIP's layout: a byte-level BPE with "</w>" word ends, vocab.json + merges.txt,
+    <|startoftext|> and <|endoftext|> the last two ids."""
+    vocab, merges = clip_bpe(corpus(), 700)
     folder = Path(root) / "clip"
     folder.mkdir()
-    _json(folder / "vocab.json", {t: i for i, t in enumerate(
-        tokens + ["<|startoftext|>", "<|endoftext|>"])})
+    _json(folder / "vocab.json", vocab)
     (folder / "merges.txt").write_text(
         "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
     _json(folder / "tokenizer_config.json", {"tokenizer_class": "CLIPTokenizer"})

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from _hub import lay_out, roberta_folder
+from _hub import clip_bpe, lay_out, roberta_folder
 from mmjax.config.loading import CONFIG_DIR, load_config
 from mmjax.config.schema import check_vocabulary
 from mmjax.data.tokenizers import build_tokenizer
@@ -53,26 +53,7 @@ def _clip_files(root, transformers):
     """A small BPE in CLIP's layout (byte alphabet, the same with "</w>", merges,
     <|startoftext|>, <|endoftext|> last): one folder as transformers saves it
     (tokenizer.json), one with vocab.json + merges.txt."""
-    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
-
-    split = (r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|"""
-             r"""[\p{N}]|[^\s\p{L}\p{N}]+""")
-    tok = Tokenizer(models.BPE(end_of_word_suffix="</w>", continuing_subword_prefix=""))
-    tok.normalizer = normalizers.Sequence([normalizers.NFC(),
-                                           normalizers.Replace(Regex(r"\s+"), " "),
-                                           normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(split), behavior="removed", invert=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_corpus(), trainers.BpeTrainer(
-        vocab_size=1200, initial_alphabet=alphabet, end_of_word_suffix="</w>",
-        show_progress=False))
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
-              for m in json.loads(tok.to_str())["model"]["merges"]]
-    tokens = alphabet + [a + "</w>" for a in alphabet]
-    tokens += [t for t in dict.fromkeys(a + b for a, b in merges) if t not in set(tokens)]
-    vocab = {t: i for i, t in enumerate(tokens + ["<|startoftext|>", "<|endoftext|>"])}
+    vocab, merges = clip_bpe(_corpus(), 1200, collapse_whitespace=True)
 
     transformers.CLIPTokenizer(vocab=vocab, merges=merges).save_pretrained(root / "clip_json")
     (root / "clip_vocab").mkdir()
