@@ -149,7 +149,10 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
             raise ConfigError(f"unknown config key config.{'.'.join(parts[:i + 1])}{hint}")
         if is_last:
             try:
-                node[part] = _parse(value, node[part])
+                current = node[part]
+                if current is None and key in NUMERIC_KEYS:  # a number key left at None
+                    current = 0 if NUMERIC_KEYS[key][0] == "int" else 0.0
+                node[part] = _parse(value, current)
             except ConfigError as e:
                 rule = NUMERIC_KEYS.get(key)
                 allowed = f" (allowed: {describe_range(rule)})" if rule else ""

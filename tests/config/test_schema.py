@@ -164,3 +164,12 @@ def test_every_model_field_of_every_recipe_is_described(capsys):
             out = capsys.readouterr().out
             assert "field of" not in out, (name, [l for l in out.splitlines()
                                                   if "field of" in l][:3])
+
+
+def test_a_number_key_left_at_none_takes_a_number_from_the_command_line():
+    """`--config.peak_flops=...` (default None) is read as a number, `none` as None, and
+    anything else is an error naming the key."""
+    assert load_config("clip_tiny", ["peak_flops=1.5e12"]).peak_flops == 1.5e12
+    assert load_config("clip_tiny", ["peak_flops=none"]).peak_flops is None
+    with pytest.raises(ConfigError, match="config.peak_flops"):
+        load_config("clip_tiny", ["peak_flops=fast"])
