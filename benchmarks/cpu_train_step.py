@@ -9,6 +9,11 @@ reported with the ratio of samples/s (mmjax / PyTorch).
 
     python benchmarks/cpu_train_step.py [--dtype float32|bfloat16] [--layers unrolled|scan]
                                         [--rounds 5] [--steps 5]
+                                        [--mmjax-malloc reuse|default] [--torch-malloc default|reuse]
+
+The mmjax process starts as `mmjax train` does, with `mmjax.perf.host_memory.reuse_host_memory`
+(XLA's per-step temporary buffer reused instead of mapped and zeroed afresh by the kernel);
+`--torch-malloc reuse` gives the PyTorch process the same glibc settings.
 """
 from __future__ import annotations
 
@@ -90,8 +95,11 @@ def jax_step_fn(dtype: str, scan: bool = False):
     return step
 
 
-def _worker(side: str, dtype: str, scan: bool, conn) -> None:
+def _worker(side: str, dtype: str, scan: bool, conn, reuse_memory: bool) -> None:
     """Owns one framework in its own process; times `n` steps when asked."""
+    if reuse_memory:  # what `mmjax train` does first (mmjax.perf.host_memory)
+        from mmjax.perf.host_memory import reuse_host_memory
+        reuse_host_memory()
     if side == "pytorch":
         import torch
         torch.set_num_threads(os.cpu_count())
@@ -115,13 +123,20 @@ def main(argv=None) -> int:
                    help="mmjax layer stack: unrolled (config `scan=False`) or nn.scan")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--torch-malloc", choices=("default", "reuse"), default="default",
+                   help="PyTorch's process: glibc as shipped, or the host-memory reuse that "
+                        "mmjax's commands switch on (mmjax.perf.host_memory)")
+    p.add_argument("--mmjax-malloc", choices=("default", "reuse"), default="reuse",
+                   help="mmjax's process: as `mmjax train` runs (reuse) or glibc as shipped")
     args = p.parse_args(argv)
     import multiprocessing as mp
     ctx = mp.get_context("spawn")
     sides, procs = {}, []
     for side in ("pytorch", "mmjax"):  # one process each: no shared thread pools
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_worker, args=(side, args.dtype, args.layers == "scan", child), daemon=True)
+        reuse = (args.torch_malloc if side == "pytorch" else args.mmjax_malloc) == "reuse"
+        proc = ctx.Process(target=_worker, daemon=True,
+                           args=(side, args.dtype, args.layers == "scan", child, reuse))
         proc.start()
         assert parent.recv() == "ready"
         sides[side], procs = parent, procs + [proc]
@@ -141,7 +156,8 @@ def main(argv=None) -> int:
     for k in sides:
         name = f"{k} ({args.layers})" if k == "mmjax" else k
         print(f"| {name} | {args.dtype} | {med[k]:.3f} | {B / med[k]:.1f} |")
-    print(f"\nratio mmjax / pytorch samples/s: {med['pytorch'] / med['mmjax']:.2f}x")
+    print(f"\nratio mmjax / pytorch samples/s: {med['pytorch'] / med['mmjax']:.2f}x "
+          f"(host malloc: mmjax {args.mmjax_malloc}, pytorch {args.torch_malloc})")
     return 0
 
 
