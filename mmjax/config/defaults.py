@@ -30,6 +30,10 @@ KEYS: dict[str, tuple] = {
     "mesh.data": (-1, "data-parallel axis size (-1: the devices left)"),
     "mesh.fsdp": (1, "FSDP axis: batch and parameter shards (-1: the devices left)"),
     "mesh.tensor": (1, "tensor-parallel axis: heads, MLP and vocabulary (-1: the devices left)"),
+    "mesh.fsdp_ring": ("one_way", "TPU: FSDP weight gathers and gradient reduce-scatters run "
+                                  "as windowed matmuls around the ring; 'one_way' moves 7/8 "
+                                  "of each weight on 8 chips (the minimum), 'two_way' (XLA's "
+                                  "default) 9/8 in half the ring steps"),
     "multihost.init_timeout_s": (300, "seconds a process waits for all processes to join "
                                       "before it exits with status 75"),
     "multihost.heartbeat_timeout_s": (100, "JAX's coordination service declares a silent "

@@ -112,10 +112,11 @@ def compile_for_target(config: Any, target: Any, hbm_gib: Optional[float] = None
     with _captured_stderr() as log:
         try:
             # Deviceless GPU compiles cannot autotune: pick GEMMs without Triton tiling.
-            options = ({"xla_gpu_enable_triton_gemm": False, "xla_gpu_autotune_level": 0}
-                       if target.platform == "gpu" else None)
+            options = dict(trainer.compiler_options)  # the step's own (config.mesh.fsdp_ring)
+            if target.platform == "gpu":
+                options.update(xla_gpu_enable_triton_gemm=False, xla_gpu_autotune_level=0)
             compiled = trainer.lower(batch_shapes(config, trainer.batch_sharding)).compile(
-                compiler_options=options)
+                compiler_options=options or None)
             error = None
         except Exception as e:  # the compiler's verdict, e.g. RESOURCE_EXHAUSTED
             compiled, error = None, e

@@ -108,7 +108,8 @@ def collectives(hlo_text: str) -> list[Collective]:
 # Computations, loops and how often each collective runs
 
 _COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->.*\{\s*$")
-_CALLEE = re.compile(r"\b(body|condition|calls|to_apply|branch_computations)="
+_CALLEE = re.compile(r"\b(body|condition|calls|to_apply|branch_computations|"
+                     r"true_computation|false_computation)="
                      r"(\{[^}]*\}|%?[\w.\-]+)")
 
 
@@ -217,26 +218,36 @@ def step_collectives(hlo_text: str) -> tuple[list[Collective], list[str]]:
     loops multiplied), and the names of loops whose trip count was not found
     (their collectives are counted once)."""
     comps, entry = computations(hlo_text)
-    calls: dict[str, list[tuple[str, int]]] = {name: [] for name in comps}
+    calls: dict[str, list[tuple[str, float]]] = {name: [] for name in comps}
     unknown = []
+    trips: dict[str, int] = {}  # loop body -> its trip count
+    for caller, lines in comps.items():
+        for line in lines:
+            for kind, ref in _CALLEE.findall(line):
+                if kind == "body":
+                    body = re.findall(r"%?([\w.\-]+)", ref)[0]
+                    cond = re.search(r"condition=%?([\w.\-]+)", line)
+                    n = trip_count(comps.get(cond.group(1), []) if cond else [], line,
+                                   comps.get(body, []), lines)
+                    if n is None:
+                        unknown.append(body)
+                    trips[body] = n or 1
     for caller, lines in comps.items():
         for line in lines:
             for kind, ref in _CALLEE.findall(line):
                 names = re.findall(r"%?([\w.\-]+)", ref.strip("{}"))
-                factor = 1
-                if kind == "body":
-                    cond = re.search(r"condition=%?([\w.\-]+)", line)
-                    n = trip_count(comps.get(cond.group(1), []) if cond else [], line,
-                                   comps.get(names[0], []), lines)
-                    if n is None:
-                        unknown.append(names[0])
-                    factor = n or 1
+                factor: float = trips[names[0]] if kind == "body" else 1
+                if kind == "true_computation" and re.search(
+                        r"false_computation=%?last_iteration_noop", line) and trips.get(caller):
+                    # XLA's one-way windowed matmul loop: the block is passed on in
+                    # every iteration but the last
+                    factor = (trips[caller] - 1) / trips[caller]
                 for name in names:
                     if name in calls:
                         calls[name].append((caller, factor))
-    memo: dict[str, int] = {}
+    memo: dict[str, float] = {}
 
-    def runs(name: str, seen=()) -> int:
+    def runs(name: str, seen=()) -> float:
         if name == entry:
             return 1
         if name not in memo:
@@ -245,7 +256,7 @@ def step_collectives(hlo_text: str) -> tuple[list[Collective], list[str]]:
         return memo[name]
     out = []
     for name, lines in comps.items():
-        count = runs(name)
+        count = round(runs(name))
         for c in collectives("\n".join(lines)):
             out.append(dataclasses.replace(c, runs=count))
     return out, unknown

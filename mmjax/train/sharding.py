@@ -73,6 +73,27 @@ def make_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -> 
     return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
+FSDP_RINGS = ("one_way", "two_way")
+
+
+def compiler_options(mesh: Mesh, fsdp_ring: str = "one_way") -> dict[str, Any]:
+    """XLA options of a step compiled for `mesh`'s devices (`jax.jit(compiler_options=)`).
+
+    On TPU, XLA's SPMD partitioner turns the gather of an FSDP-sharded weight into
+    its matmul (and the gradient's reduce-scatter out of its matmul) as a windowed
+    loop around the ring of the `fsdp` axis. Its default runs the ring both ways:
+    half the ring steps, but each weight moves 9/8 of its size over n = 8 chips
+    where (n - 1)/n is the minimum (`config.mesh.fsdp_ring="two_way"`).
+    "one_way" passes each block on once: exactly the minimum (BENCHMARKS.md,
+    "Where the FSDP rows' collectives come from"). Other platforms: no options.
+    """
+    if fsdp_ring not in FSDP_RINGS:
+        raise ConfigError(f"config.mesh.fsdp_ring={fsdp_ring!r}: choose one of {list(FSDP_RINGS)}.")
+    if mesh.devices.flat[0].platform != "tpu":
+        return {}
+    return {"xla_tpu_spmd_bidirectional_windowed_einsum": fsdp_ring == "two_way"}
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Rows over data x fsdp, everything else replicated."""
     return NamedSharding(mesh, P(BATCH_AXES))

@@ -47,6 +47,8 @@ class Trainer:
             platform=mesh.devices.flat[0].platform,
             grad_reduce_dtype=str(config.optim.get("grad_reduce_dtype", "float32")))
         # Scalars kept in a range after every update (CLIP's logit scale, BLIP-2's temperature).
+        self.compiler_options = shd.compiler_options(
+            mesh, str(config.mesh.get("fsdp_ring", "one_way")))
         self.param_bounds = model.param_bounds() if hasattr(model, "param_bounds") else {}
         self.freeze = list(config.optim.get("freeze") or [])
         frozen_dtype(config.optim)  # a bad config.optim.frozen_dtype fails here, named
@@ -222,7 +224,7 @@ class Trainer:
                 functools.partial(self._train_step, unmasked=unmasked),
                 in_shardings=(self.state_sharding, self.batch_sharding),
                 out_shardings=(self.state_sharding, shd.replicated(self.mesh)),
-                donate_argnums=(0,))
+                donate_argnums=(0,), compiler_options=self.compiler_options or None)
         return self._steps[unmasked]
 
     def _check_unmasked(self, unmasked: bool) -> bool:
@@ -243,7 +245,8 @@ class Trainer:
             self._grad_fns[unmasked] = jax.jit(
                 functools.partial(self._grads, unmasked=unmasked),
                 in_shardings=(self.state_sharding, self.batch_sharding),
-                out_shardings=(repl, repl, self.state_sharding["params"]))
+                out_shardings=(repl, repl, self.state_sharding["params"]),
+                compiler_options=self.compiler_options or None)
         with self.context():
             return self._grad_fns[unmasked](state, batch)
 

@@ -227,16 +227,20 @@ def test_collectives_in_loops_count_every_iteration(tpu_devices):
     assert not by_source[0]["source"].startswith("jit(")
 
 
-def test_fsdp_weight_gather_bytes_in_windowed_matmul_loops():
+@pytest.mark.parametrize("ring,blocks", [("two_way", 9), ("one_way", 7)])
+def test_fsdp_weight_gather_bytes_in_windowed_matmul_loops(ring, blocks):
     """An FSDP matmul (weights sharded over 8 chips) that XLA:TPU lowers to a
-    windowed loop of collective-permutes, counter 0, 2, ... < 4: every loop's
-    trip count is found, each permute counts the block that arrives once (the
-    async form returns operand and result), so the gathered bytes are the
-    weight's 7/8 that live elsewhere, up to XLA's two spare blocks (9/8)."""
+    windowed loop of collective-permutes: every loop's trip count is found, each
+    permute counts the block that arrives once (the async form returns operand and
+    result). Run both ways round the ring (XLA's default: counter 0, 2, ... < 4)
+    it moves 9 blocks of 1/8 of the weight; one way (`config.mesh.fsdp_ring`'s
+    default, counter 0, 1, ... < 8, the permute in a branch skipped on the last
+    iteration) the 7 that live elsewhere: the minimum."""
     import jax.numpy as jnp
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     from mmjax.perf.hlo import step_collectives
     from mmjax.perf.targets import target_devices
+    from mmjax.train.sharding import compiler_options
     mesh = Mesh(np.array(target_devices(parse_target("v5p-16"))), ("x",))  # 8 chips
 
     def f(x, w):
@@ -245,15 +249,30 @@ def test_fsdp_weight_gather_bytes_in_windowed_matmul_loops():
     x = jax.ShapeDtypeStruct((8192, 768), jnp.bfloat16, sharding=NamedSharding(mesh, P("x")))
     w = jax.ShapeDtypeStruct((768, 3072), jnp.float32,
                              sharding=NamedSharding(mesh, P(None, "x")))
-    text = jax.jit(f).lower(x, w).compile().as_text()
+    options = compiler_options(mesh, ring)
+    assert options == {"xla_tpu_spmd_bidirectional_windowed_einsum": ring == "two_way"}
+    text = jax.jit(f, compiler_options=options).lower(x, w).compile().as_text()
     assert "windowed_dot_general" in text  # the lowering this test is about
     colls, unknown = step_collectives(text)
     permutes = [c for c in colls if c.kind == "collective-permute"]
     assert not unknown and permutes
     block = 768 * 3072 // 8 * 2  # one chip's bf16 share of the weight
     assert all(c.bytes == block for c in permutes)
-    moved = sum(c.bytes * c.runs for c in permutes)
-    assert 7 * block <= moved <= 9 * block, moved / block
+    assert sum(c.bytes * c.runs for c in permutes) == blocks * block
+
+
+def test_fsdp_ring_option_follows_the_mesh_and_names_the_key():
+    """The trainer compiles its step with the ring option only for a TPU mesh (the
+    mesh's devices decide, not the host); a wrong value names the key."""
+    from mmjax.errors import ConfigError
+    from mmjax.perf.targets import target_devices
+    from mmjax.train.step import build_trainer
+    config = load_config("clip_tiny", ["batch_size=16"])
+    tpu = build_trainer(config, target_devices(parse_target("v5p-16")))
+    assert tpu.compiler_options == {"xla_tpu_spmd_bidirectional_windowed_einsum": False}
+    assert build_trainer(config, jax.devices("cpu")[:1]).compiler_options == {}
+    with pytest.raises(ConfigError, match="config.mesh.fsdp_ring"):
+        build_trainer(load_config("clip_tiny", ["mesh.fsdp_ring=both"]), jax.devices("cpu")[:1])
 
 
 def test_gpu_target_compiles_with_the_cuda_plugin():
