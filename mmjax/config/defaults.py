@@ -34,6 +34,11 @@ KEYS: dict[str, tuple] = {
                                   "as windowed matmuls around the ring; 'one_way' moves 7/8 "
                                   "of each weight on 8 chips (the minimum), 'two_way' (XLA's "
                                   "default) 9/8 in half the ring steps"),
+    "mesh.fsdp_weights": ("in_matmul", "FSDP weights of bfloat16 matmuls: 'in_matmul' (the "
+                                       "partitioner gathers them inside each matmul, again "
+                                       "in the backward pass) or 'gather_once' (gathered "
+                                       "once in the forward pass and kept for the backward: "
+                                       "less traffic, the layers' bf16 weights in memory)"),
     "multihost.init_timeout_s": (300, "seconds a process waits for all processes to join "
                                       "before it exits with status 75"),
     "multihost.heartbeat_timeout_s": (100, "JAX's coordination service declares a silent "

@@ -32,7 +32,7 @@ from mmjax.errors import ConfigError
 from mmjax.models.decoding import append_kv, context_kv
 from mmjax.models.ops.activations import get_activation
 from mmjax.models.ops.attention import dot_product_attention
-from mmjax.models.ops.matmul import broadcast_param, fused_matmul_2d, matmul_2d
+from mmjax.models.ops.matmul import GATHERED_WEIGHT, broadcast_param, fused_matmul_2d, matmul_2d
 from mmjax.models.ops.norm import layer_norm, rms_norm
 from mmjax.models.ops.policy import fuse_projections
 
@@ -120,7 +120,7 @@ class Dense(nn.Module):
                             (x.shape[-1], self.features))
         bias = (self.param("bias", logical(self.bias_init, self.names[-1:]), (self.features,))
                 if self.use_bias else None)
-        return matmul_2d(x, kernel, 1, bias, self.dtype, self.act)
+        return matmul_2d(x, kernel, 1, bias, self.dtype, self.act, self.names)
 
 
 class _HeadsIn(nn.Module):
@@ -139,7 +139,7 @@ class _HeadsIn(nn.Module):
                                 (self.heads, self.head_dim)) if self.use_bias else None)
 
     def __call__(self, x):
-        return matmul_2d(x, self.kernel, 1, self.bias, self.dtype)
+        return matmul_2d(x, self.kernel, 1, self.bias, self.dtype, names=("embed", "heads"))
 
 
 class _HeadsOut(nn.Module):
@@ -156,7 +156,7 @@ class _HeadsOut(nn.Module):
                             (h, k, self.features))
         bias = (self.param("bias", logical(nn.initializers.zeros, ("embed",)), (self.features,))
                 if self.use_bias else None)
-        return matmul_2d(x, kernel, 2, bias, self.dtype)
+        return matmul_2d(x, kernel, 2, bias, self.dtype, names=("heads", "embed"))
 
 
 KV_CACHE_KINDS = (None, "self", "context")
@@ -361,10 +361,17 @@ REMAT_POLICIES = {
 
 
 def remat_policy(name: str):
+    """The `jax.checkpoint` policy called `name` (config key `remat`); each also keeps
+    the kernels gathered for their matmuls (`ops.matmul.GATHERED_WEIGHT`, only
+    present with `config.mesh.fsdp_weights="gather_once"`)."""
     if name not in REMAT_POLICIES:
         raise ConfigError(f"Unknown remat policy {name!r} (config key `remat`); "
                           f"choose one of {sorted(REMAT_POLICIES)}.")
-    return REMAT_POLICIES[name]
+    policy = REMAT_POLICIES[name]
+    if policy is None:
+        return None
+    return jax.checkpoint_policies.save_from_both_policies(
+        policy, jax.checkpoint_policies.save_only_these_names(GATHERED_WEIGHT))
 
 
 def stacked(block_cls: type[nn.Module], depth: int, *, scan: bool, remat: str,

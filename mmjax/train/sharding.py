@@ -74,6 +74,16 @@ def make_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -> 
 
 
 FSDP_RINGS = ("one_way", "two_way")
+FSDP_WEIGHTS = ("in_matmul", "gather_once")
+
+
+def gather_weights_once(config_mesh: Any) -> bool:
+    """`config.mesh.fsdp_weights == "gather_once"` (checked): the kernel policy's
+    `gather_weights` (`mmjax.models.ops.policy.KernelPolicy`)."""
+    value = str(config_mesh.get("fsdp_weights", "in_matmul"))
+    if value not in FSDP_WEIGHTS:
+        raise ConfigError(f"config.mesh.fsdp_weights={value!r}: choose one of {list(FSDP_WEIGHTS)}.")
+    return value == "gather_once"
 
 
 def compiler_options(mesh: Mesh, fsdp_ring: str = "one_way") -> dict[str, Any]:

@@ -45,7 +45,8 @@ class Trainer:
         self.media = self.family.media(config.model)
         self.policy = KernelPolicy(
             platform=mesh.devices.flat[0].platform,
-            grad_reduce_dtype=str(config.optim.get("grad_reduce_dtype", "float32")))
+            grad_reduce_dtype=str(config.optim.get("grad_reduce_dtype", "float32")),
+            gather_weights=shd.gather_weights_once(config.mesh))
         # Scalars kept in a range after every update (CLIP's logit scale, BLIP-2's temperature).
         self.compiler_options = shd.compiler_options(
             mesh, str(config.mesh.get("fsdp_ring", "one_way")))

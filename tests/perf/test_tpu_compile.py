@@ -307,3 +307,28 @@ def test_max_batch_is_the_largest_batch_that_fits():
     assert used_bytes(by_batch[best]) == by_batch[best]["memory"]["peak"] <= hbm_gib * 2 ** 30
     assert not by_batch[best + 4]["fits"]
     assert len(reports) <= 5, sorted(by_batch)
+
+
+def test_weights_gathered_once_are_not_gathered_again_in_the_backward():
+    """`config.mesh.fsdp_weights="gather_once"` on a v5p-16 FSDP mesh: the layer
+    stacks' weights are gathered in the forward pass only (the backward pass,
+    remat `full` included, gathers none of them again), gradients still reduce in
+    float32, and the step moves fewer collective bytes than with XLA's in-matmul
+    gathers (`python -m mmjax compile ... --sources N` shows the same per source)."""
+    base = ["batch_size=64", "model.dtype=bfloat16", "mesh.data=1", "mesh.fsdp=8",
+            "model.image.remat=full", "model.text.remat=full"]
+    reports = {w: compile_for_target(load_config("clip_b16:tiny", base + [f"mesh.fsdp_weights={w}"]),
+                                     parse_target("v5p-16"))
+               for w in ("in_matmul", "gather_once")}
+
+    def backward_layer_gathers(report):
+        return [c for c in report["collective_sources"] if "transpose(" in c["source"]
+                and "/layers/" in c["source"] and (c["kind"] == "all-gather" or (
+                    c["kind"] == "collective-permute" and c["dtype"] == "bf16"))]
+
+    def total(report):
+        return sum(c["bytes_per_step"] for c in report["collectives"])
+    assert backward_layer_gathers(reports["in_matmul"])  # what the option removes
+    assert not backward_layer_gathers(reports["gather_once"])
+    assert reports["gather_once"]["reduction_dtypes"] == ["f32"]
+    assert total(reports["gather_once"]) < total(reports["in_matmul"])

@@ -18,11 +18,13 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, Optional, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
-from mmjax.models.ops.policy import f32_accumulating, float32_weight_grads
+from mmjax.models.ops.policy import f32_accumulating, float32_weight_grads, gather_weights
 
 Dtype = Any
 Array = jax.Array
@@ -30,6 +32,10 @@ Array = jax.Array
 # Name scope of the CPU-only low-precision GEMM path, visible in HLO op names, so a
 # compile for an accelerator can show that the path did not leak into it.
 CPU_PATH_SCOPE = "mmjax_cpu_bf16_gemm"
+
+# Name of a kernel cast to the compute dtype and gathered for its matmul
+# (`KernelPolicy.gather_weights`); every remat policy of `models.layers` keeps it.
+GATHERED_WEIGHT = "mmjax_gathered_weight"
 
 
 def broadcast_param(p: Array, shape: Sequence[int], dtype: Dtype) -> Array:
@@ -89,20 +95,29 @@ def _matmul_f32_out_bwd(dtype, res, g):
 _matmul_f32_out_vjp.defvjp(_matmul_f32_out_fwd, _matmul_f32_out_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def matmul_f32_dw(x: Array, w: Array, dtype: Dtype) -> Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def matmul_f32_dw(x: Array, w: Array, dtype: Dtype,
+                  gather: Optional[tuple] = None) -> Array:
     """`x [N, In] @ w [In, Out]` in `dtype` (output `dtype`), whose kernel gradient
     `x^T g` is a float32-output GEMM returned in `w`'s float32: the partial dW of
-    each batch shard is then summed across replicas in float32."""
-    return _matmul_f32_dw_fwd(x, w, dtype)[0]
+    each batch shard is then summed across replicas in float32.
+
+    `gather` (logical axis names of `w`): the cast kernel is first constrained to
+    that layout (the FSDP shard gathered, tensor parallelism kept) and named
+    `GATHERED_WEIGHT`; the backward pass's input-gradient matmul uses the same
+    gathered copy, and dW still leaves in float32 (reduce-scattered in float32).
+    """
+    return _matmul_f32_dw_fwd(x, w, dtype, gather)[0]
 
 
-def _matmul_f32_dw_fwd(x, w, dtype):
+def _matmul_f32_dw_fwd(x, w, dtype, gather):
     xl, wl = x.astype(dtype), w.astype(dtype)
+    if gather is not None:
+        wl = checkpoint_name(nn.with_logical_constraint(wl, gather), GATHERED_WEIGHT)
     return xl @ wl, (xl, wl, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
 
 
-def _matmul_f32_dw_bwd(dtype, res, g):
+def _matmul_f32_dw_bwd(dtype, gather, res, g):
     x, w, x_like, w_like = res
     g = g.astype(dtype)
     dx = (g @ w.T).astype(x_like.dtype)
@@ -114,7 +129,8 @@ matmul_f32_dw.defvjp(_matmul_f32_dw_fwd, _matmul_f32_dw_bwd)
 
 
 def linear(x: Array, kernel: Array, bias: Optional[Array], dtype: Dtype,
-           act: Optional[Callable[[Array], Array]] = None) -> Array:
+           act: Optional[Callable[[Array], Array]] = None,
+           names: Optional[Sequence[Optional[str]]] = None) -> Array:
     """`act(x [N, In] @ kernel [In, Out] (+ bias [Out]))` computed in `dtype`: `[N, Out]`.
 
     On the CPU backend with bfloat16/float16 `dtype` the product is accumulated
@@ -131,7 +147,8 @@ def linear(x: Array, kernel: Array, bias: Optional[Array], dtype: Dtype,
     `dtype`); with `KernelPolicy.grad_reduce_dtype="float32"` (the default) the
     float32 kernel's dW and the bias gradient come out in float32, so their sum
     across data-parallel replicas is a float32 sum. The platform is the kernel
-    policy's (the mesh's devices under the trainer), not the host's.
+    policy's (the mesh's devices under the trainer), not the host's. `names`: the
+    kernel's logical axes, for `KernelPolicy.gather_weights`.
     """
     if f32_accumulating(dtype):
         y = matmul_f32_out(x, kernel, dtype)
@@ -140,7 +157,8 @@ def linear(x: Array, kernel: Array, bias: Optional[Array], dtype: Dtype,
     if float32_weight_grads(dtype, kernel.dtype):
         # float32 parameter gradients: dW from a float32-output GEMM, the bias
         # gradient summed over rows in float32 (see `KernelPolicy`).
-        y = matmul_f32_dw(x, kernel, dtype)
+        gather = tuple(names) if names is not None and gather_weights() else None
+        y = matmul_f32_dw(x, kernel, dtype, gather)
         y = y if bias is None else y + broadcast_param(bias, y.shape, dtype)
     else:
         y = x.astype(dtype) @ kernel.astype(dtype)
@@ -150,21 +168,23 @@ def linear(x: Array, kernel: Array, bias: Optional[Array], dtype: Dtype,
 
 def matmul_2d(x: Array, kernel: Array, in_dims: int, bias: Optional[Array] = None,
               dtype: Optional[Dtype] = None,
-              act: Optional[Callable[[Array], Array]] = None) -> Array:
+              act: Optional[Callable[[Array], Array]] = None,
+              names: Optional[Sequence[Optional[str]]] = None) -> Array:
     """`act(x [..., *kernel.shape[:in_dims]] @ kernel (+ bias [*kernel.shape[in_dims:]]))`
     computed as ONE 2-D matmul `[N, In] @ [In, Out]` (N = product of x's leading
     dims) by `linear` in `dtype` (default: x's dtype).
 
     Same numbers as the einsum, but XLA's CPU backend runs the backward pass of
     the 2-D form faster than that of a rank-3 dot_general; merging the leading
-    (batch-sharded) dims is free under SPMD.
+    (batch-sharded) dims is free under SPMD. `names`: logical axes of the 2-D
+    kernel `[In, Out]` (see `linear`).
     """
     lead = x.shape[:x.ndim - in_dims]
     k_in, k_out = kernel.shape[:in_dims], kernel.shape[in_dims:]
     n_in, n_out = int(np.prod(k_in)), int(np.prod(k_out))
     y = linear(x.reshape((-1, n_in)), kernel.reshape((n_in, n_out)),
                None if bias is None else bias.reshape((n_out,)),
-               x.dtype if dtype is None else dtype, act)
+               x.dtype if dtype is None else dtype, act, names)
     return y.reshape(lead + k_out)
 
 

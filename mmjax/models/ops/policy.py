@@ -35,9 +35,16 @@ class KernelPolicy:
       per-replica partial gradients (all-reduce / reduce-scatter over the batch
       axes) runs in float32, as large-scale recipes do. "compute": dW in the
       compute dtype (half the gradient traffic, bfloat16 rounding of the sum).
+    gather_weights: such a float32 kernel is cast and gathered to its layout
+      without the FSDP shard once, in the forward pass, and the gathered copy is
+      kept for the backward pass (named `ops.matmul.GATHERED_WEIGHT`, which every
+      remat policy saves), instead of the partitioner gathering it inside the
+      forward matmul, again in the recomputed forward and again in the
+      input-gradient matmul (`config.mesh.fsdp_weights="gather_once"`).
     """
     platform: Optional[str] = None
     grad_reduce_dtype: str = "float32"
+    gather_weights: bool = False
 
     def __post_init__(self):
         if self.grad_reduce_dtype not in GRAD_REDUCE_DTYPES:
@@ -80,6 +87,12 @@ def float32_weight_grads(dtype: Dtype, weight_dtype: Dtype) -> bool:
     gradient from a float32-output dW GEMM (`KernelPolicy.grad_reduce_dtype`)."""
     return (low_precision(dtype) and jnp.dtype(weight_dtype) == jnp.float32
             and _POLICY.get().grad_reduce_dtype == "float32")
+
+
+def gather_weights() -> bool:
+    """Whether float32 kernels of low-precision matmuls are gathered once and kept
+    (`KernelPolicy.gather_weights`)."""
+    return _POLICY.get().gather_weights
 
 
 def fuse_projections() -> bool:

@@ -170,3 +170,62 @@ def test_bfloat16_attention_grads_match_float32(kv_heads):
     for got, want in zip(run(BF16), run(jnp.float32)):
         assert np.abs(got - want).max() <= 3e-2 * np.abs(want).max()
         assert np.abs(want).max() > 1e-2
+
+
+@pytest.mark.parametrize("remat", ["full", "none"])
+def test_weights_gathered_once_give_the_gradients_of_one_device(remat):
+    """`config.mesh.fsdp_weights="gather_once"` (`KernelPolicy.gather_weights`): the
+    accelerator matmul path (forced here by the policy's platform) gathers each
+    FSDP-sharded float32 kernel once, cast to bfloat16, and keeps it for the
+    backward pass. On a (data 1, fsdp 8, tensor 1) CPU mesh with every layer
+    kernel sharded, loss and gradients (float32, reduced in float32) equal one
+    device's (to bfloat16 rounding), and the in-matmul path's on the same mesh
+    exactly; the compiled step all-gathers each layer
+    kernel in the forward pass only (the backward gathers nothing again, remat
+    included)."""
+    from mmjax.models.ops.policy import KernelPolicy, kernel_policy
+    from mmjax.train import sharding as shd
+    model = ViT(**dict(VIT, width=64, mlp_dim=128), scan=True, remat=remat)
+    img = np.random.default_rng(6).standard_normal((8, 16, 16, 3)).astype(np.float32)
+    boxed = model.init(jax.random.key(7), img)["params"]
+    params = nn.unbox(boxed)
+    mesh = shd.make_mesh(dict(data=1, fsdp=8, tensor=1), jax.devices()[:8])
+    p_sh = shd.state_shardings(boxed, mesh)
+    sharded_kernels = [s.spec for p, s in zip(jax.tree.leaves(params), jax.tree.leaves(p_sh))
+                       if p.ndim >= 3 and "fsdp" in s.spec]
+    assert len(sharded_kernels) >= 6  # q, k, v, out, fc1, fc2 of the scanned stack (+ patches)
+
+    def loss(p, x):
+        return sum(jnp.sum(o.astype(jnp.float32) ** 2) for o in model.apply({"params": p}, x))
+
+    def run(gather, on_mesh):
+        policy = KernelPolicy(platform="gpu", gather_weights=gather)
+        one = shd.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+        with kernel_policy(policy), shd.logical_rules_context(), \
+                jax.set_mesh(mesh if on_mesh else one):
+            if on_mesh:
+                f = jax.jit(jax.value_and_grad(loss), in_shardings=(p_sh, shd.batch_sharding(mesh)))
+                args = (jax.device_put(params, p_sh), jax.device_put(img, shd.batch_sharding(mesh)))
+            else:
+                f = jax.jit(jax.value_and_grad(loss))
+                args = (jax.device_put(params, jax.devices()[0]), img)
+            text = f.lower(*args).compile().as_text()
+            return f(*args), text
+
+    (v1, g1), _ = run(True, on_mesh=False)
+    (v8, g8), text = run(True, on_mesh=True)
+    (vm, gm), _ = run(False, on_mesh=True)
+    scale = max(float(jnp.abs(a).max()) for a in jax.tree.leaves(g1))
+    assert scale > 1e-3
+    for v in (v8, vm):
+        np.testing.assert_allclose(v, v1, rtol=1e-3)
+    # bfloat16 activations round differently on 8 devices (both paths alike: 4e-3)
+    for a, b in zip(jax.tree.leaves(g8), jax.tree.leaves(g1)):
+        assert a.dtype == jnp.float32
+        assert float(np.abs(np.asarray(a) - np.asarray(b)).max()) <= 1e-2 * scale
+    for a, b in zip(jax.tree.leaves(g8), jax.tree.leaves(gm)):  # the same numbers
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # every gather of a layer kernel is a forward one (`jvp(...)`), none in the backward
+    gathers = [l for l in text.splitlines() if re.search(r"= \S+ all-gather(-start)?\(", l)
+               and "/layers/" in l]
+    assert gathers and not [l for l in gathers if "transpose(" in l], gathers[:2]
