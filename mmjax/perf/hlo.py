@@ -7,7 +7,9 @@ the element types and sizes of what it produces. Combined collectives (one
 instruction over a tuple of arrays, as XLA merges gradient reductions) count
 each array. `step_collectives` also multiplies each by the number of times it
 runs per step (collectives inside a scanned layer stack run once per layer):
-XLA's cost analysis counts a loop body once, so it cannot give per-step traffic.
+XLA's cost analysis counts a loop body once, so it cannot give per-step traffic;
+a collective in the branch of a windowed matmul loop that is skipped on the last
+iteration (`false_computation=last_iteration_noop`) runs trip count - 1 times.
 `summarize_collectives(colls, by="source")` groups them by the JAX operation
 each came from (its `op_name` metadata), which tells a weight gather of FSDP
 from a loss's gather and the forward pass from the backward.

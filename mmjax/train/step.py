@@ -47,9 +47,10 @@ class Trainer:
             platform=mesh.devices.flat[0].platform,
             grad_reduce_dtype=str(config.optim.get("grad_reduce_dtype", "float32")),
             gather_weights=shd.gather_weights_once(config.mesh))
-        # Scalars kept in a range after every update (CLIP's logit scale, BLIP-2's temperature).
+        # XLA options of the compiled steps (on TPU: FSDP's ring one way or two ways).
         self.compiler_options = shd.compiler_options(
             mesh, str(config.mesh.get("fsdp_ring", "one_way")))
+        # Scalars kept in a range after every update (CLIP's logit scale, BLIP-2's temperature).
         self.param_bounds = model.param_bounds() if hasattr(model, "param_bounds") else {}
         self.freeze = list(config.optim.get("freeze") or [])
         frozen_dtype(config.optim)  # a bad config.optim.frozen_dtype fails here, named
