@@ -20,7 +20,7 @@ import time
 import numpy as np
 import pytest
 
-from _helpers import ROOT, TESTS, process_alive
+from _helpers import ROOT, TESTS, checkpoint_steps, process_alive
 STEPS, EVERY, STEP_DELAY = 40, 10, 0.12
 OVERRIDES = [f"--config.total_steps={STEPS}", f"--config.checkpoint_every={EVERY}",
              "--config.log_every=1", "--config.evals.zeroshot.shards=",
@@ -250,8 +250,18 @@ def test_killed_peer_stops_the_job_with_one_line_and_rerun_resumes(tmp_path, ref
     with one line (the step, the lost process, the last checkpoint); the
     launcher names the killed process; the rerun resumes and matches."""
     workdir, out = str(tmp_path / "run"), str(tmp_path / "out")
-    proc = _train_job(workdir, out)
-    _wait_for_step(workdir, proc, out, EVERY + 3)  # a checkpoint exists
+    # The launcher's grace outlasts peer_timeout_s (30 s): where process 0's collective
+    # waits instead of failing (seen once on a loaded machine), its peer watch names
+    # the lost process before the launcher would kill it.
+    proc = _train_job(workdir, out, grace=45)
+    _wait_for_step(workdir, proc, out, EVERY + 3)
+    # ... and checkpoint EVERY is complete: a kill during its (asynchronous) save is the
+    # other test's case, where process 0 may wait for `peer_timeout_s` (longer than
+    # the launcher's grace) before it names the lost peer
+    end = time.monotonic() + 60
+    while EVERY not in checkpoint_steps(workdir) and time.monotonic() < end:
+        time.sleep(0.05)
+    assert EVERY in checkpoint_steps(workdir), _log(out)[-3000:]
     p0, p1 = _pids(out)
     os.kill(p1, signal.SIGKILL)
     killed = time.monotonic()
