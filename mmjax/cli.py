@@ -59,12 +59,12 @@ def skip_unusable_tpu_backend() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("train", "eval", "generate", "explain", "bench", "curate"):
-        if "jax" not in sys.modules:  # a fresh process: before JAX starts its threads
-            from mmjax.perf.host_memory import reuse_host_memory
-            reuse_host_memory()
     if argv and argv[0] in ("train", "eval", "generate", "explain", "bench", "shards",
                             "curate"):
+        if argv[0] != "shards" and "jax" not in sys.modules:
+            # a fresh process that runs steps: before JAX starts its threads
+            from mmjax.perf.host_memory import reuse_host_memory
+            reuse_host_memory()
         skip_unusable_tpu_backend()
     commands = ("train", "eval", "generate", "explain", "shards", "tokenizer", "bench",
                 "compile", "curate")

@@ -223,30 +223,29 @@ def step_collectives(hlo_text: str) -> tuple[list[Collective], list[str]]:
     calls: dict[str, list[tuple[str, float]]] = {name: [] for name in comps}
     unknown = []
     trips: dict[str, int] = {}  # loop body -> its trip count
-    for caller, lines in comps.items():
-        for line in lines:
-            for kind, ref in _CALLEE.findall(line):
-                if kind == "body":
-                    body = re.findall(r"%?([\w.\-]+)", ref)[0]
-                    cond = re.search(r"condition=%?([\w.\-]+)", line)
-                    n = trip_count(comps.get(cond.group(1), []) if cond else [], line,
-                                   comps.get(body, []), lines)
-                    if n is None:
-                        unknown.append(body)
-                    trips[body] = n or 1
+    edges = []  # (caller, kind, callee names, line)
     for caller, lines in comps.items():
         for line in lines:
             for kind, ref in _CALLEE.findall(line):
                 names = re.findall(r"%?([\w.\-]+)", ref.strip("{}"))
-                factor: float = trips[names[0]] if kind == "body" else 1
-                if kind == "true_computation" and re.search(
-                        r"false_computation=%?last_iteration_noop", line) and trips.get(caller):
-                    # XLA's one-way windowed matmul loop: the block is passed on in
-                    # every iteration but the last
-                    factor = (trips[caller] - 1) / trips[caller]
-                for name in names:
-                    if name in calls:
-                        calls[name].append((caller, factor))
+                edges.append((caller, kind, names, line))
+                if kind == "body":
+                    cond = re.search(r"condition=%?([\w.\-]+)", line)
+                    n = trip_count(comps.get(cond.group(1), []) if cond else [], line,
+                                   comps.get(names[0], []), lines)
+                    if n is None:
+                        unknown.append(names[0])
+                    trips[names[0]] = n or 1
+    for caller, kind, names, line in edges:
+        factor: float = trips[names[0]] if kind == "body" else 1
+        if kind == "true_computation" and re.search(
+                r"false_computation=%?last_iteration_noop", line) and trips.get(caller):
+            # XLA's one-way windowed matmul loop: the block is passed on in every
+            # iteration but the last
+            factor = (trips[caller] - 1) / trips[caller]
+        for name in names:
+            if name in calls:
+                calls[name].append((caller, factor))
     memo: dict[str, float] = {}
 
     def runs(name: str, seen=()) -> float:

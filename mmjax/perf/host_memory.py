@@ -21,23 +21,22 @@ macOS) are left alone.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
 import sys
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -4, -8
-_applied: list[bool] = []
 
 
+@functools.cache
 def reuse_host_memory() -> bool:
     """Keep freed host memory for reuse (glibc): one arena, no mmap'd blocks, no trim.
 
     Returns True when the settings were applied (now or by an earlier call),
     False on a non-glibc system or with `MMJAX_HOST_MALLOC=default`.
     """
-    if _applied:
-        return _applied[0]
     ok = False
     if (os.environ.get("MMJAX_HOST_MALLOC", "reuse") != "default"
             and sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"):
@@ -50,5 +49,4 @@ def reuse_host_memory() -> bool:
                 (_M_TOP_PAD, 64 << 20)))       # growing 64 MiB at a time
         except (OSError, AttributeError):
             ok = False
-    _applied.append(ok)
     return ok

@@ -77,16 +77,15 @@ FSDP_RINGS = ("one_way", "two_way")
 FSDP_WEIGHTS = ("in_matmul", "gather_once")
 
 
-def gather_weights_once(config_mesh: Any) -> bool:
-    """`config.mesh.fsdp_weights == "gather_once"` (checked): the kernel policy's
-    `gather_weights` (`mmjax.models.ops.policy.KernelPolicy`)."""
-    value = str(config_mesh.get("fsdp_weights", "in_matmul"))
-    if value not in FSDP_WEIGHTS:
-        raise ConfigError(f"config.mesh.fsdp_weights={value!r}: choose one of {list(FSDP_WEIGHTS)}.")
-    return value == "gather_once"
+def mesh_choice(config_mesh: Any, key: str, choices: Sequence[str]) -> str:
+    """`config.mesh.<key>`, one of `choices` (the first when a saved config lacks it)."""
+    value = str(config_mesh.get(key, choices[0]))
+    if value not in choices:
+        raise ConfigError(f"config.mesh.{key}={value!r}: choose one of {list(choices)}.")
+    return value
 
 
-def compiler_options(mesh: Mesh, fsdp_ring: str = "one_way") -> dict[str, Any]:
+def compiler_options(mesh: Mesh, fsdp_ring: str = FSDP_RINGS[0]) -> dict[str, Any]:
     """XLA options of a step compiled for `mesh`'s devices (`jax.jit(compiler_options=)`).
 
     On TPU, XLA's SPMD partitioner turns the gather of an FSDP-sharded weight into
@@ -97,8 +96,7 @@ def compiler_options(mesh: Mesh, fsdp_ring: str = "one_way") -> dict[str, Any]:
     "one_way" passes each block on once: exactly the minimum (BENCHMARKS.md,
     "Where the FSDP rows' collectives come from"). Other platforms: no options.
     """
-    if fsdp_ring not in FSDP_RINGS:
-        raise ConfigError(f"config.mesh.fsdp_ring={fsdp_ring!r}: choose one of {list(FSDP_RINGS)}.")
+    mesh_choice({"fsdp_ring": fsdp_ring}, "fsdp_ring", FSDP_RINGS)
     if mesh.devices.flat[0].platform != "tpu":
         return {}
     return {"xla_tpu_spmd_bidirectional_windowed_einsum": fsdp_ring == "two_way"}

@@ -46,10 +46,11 @@ class Trainer:
         self.policy = KernelPolicy(
             platform=mesh.devices.flat[0].platform,
             grad_reduce_dtype=str(config.optim.get("grad_reduce_dtype", "float32")),
-            gather_weights=shd.gather_weights_once(config.mesh))
+            gather_weights=shd.mesh_choice(config.mesh, "fsdp_weights",
+                                           shd.FSDP_WEIGHTS) == "gather_once")
         # XLA options of the compiled steps (on TPU: FSDP's ring one way or two ways).
         self.compiler_options = shd.compiler_options(
-            mesh, str(config.mesh.get("fsdp_ring", "one_way")))
+            mesh, shd.mesh_choice(config.mesh, "fsdp_ring", shd.FSDP_RINGS))
         # Scalars kept in a range after every update (CLIP's logit scale, BLIP-2's temperature).
         self.param_bounds = model.param_bounds() if hasattr(model, "param_bounds") else {}
         self.freeze = list(config.optim.get("freeze") or [])
