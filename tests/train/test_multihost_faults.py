@@ -256,8 +256,7 @@ def test_killed_peer_stops_the_job_with_one_line_and_rerun_resumes(tmp_path, ref
     proc = _train_job(workdir, out, grace=45)
     _wait_for_step(workdir, proc, out, EVERY + 3)
     # ... and checkpoint EVERY is complete: a kill during its (asynchronous) save is the
-    # other test's case, where process 0 may wait for `peer_timeout_s` (longer than
-    # the launcher's grace) before it names the lost peer
+    # other test's case (`test_peer_lost_while_saving_is_not_a_storage_error`)
     end = time.monotonic() + 60
     while EVERY not in checkpoint_steps(workdir) and time.monotonic() < end:
         time.sleep(0.05)
