@@ -12,8 +12,9 @@ reported with the ratio of samples/s (mmjax / PyTorch).
                                         [--mmjax-malloc reuse|default] [--torch-malloc default|reuse]
 
 The mmjax process starts as `mmjax train` does, with `mmjax.perf.host_memory.reuse_host_memory`
-(XLA's per-step temporary buffer reused instead of mapped and zeroed afresh by the kernel);
-`--torch-malloc reuse` gives the PyTorch process the same glibc settings.
+(XLA's per-step temporary buffer reused instead of mapped and zeroed afresh by the kernel)
+and glibc's heap on transparent huge pages (`hugepage_environ`, where the kernel and glibc
+offer them); `--torch-malloc reuse` gives the PyTorch process the same glibc settings.
 """
 from __future__ import annotations
 
@@ -132,12 +133,18 @@ def main(argv=None) -> int:
     import multiprocessing as mp
     ctx = mp.get_context("spawn")
     sides, procs = {}, []
+    from mmjax.perf.host_memory import hugepage_environ
     for side in ("pytorch", "mmjax"):  # one process each: no shared thread pools
         parent, child = ctx.Pipe()
         reuse = (args.torch_malloc if side == "pytorch" else args.mmjax_malloc) == "reuse"
         proc = ctx.Process(target=_worker, daemon=True,
                            args=(side, args.dtype, args.layers == "scan", child, reuse))
+        saved = dict(os.environ)
+        if reuse:  # glibc reads its tunables when a process starts: the child's environment
+            os.environ.update(hugepage_environ() or {})
         proc.start()
+        os.environ.clear()
+        os.environ.update(saved)
         assert parent.recv() == "ready"
         sides[side], procs = parent, procs + [proc]
     times = {k: [] for k in sides}

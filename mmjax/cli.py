@@ -58,12 +58,15 @@ def skip_unusable_tpu_backend() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    entry = argv is None  # the process's own command line (the `mmjax` program)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("train", "eval", "generate", "explain", "bench", "shards",
                             "curate"):
         if argv[0] != "shards" and "jax" not in sys.modules:
             # a fresh process that runs steps: before JAX starts its threads
-            from mmjax.perf.host_memory import reuse_host_memory
+            from mmjax.perf.host_memory import restart_with_hugepages, reuse_host_memory
+            if entry:
+                restart_with_hugepages()
             reuse_host_memory()
         skip_unusable_tpu_backend()
     commands = ("train", "eval", "generate", "explain", "shards", "tokenizer", "bench",

@@ -73,3 +73,65 @@ def test_default_leaves_glibc_alone():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True).stdout.split()
     assert out == ["False", "False"]
+
+
+ENTRY = r"""
+import os, sys
+print("tunables", os.environ.get("GLIBC_TUNABLES"), os.getpid(), flush=True)
+sys.argv = ["mmjax", "bench", "--help"]
+if "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", ""):
+    # the restarted process: a large block from glibc's malloc (not NumPy's allocator,
+    # which asks for huge pages itself) is backed by huge pages
+    import ctypes
+    from mmjax.perf.host_memory import reuse_host_memory
+    reuse_host_memory()
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype = ctypes.c_void_p
+    block = libc.malloc(ctypes.c_size_t(64 << 20))
+    ctypes.memset(block, 7, 64 << 20)  # every page touched
+    huge = sum(int(l.split()[1]) for l in open("/proc/self/smaps_rollup")
+               if l.startswith("AnonHugePages"))
+    print("huge_kib", huge, ctypes.string_at(block + (40 << 20), 1)[0], flush=True)
+from mmjax.cli import main
+main()
+"""
+
+
+@pytest.mark.skipif(__import__("mmjax.perf.host_memory", fromlist=["x"]).hugepage_environ({})
+                    is None, reason="needs glibc >= 2.35 and transparent huge pages")
+def test_cli_restarts_itself_once_with_heap_on_huge_pages():
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "XLA_FLAGS")}
+    env.update(MMJAX_HOST_MALLOC="reuse", JAX_PLATFORMS="cpu", GLIBC_TUNABLES="glibc.rtld.nns=4")
+    proc = subprocess.run([sys.executable, "-c", ENTRY], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [line.split() for line in proc.stdout.splitlines()]
+    runs = [line for line in lines if line[:1] == ["tunables"]]
+    # started twice, same process id: first as given, then with the tunable appended
+    assert [r[1] for r in runs] == ["glibc.rtld.nns=4", "glibc.rtld.nns=4:glibc.malloc.hugetlb=1"]
+    assert runs[0][2] == runs[1][2]
+    huge = [line for line in lines if line[:1] == ["huge_kib"]]
+    assert int(huge[0][1]) >= 32 << 10, proc.stdout  # at least half the buffer in 2 MiB pages
+    assert huge[0][2] == "7"
+    assert "usage" in proc.stdout.lower()  # the command itself ran (its help)
+
+    # without the restart the same block is on 4 KiB pages (the check above means something)
+    code = ENTRY.replace('if "glibc.malloc.hugetlb=1" in', 'if True or').replace("main()", "")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=120, check=True).stdout.split()
+    assert int(out[out.index("huge_kib") + 1]) < 8 << 10, out
+
+    # opted out: one start, no tunable added
+    env["MMJAX_HOST_MALLOC"] = "no-hugepages"
+    out = subprocess.run([sys.executable, "-c", ENTRY], env=env, capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    assert [line.split()[1] for line in out.splitlines() if line.startswith("tunables")] \
+        == ["glibc.rtld.nns=4"]
+
+
+def test_unknown_host_malloc_mode_is_named():
+    code = ("import os; os.environ['MMJAX_HOST_MALLOC'] = 'huge'\n"
+            "from mmjax.perf.host_memory import reuse_host_memory\nreuse_host_memory()")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode != 0 and "MMJAX_HOST_MALLOC='huge'" in proc.stderr
