@@ -65,9 +65,12 @@ def main(argv: list[str] | None = None) -> int:
         if argv[0] != "shards" and "jax" not in sys.modules:
             # a fresh process that runs steps: before JAX starts its threads
             from mmjax.perf.host_memory import restart_with_hugepages, reuse_host_memory
+            try:
+                reuse_host_memory()  # checks MMJAX_HOST_MALLOC first
+            except ValueError as e:
+                return fail(str(e))
             if entry:
                 restart_with_hugepages()
-            reuse_host_memory()
         skip_unusable_tpu_backend()
     commands = ("train", "eval", "generate", "explain", "shards", "tokenizer", "bench",
                 "compile", "curate")

@@ -135,3 +135,10 @@ def test_unknown_host_malloc_mode_is_named():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode != 0 and "MMJAX_HOST_MALLOC='huge'" in proc.stderr
+    # the command line says it in one line, before anything starts
+    env = dict(os.environ, MMJAX_HOST_MALLOC="huge")
+    proc = subprocess.run([sys.executable, "-m", "mmjax.cli", "train", "--workdir", "/nonexistent"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("mmjax: error: MMJAX_HOST_MALLOC='huge'"), proc.stderr
+    assert "Traceback" not in proc.stderr
