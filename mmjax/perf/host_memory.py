@@ -19,8 +19,9 @@ first; a program that runs mmjax's steps itself can call it at its start.
 macOS) are left alone.
 
 Huge pages. A step's buffers are far larger than the processor's TLB covers in
-4 KiB pages; backed by 2 MiB transparent huge pages the same step runs 10-15%
-faster (BENCHMARKS.md, "Host memory"). glibc (>= 2.35) asks the kernel for them
+4 KiB pages; backed by 2 MiB transparent huge pages the same step runs faster
+(the CLIP of `benchmarks/cpu_train_step.py` 10-15%, the default job 5%;
+BENCHMARKS.md, "Host memory"). glibc (>= 2.35) asks the kernel for them
 on its heap only when the tunable `glibc.malloc.hugetlb=1` is in the environment
 when the process starts, so `mmjax train` / `eval` / `bench` / `generate` /
 `explain` / `curate` start themselves once more with it (`restart_with_hugepages`,
