@@ -65,12 +65,12 @@ def main(argv: list[str] | None = None) -> int:
         if argv[0] != "shards" and "jax" not in sys.modules:
             # a fresh process that runs steps: before JAX starts its threads
             from mmjax.perf.host_memory import restart_with_hugepages, reuse_host_memory
-            try:
-                reuse_host_memory()  # checks MMJAX_HOST_MALLOC first
+            try:  # both read MMJAX_HOST_MALLOC (an unknown value is an error)
+                if entry:
+                    restart_with_hugepages()  # returns only where no restart applies
+                reuse_host_memory()
             except ValueError as e:
                 return fail(str(e))
-            if entry:
-                restart_with_hugepages()
         skip_unusable_tpu_backend()
     commands = ("train", "eval", "generate", "explain", "shards", "tokenizer", "bench",
                 "compile", "curate")

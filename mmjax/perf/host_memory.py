@@ -44,8 +44,9 @@ HUGEPAGES = "glibc.malloc.hugetlb=1"  # glibc >= 2.35: madvise(MADV_HUGEPAGE) wh
 MODES = ("reuse", "no-hugepages", "default")  # MMJAX_HOST_MALLOC
 
 
-def _mode() -> str:
-    mode = os.environ.get("MMJAX_HOST_MALLOC", "reuse")
+def _mode(environ: dict | None = None) -> str:
+    """`MMJAX_HOST_MALLOC` of `environ` (default `os.environ`); unset is "reuse"."""
+    mode = (os.environ if environ is None else environ).get("MMJAX_HOST_MALLOC", "reuse")
     if mode not in MODES:
         raise ValueError(f"MMJAX_HOST_MALLOC={mode!r}; choose one of {MODES} (unset = reuse)")
     return mode
@@ -97,9 +98,10 @@ def hugepage_environ(environ: dict | None = None) -> dict | None:
     """`environ` (default `os.environ`) with `glibc.malloc.hugetlb=1` added to
     `GLIBC_TUNABLES`, or None where a process started with it would gain nothing:
     not glibc >= 2.35, no transparent huge pages in the kernel, `MMJAX_HOST_MALLOC`
-    other than `reuse`, or `glibc.malloc.hugetlb` already set."""
+    other than `reuse`, or `glibc.malloc.hugetlb` already set. An unknown
+    `MMJAX_HOST_MALLOC` raises ValueError naming it."""
     env = dict(os.environ if environ is None else environ)
-    if env.get("MMJAX_HOST_MALLOC", "reuse") != "reuse":
+    if _mode(env) != "reuse":
         return None
     if (_glibc() or (0,)) < (2, 35) or transparent_hugepages() not in ("always", "madvise"):
         return None
