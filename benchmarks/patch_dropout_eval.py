@@ -30,7 +30,9 @@ sys.path.insert(0, ROOT)
 
 
 def masked_zero_shot(workdir: str, step, keeps: list[float], draws: int, seed: int = 0) -> dict:
-    """`{keep: top-1}` of a run's checkpoint on the held-out zero-shot images."""
+    """Top-1 of a run's checkpoint on the held-out zero-shot images at each kept
+    fraction: `{"workdir", "step", "patch_dropout", "unmasked_tuning_steps",
+    "keep_<k>": top-1 in [0, 1] for each k of `keeps`}`."""
     import jax
     import jax.numpy as jnp
     import numpy as np
